@@ -1,0 +1,75 @@
+"""The embedded default: scikit-learn's digits as ID, offline OOD sets; runs on a laptop CPU.
+
+  --config=configs/digits.py            ID = digits 0-4; OOD = digits 5-9 (near) + far sets
+  --config=configs/digits.py:all        ID = all ten digits; far OOD sets only
+  --config=configs/digits.py:oneclass=3 ID = digit 3 alone: MIM pretrain, then score its encoder
+  --config=configs/digits.py:smoke      a seconds-long run for tests (combine: all,smoke)
+"""
+
+import ml_collections
+
+from mood_jax.data import input_pipeline
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  options = dict(opt.partition('=')[::2] for opt in arg.split(',') if opt)
+  unknown = set(options) - {'split', 'all', 'oneclass', 'smoke'}
+  if unknown:
+    raise ValueError(f'unknown configs/digits.py options {sorted(unknown)}: '
+                     'use split, all, oneclass=C, smoke')
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.stages = 'pretrain,finetune,evaluate'
+  config.mesh = [('data', -1)]
+
+  config.data = input_pipeline.default_data_config()  # digits 0-4 ID, all OOD sets
+  config.model = dict(variant='mu/4', posemb='learn', pool='mean')
+
+  config.pretrain = dict(
+      scheme='random',          # 'random' (MAE) or 'blockwise' (BEiT)
+      mask_ratio=0.75,          # BEiT's blockwise uses ~0.4
+      min_block_patches=4,      # blockwise only: BEiT's 16 is for a 14x14 grid
+      norm_pix=True,
+      decoder_width=64, decoder_depth=2, decoder_heads=4,
+      drop_path=0.0,
+      augment=True,
+      num_steps=600, batch_size=128,
+      lr=1e-3, min_lr=1e-5, warmup_steps=100, weight_decay=0.05,
+      b1=0.9, b2=0.95, grad_clip=0.0,
+      log_every=50, ckpt_every=200, keep_checkpoints=2,
+  )
+  config.finetune = dict(
+      init_from='pretrain',     # or 'scratch'
+      drop_path=0.1,
+      label_smoothing=0.1,
+      augment=True,
+      num_steps=300, batch_size=128,
+      lr=1e-3, min_lr=1e-5, warmup_steps=50, weight_decay=0.05, layer_decay=0.75,
+      b1=0.9, b2=0.999, grad_clip=0.0,
+      log_every=50, ckpt_every=100, keep_checkpoints=2,
+  )
+  config.evaluate = dict(
+      models='finetune',        # comma-separated: pretrain (features only), finetune
+      scorers='mahalanobis_mood,msp,energy,maxlogit',
+      batch_size=256,
+      plots=True,
+  )
+
+  if 'all' in options:
+    config.data.id_classes = list(range(10))
+    config.data.ood_sets = [s for s in config.data.ood_sets if s != 'digits_heldout']
+  if 'oneclass' in options:
+    config.data.id_classes = [int(options['oneclass'])]
+    config.stages = 'pretrain,evaluate'
+    config.evaluate.models = 'pretrain'
+    config.evaluate.scorers = 'mahalanobis_mood'
+  if 'smoke' in options:
+    config.model.variant = 'mu/8'
+    config.data.image_size = 16
+    config.data.ood_examples_per_set = 64
+    for stage in (config.pretrain, config.finetune):
+      stage.num_steps, stage.batch_size, stage.warmup_steps = 4, 16, 1
+      stage.log_every, stage.ckpt_every = 2, 2
+    config.evaluate.batch_size = 64
+    config.evaluate.plots = False
+  return config

@@ -1,0 +1,56 @@
+"""Command line: python -m mood_jax.main --config=configs/digits.py --workdir=DIR [--config.x=y]."""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mood_jax import pipeline
+from mood_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class QuietLibraries(std_logging.Filter):
+  """INFO lines from mood_jax only (orbax alone logs ~30 per checkpoint save), and not
+  tfds's warning on every read of a dataset whose config is made from ours."""
+  package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+  def filter(self, record) -> bool:
+    if record.pathname.startswith(self.package_dir):
+      return True
+    return (record.levelno >= std_logging.WARNING
+            and not record.getMessage().startswith('Using custom data configuration'))
+
+
+def parse_flags(argv):
+  """absl's parsing, with every bad flag reported as one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    # Config-file errors carry the file's traceback as text; its last line is the message.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    sys.exit(f'error: {lines[0] if len(lines) == 1 else lines[0] + " " + lines[-1]}')
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
+    sys.exit(f'error: a --config.* override names a field the config does not have: {e}; '
+             'the config file lists the valid fields')
+
+
+def main(argv) -> None:
+  logging.get_absl_handler().addFilter(QuietLibraries())
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}; set config fields as --config.a.b=value')
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    logging.flush()
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

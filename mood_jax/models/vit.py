@@ -1,0 +1,168 @@
+"""Vision Transformer encoder and classifier (pre-LN, as in ViT/BEiT/MAE).
+
+Parameter layout, shared by every model that holds an encoder so that stages can
+hand weights to each other by top-level key:
+  encoder/   patch embedding, cls token, position embedding, blocks
+  norm       final LayerNorm over all tokens (CLS pooling and MIM)
+  fc_norm    LayerNorm of the mean patch token (mean pooling, MOOD's feature)
+  head       classifier
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mood_jax.errors import UserError
+
+# name -> (width, depth, mlp_dim, num_heads). `mu` is a micro size for CPU runs.
+VARIANTS = {
+    'mu': (96, 6, 384, 3),
+    'Ti': (192, 12, 768, 3),
+    'S': (384, 12, 1536, 6),
+    'B': (768, 12, 3072, 12),
+    'L': (1024, 24, 4096, 16),
+}
+
+
+def parse_variant(variant: str) -> dict:
+  """'S/16' -> dict(width=384, depth=12, mlp_dim=1536, num_heads=6, patch_size=16)."""
+  name, _, patch = variant.partition('/')
+  if name not in VARIANTS or not patch.isdigit():
+    raise UserError(
+        f'unknown model variant {variant!r}: use <size>/<patch> with size in '
+        f'{sorted(VARIANTS)} and an integer patch size, e.g. "Ti/4" or "B/16"')
+  width, depth, mlp_dim, num_heads = VARIANTS[name]
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+              patch_size=int(patch))
+
+
+def sincos_posemb_2d(grid: int, width: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding [grid*grid, width] (MAE/MoCo v3)."""
+  if width % 4:
+    raise ValueError(f'sincos2d position embedding needs width % 4 == 0, got {width}')
+  y, x = np.mgrid[:grid, :grid]
+  omega = 1.0 / 10000 ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+  y = np.einsum('m,d->md', y.ravel(), omega)
+  x = np.einsum('m,d->md', x.ravel(), omega)
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    return jnp.where(mask, x / keep, 0.0)
+
+
+class Attention(nn.Module):
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    batch, tokens, width = x.shape
+    head_dim = width // self.num_heads
+    qkv = nn.Dense(3 * width, name='qkv')(x)
+    q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
+    out = jax.nn.dot_product_attention(q, k, v)
+    return nn.Dense(width, name='proj')(out.reshape(batch, tokens, width))
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block."""
+  num_heads: int
+  mlp_dim: int
+  drop_path: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    drop = DropPath(self.drop_path)
+    x = x + drop(Attention(self.num_heads, name='attn')(nn.LayerNorm(name='norm1')(x)),
+                 deterministic)
+    y = nn.LayerNorm(name='norm2')(x)
+    y = nn.Dense(self.mlp_dim, name='fc1')(y)
+    y = nn.Dense(x.shape[-1], name='fc2')(nn.gelu(y, approximate=False))
+    return x + drop(y, deterministic)
+
+
+class Encoder(nn.Module):
+  """Patchify, embed, prepend CLS and run the blocks; returns raw tokens [B, 1+n, D].
+
+  `mask` ([B, N] bool) replaces masked patch embeddings by a learned mask token
+  (BEiT/SimMIM); `keep_ids` ([B, n] int) keeps only those patches (MAE). Both
+  keep shapes static, so masking never retraces.
+  """
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int
+  posemb: str = 'learn'
+  drop_path: float = 0.0
+
+  @nn.compact
+  def __call__(self, images, *, mask=None, keep_ids=None, train: bool = False):
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                padding='VALID', name='patch_embed')(images)
+    batch, grid_h, grid_w, _ = x.shape
+    x = x.reshape(batch, grid_h * grid_w, self.width)
+    if mask is not None:
+      mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.width))
+      x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
+    cls_pos, patch_pos = self._posemb(grid_h)
+    x = x + patch_pos
+    if keep_ids is not None:
+      x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
+    cls = self.param('cls', nn.initializers.normal(1e-6), (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls + cls_pos, (batch, 1, self.width)), x], axis=1)
+    rates = np.linspace(0.0, self.drop_path, self.depth)  # linearly increasing, as in DeiT
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_dim, float(rates[i]), name=f'block{i}')(
+          x, deterministic=not train)
+    return x
+
+  def _posemb(self, grid: int):
+    if self.posemb == 'learn':
+      pos = self.param('pos_embedding', nn.initializers.normal(0.02),
+                       (1, 1 + grid * grid, self.width))
+      return pos[:, :1], pos[:, 1:]
+    if self.posemb == 'sincos2d':
+      return jnp.zeros((1, 1, self.width)), jnp.asarray(sincos_posemb_2d(grid, self.width))[None]
+    raise ValueError(f'unknown posemb {self.posemb!r}: use "learn" or "sincos2d"')
+
+
+class Classifier(nn.Module):
+  """ViT classifier; `__call__` returns (logits, aux).
+
+  aux['features'] is the pooled feature the feature-space scorers use:
+  pool='mean' -> LayerNorm of the mean patch token (`fc_norm`, MOOD's choice),
+  pool='cls'  -> the final-LayerNorm CLS token.
+  """
+  num_classes: int
+  encoder: Encoder
+  pool: str = 'mean'
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    tokens = self.encoder(images, train=train)
+    if self.pool == 'mean':
+      features = nn.LayerNorm(name='fc_norm')(tokens[:, 1:].mean(axis=1))
+    elif self.pool == 'cls':
+      features = nn.LayerNorm(name='norm')(tokens)[:, 0]
+    else:
+      raise ValueError(f'unknown pool {self.pool!r}: use "mean" or "cls"')
+    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')(features)
+    return logits, {'features': features, 'pre_logits': features, 'tokens': tokens}
+
+
+def encoder_from_config(model_cfg, drop_path: float = 0.0) -> Encoder:
+  return Encoder(**parse_variant(model_cfg.variant), posemb=model_cfg.posemb, drop_path=drop_path)

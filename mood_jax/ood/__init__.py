@@ -1,0 +1,1 @@
+"""Out-of-distribution scoring: scorers, metrics and result reports."""

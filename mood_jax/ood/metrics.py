@@ -1,0 +1,97 @@
+"""OOD detection metrics, equal to scikit-learn's (ties included), from one sort.
+
+Scores are "higher = more in-distribution". AUROC and AUPR-In take ID as positive, AUPR-Out
+takes OOD as positive (on -score). `fpr95` is OpenOOD v1.5's: ID flagged OOD when 95% of OOD
+are caught; `fpr95_id` is the older ODIN/MOOD one: OOD accepted when 95% of ID are accepted.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _curve(ranked_scores, is_positive):
+  """sklearn's confusion counts at every distinct threshold, in per-sample slots.
+
+  `ranked_scores` is ordered from most to least positive-looking. sklearn thresholds
+  only at distinct values, so only a tie group's last slot (`is_end`) is a curve
+  point; `prev_*` hold the counts at the curve point before it ((0, 0) for the
+  first), `next_end` the slot of the one after it (n for the last).
+  """
+  n = ranked_scores.shape[0]
+  slots = jnp.arange(n, dtype=jnp.int32)
+  tps = jnp.cumsum(is_positive, dtype=jnp.int32)
+  fps = slots + 1 - tps
+  is_end = jnp.append(ranked_scores[1:] != ranked_scores[:-1], True)
+  last_end_so_far = lax.cummax(jnp.where(is_end, slots, -1))
+  first_end_from_here = lax.cummin(jnp.where(is_end, slots, n), reverse=True)
+  prev_end = jnp.append(-1, last_end_so_far[:-1])
+  # A leading 0 makes slot -1 (no previous point) read as the curve's (0, 0) origin.
+  return {
+      'tps': tps, 'fps': fps, 'is_end': is_end,
+      'prev_tps': jnp.append(0, tps)[prev_end + 1],
+      'prev_fps': jnp.append(0, fps)[prev_end + 1],
+      'next_end': jnp.append(first_end_from_here[1:], n),
+  }
+
+
+def _auroc(curve):
+  """Trapezoidal area under the ROC curve through every distinct threshold."""
+  num_pos, num_neg = curve['tps'][-1], curve['fps'][-1]
+  # Integer-valued float32 terms and one division: exact on small sets, and no int32
+  # overflow on large ones.
+  fps_step = (curve['fps'] - curve['prev_fps']).astype(jnp.float32)
+  tps_sum = (curve['tps'] + curve['prev_tps']).astype(jnp.float32)
+  area = jnp.sum(jnp.where(curve['is_end'], fps_step * tps_sum, 0.))
+  return area / (2. * num_pos * num_neg)
+
+
+def _average_precision(curve):
+  """sum over thresholds of (recall step) * precision, as `average_precision_score`."""
+  num_pos = curve['tps'][-1]
+  num_predicted = jnp.arange(1, curve['tps'].shape[0] + 1)
+  tps_step = curve['tps'] - curve['prev_tps']
+  precision = curve['tps'] / num_predicted
+  return jnp.sum(jnp.where(curve['is_end'], tps_step * precision, 0.)) / num_pos
+
+
+def _fpr_at_95_tpr(curve):
+  """`fpr[argmax(tpr >= 0.95)]` on `roc_curve`'s output, intermediate points dropped.
+
+  roc_curve keeps a point if it is the first or last, or if its step differs from
+  the next one in fps or in tps (nonzero second difference).
+  """
+  tps, fps, n = curve['tps'], curve['fps'], curve['tps'].shape[0]
+  next_slot = jnp.minimum(curve['next_end'], n - 1)
+  tps_step, fps_step = tps - curve['prev_tps'], fps - curve['prev_fps']
+  is_first = curve['prev_tps'] + curve['prev_fps'] == 0  # only the first follows the origin
+  is_kept = curve['is_end'] & (
+      is_first | (curve['next_end'] == n)
+      | (tps_step != tps_step[next_slot]) | (fps_step != fps_step[next_slot]))
+  # Integer form of tps / num_pos >= 0.95: exact, unlike a float32 ratio.
+  reaches_95 = 20 * tps >= 19 * tps[-1]
+  return fps[jnp.argmax(is_kept & reaches_95)] / fps[-1]
+
+
+@jax.jit
+def ood_metrics(id_scores: jax.Array, ood_scores: jax.Array) -> dict[str, jax.Array]:
+  """AUROC, AUPR-In, AUPR-Out, FPR@95 (OpenOOD) and FPR@95 (ID-positive) as scalars."""
+  scores = jnp.concatenate([id_scores, ood_scores])
+  is_id = jnp.concatenate([jnp.ones(id_scores.shape, jnp.int32),
+                           jnp.zeros(ood_scores.shape, jnp.int32)])
+  ascending, is_id = lax.sort((scores, is_id), num_keys=1)
+  # Ascending order ranks OOD-positive (-score) curves; its reverse ranks ID-positive ones.
+  ood_positive = _curve(ascending, 1 - is_id)
+  id_positive = _curve(ascending[::-1], is_id[::-1])
+  return {
+      'auroc': _auroc(id_positive),
+      'aupr_in': _average_precision(id_positive),
+      'aupr_out': _average_precision(ood_positive),
+      'fpr95': _fpr_at_95_tpr(ood_positive),
+      'fpr95_id': _fpr_at_95_tpr(id_positive),
+  }
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Top-1 accuracy."""
+  return jnp.mean(jnp.argmax(logits, axis=-1) == labels)

@@ -1,0 +1,56 @@
+"""Optimizers from config: AdamW, warmup + cosine, layer-wise lr decay, no decay on 1-D params."""
+
+import re
+
+import jax
+import ml_collections
+import optax
+
+# Parameters that are embeddings rather than weights: never weight-decayed (BEiT/MAE).
+_EMBEDDINGS = ('cls', 'pos_embedding', 'mask_token')
+
+
+def _path_str(path) -> str:
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+def decay_mask(params):
+  """True where weight decay applies: matrices and kernels, not biases/norms/embeddings."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim > 1 and _path_str(path).split('/')[-1] not in _EMBEDDINGS, params)
+
+
+def layer_id(path: str, depth: int) -> int:
+  """BEiT's layer ids: 0 = patch embed/cls/pos, block i -> i + 1, the rest -> depth + 1."""
+  if re.match(r'encoder/(patch_embed|cls|pos_embedding|mask_token)', path):
+    return 0
+  block = re.match(r'encoder/block(\d+)/', path)
+  return int(block.group(1)) + 1 if block else depth + 1
+
+
+def layer_decay_labels(params, depth: int):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: f'layer{layer_id(_path_str(path), depth)}', params)
+
+
+def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(cfg.num_steps, cfg.warmup_steps + 1), end_value=cfg.min_lr)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, depth: int) -> optax.GradientTransformation:
+  """AdamW whose update is scaled per layer by layer_decay ** (depth + 1 - layer id).
+
+  Scaling the whole AdamW update equals scaling the lr of that parameter group,
+  weight-decay term included, which is what BEiT's param groups do.
+  """
+  tx = optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
+      optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
+                  weight_decay=cfg.weight_decay, mask=decay_mask),
+  )
+  if cfg.get('layer_decay', 1.0) == 1.0:
+    return tx
+  scales = {f'layer{i}': optax.scale(cfg.layer_decay ** (depth + 1 - i)) for i in range(depth + 2)}
+  return optax.chain(tx, optax.multi_transform(scales, lambda params: layer_decay_labels(params, depth)))

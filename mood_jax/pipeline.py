@@ -1,0 +1,81 @@
+"""The stage list and `run(config, workdir)`: validate everything first, then run stages in order."""
+
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+from mood_jax import parallel, train_loop
+from mood_jax.data import input_pipeline
+from mood_jax.errors import UserError
+from mood_jax.models import vit
+from mood_jax.ood import scorers
+from mood_jax.stages import evaluate, finetune, pretrain
+
+# Canonical order; a stage module has NAME and run(config, workdir, mesh). Training
+# stages checkpoint under WORKDIR/ckpt/NAME and are skipped once their last step is saved.
+STAGES = {stage.NAME: stage for stage in (pretrain, finetune, evaluate)}
+TRAINING_STAGES = ('pretrain', 'finetune')
+
+
+def _choice(what: str, value: str, valid) -> None:
+  if value not in valid:
+    raise UserError(f'unknown {what} {value!r}: valid choices are {", ".join(valid)}')
+
+
+def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
+  names = [s.strip() for s in config.stages.split(',') if s.strip()]
+  for name in names:
+    _choice('stage', name, list(STAGES))
+  return [name for name in STAGES if name in names]
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Checks that need no data or compilation, so a bad run fails before touching anything."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir!r} is an existing file: pass a directory path')
+  stages = selected_stages(config)
+  vit.parse_variant(config.model.variant)
+  _choice('model.posemb', config.model.posemb, ['learn', 'sincos2d'])
+  _choice('model.pool', config.model.pool, ['mean', 'cls'])
+  if 'pretrain' in stages:
+    _choice('pretrain.scheme', config.pretrain.scheme, ['random', 'blockwise'])
+  if 'finetune' in stages:
+    _choice('finetune.init_from', config.finetune.init_from, ['pretrain', 'scratch'])
+  try:  # the data module's own checks: dataset name, classes, OOD set names
+    groups = input_pipeline.ood_groups(config.data)
+    num_classes = input_pipeline.num_classes(config.data)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if 'finetune' in stages and num_classes < 2:
+    raise UserError('one-class ID data has no labels to fine-tune on: drop finetune from '
+                    '--config.stages and evaluate the pretrain encoder '
+                    '(--config.evaluate.models=pretrain), as configs/digits.py:oneclass=C does')
+  if 'evaluate' in stages:
+    if not groups:
+      raise UserError('no OOD sets to evaluate: set --config.data.ood_sets')
+    for name in config.evaluate.models.split(','):
+      _choice('evaluate model', name, list(evaluate.MODELS))
+    for name in config.evaluate.scorers.split(','):
+      _choice('scorer', name, scorers.names())
+  return stages
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  stages = validate(config, workdir)
+  mesh = parallel.make_mesh(config.mesh)
+  for stage in TRAINING_STAGES:
+    if stage in stages:
+      parallel.check_batch_size(config[stage].batch_size, mesh, f'{stage}.batch_size')
+  parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
+  os.makedirs(workdir, exist_ok=True)
+  input_pipeline.prepare(config.data)
+  for name in stages:
+    if name in TRAINING_STAGES and train_loop.final_step(workdir, name) == config[name].num_steps:
+      logging.info('[%s] skipped: its final checkpoint (step %d) is already in %s', name,
+                   config[name].num_steps, train_loop.checkpoint_dir(workdir, name))
+      continue
+    logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
+                 dict(mesh.shape))
+    STAGES[name].run(config, workdir, mesh)

@@ -1,0 +1,70 @@
+"""Stage 2: supervised fine-tuning on the ID labels, from the pretrained encoder."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+
+from mood_jax import optim, train_loop
+from mood_jax.data import input_pipeline
+from mood_jax.errors import UserError
+from mood_jax.models import vit
+from mood_jax.stages import pretrain
+
+NAME = 'finetune'
+
+
+def setup(config: ml_collections.ConfigDict):
+  """(model, init_params, optimizer, lr schedule) of this stage; shared with its consumers."""
+  cfg = config.finetune
+  encoder = vit.encoder_from_config(config.model, drop_path=cfg.drop_path)
+  model = vit.Classifier(input_pipeline.num_classes(config.data), encoder, pool=config.model.pool)
+  size, channels = config.data.image_size, input_pipeline.num_channels(config.data)
+
+  def init_params():
+    return model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)))['params']
+
+  return model, init_params, optim.make_optimizer(cfg, encoder.depth), optim.make_schedule(cfg)
+
+
+def merge_pretrained(fresh: dict, pretrained: dict) -> dict:
+  """Fresh classifier params with every top-level module the pretrained model shares
+  (encoder, and `norm` for CLS pooling) copied in; the head stays fresh."""
+  merged = dict(fresh)
+  for name in fresh:
+    if name == 'head' or name not in pretrained:
+      continue
+    want = jax.tree.map(jnp.shape, fresh[name])
+    got = jax.tree.map(jnp.shape, pretrained[name])
+    if want != got:
+      raise UserError(f'pretrained "{name}" does not match the model config: '
+                       f'expected shapes {want}, checkpoint has {got}')
+    merged[name] = pretrained[name]
+  return merged
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
+  cfg = config.finetune
+  model, init_params, tx, schedule = setup(config)
+  initial_params = None
+  if cfg.init_from == 'pretrain' and train_loop.final_step(workdir, NAME) is None:
+    _, pre_init, pre_tx, _ = pretrain.setup(config)
+    pretrained = train_loop.restore_params(workdir, pretrain.NAME, pre_init, pre_tx, mesh)
+    initial_params = merge_pretrained(jax.jit(init_params)(), pretrained)
+    logging.info('[%s] encoder initialised from the pretrain checkpoint', NAME)
+
+  def loss_fn(params, batch, rng):
+    logits, _ = model.apply({'params': params}, batch['image'], train=True,
+                            rngs={'dropout': rng})
+    targets = optax.smooth_labels(jax.nn.one_hot(batch['label'], logits.shape[-1]),
+                                  cfg.label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    return loss, {'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+
+  data = input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
+                                      seed=config.seed, augment=cfg.augment)
+  train_loop.train(NAME, cfg, config, workdir, init_params=init_params, loss_fn=loss_fn, tx=tx,
+                   lr_schedule=schedule, data_iter=iter(data), mesh=mesh,
+                   rng=jax.random.fold_in(jax.random.key(config.seed), 2),
+                   initial_params=initial_params)

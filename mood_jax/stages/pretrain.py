@@ -1,0 +1,56 @@
+"""Stage 1: masked-image-modeling pretraining (pixel reconstruction) on ID images."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mood_jax import optim, train_loop
+from mood_jax.data import input_pipeline
+from mood_jax.models import masking, mim, vit
+
+NAME = 'pretrain'
+
+
+def setup(config: ml_collections.ConfigDict):
+  """(model, init_params, optimizer, lr schedule) of this stage; shared with its consumers."""
+  cfg = config.pretrain
+  size, channels = config.data.image_size, input_pipeline.num_channels(config.data)
+  encoder = vit.encoder_from_config(config.model, drop_path=cfg.drop_path)
+  model = mim.MaskedImageModel(encoder, scheme=cfg.scheme, num_channels=channels,
+                               decoder_width=cfg.decoder_width, decoder_depth=cfg.decoder_depth,
+                               decoder_heads=cfg.decoder_heads)
+  grid = (size // encoder.patch_size,) * 2
+  dummy_masks = jax.eval_shape(lambda: masking.batch_masks(
+      jax.random.key(0), jnp.arange(1), scheme=cfg.scheme, grid=grid,
+      mask_ratio=cfg.mask_ratio, min_block=cfg.min_block_patches))
+
+  def init_params():
+    masks = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dummy_masks)
+    return model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)),
+                      masks)['params']
+
+  return model, init_params, optim.make_optimizer(cfg, encoder.depth), optim.make_schedule(cfg)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
+  cfg = config.pretrain
+  model, init_params, tx, schedule = setup(config)
+  patch = model.encoder.patch_size
+  grid = (config.data.image_size // patch,) * 2
+
+  def loss_fn(params, batch, rng):
+    # Separate streams: masks stay the same if drop-path settings change.
+    mask_rng, dropout_rng = jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1)
+    masks = masking.batch_masks(
+        mask_rng, jnp.arange(batch['image'].shape[0]), scheme=cfg.scheme, grid=grid,
+        mask_ratio=cfg.mask_ratio, min_block=cfg.min_block_patches)
+    pred = model.apply({'params': params}, batch['image'], masks, train=True,
+                       rngs={'dropout': dropout_rng})
+    loss = mim.mim_loss(pred, batch['image'], masks['mask'], patch, cfg.norm_pix)
+    return loss, {'masked_fraction': masks['mask'].mean()}
+
+  data = input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
+                                      seed=config.seed, augment=cfg.augment)
+  train_loop.train(NAME, cfg, config, workdir, init_params=init_params, loss_fn=loss_fn, tx=tx,
+                   lr_schedule=schedule, data_iter=iter(data), mesh=mesh,
+                   rng=jax.random.fold_in(jax.random.key(config.seed), 1))

@@ -1,0 +1,99 @@
+"""ViT and MIM model: shapes, pooling, masking inside the encoder, the MIM loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mood_jax.errors import UserError
+from mood_jax.models import masking, mim, vit
+
+ENCODER = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4)
+
+
+@pytest.mark.parametrize('pool', ['mean', 'cls'])
+@pytest.mark.parametrize('posemb', ['learn', 'sincos2d'])
+def test_classifier_shapes(pool, posemb):
+  model = vit.Classifier(7, vit.Encoder(**ENCODER, posemb=posemb), pool=pool)
+  images = jnp.ones((3, 16, 16, 1))
+  params = model.init(jax.random.key(0), images)['params']
+  logits, aux = model.apply({'params': params}, images)
+  assert logits.shape == (3, 7)
+  assert aux['features'].shape == aux['pre_logits'].shape == (3, 32)
+  assert aux['tokens'].shape == (3, 1 + 16, 32)
+  assert ('fc_norm' in params) == (pool == 'mean') and ('norm' in params) == (pool == 'cls')
+
+
+def test_mean_pool_feature_is_layernorm_of_mean_patch_token():
+  model = vit.Classifier(3, vit.Encoder(**ENCODER), pool='mean')
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
+  params = model.init(jax.random.key(0), images)['params']
+  _, aux = model.apply({'params': params}, images)
+  pooled = aux['tokens'][:, 1:].mean(axis=1)
+  expected = (pooled - pooled.mean(-1, keepdims=True)) / jnp.sqrt(pooled.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(aux['features'], expected, atol=1e-4)
+
+
+def test_drop_path_is_active_only_in_training():
+  model = vit.Classifier(3, vit.Encoder(**ENCODER, drop_path=0.5))
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
+  params = model.init(jax.random.key(0), images)['params']
+  features = lambda **kw: model.apply({'params': params}, images, **kw)[1]['features']
+  np.testing.assert_array_equal(features(), features())
+  train_a = features(train=True, rngs={'dropout': jax.random.key(1)})
+  train_b = features(train=True, rngs={'dropout': jax.random.key(2)})
+  assert not np.allclose(train_a, train_b, atol=1e-3)
+
+
+@pytest.mark.parametrize('variant', ['Q/16', 'S', 'S/x', 'B16'])
+def test_unknown_variant_lists_choices(variant):
+  with pytest.raises(UserError, match='Ti/4'):
+    vit.parse_variant(variant)
+
+
+def test_variant_strings():
+  assert vit.parse_variant('B/16') == dict(width=768, depth=12, mlp_dim=3072, num_heads=12,
+                                           patch_size=16)
+  assert vit.parse_variant('L/16')['depth'] == 24
+
+
+@pytest.mark.parametrize('scheme', ['random', 'blockwise'])
+def test_mim_model_predicts_every_patch(scheme):
+  model = mim.MaskedImageModel(vit.Encoder(**ENCODER), scheme=scheme, num_channels=3,
+                               decoder_width=16, decoder_depth=1, decoder_heads=2)
+  images = jnp.ones((2, 16, 16, 3))
+  masks = masking.batch_masks(jax.random.key(0), jnp.arange(2), scheme=scheme, grid=(4, 4),
+                              mask_ratio=0.5, min_block=2)
+  params = model.init(jax.random.key(0), images, masks)['params']
+  pred = model.apply({'params': params}, images, masks)
+  assert pred.shape == (2, 16, 4 * 4 * 3)
+  assert ('decoder' in params) == (scheme == 'random')
+  assert ('mask_token' in params['encoder']) == (scheme == 'blockwise')
+
+
+def test_patchify_round_trip_order():
+  images = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+  patches = mim.patchify(images, 4)
+  assert patches.shape == (2, 4, 48)
+  # Patch 1 is the top-right 4x4 block, pixels in row-major order.
+  np.testing.assert_array_equal(patches[0, 1], images[0, :4, 4:].reshape(-1))
+
+
+def test_mim_loss_ignores_visible_patches():
+  images = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  mask = jnp.array([[True, False, False, True], [False, True, False, False]])
+  pred = jax.random.normal(jax.random.key(1), (2, 4, 16))
+  corrupted = jnp.where(mask[..., None], pred, pred + 100.0)  # only visible patches change
+  assert mim.mim_loss(pred, images, mask, 4) == pytest.approx(
+      float(mim.mim_loss(corrupted, images, mask, 4)))
+  assert mim.mim_loss(pred + 1.0, images, mask, 4) != pytest.approx(
+      float(mim.mim_loss(pred, images, mask, 4)))
+
+
+def test_mim_loss_targets_are_normalised_per_patch():
+  images = jax.random.normal(jax.random.key(0), (1, 8, 8, 1))
+  mask = jnp.ones((1, 4), bool)
+  target = mim.patchify(images, 4)
+  target = (target - target.mean(-1, keepdims=True)) / jnp.sqrt(target.var(-1, keepdims=True) + 1e-6)
+  assert float(mim.mim_loss(target, images, mask, 4)) == pytest.approx(0.0, abs=1e-8)
+  assert float(mim.mim_loss(mim.patchify(images, 4), images, mask, 4, norm_pix=False)) == 0.0
