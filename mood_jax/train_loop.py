@@ -98,27 +98,30 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
   train_step = make_train_step(loss_fn, tx, rng, shardings, mesh)
   start = int(state.step)
   tick, tick_step = time.perf_counter(), start
-  for step in range(start + 1, cfg.num_steps + 1):
-    batch = parallel.global_batch(next(data_iter), mesh)
-    state, metrics = train_step(state, batch)
-    if step == start + 1:  # keep compilation out of the images/s figures
-      jax.block_until_ready(state)
-      logging.info('[%s] first step, compilation included: %.1fs', stage, time.perf_counter() - tick)
-      tick, tick_step = time.perf_counter(), step
-    must_save = step % cfg.ckpt_every == 0 or step == cfg.num_steps
-    if step % cfg.log_every == 0 or must_save:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      _check_finite(stage, step, metrics)
-      now = time.perf_counter()
-      if step > tick_step:
-        metrics['images_per_s'] = cfg.batch_size * (step - tick_step) / (now - tick)
-      metrics['lr'] = float(lr_schedule(step - 1))
-      tick, tick_step = now, step
-      metrics_log.write(workdir, stage, step, metrics)
-    if must_save:
-      checkpoint.save(mngr, step, state, data_iter, config)
-  mngr.wait_until_finished()
-  mngr.close()
+  try:
+    for step in range(start + 1, cfg.num_steps + 1):
+      batch = parallel.global_batch(next(data_iter), mesh)
+      state, metrics = train_step(state, batch)
+      if step == start + 1:  # keep compilation out of the images/s figures
+        jax.block_until_ready(state)
+        logging.info('[%s] first step, compilation included: %.1fs', stage,
+                     time.perf_counter() - tick)
+        tick, tick_step = time.perf_counter(), step
+      must_save = step % cfg.ckpt_every == 0 or step == cfg.num_steps
+      if step % cfg.log_every == 0 or must_save:  # every save is checked for finite values
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(stage, step, metrics)
+        now = time.perf_counter()
+        if step > tick_step:
+          metrics['images_per_s'] = cfg.batch_size * (step - tick_step) / (now - tick)
+        metrics['lr'] = float(lr_schedule(step - 1))
+        tick, tick_step = now, step
+        metrics_log.write(workdir, stage, step, metrics)
+      if must_save:
+        checkpoint.save(mngr, step, state, data_iter, config)
+  finally:  # an async save still in flight would be lost on exit
+    mngr.wait_until_finished()
+    mngr.close()
   return state
 
 
@@ -128,7 +131,7 @@ def restore_params(workdir: str, stage: str, init_params: Callable[[], Any],
   step = final_step(workdir, stage)
   if step is None:
     raise UserError(f'no {stage} checkpoint in {checkpoint_dir(workdir, stage)}: '
-                            f'run the {stage} stage first (add it to --config.stages)')
+                    f'run the {stage} stage first (add it to --config.stages)')
   _, abstract, _ = abstract_state(init_params, tx, mesh)
   mngr = checkpoint.manager(checkpoint_dir(workdir, stage))
   return checkpoint.restore(mngr, step, abstract).params

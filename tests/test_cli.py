@@ -23,7 +23,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def smoke_run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
-  proc = _main('--config=configs/digits.py:smoke', f'--workdir={workdir}', data_dir=data_dir)
+  proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
+               data_dir=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -51,10 +52,22 @@ def test_end_to_end_writes_results(smoke_run):
 
 def test_finished_stages_are_skipped(smoke_run, data_dir):
   workdir, _ = smoke_run
-  proc = _main('--config=configs/digits.py:smoke', f'--workdir={workdir}',
+  proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
                '--config.stages=pretrain,finetune', data_dir=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '[pretrain] skipped' in proc.stderr and '[finetune] skipped' in proc.stderr
+
+
+def test_one_class_scores_the_pretrained_encoder(tmp_path, data_dir):
+  workdir = tmp_path / 'workdir'
+  proc = _main('--config=configs/digits.py:oneclass=3,smoke', f'--workdir={workdir}',
+               data_dir=data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'results' / 'results.json') as f:
+    results = json.load(f)
+  assert {(r['model'], r['scorer']) for r in results['rows']} == {('pretrain', 'mahalanobis_mood')}
+  assert results['id_accuracy'] == {}  # no classifier head was trained
+  assert not (workdir / 'ckpt' / 'finetune').exists()
 
 
 @pytest.mark.parametrize('args,message', [
@@ -63,6 +76,7 @@ def test_finished_stages_are_skipped(smoke_run, data_dir):
     (['--config.model.variant=XL/16'], 'unknown model variant'),
     (['--config.evaluate.scorers=msp,nope'], "unknown scorer 'nope'"),
     (['--config.data.ood_sets=[\'moon\']'], 'moon'),
+    (['--config.stages=finetune', '--config.data.id_classes=[3]'], 'one-class'),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, data_dir, args, message):
   workdir = tmp_path / 'workdir'
