@@ -8,8 +8,6 @@ hand weights to each other by top-level key:
   head       classifier
 """
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,7 @@ from jax.experimental import multihost_utils
 from mood_jax import parallel, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.ood import metrics, report, scorers
-from mood_jax.stages import finetune, pretrain
+from mood_jax.stages import finetune
 
 NAME = 'evaluate'
 
@@ -21,9 +21,7 @@ NAME = 'evaluate'
 def _pretrain_encoder(config, workdir, mesh):
   """The MIM encoder alone: features only (its head is untrained, so no logit scorers)."""
   model, init_params, _, _ = finetune.setup(config)
-  _, pre_init, pre_tx, _ = pretrain.setup(config)
-  pretrained = train_loop.restore_params(workdir, pretrain.NAME, pre_init, pre_tx, mesh)
-  return model, finetune.merge_pretrained(jax.jit(init_params)(), pretrained), False
+  return model, finetune.params_from_pretrain(config, workdir, mesh, init_params), False
 
 
 def _finetuned(config, workdir, mesh):
@@ -90,11 +88,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
         continue
       train = sets['id_train']
       stats = scorer.fit(train['features'], train['logits'], train['label'], head)
-      scores = {name: np.asarray(scorer.score(stats, s['features'], s['logits']))
+      by_set = {name: np.asarray(scorer.score(stats, s['features'], s['logits']))
                 for name, s in sets.items() if name != 'id_train'}
-      all_scores[model_name][scorer.name] = {'id': scores.pop('id_test'), **scores}
+      by_set['id'] = by_set.pop('id_test')
+      all_scores[model_name][scorer.name] = by_set
       for ood_set, group in groups.items():
-        values = metrics.ood_metrics(all_scores[model_name][scorer.name]['id'], scores[ood_set])
+        values = metrics.ood_metrics(by_set['id'], by_set[ood_set])
         rows.append({'model': model_name, 'scorer': scorer.name, 'ood_set': ood_set,
                      'ood_group': group, **{k: float(v) for k, v in values.items()}})
   if jax.process_index() == 0:

@@ -44,14 +44,20 @@ def merge_pretrained(fresh: dict, pretrained: dict) -> dict:
   return merged
 
 
+def params_from_pretrain(config, workdir: str, mesh, init_params) -> dict:
+  """Fresh classifier params with the pretrain checkpoint's encoder copied in."""
+  _, pretrain_init, pretrain_tx, _ = pretrain.setup(config)
+  pretrained = train_loop.restore_params(workdir, pretrain.NAME, pretrain_init, pretrain_tx,
+                                         mesh)
+  return merge_pretrained(jax.jit(init_params)(), pretrained)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.finetune
   model, init_params, tx, schedule = setup(config)
   initial_params = None
   if cfg.init_from == 'pretrain' and train_loop.final_step(workdir, NAME) is None:
-    _, pre_init, pre_tx, _ = pretrain.setup(config)
-    pretrained = train_loop.restore_params(workdir, pretrain.NAME, pre_init, pre_tx, mesh)
-    initial_params = merge_pretrained(jax.jit(init_params)(), pretrained)
+    initial_params = params_from_pretrain(config, workdir, mesh, init_params)
     logging.info('[%s] encoder initialised from the pretrain checkpoint', NAME)
 
   def loss_fn(params, batch, rng):
