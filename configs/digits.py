@@ -10,7 +10,7 @@ import ml_collections
 
 from mood_jax.data import input_pipeline
 
-FAR_OOD = [s for s in input_pipeline.OOD_SETS if s not in input_pipeline.NEAR_OOD_SETS]
+FAR_OOD = tuple(s for s in input_pipeline.OOD_SETS if s not in input_pipeline.NEAR_OOD_SETS)
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -25,8 +25,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.mesh = [('data', -1)]
 
   config.data = input_pipeline.default_data_config()
-  config.data.id_classes = list(range(10))
-  config.data.ood_sets = list(FAR_OOD)
+  config.data.id_classes = tuple(range(10))
+  config.data.ood_sets = FAR_OOD
   config.model = dict(variant='mu/4', posemb='learn', pool='mean')
 
   config.pretrain = dict(
@@ -60,11 +60,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   )
 
   if 'split' in options:
-    config.data.id_classes = [0, 1, 2, 3, 4]
-    config.data.ood_sets = ['digits_heldout', *FAR_OOD]
+    config.data.id_classes = (0, 1, 2, 3, 4)
+    config.data.ood_sets = ('digits_heldout', *FAR_OOD)
   if 'oneclass' in options:
-    config.data.id_classes = [int(options['oneclass'])]
-    config.data.ood_sets = ['digits_heldout', *FAR_OOD]
+    config.data.id_classes = (int(options['oneclass']),)
+    config.data.ood_sets = ('digits_heldout', *FAR_OOD)
     config.stages = 'pretrain,evaluate'
     config.evaluate.models = 'pretrain'
     config.evaluate.scorers = 'mahalanobis_mood'

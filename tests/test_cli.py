@@ -11,7 +11,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(*args, data_dir):
-  cmd = [sys.executable, '-m', 'mood_jax.main', f'--config.data.data_dir={data_dir}', *args]
+  # Overrides must follow --config (in args), so data_dir goes last.
+  cmd = [sys.executable, '-m', 'mood_jax.main', *args, f'--config.data.data_dir={data_dir}']
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -75,8 +76,8 @@ def test_one_class_scores_the_pretrained_encoder(tmp_path, data_dir):
     (['--config.stages=pretrain,tune'], "unknown stage 'tune': valid choices are pretrain"),
     (['--config.model.variant=XL/16'], 'unknown model variant'),
     (['--config.evaluate.scorers=msp,nope'], "unknown scorer 'nope'"),
-    (['--config.data.ood_sets=[\'moon\']'], 'moon'),
-    (['--config.stages=finetune', '--config.data.id_classes=[3]'], 'one-class'),
+    (['--config.data.ood_sets=moon', '--config.data.ood_sets=photos'], 'moon'),
+    (['--config.stages=finetune', '--config.data.id_classes=(3,)'], 'one-class'),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, data_dir, args, message):
   workdir = tmp_path / 'workdir'

@@ -30,8 +30,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       name='digits',
       data_dir='~/.cache/mood_jax/tensorflow_datasets',
       image_size=24,  # digits are 8x8; with 4 px patches, 24 px gives 36 tokens
-      id_classes=[0, 1, 2, 3, 4],  # empty or None: all classes
-      ood_sets=list(OOD_SETS),
+      # Tuples, not lists: ml_collections can override only tuples from the command line.
+      id_classes=(0, 1, 2, 3, 4),  # empty or None: all classes
+      ood_sets=OOD_SETS,
       mean=0.5,
       std=0.5,
       test_fraction=0.3,
