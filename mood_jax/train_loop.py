@@ -77,11 +77,11 @@ def _check_finite(stage: str, step: int, metrics: dict) -> None:
 def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
           workdir: str, *, init_params: Callable[[], Any], loss_fn: LossFn,
           tx: optax.GradientTransformation, lr_schedule: optax.Schedule, data_iter, mesh,
-          rng: jax.Array, initial_params: Any = None) -> TrainState:
+          rng: jax.Array, initial_params: Callable[[], Any] | None = None) -> TrainState:
   """Runs `cfg.num_steps` steps, resuming from the stage's latest checkpoint if any.
 
-  `initial_params` (e.g. a pretrained encoder merged into a fresh head) replaces
-  `init_params()` for a fresh start; it is ignored when resuming.
+  `initial_params()` (e.g. a pretrained encoder merged into a fresh head) replaces
+  `init_params()` for a fresh start; it is not called when resuming.
   """
   init, abstract, shardings = abstract_state(init_params, tx, mesh)
   mngr = checkpoint.manager(checkpoint_dir(workdir, stage), max_to_keep=cfg.keep_checkpoints)
@@ -91,7 +91,7 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
     state = checkpoint.restore(mngr, latest, abstract, data_iter)
   elif initial_params is not None:
     state = jax.jit(lambda p: TrainState(np.int32(0), p, tx.init(p)),
-                    out_shardings=shardings)(initial_params)
+                    out_shardings=shardings)(initial_params())
   else:
     state = jax.jit(init, out_shardings=shardings)()
 
@@ -128,10 +128,13 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
 def restore_params(workdir: str, stage: str, init_params: Callable[[], Any],
                    tx: optax.GradientTransformation, mesh):
   """Params of a finished earlier stage (e.g. pretrain for finetune), placed by `mesh`."""
-  step = final_step(workdir, stage)
+  path = checkpoint_dir(workdir, stage)
+  mngr = checkpoint.manager(path) if os.path.isdir(path) else None
+  step = mngr.latest_step() if mngr else None
   if step is None:
-    raise UserError(f'no {stage} checkpoint in {checkpoint_dir(workdir, stage)}: '
+    raise UserError(f'no {stage} checkpoint in {path}: '
                     f'run the {stage} stage first (add it to --config.stages)')
   _, abstract, _ = abstract_state(init_params, tx, mesh)
-  mngr = checkpoint.manager(checkpoint_dir(workdir, stage))
-  return checkpoint.restore(mngr, step, abstract).params
+  params = checkpoint.restore(mngr, step, abstract).params
+  mngr.close()
+  return params

@@ -55,10 +55,11 @@ def params_from_pretrain(config, workdir: str, mesh, init_params) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.finetune
   model, init_params, tx, schedule = setup(config)
-  initial_params = None
-  if cfg.init_from == 'pretrain' and train_loop.final_step(workdir, NAME) is None:
-    initial_params = params_from_pretrain(config, workdir, mesh, init_params)
+
+  def initial_params():
+    params = params_from_pretrain(config, workdir, mesh, init_params)
     logging.info('[%s] encoder initialised from the pretrain checkpoint', NAME)
+    return params
 
   def loss_fn(params, batch, rng):
     logits, _ = model.apply({'params': params}, batch['image'], train=True,
@@ -73,4 +74,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   train_loop.train(NAME, cfg, config, workdir, init_params=init_params, loss_fn=loss_fn, tx=tx,
                    lr_schedule=schedule, data_iter=iter(data), mesh=mesh,
                    rng=jax.random.fold_in(jax.random.key(config.seed), 2),
-                   initial_params=initial_params)
+                   initial_params=initial_params if cfg.init_from == 'pretrain' else None)
