@@ -10,7 +10,7 @@ import ml_collections
 
 from mood_jax.data import input_pipeline
 
-FAR_OOD = tuple(s for s in input_pipeline.OOD_SETS if s not in input_pipeline.NEAR_OOD_SETS)
+FAR_OOD = input_pipeline.FAR_OOD_SETS
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -21,7 +21,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                      'use split, oneclass=C, smoke')
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.stages = 'pretrain,finetune,evaluate'
+  config.stages = 'pretrain,finetune,logit_ft,evaluate'
   config.mesh = [('data', -1)]
 
   config.data = input_pipeline.default_data_config()
@@ -52,8 +52,30 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, grad_clip=0.0,
       log_every=50, ckpt_every=100, keep_checkpoints=2,
   )
+  config.logit_ft = dict(
+      loss='um',                # 'um' (flooding), 'sample_mask', or 'ce' (no constraint)
+      gamma_from='masked_model',  # 'masked_model', 'quantile' or 'fixed'
+      weight_keep_ratio=0.965,  # masked copy for gamma and sample_mask: UM's k
+      gamma_quantile=0.5,       # gamma_from='quantile' only
+      gamma=0.0,                # gamma_from='fixed' only
+      beta=1.0,
+      label_smoothing=0.1,      # as finetune, so that loss='ce' is a plain continuation
+      sample_mask_ratio=0.1,    # loss='sample_mask': fraction of each batch dropped
+      teacher_alpha=1.0,        # < 1: targets alpha * one_hot + (1 - alpha) * teacher (Li et al. 0.9)
+      umap='none',              # 'none', 'scores' (weights frozen) or 'both': learned top-k masks
+      umap_keep_ratio=0.8,
+      trainable='all',          # 'all', 'head' or 'last_n_blocks'
+      last_n_blocks=1,
+      drop_path=0.1,
+      augment=True,
+      num_steps=200, batch_size=128,
+      lr=5e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.05, layer_decay=1.0,
+      b1=0.9, b2=0.999, grad_clip=0.0,
+      log_every=50, ckpt_every=100, keep_checkpoints=2,
+  )
   config.evaluate = dict(
-      models='finetune',        # comma-separated: pretrain (features only), finetune
+      models='auto',            # 'auto' (every trained classifier) or a list of pretrain
+                                # (encoder features only), finetune, logit_ft
       scorers='mahalanobis_mood,msp,energy,maxlogit',
       batch_size=256,
       plots=True,
@@ -72,7 +94,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.model.variant = 'mu/8'
     config.data.image_size = 16
     config.data.ood_examples_per_set = 64
-    for stage in (config.pretrain, config.finetune):
+    for stage in (config.pretrain, config.finetune, config.logit_ft):
       stage.num_steps, stage.batch_size, stage.warmup_steps = 4, 16, 1
       stage.log_every, stage.ckpt_every = 2, 2
     config.evaluate.batch_size = 64

@@ -1,6 +1,7 @@
 """Optimizers from config: AdamW, warmup + cosine, layer-wise lr decay, no decay on 1-D params."""
 
 import re
+from typing import Callable
 
 import jax
 import ml_collections
@@ -22,10 +23,11 @@ def decay_mask(params):
 
 def layer_id(path: str, depth: int) -> int:
   """BEiT's layer ids: 0 = patch embed/cls/pos, block i -> i + 1, the rest -> depth + 1."""
-  if re.match(r'encoder/(patch_embed|cls|pos_embedding|mask_token)', path):
+  # Searched, not matched: a stage may nest the classifier (e.g. logit_ft's 'model/...').
+  if re.search(r'(^|/)encoder/(patch_embed|cls|pos_embedding|mask_token)', path):
     return 0
-  block = re.match(r'encoder/block(\d+)/', path)
-  return int(block.group(1)) + 1 if block else depth + 1
+  block = re.search(r'(^|/)encoder/block(\d+)/', path)
+  return int(block.group(2)) + 1 if block else depth + 1
 
 
 def layer_decay_labels(params, depth: int):
@@ -54,3 +56,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict, depth: int) -> optax.Gradient
     return tx
   scales = {f'layer{i}': optax.scale(cfg.layer_decay ** (depth + 1 - i)) for i in range(depth + 2)}
   return optax.chain(tx, optax.multi_transform(scales, lambda params: layer_decay_labels(params, depth)))
+
+
+def train_only(tx: optax.GradientTransformation,
+               is_trainable: Callable[[str], bool]) -> optax.GradientTransformation:
+  """`tx` on the params whose '/'-joined path `is_trainable` accepts; the rest stay fixed
+  (zero update, no optimizer state)."""
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 'train' if is_trainable(_path_str(path)) else 'frozen', params)
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)

@@ -11,12 +11,12 @@ from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
 from mood_jax.ood import scorers
-from mood_jax.stages import evaluate, finetune, pretrain
+from mood_jax.stages import evaluate, finetune, logit_ft, pretrain
 
 # Canonical order; a stage module has NAME and run(config, workdir, mesh). Training
 # stages checkpoint under WORKDIR/ckpt/NAME and are skipped once their last step is saved.
-STAGES = {stage.NAME: stage for stage in (pretrain, finetune, evaluate)}
-TRAINING_STAGES = ('pretrain', 'finetune')
+STAGES = {stage.NAME: stage for stage in (pretrain, finetune, logit_ft, evaluate)}
+TRAINING_STAGES = ('pretrain', 'finetune', 'logit_ft')
 
 
 def _choice(what: str, value: str, valid) -> None:
@@ -36,7 +36,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'workdir {workdir!r} is an existing file: pass a directory path')
   stages = selected_stages(config)
-  vit.parse_variant(config.model.variant)
+  depth = vit.parse_variant(config.model.variant)['depth']
   _choice('model.posemb', config.model.posemb, ['learn', 'sincos2d'])
   _choice('model.pool', config.model.pool, ['mean', 'cls'])
   if 'pretrain' in stages:
@@ -48,15 +48,18 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     num_classes = input_pipeline.num_classes(config.data)
   except ValueError as e:
     raise UserError(str(e)) from None
-  if 'finetune' in stages and num_classes < 2:
-    raise UserError('one-class ID data has no labels to fine-tune on: drop finetune from '
-                    '--config.stages and evaluate the pretrain encoder '
+  if 'logit_ft' in stages:
+    logit_ft.check_config(config, depth)
+  if ('finetune' in stages or 'logit_ft' in stages) and num_classes < 2:
+    raise UserError('one-class ID data has no labels to fine-tune on: drop finetune and '
+                    'logit_ft from --config.stages and evaluate the pretrain encoder '
                     '(--config.evaluate.models=pretrain), as configs/digits.py:oneclass=C does')
   if 'evaluate' in stages:
     if not groups:
       raise UserError('no OOD sets to evaluate: set --config.data.ood_sets')
-    for name in config.evaluate.models.split(','):
-      _choice('evaluate model', name, list(evaluate.MODELS))
+    if config.evaluate.models != 'auto':
+      for name in config.evaluate.models.split(','):
+        _choice('evaluate model', name, list(evaluate.MODELS))
     for name in config.evaluate.scorers.split(','):
       _choice('scorer', name, scorers.names())
   return stages

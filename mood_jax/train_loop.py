@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -66,22 +67,26 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, rng: jax.
                  donate_argnums=0)
 
 
-def _check_finite(stage: str, step: int, metrics: dict) -> None:
+def _check_finite(stage: str, first_step: int, step: int, metrics: dict) -> None:
   for name, value in metrics.items():
     if not math.isfinite(value):
       raise UserError(
-          f'{stage}: {name} is {value} at step {step}; no checkpoint was written for it. '
+          f'{stage}: {name} is {value} in steps {first_step}-{step}; no checkpoint was '
+          f'written for them. '
           f'Lower --config.{stage}.lr or enable --config.{stage}.grad_clip')
 
 
 def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
           workdir: str, *, init_params: Callable[[], Any], loss_fn: LossFn,
           tx: optax.GradientTransformation, lr_schedule: optax.Schedule, data_iter, mesh,
-          rng: jax.Array, initial_params: Callable[[], Any] | None = None) -> TrainState:
+          rng: jax.Array, initial_params: Callable[[], Any] | None = None,
+          batch_fn: Callable[[dict], dict] | None = None) -> TrainState:
   """Runs `cfg.num_steps` steps, resuming from the stage's latest checkpoint if any.
 
   `initial_params()` (e.g. a pretrained encoder merged into a fresh head) replaces
-  `init_params()` for a fresh start; it is not called when resuming.
+  `init_params()` for a fresh start; it is not called when resuming. `batch_fn` adds
+  derived inputs to each global batch (e.g. a frozen teacher's logits) before the step.
+  Logged metrics are means over the steps since the previous log line.
   """
   init, abstract, shardings = abstract_state(init_params, tx, mesh)
   mngr = checkpoint.manager(checkpoint_dir(workdir, stage), max_to_keep=cfg.keep_checkpoints)
@@ -98,10 +103,15 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
   train_step = make_train_step(loss_fn, tx, rng, shardings, mesh)
   start = int(state.step)
   tick, tick_step = time.perf_counter(), start
+  window, window_steps = None, 0  # metric sums on device: no host sync between log lines
   try:
     for step in range(start + 1, cfg.num_steps + 1):
       batch = parallel.global_batch(next(data_iter), mesh)
+      if batch_fn is not None:
+        batch = batch_fn(batch)
       state, metrics = train_step(state, batch)
+      window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+      window_steps += 1
       if step == start + 1:  # keep compilation out of the images/s figures
         jax.block_until_ready(state)
         logging.info('[%s] first step, compilation included: %.1fs', stage,
@@ -109,8 +119,9 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
         tick, tick_step = time.perf_counter(), step
       must_save = step % cfg.ckpt_every == 0 or step == cfg.num_steps
       if step % cfg.log_every == 0 or must_save:  # every save is checked for finite values
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(stage, step, metrics)
+        metrics = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+        _check_finite(stage, step - window_steps + 1, step, metrics)
+        window, window_steps = None, 0
         now = time.perf_counter()
         if step > tick_step:
           metrics['images_per_s'] = cfg.batch_size * (step - tick_step) / (now - tick)

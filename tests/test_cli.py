@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,25 +39,57 @@ def test_end_to_end_writes_results(smoke_run):
               'gaussian_blobs'}
   scorers = {'mahalanobis_mood', 'msp', 'energy', 'maxlogit'}
   rows = [r for r in results['rows'] if r['ood_set'] in ood_sets]
-  assert {(r['scorer'], r['ood_set']) for r in rows} == {(s, o) for s in scorers for o in ood_sets}
+  # 'auto' scores both trained classifiers side by side.
+  models = {'finetune', 'logit_ft'}
+  assert {(r['model'], r['scorer'], r['ood_set']) for r in rows} == {
+      (m, s, o) for m in models for s in scorers for o in ood_sets}
   for row in rows:
     for key in ('auroc', 'fpr95', 'aupr_in', 'aupr_out'):
       assert 0.0 <= row[key] <= 1.0, row
-  assert 0.0 <= results['id_accuracy']['finetune'] <= 1.0
+  assert set(results['id_accuracy']) == models
+  assert all(0.0 <= acc <= 1.0 for acc in results['id_accuracy'].values())
   assert os.path.exists(os.path.join(workdir, 'results', 'results.csv'))
   assert '| mahalanobis_mood |' in proc.stdout  # the Markdown table is printed
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     logged = [json.loads(line) for line in f]
-  assert {'pretrain', 'finetune'} <= {m['stage'] for m in logged}
-  assert all({'loss', 'lr', 'images_per_s'} <= set(m) for m in logged)
+  assert {m['stage'] for m in logged} == {'pretrain', 'finetune', 'logit_ft'}
+  steps = [m for m in logged if m['step'] > 0]
+  assert all({'loss', 'lr', 'images_per_s'} <= set(m) for m in steps)
+  # The UM constraint is explicit: gamma is logged and saved, flooding is tracked.
+  gamma, = [m['gamma'] for m in logged if m['stage'] == 'logit_ft' and m['step'] == 0]
+  with open(os.path.join(workdir, 'logit_ft_gamma.json')) as f:
+    assert json.load(f)['gamma'] == gamma > 0
+  assert all(0 <= m['flooded'] <= 1 for m in steps if m['stage'] == 'logit_ft')
 
 
 def test_finished_stages_are_skipped(smoke_run, data_dir):
   workdir, _ = smoke_run
   proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
-               '--config.stages=pretrain,finetune', data_dir=data_dir)
+               '--config.stages=pretrain,finetune,logit_ft', data_dir=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert '[pretrain] skipped' in proc.stderr and '[finetune] skipped' in proc.stderr
+  for stage in ('pretrain', 'finetune', 'logit_ft'):
+    assert f'[{stage}] skipped' in proc.stderr
+
+
+def test_logit_ft_variants_umap_sample_mask_teacher(smoke_run, data_dir, tmp_path):
+  """UMAP scores + weights, the per-sample mask loss and logits-based targets, together."""
+  workdir = tmp_path / 'workdir'
+  shutil.copytree(smoke_run[0], workdir,
+                  ignore=shutil.ignore_patterns('logit_ft*', 'results', 'metrics.jsonl'))
+  proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
+               '--config.stages=logit_ft,evaluate', '--config.evaluate.models=logit_ft',
+               '--config.evaluate.scorers=msp', '--config.logit_ft.loss=sample_mask',
+               '--config.logit_ft.sample_mask_ratio=0.25', '--config.logit_ft.umap=both',
+               '--config.logit_ft.teacher_alpha=0.9', '--config.logit_ft.gamma_from=fixed',
+               data_dir=data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'metrics.jsonl') as f:
+    logged = [json.loads(line) for line in f if '"logit_ft"' in line]
+  assert all(m['masked_fraction'] == 0.25 for m in logged if m['step'] > 0)  # 4 of 16
+  saved = os.listdir(workdir / 'ckpt' / 'logit_ft' / '4' / 'state')
+  assert saved  # the checkpoint holds {'model', 'scores'}: restorable by evaluate
+  with open(workdir / 'results' / 'results.json') as f:
+    assert {r['model'] for r in json.load(f)['rows']} == {'logit_ft'}
 
 
 def test_one_class_scores_the_pretrained_encoder(tmp_path, data_dir):
@@ -78,6 +111,8 @@ def test_one_class_scores_the_pretrained_encoder(tmp_path, data_dir):
     (['--config.evaluate.scorers=msp,nope'], "unknown scorer 'nope'"),
     (['--config.data.ood_sets=moon', '--config.data.ood_sets=photos'], 'moon'),
     (['--config.stages=finetune', '--config.data.id_classes=(3,)'], 'one-class'),
+    (['--config.logit_ft.loss=flood'], "unknown logit_ft.loss 'flood'"),
+    (['--config.logit_ft.weight_keep_ratio=1.5'], 'weight_keep_ratio=1.5 is outside'),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, data_dir, args, message):
   workdir = tmp_path / 'workdir'

@@ -1,19 +1,16 @@
 """Stage 4: features and logits for ID and OOD sets, OOD scores, metrics, report."""
 
 import os
-import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from mood_jax import parallel, train_loop
+from mood_jax import inference, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.ood import metrics, report, scorers
-from mood_jax.stages import finetune
+from mood_jax.stages import finetune, logit_ft
 
 NAME = 'evaluate'
 
@@ -29,52 +26,32 @@ def _finetuned(config, workdir, mesh):
   return model, train_loop.restore_params(workdir, finetune.NAME, init_params, tx, mesh), True
 
 
+def _logit_finetuned(config, workdir, mesh):
+  return *logit_ft.trained_classifier(config, workdir, mesh), True
+
+
 # model name -> (config, workdir, mesh) -> (flax model, params, has a trained head)
-MODELS = {'pretrain': _pretrain_encoder, 'finetune': _finetuned}
+MODELS = {'pretrain': _pretrain_encoder, 'finetune': _finetuned, 'logit_ft': _logit_finetuned}
+CLASSIFIERS = ('finetune', 'logit_ft')
 
 
-def make_forward(model, mesh):
-  """Jitted (params, images) -> (features, logits), batch split over the data axis."""
-  def features_and_logits(params, images):
-    logits, aux = model.apply({'params': params}, images)
-    return aux['features'], logits
-
-  return jax.jit(features_and_logits,
-                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-                 out_shardings=parallel.batch_sharding(mesh))
-
-
-def extract(forward, params, config, which: str, mesh) -> dict:
-  """Features, logits and labels of one data set as host numpy arrays, padding dropped."""
-  start = time.perf_counter()
-  dataset, num_examples = input_pipeline.eval_dataset(
-      config.data, which, global_batch_size=config.evaluate.batch_size)
-  parts = []
-  for batch in dataset:
-    batch = parallel.global_batch(batch, mesh)
-    features, logits = forward(params, batch['image'])
-    parts.append({'features': features, 'logits': logits, 'label': batch['label'],
-                  'valid': batch['valid']})
-  # Gathered once: the scorers need the whole set (a bank or a query set) per host.
-  gathered = multihost_utils.process_allgather(
-      jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), tiled=True)
-  valid = gathered.pop('valid')
-  out = {k: np.asarray(v)[valid] for k, v in gathered.items()}
-  if len(out['label']) != num_examples:  # padding must hide exactly the filler rows
-    raise RuntimeError(f'{which}: extracted {len(out["label"])} examples, expected {num_examples}')
-  logging.info('[evaluate] %s: %d examples in %.1fs', which, num_examples,
-               time.perf_counter() - start)
-  return out
+def model_names(models: str, workdir: str) -> list[str]:
+  """`evaluate.models` as a list; 'auto' is every classifier trained in the workdir, or the
+  pretrain encoder when there is none (one-class runs)."""
+  if models != 'auto':
+    return models.split(',')
+  return [name for name in CLASSIFIERS
+          if train_loop.final_step(workdir, name) is not None] or ['pretrain']
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.evaluate
   groups = input_pipeline.ood_groups(config.data)
   rows, id_accuracy, all_scores = [], {}, {}
-  for model_name in cfg.models.split(','):
+  for model_name in model_names(cfg.models, workdir):
     model, params, has_head = MODELS[model_name](config, workdir, mesh)
-    forward = make_forward(model, mesh)
-    sets = {name: extract(forward, params, config, name, mesh)
+    forward = inference.make_forward(model, mesh)
+    sets = {name: inference.extract(forward, params, config, name, mesh)
             for name in ('id_train', 'id_test', *groups)}
     if has_head:
       id_accuracy[model_name] = float(metrics.accuracy(sets['id_test']['logits'],

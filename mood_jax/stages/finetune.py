@@ -15,17 +15,24 @@ from mood_jax.stages import pretrain
 NAME = 'finetune'
 
 
-def setup(config: ml_collections.ConfigDict):
-  """(model, init_params, optimizer, lr schedule) of this stage; shared with its consumers."""
-  cfg = config.finetune
-  encoder = vit.encoder_from_config(config.model, drop_path=cfg.drop_path)
+def classifier(config: ml_collections.ConfigDict, drop_path: float):
+  """(ViT classifier, its param initialiser) for the ID classes; shared by later stages."""
+  encoder = vit.encoder_from_config(config.model, drop_path=drop_path)
   model = vit.Classifier(input_pipeline.num_classes(config.data), encoder, pool=config.model.pool)
   size, channels = config.data.image_size, input_pipeline.num_channels(config.data)
 
   def init_params():
     return model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)))['params']
 
-  return model, init_params, optim.make_optimizer(cfg, encoder.depth), optim.make_schedule(cfg)
+  return model, init_params
+
+
+def setup(config: ml_collections.ConfigDict):
+  """(model, init_params, optimizer, lr schedule) of this stage; shared with its consumers."""
+  cfg = config.finetune
+  model, init_params = classifier(config, cfg.drop_path)
+  return (model, init_params, optim.make_optimizer(cfg, model.encoder.depth),
+          optim.make_schedule(cfg))
 
 
 def merge_pretrained(fresh: dict, pretrained: dict) -> dict:

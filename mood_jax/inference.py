@@ -1,0 +1,46 @@
+"""Batched inference over a whole eval set: features, logits and labels, every example once."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from mood_jax import parallel
+from mood_jax.data import input_pipeline
+
+
+def make_forward(model, mesh):
+  """Jitted (params, images) -> (features, logits), batch split over the data axis."""
+  def features_and_logits(params, images):
+    logits, aux = model.apply({'params': params}, images)
+    return aux['features'], logits
+
+  return jax.jit(features_and_logits,
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.batch_sharding(mesh))
+
+
+def extract(forward, params, config, which: str, mesh) -> dict:
+  """Features, logits and labels of one data set as host numpy arrays, padding dropped."""
+  start = time.perf_counter()
+  dataset, num_examples = input_pipeline.eval_dataset(
+      config.data, which, global_batch_size=config.evaluate.batch_size)
+  parts = []
+  for batch in dataset:
+    batch = parallel.global_batch(batch, mesh)
+    features, logits = forward(params, batch['image'])
+    parts.append({'features': features, 'logits': logits, 'label': batch['label'],
+                  'valid': batch['valid']})
+  # Gathered once: the scorers need the whole set (a bank or a query set) per host.
+  gathered = multihost_utils.process_allgather(
+      jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), tiled=True)
+  valid = gathered.pop('valid')
+  out = {k: np.asarray(v)[valid] for k, v in gathered.items()}
+  if len(out['label']) != num_examples:  # padding must hide exactly the filler rows
+    raise RuntimeError(f'{which}: extracted {len(out["label"])} examples, expected {num_examples}')
+  logging.info('[inference] %s: %d examples in %.1fs', which, num_examples,
+               time.perf_counter() - start)
+  return out

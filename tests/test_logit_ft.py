@@ -1,0 +1,163 @@
+"""The logit fine-tune stage's pieces: flooding, sample masking, top-k masks, gamma."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from mood_jax import optim
+from mood_jax.models import weight_mask
+from mood_jax.stages import logit_ft
+
+
+def _ce(w, x, y):
+  return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+
+
+@pytest.mark.parametrize('gamma_offset', [-0.5, 0.5])
+def test_flooding_gradient_is_ce_gradient_or_its_negation(gamma_offset):
+  rng = np.random.default_rng(0)
+  w, x = jnp.asarray(rng.normal(size=(4, 3))), jnp.asarray(rng.normal(size=(8, 4)))
+  y = jnp.asarray(rng.integers(0, 3, 8))
+  ce = float(_ce(w, x, y))
+  gamma = ce + gamma_offset  # offset < 0: CE above gamma; > 0: CE below gamma
+
+  def um(w):
+    return logit_ft.flooding(_ce(w, x, y), gamma)[0]
+
+  ce_grad, um_grad = jax.grad(_ce)(w, x, y), jax.grad(um)(w)
+  flooded = bool(logit_ft.flooding(_ce(w, x, y), gamma)[1])
+  assert flooded == (gamma_offset > 0)
+  np.testing.assert_array_equal(um_grad, -ce_grad if flooded else ce_grad)
+  assert float(um(w)) == pytest.approx(abs(ce - gamma) + gamma)
+
+
+@pytest.mark.parametrize('batch,ratio', [(16, 0.25), (10, 0.1), (7, 0.5), (8, 0.0)])
+def test_sample_mask_drops_exactly_the_largest_kl(batch, ratio):
+  kl = jnp.asarray(np.random.default_rng(batch).permutation(batch).astype(np.float32))
+  weights = np.asarray(logit_ft.typical_sample_weights(kl, ratio))
+  num_dropped = round(ratio * batch)
+  assert (weights == 0).sum() == num_dropped
+  assert set(np.flatnonzero(weights == 0)) == set(np.argsort(-np.asarray(kl))[:num_dropped])
+
+
+@pytest.mark.parametrize('shape,keep', [((32, 16), 0.8), ((3, 3, 2, 5), 0.965), ((7,), 0.5)])
+def test_topk_mask_keeps_exactly_k_of_the_largest(shape, keep):
+  scores = jax.random.normal(jax.random.key(0), shape)
+  mask = np.asarray(weight_mask.topk_mask(scores, keep))
+  k = weight_mask.num_kept(int(np.prod(shape)), keep)
+  assert mask.sum() == k and set(np.unique(mask)) <= {0., 1.}
+  threshold = np.sort(np.abs(np.asarray(scores)).ravel())[-k]
+  assert np.all(np.abs(np.asarray(scores))[mask == 1] >= threshold)
+
+
+def test_topk_mask_is_exact_under_ties():
+  mask = weight_mask.topk_mask(jnp.ones((10, 10)), 0.35)
+  assert float(mask.sum()) == 35
+
+
+def test_straight_through_gradient_reaches_the_scores():
+  weights = {'dense': {'kernel': jnp.arange(1., 13.).reshape(4, 3), 'bias': jnp.ones(3)}}
+  scores = {'dense': {'kernel': jax.random.normal(jax.random.key(1), (4, 3))}}
+
+  def output(scores):
+    masked = weight_mask.apply_masks(weights, weight_mask.straight_through_masks(scores, 0.5))
+    return jnp.sum(jnp.ones(4) @ masked['dense']['kernel']), masked
+
+  (_, masked), grad = jax.value_and_grad(output, has_aux=True)(scores)
+  hard = weight_mask.topk_mask(scores['dense']['kernel'], 0.5)
+  np.testing.assert_array_equal(masked['dense']['kernel'], weights['dense']['kernel'] * hard)
+  np.testing.assert_array_equal(masked['dense']['bias'], weights['dense']['bias'])
+  # d/ds sum(w * m(s)) with an identity straight-through is w, masked or not.
+  np.testing.assert_array_equal(grad['dense']['kernel'], weights['dense']['kernel'])
+
+
+def test_random_masks_cover_every_kernel_at_the_keep_ratio():
+  params = {'a': {'kernel': jnp.ones((20, 10)), 'bias': jnp.ones(10)},
+            'b': {'c': {'kernel': jnp.ones((2, 2, 3, 4))}}, 'scale': jnp.ones(3)}
+  masks = traverse_util.flatten_dict(weight_mask.random_masks(jax.random.key(0), params, 0.9))
+  assert set(masks) == {('a', 'kernel'), ('b', 'c', 'kernel')}
+  assert float(masks['a', 'kernel'].sum()) == 180 and float(masks['b', 'c', 'kernel'].sum()) == 43
+
+
+def _config(**logit_ft_overrides):
+  cfg = dict(trainable='all', last_n_blocks=1, umap='none', umap_keep_ratio=0.8)
+  cfg.update(logit_ft_overrides)
+  return ml_collections.ConfigDict({'logit_ft': cfg})
+
+
+@pytest.mark.parametrize('trainable,expected', [
+    ('all', {'encoder/patch_embed/kernel', 'encoder/block0/fc1/kernel',
+             'encoder/block1/fc1/kernel', 'fc_norm/scale', 'head/kernel'}),
+    ('head', {'head/kernel'}),
+    ('last_n_blocks', {'encoder/block1/fc1/kernel', 'fc_norm/scale', 'head/kernel'}),
+])
+def test_trainable_selection(trainable, expected):
+  paths = ['encoder/patch_embed/kernel', 'encoder/block0/fc1/kernel',
+           'encoder/block1/fc1/kernel', 'fc_norm/scale', 'head/kernel']
+  cfg = _config(trainable=trainable).logit_ft
+  assert {p for p in paths if logit_ft.adapts_layer(p, cfg, depth=2)} == expected
+
+
+def test_frozen_params_get_no_update():
+  params = {'model': {'encoder': {'block0': {'fc1': {'kernel': jnp.ones((2, 2))}}},
+                      'head': {'kernel': jnp.ones((2, 2))}}}
+  cfg = ml_collections.ConfigDict(dict(lr=0.1, min_lr=0.0, warmup_steps=0, num_steps=10,
+                                       b1=0.9, b2=0.999, weight_decay=0.1, grad_clip=0.0))
+  tx = optim.train_only(optim.make_optimizer(cfg, depth=1), lambda path: 'head' in path)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert not np.any(updates['model']['encoder']['block0']['fc1']['kernel'])
+  assert np.all(updates['model']['head']['kernel'] != 0)
+
+
+def _smoothed_ce(logits, labels, smoothing):
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  targets = (1 - smoothing) * np.eye(logits.shape[-1])[labels] + smoothing / logits.shape[-1]
+  return -(targets * log_probs).sum(-1)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_gamma_from_masked_model_matches_direct_computation(monkeypatch, smoothing):
+  """estimate_gamma == mean CE of the same random-masked weights, computed by hand."""
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(50, 6)).astype(np.float32)
+  labels = rng.integers(0, 3, 50)
+  params = {'head': {'kernel': jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+                     'bias': jnp.zeros(3)}}
+
+  class Linear:
+    def apply(self, variables, x):
+      p = variables['params']['head']
+      return x @ p['kernel'] + p['bias'], {}
+
+  def fake_extract(forward, params, config, which, mesh):
+    assert which == 'id_train'
+    return {'logits': np.asarray(forward(params, features)[1]), 'label': labels}
+
+  monkeypatch.setattr(logit_ft.inference, 'extract', fake_extract)
+  monkeypatch.setattr(logit_ft.inference, 'make_forward',
+                      lambda model, mesh: lambda p, x: (x, model.apply({'params': p}, x)[0]))
+  config = ml_collections.ConfigDict(dict(seed=3, logit_ft=dict(
+      gamma_from='masked_model', weight_keep_ratio=0.75, gamma_quantile=0.5, gamma=0.,
+      label_smoothing=smoothing)))
+  gamma = logit_ft.estimate_gamma(config, Linear(), params, mesh=None)
+
+  # By hand: the same key and keep ratio, 18 kernel entries -> 14 kept (round(13.5) == 14).
+  key = jax.random.fold_in(jax.random.key(3), 4)
+  kernel = np.asarray(params['head']['kernel'])
+  mask = np.asarray(weight_mask.random_masks(key, params, 0.75)['head']['kernel'])
+  assert mask.sum() == 14
+  expected = _smoothed_ce(features @ (kernel * mask), labels, smoothing).mean()
+  assert gamma == pytest.approx(expected, rel=1e-5)
+  losses = _smoothed_ce(features @ kernel, labels, smoothing)
+  assert gamma != pytest.approx(losses.mean())
+
+  config.logit_ft.gamma_from = 'quantile'
+  assert logit_ft.estimate_gamma(config, Linear(), params, None) == pytest.approx(
+      np.quantile(losses, 0.5), rel=1e-5)
+  config.logit_ft.gamma_from, config.logit_ft.gamma = 'fixed', 0.7
+  assert logit_ft.estimate_gamma(config, Linear(), params, None) == 0.7
