@@ -75,7 +75,8 @@ def test_builds_are_deterministic_and_never_redone(data_cfg, tmp_path):
   for name, config, splits in [
       ('mood_digits', embedded.DigitsConfig(image_size=IMAGE_SIZE), ['train', 'test']),
       ('mood_embedded_ood', embedded.EmbeddedOodConfig(
-          image_size=IMAGE_SIZE, examples_per_set=OOD_EXAMPLES), embedded.FAR_OOD_SETS)]:
+          image_size=IMAGE_SIZE, examples_per_set=OOD_EXAMPLES),
+       embedded.FAR_OOD_SETS + embedded.VALIDATION_OOD_SETS)]:
     for split in splits:
       # Encoded: the PNG bytes themselves must match. (The files' bytes need not: tfds writes
       # each tf.Example's feature map in hash order.)
@@ -215,8 +216,21 @@ def test_random_translate_shifts_within_pad():
 
 
 def test_ood_groups_in_config_order(data_cfg):
-  cfg = _config(data_cfg.data_dir, ood_sets=['photos', 'digits_heldout'])
-  assert input_pipeline.ood_groups(cfg) == {'photos': 'far', 'digits_heldout': 'near'}
+  cfg = _config(data_cfg.data_dir, ood_sets=['photos', 'letters', 'digits_heldout'])
+  assert input_pipeline.ood_groups(cfg) == {'photos': 'far', 'letters': 'validation',
+                                            'digits_heldout': 'near'}
+
+
+def test_validation_letters_are_digit_like_and_not_a_default_test_set(data_cfg):
+  letters = np.stack([r['image'] for r in _records(
+      data_cfg, 'mood_embedded_ood',
+      embedded.EmbeddedOodConfig(image_size=IMAGE_SIZE, examples_per_set=OOD_EXAMPLES),
+      'letters')])
+  assert letters.shape == (OOD_EXAMPLES, IMAGE_SIZE, IMAGE_SIZE, 1)
+  # Bright strokes on a dark ground, as the digits: the border is darker than the centre.
+  border = np.concatenate([letters[:, 0], letters[:, -1], letters[:, :, 0], letters[:, :, -1]])
+  assert border.mean() < letters[:, 2:-2, 2:-2].mean()
+  assert 'letters' not in input_pipeline.default_data_config().ood_sets
 
 
 @pytest.mark.parametrize('overrides,call,message', [

@@ -1,4 +1,4 @@
-"""TFDS builders for images bundled with scikit-learn / scikit-image: ID digits and far-OOD sets.
+"""TFDS builders for images bundled with scikit-learn / scikit-image / Pillow: ID digits, OOD sets.
 
 Both are grayscale uint8 [S, S, 1], PNG-encoded with PIL and meant to be written as ArrayRecord, so
 nothing on the write or read path needs TensorFlow. Every image is a function of the builder config.
@@ -6,10 +6,13 @@ nothing on the write or read path needs TensorFlow. Every image is a function of
 
 import dataclasses
 import io
+import string
 import zlib
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
 import skimage
 import sklearn.datasets
 import sklearn.model_selection
@@ -17,6 +20,8 @@ import tensorflow_datasets as tfds
 
 NUM_DIGIT_CLASSES = 10
 FAR_OOD_SETS = ('textures', 'photos', 'lfw_faces', 'uniform_noise', 'gaussian_blobs')
+# For choosing hyperparameters (gamma, keep ratios, scorer settings): never a test set.
+VALIDATION_OOD_SETS = ('letters',)
 
 _TEXTURES = ('brick', 'grass', 'gravel', 'immunohistochemistry')
 # skimage's `cat` is `chelsea` again, so it is left out.
@@ -118,12 +123,35 @@ def _gaussian_blobs(rng, n, size):
   return np.stack([blobs() for _ in range(n)])
 
 
-_FAR_OOD_IMAGES = {
+def _letters(rng, n, size):
+  """Latin letters drawn the way sklearn's digits are: a bright glyph in Pillow's bundled
+  font at a random slant and thickness, fitted to its box, then 8x8 with 17 grey levels."""
+  font = PIL.ImageFont.load_default(size=48)
+
+  def letter():
+    canvas = PIL.Image.new('L', (96, 96))
+    PIL.ImageDraw.Draw(canvas).text(
+        (48, 48), string.ascii_letters[rng.integers(len(string.ascii_letters))], fill=255,
+        font=font, anchor='mm', stroke_width=int(rng.integers(0, 3)), stroke_fill=255)
+    glyph = np.asarray(canvas.rotate(rng.uniform(-15, 15), resample=PIL.Image.BILINEAR))
+    rows, cols = np.nonzero(glyph)
+    side = max(np.ptp(rows), np.ptp(cols)) + 9  # square box, a few pixels of margin
+    top = max(0, (rows.min() + rows.max() - side) // 2)
+    left = max(0, (cols.min() + cols.max() - side) // 2)
+    box = glyph[top:top + side, left:left + side] / 255
+    coarse = skimage.transform.resize(box, (8, 8), anti_aliasing=True)
+    return _to_uint8(np.round(coarse * 16) / 16, size)
+
+  return np.stack([letter() for _ in range(n)])
+
+
+_OOD_IMAGES = {
     'textures': _textures,
     'photos': _photos,
     'lfw_faces': _lfw_faces,
     'uniform_noise': _uniform_noise,
     'gaussian_blobs': _gaussian_blobs,
+    'letters': _letters,
 }
 
 
@@ -177,8 +205,10 @@ class MoodDigits(_Bundled):
 
 
 class MoodEmbeddedOod(_Bundled):
-  """Far-OOD sets in the digits' format, one split each; every label is -1."""
+  """OOD sets in the digits' format, one split each; every label is -1."""
 
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.', '1.1.0': 'Adds the letters validation set.'}
   _CONFIG = EmbeddedOodConfig
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -186,13 +216,14 @@ class MoodEmbeddedOod(_Bundled):
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features)
 
   def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download: the images ship with scikit-image
-    return {name: self._generate_examples(name) for name in FAR_OOD_SETS}
+    del dl_manager  # nothing to download: the images ship with scikit-image and Pillow
+    return {name: self._generate_examples(name)
+            for name in FAR_OOD_SETS + VALIDATION_OOD_SETS}
 
   def _generate_examples(self, name):
     config = self.builder_config
     # One stream per set, keyed by its name, so sets do not change when others are added.
     rng = np.random.default_rng([config.seed, zlib.crc32(name.encode())])
-    images = _FAR_OOD_IMAGES[name](rng, config.examples_per_set, config.image_size)
+    images = _OOD_IMAGES[name](rng, config.examples_per_set, config.image_size)
     for i, image in enumerate(images):
       yield i, {'image': _png(image), 'label': -1}

@@ -20,7 +20,9 @@ import tensorflow_datasets as tfds
 from mood_jax.data import embedded
 
 NEAR_OOD_SETS = ('digits_heldout',)
-OOD_SETS = NEAR_OOD_SETS + embedded.FAR_OOD_SETS
+FAR_OOD_SETS = embedded.FAR_OOD_SETS
+VALIDATION_OOD_SETS = embedded.VALIDATION_OOD_SETS  # hyperparameter choice only
+OOD_SETS = NEAR_OOD_SETS + FAR_OOD_SETS + VALIDATION_OOD_SETS
 _ID_SPLITS = {'id_train': 'train', 'id_test': 'test'}
 _DATASET_NAMES = ('digits',)
 
@@ -32,7 +34,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       image_size=24,  # digits are 8x8; with 4 px patches, 24 px gives 36 tokens
       # Tuples, not lists: ml_collections can override only tuples from the command line.
       id_classes=(0, 1, 2, 3, 4),  # empty or None: all classes
-      ood_sets=OOD_SETS,
+      ood_sets=NEAR_OOD_SETS + FAR_OOD_SETS,  # the test sets
       mean=0.5,
       std=0.5,
       test_fraction=0.3,
@@ -120,17 +122,23 @@ def _check_ood_set(data_cfg, name: str) -> None:
                      'covers all classes: choose a subset, or drop it from ood_sets')
 
 
+def ood_group(name: str) -> str:
+  if name in NEAR_OOD_SETS:
+    return 'near'
+  return 'validation' if name in VALIDATION_OOD_SETS else 'far'
+
+
 def ood_groups(data_cfg) -> dict[str, str]:
-  """OOD set name -> 'near' | 'far', in config order."""
+  """OOD set name -> 'near' | 'far' | 'validation', in config order."""
   for name in data_cfg.ood_sets:
     _check_ood_set(data_cfg, name)
-  return {name: 'near' if name in NEAR_OOD_SETS else 'far' for name in data_cfg.ood_sets}
+  return {name: ood_group(name) for name in data_cfg.ood_sets}
 
 
 def prepare(data_cfg) -> None:
   """Builds whichever needed TFDS datasets are not on disk yet; never touches existing ones."""
   datasets = [_id_dataset(data_cfg)]
-  if 'far' in ood_groups(data_cfg).values():
+  if set(ood_groups(data_cfg).values()) - {'near'}:  # far and validation sets
     datasets.append(_far_ood_dataset(data_cfg))
   for name, config in datasets:
     # ArrayRecord: random access, which grain needs and TFRecord lacks.
