@@ -52,10 +52,14 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, grad_clip=0.0,
       log_every=50, ckpt_every=100, keep_checkpoints=2,
   )
+  # Chosen on the 'letters' OOD validation set (seed 0; mean AUROC of msp, energy and
+  # mahalanobis_mood): sample_mask at keep 0.99 scored 88.5, plain CE 88.9, um flooding
+  # 83.7 at keep 0.999 down to 75.8 at 0.98 (UM's own keep ratio, 0.965: 81.1, with ID
+  # accuracy 74%). A masked copy of this 0.5M-param model loses far more than UM's CIFAR nets.
   config.logit_ft = dict(
-      loss='um',                # 'um' (flooding), 'sample_mask', or 'ce' (no constraint)
-      gamma_from='masked_model',  # 'masked_model', 'quantile' or 'fixed'
-      weight_keep_ratio=0.965,  # masked copy for gamma and sample_mask: UM's k
+      loss='sample_mask',       # 'um' (flooding), 'sample_mask', or 'ce' (no constraint)
+      gamma_from='masked_model',  # 'masked_model', 'quantile' or 'fixed' (loss='um' only)
+      weight_keep_ratio=0.99,   # masked copy for gamma and sample_mask (UM's k is 0.965)
       gamma_quantile=0.5,       # gamma_from='quantile' only
       gamma=0.0,                # gamma_from='fixed' only
       beta=1.0,

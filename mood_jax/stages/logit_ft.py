@@ -11,9 +11,9 @@ the atypical samples it memorised late in training (../shared/docs/um.md). Losse
 Any of them can train against logits-based targets alpha * one_hot + (1 - alpha) *
 softmax(teacher), the teacher being the finetuned model (`teacher_alpha` < 1).
 
-gamma is the mean CE of a masked copy of the finetuned model (`weight_keep_ratio` of
-every kernel kept at random), a quantile of its per-sample training CEs, or a fixed value.
-It is written to WORKDIR/logit_ft_gamma.json and reused on resume.
+For 'um', gamma is the mean CE of a masked copy of the finetuned model (`weight_keep_ratio`
+of every kernel kept at random), a quantile of its per-sample training CEs, or a fixed
+value. It is written to WORKDIR/logit_ft_gamma.json and reused on resume.
 
 UMAP (`umap` = 'scores' or 'both') learns a top-k mask per kernel through straight-through
 scores; the checkpoint holds {'model': weights, 'scores': scores} and the evaluated model
@@ -124,7 +124,7 @@ def _kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
   return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def make_loss_fn(model, cfg: ml_collections.ConfigDict, gamma: float):
+def make_loss_fn(model, cfg: ml_collections.ConfigDict, gamma: float | None):
   def loss_fn(params, batch, rng):
     weights = classifier_params(params, cfg.umap_keep_ratio)
     dropout_rng, mask_rng = jax.random.split(rng)
@@ -213,8 +213,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   finetuned = functools.cache(lambda: train_loop.restore_params(
       workdir, finetune.NAME, finetune_init, finetune_tx, mesh))
 
-  gamma = _gamma(config, workdir, model, finetuned, mesh)
-  logging.info('[%s] loss %s, gamma %.4f (%s)', NAME, cfg.loss, gamma, cfg.gamma_from)
+  gamma = None  # only flooding has a constraint
+  if cfg.loss == 'um':
+    gamma = _gamma(config, workdir, model, finetuned, mesh)
+    logging.info('[%s] gamma %.4f (%s)', NAME, gamma, cfg.gamma_from)
 
   def initial_params():
     params = jax.jit(init_params)()
