@@ -7,7 +7,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mood_jax import pipeline
+from mood_jax import pipeline, train_loop
 from mood_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
@@ -16,16 +16,30 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+# A damaged checkpoint (which the training loop reports and skips) fails to restore at its
+# first unreadable array; the reads orbax left running then fail too, into its closed event
+# loop, one error each, hundreds in all.
+_ABANDONED_READS = ('Future exception was never retrieved', 'Task exception was never retrieved')
+
+
 class QuietLibraries(std_logging.Filter):
   """INFO lines from mood_jax only (orbax alone logs ~30 per checkpoint save), and not
-  tfds's warning on every read of a dataset whose config is made from ours."""
+  tfds's warning on every read of a dataset whose config is made from ours, nor asyncio's
+  for abandoned reads."""
   package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
   def filter(self, record) -> bool:
     if record.pathname.startswith(self.package_dir):
       return True
-    return (record.levelno >= std_logging.WARNING
-            and not record.getMessage().startswith('Using custom data configuration'))
+    return (record.levelno >= std_logging.WARNING and not record.getMessage().startswith(
+        ('Using custom data configuration', *_ABANDONED_READS)))
+
+
+def quiet_abandoned_reads(unraisable) -> None:
+  """sys.unraisablehook without the abandoned reads' errors from tensorstore's threads."""
+  error = unraisable.exc_value
+  if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+    sys.__unraisablehook__(unraisable)
 
 
 def parse_flags(argv):
@@ -43,6 +57,7 @@ def parse_flags(argv):
 
 def main(argv) -> None:
   logging.get_absl_handler().addFilter(QuietLibraries())
+  sys.unraisablehook = quiet_abandoned_reads
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; set config fields as --config.a.b=value')
   try:
@@ -50,6 +65,11 @@ def main(argv) -> None:
   except UserError as e:
     logging.flush()
     sys.exit(f'error: {e}')
+  except train_loop.Preempted as e:
+    logging.warning('%s: rerun the same command to resume (exit status %d)', e,
+                    train_loop.PREEMPTED_EXIT_CODE)
+    logging.flush()
+    sys.exit(train_loop.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

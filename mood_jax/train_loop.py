@@ -2,6 +2,7 @@
 
 import math
 import os
+import signal
 import time
 from typing import Any, Callable
 
@@ -36,7 +37,8 @@ def final_step(workdir: str, stage: str) -> int | None:
   path = checkpoint_dir(workdir, stage)
   if not os.path.isdir(path):
     return None
-  return checkpoint.manager(path).latest_step()
+  with checkpoint.manager(path) as mngr:
+    return mngr.latest_step()
 
 
 def abstract_state(init_params: Callable[[], Any], tx: optax.GradientTransformation, mesh):
@@ -67,13 +69,90 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, rng: jax.
                  donate_argnums=0)
 
 
-def _check_finite(stage: str, first_step: int, step: int, metrics: dict) -> None:
-  for name, value in metrics.items():
-    if not math.isfinite(value):
-      raise UserError(
-          f'{stage}: {name} is {value} in steps {first_step}-{step}; no checkpoint was '
-          f'written for them. '
-          f'Lower --config.{stage}.lr or enable --config.{stage}.grad_clip')
+@jax.jit
+def _add_to_window(window, metrics: dict, step: jax.Array):
+  """Sums a step's metrics into the log window (on device: no host sync per step) and keeps
+  the metrics of the window's first step with a non-finite one."""
+  if window is None:
+    zeros = jax.tree.map(jnp.zeros_like, metrics)
+    window = {'sums': zeros, 'first_nonfinite_step': jnp.int32(-1), 'first_nonfinite': zeros}
+  first = (window['first_nonfinite_step'] < 0) & ~jnp.all(
+      jnp.stack([jnp.isfinite(v) for v in jax.tree.leaves(metrics)]))
+  return {'sums': jax.tree.map(jnp.add, window['sums'], metrics),
+          'first_nonfinite_step': jnp.where(first, step, window['first_nonfinite_step']),
+          'first_nonfinite': jax.tree.map(lambda old, new: jnp.where(first, new, old),
+                                          window['first_nonfinite'], metrics)}
+
+
+def _fix_hint(stage: str) -> str:
+  return f'Lower --config.{stage}.lr or set --config.{stage}.grad_clip'
+
+
+def _window_means(stage: str, window: dict, window_steps: int) -> dict:
+  """Means of the window's metrics; a UserError if any step had a non-finite one."""
+  window = jax.device_get(window)
+  step = int(window['first_nonfinite_step'])
+  if step >= 0:
+    bad = ', '.join(f'{k}={v}' for k, v in window['first_nonfinite'].items()
+                    if not math.isfinite(v))
+    raise UserError(f'{stage}: {bad} at step {step}; stopped with no checkpoint of it or a '
+                    f'later step. {_fix_hint(stage)}')
+  return {k: float(v) / window_steps for k, v in window['sums'].items()}
+
+
+@jax.jit
+def _finite_leaves(tree):
+  return jax.tree.map(lambda x: jnp.isfinite(x).all(), tree)
+
+
+def _check_state_finite(stage: str, step: int, state: TrainState) -> None:
+  """Finite loss and gradients do not bound an update (e.g. a huge lr): check what is saved."""
+  finite = jax.tree_util.tree_flatten_with_path(jax.device_get(_finite_leaves(state)))[0]
+  bad = [jax.tree_util.keystr(path) for path, ok in finite if not ok]
+  if bad:
+    raise UserError(f'{stage}: non-finite values in {", ".join(bad[:3])}'
+                    f'{" ..." if len(bad) > 3 else ""} after step {step}; stopped without '
+                    f'saving it. {_fix_hint(stage)}')
+
+
+# The exit status of a run stopped by a preemption after saving its checkpoint; launch
+# scripts rerun the same command on it, and the run resumes there.
+PREEMPTED_EXIT_CODE = 42
+
+
+class Preempted(Exception):
+  """A training stage stopped on a preemption notice, its checkpoint saved."""
+
+
+class _PreemptionNotice:
+  """Tells at each step whether the run is being preempted.
+
+  Single-process runs catch SIGTERM themselves (the handler only sets a flag). With several
+  processes, JAX's distributed runtime handles SIGTERM and agrees on a step at which every
+  process saves: orbax's `reached_preemption`, so no handler is installed over it.
+  """
+
+  def __init__(self, mngr):
+    self._mngr = mngr
+    self._sigterm = False
+    self._previous_handler = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc_info):
+    if jax.process_count() == 1:  # None: the previous handler was not set from Python
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous_handler is None
+                    else self._previous_handler)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._sigterm = True
+
+  def reached(self, step: int) -> bool:
+    return self._sigterm or self._mngr.reached_preemption(step)
 
 
 def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
@@ -86,66 +165,91 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
   `initial_params()` (e.g. a pretrained encoder merged into a fresh head) replaces
   `init_params()` for a fresh start; it is not called when resuming. `batch_fn` adds
   derived inputs to each global batch (e.g. a frozen teacher's logits) before the step.
-  Logged metrics are means over the steps since the previous log line.
+  Logged metrics are means over the steps since the previous log line. On a preemption
+  notice it saves at the end of the current step and raises `Preempted`.
   """
   init, abstract, shardings = abstract_state(init_params, tx, mesh)
-  mngr = checkpoint.manager(checkpoint_dir(workdir, stage), max_to_keep=cfg.keep_checkpoints)
-  latest = mngr.latest_step()
-  if latest is not None:
-    logging.info('[%s] resuming from step %d', stage, latest)
-    state = checkpoint.restore(mngr, latest, abstract, data_iter)
-  elif initial_params is not None:
-    state = jax.jit(lambda p: TrainState(np.int32(0), p, tx.init(p)),
-                    out_shardings=shardings)(initial_params())
-  else:
-    state = jax.jit(init, out_shardings=shardings)()
-
-  train_step = make_train_step(loss_fn, tx, rng, shardings, mesh)
-  start = int(state.step)
-  tick, tick_step = time.perf_counter(), start
-  window, window_steps = None, 0  # metric sums on device: no host sync between log lines
+  mngr = checkpoint.manager(checkpoint_dir(workdir, stage), cfg)
   try:
-    for step in range(start + 1, cfg.num_steps + 1):
-      batch = parallel.global_batch(next(data_iter), mesh)
-      if batch_fn is not None:
-        batch = batch_fn(batch)
-      state, metrics = train_step(state, batch)
-      window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
-      window_steps += 1
-      if step == start + 1:  # keep compilation out of the images/s figures
-        jax.block_until_ready(state)
-        logging.info('[%s] first step, compilation included: %.1fs', stage,
-                     time.perf_counter() - tick)
-        tick, tick_step = time.perf_counter(), step
-      must_save = step % cfg.ckpt_every == 0 or step == cfg.num_steps
-      if step % cfg.log_every == 0 or must_save:  # every save is checked for finite values
-        metrics = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
-        _check_finite(stage, step - window_steps + 1, step, metrics)
-        window, window_steps = None, 0
-        now = time.perf_counter()
-        if step > tick_step:
-          metrics['images_per_s'] = cfg.batch_size * (step - tick_step) / (now - tick)
-        metrics['lr'] = float(lr_schedule(step - 1))
-        tick, tick_step = now, step
-        metrics_log.write(workdir, stage, step, metrics)
-      if must_save:
-        checkpoint.save(mngr, step, state, data_iter, config)
+    state = checkpoint.restore_latest(mngr, abstract, data_iter)
+    if state is not None:
+      logging.info('[%s] resuming from step %d', stage, int(state.step))
+    elif initial_params is not None:
+      state = jax.jit(lambda p: TrainState(np.int32(0), p, tx.init(p)),
+                      out_shardings=shardings)(initial_params())
+    else:
+      state = jax.jit(init, out_shardings=shardings)()
+
+    train_step = make_train_step(loss_fn, tx, rng, shardings, mesh)
+    start = int(state.step)
+    tick, tick_step = time.perf_counter(), start
+    window, window_steps = None, 0
+    with _PreemptionNotice(mngr) as preemption:
+      for step in range(start + 1, cfg.num_steps + 1):
+        batch = parallel.global_batch(next(data_iter), mesh)
+        if batch_fn is not None:
+          batch = batch_fn(batch)
+        state, metrics = train_step(state, batch)
+        window = _add_to_window(window, metrics, state.step)
+        window_steps += 1
+        if step == start + 1:  # keep compilation out of the images/s figures
+          jax.block_until_ready(state)
+          logging.info('[%s] first step, compilation included: %.1fs', stage,
+                       time.perf_counter() - tick)
+          tick, tick_step = time.perf_counter(), step
+        preempted = preemption.reached(step)
+        must_save = preempted or step % cfg.ckpt_every == 0 or step == cfg.num_steps
+        if step % cfg.log_every == 0 or must_save:  # every save is checked for finite values
+          metrics = _window_means(stage, window, window_steps)
+          window, window_steps = None, 0
+          now = time.perf_counter()
+          if step > tick_step:
+            metrics['images_per_s'] = cfg.batch_size * (step - tick_step) / (now - tick)
+          metrics['lr'] = float(lr_schedule(step - 1))
+          tick, tick_step = now, step
+          metrics_log.write(workdir, stage, step, metrics)
+        if must_save:
+          _check_state_finite(stage, step, state)
+          checkpoint.save(mngr, step, state, data_iter, config)
+        if preempted:
+          mngr.wait_until_finished()
+          logging.warning('[%s] preempted: saved step %d in %s', stage, step, mngr.directory)
+          raise Preempted(f'{stage} preempted at step {step}; its checkpoint is saved')
   finally:  # an async save still in flight would be lost on exit
     mngr.wait_until_finished()
     mngr.close()
   return state
 
 
-def restore_params(workdir: str, stage: str, init_params: Callable[[], Any],
-                   tx: optax.GradientTransformation, mesh):
-  """Params of a finished earlier stage (e.g. pretrain for finetune), placed by `mesh`."""
+def _restore_final(workdir: str, stage: str, abstract: Callable):
+  """The final checkpoint of a finished earlier stage; `abstract(mngr, step)` gives the
+  shapes and shardings to restore it into."""
   path = checkpoint_dir(workdir, stage)
-  mngr = checkpoint.manager(path) if os.path.isdir(path) else None
-  step = mngr.latest_step() if mngr else None
+  step = final_step(workdir, stage)
   if step is None:
     raise UserError(f'no {stage} checkpoint in {path}: '
                     f'run the {stage} stage first (add it to --config.stages)')
+  with checkpoint.manager(path) as mngr:
+    try:
+      return checkpoint.restore(mngr, step, abstract(mngr, step))
+    except Exception as e:  # orbax, tensorstore and json raise many types for a damaged file
+      raise UserError(
+          f'cannot restore the {stage} checkpoint {os.path.join(path, str(step))} '
+          f'({checkpoint.error_line(e)}). If the model config changed since {stage} ran, use '
+          f'the old one; if the checkpoint is damaged, move it aside and rerun {stage}: it '
+          'resumes from its previous checkpoint') from e
+
+
+def restore_params(workdir: str, stage: str, init_params: Callable[[], Any],
+                   tx: optax.GradientTransformation, mesh):
+  """Params of a finished earlier stage (e.g. finetune for logit_ft), placed by `mesh`; their
+  shapes must be those of the current config's model."""
   _, abstract, _ = abstract_state(init_params, tx, mesh)
-  params = checkpoint.restore(mngr, step, abstract).params
-  mngr.close()
-  return params
+  return _restore_final(workdir, stage, lambda mngr, step: abstract).params
+
+
+def saved_params(workdir: str, stage: str, mesh) -> dict:
+  """Params of a finished earlier stage as saved (shapes from the checkpoint), replicated on
+  `mesh`: for a hand-off that adapts them to the current model."""
+  return _restore_final(workdir, stage, lambda mngr, step: checkpoint.saved_abstract_state(
+      mngr, step, parallel.replicated(mesh)))['params']

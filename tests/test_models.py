@@ -45,6 +45,19 @@ def test_drop_path_is_active_only_in_training():
   assert not np.allclose(train_a, train_b, atol=1e-3)
 
 
+def test_resample_posemb_keeps_cls_and_resizes_the_patch_grid():
+  pos = jax.random.normal(jax.random.key(0), (1, 1 + 2 * 2, 8))
+  assert vit.posemb_grid(pos) == 2 and vit.posemb_grid(pos[:, :-1]) is None
+  np.testing.assert_allclose(vit.resample_posemb(pos, 2), pos, atol=1e-6)
+  larger = vit.resample_posemb(pos, 3)
+  assert larger.shape == (1, 1 + 3 * 3, 8)
+  np.testing.assert_array_equal(larger[:, 0], pos[:, 0])
+  # Each channel is resized as an image: a constant one stays constant.
+  constant = pos.at[:, 1:].set(jnp.arange(8.0))
+  np.testing.assert_allclose(vit.resample_posemb(constant, 5)[0, 1:],
+                             np.tile(np.arange(8.0), (25, 1)), atol=1e-5)
+
+
 @pytest.mark.parametrize('variant', ['Q/16', 'S', 'S/x', 'B16'])
 def test_unknown_variant_lists_choices(variant):
   with pytest.raises(UserError, match='Ti/4'):

@@ -8,6 +8,8 @@ hand weights to each other by top-level key:
   head       classifier
 """
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,24 @@ def sincos_posemb_2d(grid: int, width: int) -> np.ndarray:
   y = np.einsum('m,d->md', y.ravel(), omega)
   x = np.einsum('m,d->md', x.ravel(), omega)
   return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+
+
+def posemb_grid(pos_embedding) -> int | None:
+  """Side of the square patch grid of a learned [1, 1 + g*g, D] embedding, or None."""
+  patches = pos_embedding.shape[1] - 1 if pos_embedding.ndim == 3 else 0
+  grid = math.isqrt(patches)
+  return grid if patches and grid * grid == patches else None
+
+
+def resample_posemb(pos_embedding, grid: int):
+  """A learned [1, 1 + g*g, D] position embedding for a `grid` x `grid` patch grid: the
+  CLS entry kept, the patch entries resized as a g x g image (bicubic, as timm does when
+  a ViT meets a new image size)."""
+  old = posemb_grid(pos_embedding)
+  width = pos_embedding.shape[-1]
+  patches = pos_embedding[:, 1:].reshape(1, old, old, width)
+  patches = jax.image.resize(patches, (1, grid, grid, width), method='bicubic')
+  return jnp.concatenate([pos_embedding[:, :1], patches.reshape(1, grid * grid, width)], axis=1)
 
 
 class DropPath(nn.Module):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
+from flax import traverse_util
 
 from mood_jax import optim, train_loop
 from mood_jax.data import input_pipeline
@@ -35,27 +36,46 @@ def setup(config: ml_collections.ConfigDict):
           optim.make_schedule(cfg))
 
 
+def _resamplable(saved, fresh) -> bool:
+  """Both learned position embeddings of square patch grids, of the same width."""
+  return (vit.posemb_grid(saved) is not None and vit.posemb_grid(fresh) is not None
+          and saved.shape[-1] == fresh.shape[-1])
+
+
 def merge_pretrained(fresh: dict, pretrained: dict) -> dict:
   """Fresh classifier params with every top-level module the pretrained model shares
-  (encoder, and `norm` for CLS pooling) copied in; the head stays fresh."""
-  merged = dict(fresh)
-  for name in fresh:
-    if name == 'head' or name not in pretrained:
-      continue
-    want = jax.tree.map(jnp.shape, fresh[name])
-    got = jax.tree.map(jnp.shape, pretrained[name])
-    if want != got:
-      raise UserError(f'pretrained "{name}" does not match the model config: '
-                       f'expected shapes {want}, checkpoint has {got}')
-    merged[name] = pretrained[name]
-  return merged
+  (encoder, and `norm` for CLS pooling) copied in; the head stays fresh.
+
+  A learned position embedding from another image size is resampled to this patch grid.
+  Any other param that does not fit is a UserError listing them all. Pretraining-only
+  params (the encoder's mask token) are left out.
+  """
+  shared = [name for name in fresh if name != 'head' and name in pretrained]
+  want = traverse_util.flatten_dict({name: fresh[name] for name in shared}, sep='/')
+  saved = traverse_util.flatten_dict({name: pretrained[name] for name in shared}, sep='/')
+  loaded, misfits = {}, []
+  for path, value in want.items():
+    if path not in saved:
+      misfits.append(f'{path}: not in the checkpoint')
+    elif saved[path].shape == value.shape:
+      loaded[path] = saved[path]
+    elif path.endswith('pos_embedding') and _resamplable(saved[path], value):
+      old, new = vit.posemb_grid(saved[path]), vit.posemb_grid(value)
+      loaded[path] = vit.resample_posemb(saved[path], new)
+      logging.info('[%s] resampled %s from %dx%d to %dx%d patches', NAME, path, old, old,
+                   new, new)
+    else:
+      misfits.append(f'{path}: model {value.shape}, checkpoint {saved[path].shape}')
+  if misfits:
+    raise UserError(f'the pretrain checkpoint does not fit the model config: '
+                    f'{"; ".join(misfits)}. Use the model.variant pretrain ran with')
+  return traverse_util.unflatten_dict(
+      {**traverse_util.flatten_dict(fresh, sep='/'), **loaded}, sep='/')
 
 
 def params_from_pretrain(config, workdir: str, mesh, init_params) -> dict:
   """Fresh classifier params with the pretrain checkpoint's encoder copied in."""
-  _, pretrain_init, pretrain_tx, _ = pretrain.setup(config)
-  pretrained = train_loop.restore_params(workdir, pretrain.NAME, pretrain_init, pretrain_tx,
-                                         mesh)
+  pretrained = train_loop.saved_params(workdir, pretrain.NAME, mesh)
   return merge_pretrained(jax.jit(init_params)(), pretrained)
 
 
