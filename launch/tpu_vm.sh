@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Cloud TPU VMs (single- or multi-host slices): create, set up, run, watch and delete, with
+# automatic relaunch after a preemption.
+set -uo pipefail
+
+PREEMPTED=42  # mood_jax.train_loop.PREEMPTED_EXIT_CODE
+REMOTE_DIR='~/mood_jax'
+
+usage() {
+  cat <<USAGE
+usage: launch/tpu_vm.sh [options] COMMAND [ARGS]
+
+Commands:
+  create                     create the TPU VM (spot with --spot)
+  setup                      copy this checkout to every worker and install it (jax[tpu], gcsfs)
+  run CONFIG WORKDIR [--config.x=y ...]
+                             run python -m mood_jax.main on every worker (--worker=all), the same
+                             command on each host; WORKDIR (and --config.data.data_dir) may be
+                             gs:// paths. Reruns after a preemption: exit status $PREEMPTED means
+                             the run saved and asks to be rerun; a preempted spot VM is deleted,
+                             recreated and set up again first. Up to --max-restarts times.
+  status                     the VM's state (READY, PREEMPTED, ...)
+  logs                       the last 100 lines of worker 0's run log
+  delete                     delete the VM
+
+Options (or the environment variables in brackets):
+  --name NAME                VM name [TPU_NAME, default mood-jax]
+  --zone ZONE                [TPU_ZONE, default us-central2-b]
+  --type TYPE                accelerator type [TPU_TYPE, default v4-8]; v4-32 etc. are multi-host
+  --version VERSION          TPU VM runtime [TPU_VERSION, default tpu-ubuntu2204-base]
+  --project PROJECT          [TPU_PROJECT, default: gcloud's configured project]
+  --spot                     create a spot VM (cheaper, preemptible)
+  --max-restarts N           reruns after preemption before giving up (default 20)
+  --dry-run                  print the gcloud commands instead of running them
+  -h, --help                 this text
+
+Example (a v4-32 pod slice, 4 hosts):
+  launch/tpu_vm.sh --name ood --type v4-32 --spot create
+  launch/tpu_vm.sh --name ood --type v4-32 setup
+  launch/tpu_vm.sh --name ood --type v4-32 --spot run configs/imagenet.py gs://BUCKET/runs/in1k \\
+      --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+USAGE
+}
+
+name=${TPU_NAME:-mood-jax} zone=${TPU_ZONE:-us-central2-b} type=${TPU_TYPE:-v4-8}
+version=${TPU_VERSION:-tpu-ubuntu2204-base} project=${TPU_PROJECT:-}
+spot=0 dry_run=0 max_restarts=20
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --name) name=$2; shift 2 ;;
+    --zone) zone=$2; shift 2 ;;
+    --type) type=$2; shift 2 ;;
+    --version) version=$2; shift 2 ;;
+    --project) project=$2; shift 2 ;;
+    --spot) spot=1; shift ;;
+    --max-restarts) max_restarts=$2; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -*) echo "tpu_vm.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+if [ $# -lt 1 ]; then usage >&2; exit 2; fi
+command=$1; shift
+
+tpu=(gcloud compute tpus tpu-vm)
+where=("--zone=$zone")
+if [ -n "$project" ]; then where+=("--project=$project"); fi
+
+# Runs (or, with --dry-run, prints) one command.
+do_cmd() {
+  if [ "$dry_run" = 1 ]; then printf '%q ' "$@"; echo; return 0; fi
+  "$@"
+}
+
+on_workers() {  # WORKERS REMOTE_COMMAND
+  do_cmd "${tpu[@]}" ssh "$name" "${where[@]}" "--worker=$1" "--command=$2"
+}
+
+create() {
+  local flags=("--accelerator-type=$type" "--version=$version")
+  if [ "$spot" = 1 ]; then flags+=(--spot); fi
+  do_cmd "${tpu[@]}" create "$name" "${where[@]}" "${flags[@]}"
+}
+
+setup() {
+  # The checkout as it is (committed files), so every host runs the same code.
+  local archive=/tmp/mood_jax_src.tar.gz
+  do_cmd git archive --format=tar.gz -o "$archive" HEAD
+  do_cmd "${tpu[@]}" scp "$archive" "$name:/tmp/mood_jax_src.tar.gz" "${where[@]}" --worker=all
+  on_workers all "mkdir -p $REMOTE_DIR && tar -xzf /tmp/mood_jax_src.tar.gz -C $REMOTE_DIR \
+&& cd $REMOTE_DIR && python3 -m venv .venv && . .venv/bin/activate \
+&& pip install -q -r requirements.txt -e . && pip install -q -U 'jax[tpu]' gcsfs"
+}
+
+state() {
+  if [ "$dry_run" = 1 ]; then echo READY; return; fi
+  "${tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' 2>/dev/null || echo MISSING
+}
+
+run() {
+  if [ $# -lt 2 ]; then echo 'tpu_vm.sh: run needs CONFIG WORKDIR' >&2; exit 2; fi
+  local main args status
+  main=$(printf '%q ' python -m mood_jax.main "--config=$1" "--workdir=$2" "${@:3}")
+  # Each worker records its exit status; worker 0's says whether the run was preempted.
+  args="cd $REMOTE_DIR && . .venv/bin/activate && { $main > run.log 2>&1; echo \$? > run.status; }"
+  for ((attempt = 0; ; attempt++)); do
+    case "$(state)" in
+      READY) ;;
+      PREEMPTED|TERMINATED|MISSING)  # a preempted spot VM comes back only by recreating it
+        do_cmd "${tpu[@]}" delete "$name" "${where[@]}" --quiet
+        create && setup || exit 1 ;;
+      *) echo "tpu_vm.sh: VM $name is $(state); waiting" >&2; sleep 60; continue ;;
+    esac
+    on_workers all "$args"
+    if [ "$dry_run" = 1 ]; then return 0; fi
+    status=$("${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 \
+             "--command=cat $REMOTE_DIR/run.status" 2>/dev/null || echo "$PREEMPTED")
+    if [ "$status" = 0 ]; then echo "tpu_vm.sh: finished" >&2; return 0; fi
+    # An ssh cut off by the VM's preemption reads as preempted too: the state check decides.
+    if [ "$status" != "$PREEMPTED" ] && [ "$(state)" = READY ]; then
+      echo "tpu_vm.sh: the run failed with status $status; see: launch/tpu_vm.sh logs" >&2
+      return "$status"
+    fi
+    if [ "$attempt" -ge "$max_restarts" ]; then
+      echo "tpu_vm.sh: still preempted after $max_restarts restarts; giving up" >&2
+      return "$PREEMPTED"
+    fi
+    echo "tpu_vm.sh: preempted (status $status); relaunching to resume" >&2
+  done
+}
+
+case "$command" in
+  create) create ;;
+  setup) setup ;;
+  run) run "$@" ;;
+  status) do_cmd "${tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' ;;
+  logs) on_workers 0 "tail -n 100 $REMOTE_DIR/run.log" ;;
+  delete) do_cmd "${tpu[@]}" delete "$name" "${where[@]}" --quiet ;;
+  *) echo "tpu_vm.sh: unknown command $command (see --help)" >&2; exit 2 ;;
+esac
