@@ -7,13 +7,18 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mood_jax import pipeline, train_loop
+from mood_jax import parallel, pipeline, train_loop
 from mood_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 flags.mark_flags_as_required(['config', 'workdir'])
+# Multi-process runs under SLURM, Open MPI or on Cloud TPU VMs need none of these.
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for a multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes - 1.')
 
 
 # A damaged checkpoint (which the training loop reports and skips) fails to restore at its
@@ -60,6 +65,7 @@ def main(argv) -> None:
   sys.unraisablehook = quiet_abandoned_reads
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; set config fields as --config.a.b=value')
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value)
   except UserError as e:

@@ -1,4 +1,22 @@
-"""Device mesh, shardings, and global batches built from process-local data."""
+"""Device mesh, shardings of params and batches, global batches, multi-process start-up.
+
+The mesh's axis names say how work is split (`config.mesh`, a tuple of (name, size)):
+
+  'data'  data parallel: the batch is split over it, params are replicated along it.
+  'fsdp'  ZeRO-3 / FSDP: the batch is split over it too, and each param (and its optimizer
+          moments) of FSDP_MIN_SIZE elements or more is split along its largest dim that
+          divides over it; XLA gathers a param where a layer uses it.
+
+So (('data', -1),) is pure data parallel, (('fsdp', -1),) pure FSDP and (('data', 4),
+('fsdp', 2)) both. A param with no dim divisible by the 'fsdp' size stays replicated.
+
+Evaluation gathers features, logits and labels once, to every process, after the last batch
+(`inference.extract`): the scorers fit on a whole set (a feature bank, class statistics).
+"""
+
+import importlib.util
+import math
+import os
 
 import jax
 import numpy as np
@@ -7,16 +25,24 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from mood_jax.errors import UserError
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+# Smaller params (biases, norms, small embeddings) stay replicated: gathering them would
+# cost a collective per layer to save a few KiB. 4096 elements is a 64x64 kernel.
+FSDP_MIN_SIZE = 2**12
 
 
 def make_mesh(axes) -> Mesh:
-  """Mesh from config: a list of (name, size) with at most one size of -1 (the rest)."""
+  """Mesh from config: (name, size) pairs with at most one size of -1 (the rest)."""
   names = tuple(name for name, _ in axes)
+  unknown = set(names) - {DATA_AXIS, FSDP_AXIS}
+  if unknown or len(set(names)) != len(names):
+    raise UserError(f'mesh {tuple(axes)}: name each of the axes "{DATA_AXIS}" and '
+                    f'"{FSDP_AXIS}" at most once ({sorted(unknown) or "a repeated name"})')
   sizes = [size for _, size in axes]
   known = int(np.prod([s for s in sizes if s != -1]))
   if sizes.count(-1) > 1 or jax.device_count() % known:
-    raise UserError(f'mesh {list(axes)} does not fit {jax.device_count()} devices: '
-                     'give sizes whose product divides the device count, with at most one -1')
+    raise UserError(f'mesh {tuple(axes)} does not fit {jax.device_count()} devices: '
+                    'give sizes whose product divides the device count, with at most one -1')
   sizes = [jax.device_count() // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != jax.device_count():
     raise UserError(f'mesh sizes {sizes} use {int(np.prod(sizes))} of {jax.device_count()} devices')
@@ -28,19 +54,65 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """Every axis splits the batch: FSDP devices each see their own examples too."""
+  return tuple(name for name in (DATA_AXIS, FSDP_AXIS) if name in mesh.axis_names)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the data axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) dimension split over the batch axes."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+  """The largest dim divisible by the 'fsdp' size split over it, for large params."""
+  fsdp_size = dict(mesh.shape).get(FSDP_AXIS, 1)
+  if fsdp_size == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+    return P()
+  divisible = [dim for dim, size in enumerate(shape) if size % fsdp_size == 0]
+  if not divisible:
+    return P()
+  split = max(divisible, key=lambda dim: shape[dim])
+  return P(*(FSDP_AXIS if dim == split else None for dim in range(len(shape))))
+
+
+def state_shardings(abstract_tree, mesh: Mesh):
+  """Shardings of params or a whole train state: by shape, so that optimizer moments, which
+  mirror the params, are split as their params are; counters are scalars, replicated."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, mesh)), abstract_tree)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str) -> None:
-  data_size = mesh.shape[DATA_AXIS]
-  if global_batch_size % data_size:
-    raise UserError(f'{what}={global_batch_size} does not divide over the {data_size} devices '
-                     f'of the "{DATA_AXIS}" mesh axis: use a multiple of {data_size}')
+  axes = batch_axes(mesh)
+  devices = math.prod(mesh.shape[name] for name in axes)
+  if global_batch_size % devices:
+    raise UserError(f'{what}={global_batch_size} does not divide over the {devices} devices '
+                    f'of the batch mesh axes {dict((a, mesh.shape[a]) for a in axes)}: '
+                    f'use a multiple of {devices}')
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Assemble each process's numpy shard into one global jax.Array per field."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def _launched_as_one_of_many() -> bool:
+  """A launcher that JAX's own cluster detection reads started several processes: srun,
+  mpirun, or a Cloud TPU VM (libtpu installed; one host of a slice or a single host)."""
+  return (int(os.environ.get('SLURM_NTASKS', 1)) > 1
+          or int(os.environ.get('OMPI_COMM_WORLD_SIZE', 1)) > 1
+          or importlib.util.find_spec('libtpu') is not None)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-process run; call before anything else uses JAX.
+
+  Explicit arguments for any launcher; SLURM, Open MPI and Cloud TPU VMs need none. A plain
+  single process does not initialize anything.
+  """
+  explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
+  if explicit or _launched_as_one_of_many():
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -41,16 +41,20 @@ def final_step(workdir: str, stage: str) -> int | None:
     return mngr.latest_step()
 
 
+def _placed(shapes, mesh):
+  """`shapes` (ShapeDtypeStructs) with the shardings `mesh` gives them."""
+  return jax.tree.map(lambda s, sharding: s.update(sharding=sharding),
+                      shapes, parallel.state_shardings(shapes, mesh))
+
+
 def abstract_state(init_params: Callable[[], Any], tx: optax.GradientTransformation, mesh):
-  """Shapes and shardings of the train state, without allocating it (params replicated)."""
+  """(init, abstract state, shardings): the train state's shapes placed on `mesh`, without
+  allocating it; `jax.jit(init, out_shardings=shardings)` creates it there."""
   def init():
     params = init_params()
     return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params))
-  shapes = jax.eval_shape(init)
-  shardings = jax.tree.map(lambda _: parallel.replicated(mesh), shapes)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
-  return init, abstract, shardings
+  abstract = _placed(jax.eval_shape(init), mesh)
+  return init, abstract, jax.tree.map(lambda s: s.sharding, abstract)
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, rng: jax.Array,
@@ -249,7 +253,7 @@ def restore_params(workdir: str, stage: str, init_params: Callable[[], Any],
 
 
 def saved_params(workdir: str, stage: str, mesh) -> dict:
-  """Params of a finished earlier stage as saved (shapes from the checkpoint), replicated on
+  """Params of a finished earlier stage as saved (shapes from the checkpoint), placed by
   `mesh`: for a hand-off that adapts them to the current model."""
-  return _restore_final(workdir, stage, lambda mngr, step: checkpoint.saved_abstract_state(
-      mngr, step, parallel.replicated(mesh)))['params']
+  return _restore_final(workdir, stage, lambda mngr, step: _placed(
+      checkpoint.saved_abstract_state(mngr, step, parallel.replicated(mesh)), mesh))['params']

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from mood_jax import checkpoint, parallel, train_loop
 from mood_jax.data import input_pipeline
@@ -29,19 +30,6 @@ NUM_STEPS, CKPT_EVERY = 20, 5
 ARGS = ('--config=configs/digits.py:smoke', '--config.stages=pretrain',
         f'--config.pretrain.num_steps={NUM_STEPS}', f'--config.pretrain.ckpt_every={CKPT_EVERY}',
         '--config.pretrain.log_every=1', '--config.pretrain.keep_checkpoints=3')
-
-
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  """Subprocess environment: a compilation cache shared by the runs saves seconds each."""
-  return {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
 
 
 def _command(workdir, data_dir, *overrides):
@@ -313,3 +301,39 @@ def test_resume_on_another_mesh(reference, data_dir, env, tmp_path):
   # 8-way data parallelism sums gradients in another order: equal up to rounding.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), params,
                _final_params(reference))
+
+
+# Restores the pretrain checkpoint in argv[1] onto a 4x2 FSDP mesh and saves its params to
+# argv[2] (flattened, '/'-joined names) with the sharding of one FSDP-split kernel.
+_RESTORE_ON_FSDP_MESH = '''
+import sys
+import numpy as np
+from flax import traverse_util
+from mood_jax import parallel, train_loop
+from mood_jax.stages import pretrain
+sys.path.insert(0, 'configs')
+import digits
+_, init_params, tx, _ = pretrain.setup(digits.get_config('smoke'))
+mesh = parallel.make_mesh((('data', 4), ('fsdp', 2)))
+params = train_loop.restore_params(sys.argv[1], pretrain.NAME, init_params, tx, mesh)
+np.savez(sys.argv[2], spec=str(params['encoder']['block0']['fc1']['kernel'].sharding.spec),
+         **traverse_util.flatten_dict(params, sep='/'))
+'''
+
+
+def test_dp_checkpoint_restores_onto_an_fsdp_mesh(reference, data_dir, env, tmp_path):
+  """A checkpoint written data-parallel on 8 devices, read back FSDP-split on a 4x2 mesh."""
+  eight_devices = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  workdir = _copy_without_last(reference, tmp_path)
+  proc = _run(workdir, data_dir, eight_devices)  # its last step saved on 8 devices
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  restored = str(tmp_path / 'restored.npz')
+  proc = subprocess.run([sys.executable, '-c', _RESTORE_ON_FSDP_MESH, workdir, restored],
+                        cwd=REPO, env=eight_devices, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with np.load(restored) as fsdp:
+    assert str(fsdp['spec']) == str(jax.sharding.PartitionSpec(None, 'fsdp'))
+    saved = traverse_util.flatten_dict(_final_params(workdir), sep='/')
+    assert sorted(saved) == sorted(k for k in fsdp.files if k != 'spec')
+    for name, value in saved.items():
+      np.testing.assert_array_equal(fsdp[name], value, err_msg=name)

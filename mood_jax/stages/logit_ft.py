@@ -228,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   if cfg.teacher_alpha < 1:
     teacher_logits = jax.jit(
         lambda params, images: model.apply({'params': params}, images)[0],
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        in_shardings=(None, parallel.batch_sharding(mesh)),  # params keep their placement
         out_shardings=parallel.batch_sharding(mesh))
     teacher = finetuned()
 
