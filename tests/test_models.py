@@ -110,3 +110,44 @@ def test_mim_loss_targets_are_normalised_per_patch():
   target = (target - target.mean(-1, keepdims=True)) / jnp.sqrt(target.var(-1, keepdims=True) + 1e-6)
   assert float(mim.mim_loss(target, images, mask, 4)) == pytest.approx(0.0, abs=1e-8)
   assert float(mim.mim_loss(mim.patchify(images, 4), images, mask, 4, norm_pix=False)) == 0.0
+
+
+def _block_params(**options):
+  model = vit.Classifier(3, vit.Encoder(**ENCODER, **options))
+  params = model.init(jax.random.key(0), jnp.ones((1, 16, 16, 1)))['params']
+  return model, params
+
+
+def test_beit_options_add_their_params_and_keep_the_default_names():
+  _, plain = _block_params()
+  _, beit = _block_params(posemb='none', qkv_bias='qv', layer_scale=0.1, rel_pos_bias='block')
+  block = beit['encoder']['block0']
+  assert set(plain['encoder']) - set(beit['encoder']) == {'pos_embedding'}
+  assert 'bias' not in block['attn']['qkv'] and 'bias' in plain['encoder']['block0']['attn']['qkv']
+  assert block['attn']['q_bias'].shape == block['attn']['v_bias'].shape == (32,)
+  np.testing.assert_array_equal(block['gamma_1'], np.full(32, 0.1, np.float32))
+  assert block['attn']['rel_pos_bias']['relative_position_bias_table'].shape == (7 * 7 + 3, 2)
+  _, shared = _block_params(rel_pos_bias='shared')
+  assert shared['encoder']['rel_pos_bias']['relative_position_bias_table'].shape == (52, 2)
+  assert 'rel_pos_bias' not in shared['encoder']['block0']['attn']
+
+
+def test_relative_position_bias_changes_attention_and_needs_every_patch():
+  model, params = _block_params(rel_pos_bias='shared')
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
+  table = params['encoder']['rel_pos_bias']['relative_position_bias_table']
+  biased = jax.tree.map(lambda x: x, params)
+  biased['encoder']['rel_pos_bias']['relative_position_bias_table'] = table.at[0].set(5.0)
+  features = lambda p: model.apply({'params': p}, images)[1]['features']
+  assert not np.allclose(features(params), features(biased), atol=1e-4)
+  with pytest.raises(ValueError, match='needs every patch'):
+    model.encoder.apply({'params': params['encoder']}, images,
+                        keep_ids=jnp.zeros((2, 4), jnp.int32))
+
+
+def test_relative_position_index_pairs_offsets_and_cls():
+  index = vit.relative_position_index(2)  # 3 x 3 offsets, then CLS->patch, patch->CLS, CLS
+  assert index.shape == (5, 5) and index[0, 0] == 11
+  assert set(index[0, 1:]) == {9} and set(index[1:, 0]) == {10}
+  assert (np.diag(index)[1:] == 4).all()  # zero offset: the centre of the 3 x 3 grid
+  assert index[1, 4] == 0 and index[4, 1] == 8  # (-1, -1) and (+1, +1)

@@ -6,6 +6,9 @@ hand weights to each other by top-level key:
   norm       final LayerNorm over all tokens (CLS pooling and MIM)
   fc_norm    LayerNorm of the mean patch token (mean pooling, MOOD's feature)
   head       classifier
+
+BEiT's options are options of the same modules: q/v-only attention biases, LayerScale,
+relative position bias (per block or shared) and no absolute position embedding.
 """
 
 import math
@@ -68,6 +71,41 @@ def resample_posemb(pos_embedding, grid: int):
   return jnp.concatenate([pos_embedding[:, :1], patches.reshape(1, grid * grid, width)], axis=1)
 
 
+def relative_position_index(grid: int) -> np.ndarray:
+  """BEiT's [1 + g*g, 1 + g*g] index into a relative position bias table of
+  (2g - 1)^2 patch offsets followed by 3 entries: CLS->patch, patch->CLS, CLS->CLS."""
+  y, x = np.mgrid[:grid, :grid].reshape(2, -1)
+  span = 2 * grid - 1
+  offsets = (y[:, None] - y[None, :] + grid - 1) * span + (x[:, None] - x[None, :] + grid - 1)
+  index = np.empty((1 + grid * grid,) * 2, np.int32)
+  index[1:, 1:] = offsets
+  index[0, :], index[:, 0], index[0, 0] = span * span, span * span + 1, span * span + 2
+  return index
+
+
+def resample_relpos_table(table, grid: int):
+  """A [(2g' - 1)^2 + 3, heads] relative position bias table for a `grid` x `grid` patch
+  grid: the offsets resized as a (2g' - 1)^2 image (bicubic), the 3 CLS entries kept."""
+  span, heads = math.isqrt(table.shape[0] - 3), table.shape[1]
+  offsets = table[:-3].reshape(1, span, span, heads)
+  new_span = 2 * grid - 1
+  offsets = jax.image.resize(offsets, (1, new_span, new_span, heads), method='bicubic')
+  return jnp.concatenate([offsets.reshape(new_span * new_span, heads), table[-3:]], axis=0)
+
+
+class RelativePositionBias(nn.Module):
+  """Learned attention bias [heads, 1 + g*g, 1 + g*g] indexed by relative patch offset."""
+  num_heads: int
+  grid: int
+
+  @nn.compact
+  def __call__(self):
+    span = 2 * self.grid - 1
+    table = self.param('relative_position_bias_table', nn.initializers.zeros,
+                       (span * span + 3, self.num_heads))
+    return jnp.moveaxis(table[relative_position_index(self.grid)], -1, 0)
+
+
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per example."""
   rate: float
@@ -83,33 +121,60 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection.
+
+  qkv_bias: 'qkv' (one fused bias), 'qv' (BEiT: q and v biases, none on k) or 'none'.
+  `bias` ([heads, T, T]) is added to the attention logits (relative position bias);
+  `rel_pos_grid` gives this block its own relative position bias for that patch grid.
+  """
   num_heads: int
+  qkv_bias: str = 'qkv'
+  rel_pos_grid: int | None = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, bias=None):
+    if self.qkv_bias not in ('qkv', 'qv', 'none'):
+      raise ValueError(f'unknown qkv_bias {self.qkv_bias!r}: use "qkv", "qv" or "none"')
     batch, tokens, width = x.shape
     head_dim = width // self.num_heads
-    qkv = nn.Dense(3 * width, name='qkv')(x)
+    qkv = nn.Dense(3 * width, use_bias=self.qkv_bias == 'qkv', name='qkv')(x)
+    if self.qkv_bias == 'qv':
+      q_bias = self.param('q_bias', nn.initializers.zeros, (width,))
+      v_bias = self.param('v_bias', nn.initializers.zeros, (width,))
+      qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+    if self.rel_pos_grid is not None:
+      own = RelativePositionBias(self.num_heads, self.rel_pos_grid, name='rel_pos_bias')()
+      bias = own if bias is None else bias + own
     q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[None])
     return nn.Dense(width, name='proj')(out.reshape(batch, tokens, width))
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block."""
+  """Pre-LN transformer block; `layer_scale` (an init value, e.g. BEiT's 0.1) scales each
+  residual branch by a learned per-channel gamma (CaiT's LayerScale)."""
   num_heads: int
   mlp_dim: int
   drop_path: float = 0.0
+  qkv_bias: str = 'qkv'
+  layer_scale: float | None = None
+  rel_pos_grid: int | None = None
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool = True, rel_pos_bias=None):
     drop = DropPath(self.drop_path)
-    x = x + drop(Attention(self.num_heads, name='attn')(nn.LayerNorm(name='norm1')(x)),
-                 deterministic)
+    y = Attention(self.num_heads, self.qkv_bias, self.rel_pos_grid, name='attn')(
+        nn.LayerNorm(name='norm1')(x), rel_pos_bias)
+    x = x + drop(self._scale('gamma_1', y), deterministic)
     y = nn.LayerNorm(name='norm2')(x)
     y = nn.Dense(self.mlp_dim, name='fc1')(y)
     y = nn.Dense(x.shape[-1], name='fc2')(nn.gelu(y, approximate=False))
-    return x + drop(y, deterministic)
+    return x + drop(self._scale('gamma_2', y), deterministic)
+
+  def _scale(self, name: str, y):
+    if self.layer_scale is None:
+      return y
+    return y * self.param(name, nn.initializers.constant(self.layer_scale), (y.shape[-1],))
 
 
 class Encoder(nn.Module):
@@ -118,6 +183,9 @@ class Encoder(nn.Module):
   `mask` ([B, N] bool) replaces masked patch embeddings by a learned mask token
   (BEiT/SimMIM); `keep_ids` ([B, n] int) keeps only those patches (MAE). Both
   keep shapes static, so masking never retraces.
+
+  posemb: 'learn', 'sincos2d' or 'none' (BEiT with relative position bias only).
+  rel_pos_bias: 'none', 'block' (one table per block) or 'shared' (one for all blocks).
   """
   width: int
   depth: int
@@ -126,6 +194,9 @@ class Encoder(nn.Module):
   patch_size: int
   posemb: str = 'learn'
   drop_path: float = 0.0
+  qkv_bias: str = 'qkv'
+  layer_scale: float | None = None
+  rel_pos_bias: str = 'none'
 
   @nn.compact
   def __call__(self, images, *, mask=None, keep_ids=None, train: bool = False):
@@ -142,10 +213,19 @@ class Encoder(nn.Module):
       x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
     cls = self.param('cls', nn.initializers.normal(1e-6), (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls + cls_pos, (batch, 1, self.width)), x], axis=1)
+    if self.rel_pos_bias not in ('none', 'block', 'shared'):
+      raise ValueError(f'unknown rel_pos_bias {self.rel_pos_bias!r}: use "none", "block" or '
+                       '"shared"')
+    if self.rel_pos_bias != 'none' and keep_ids is not None:
+      raise ValueError('relative position bias needs every patch: use the blockwise MIM '
+                       'scheme, not MAE\'s random one that drops patches')
+    shared = (RelativePositionBias(self.num_heads, grid_h, name='rel_pos_bias')()
+              if self.rel_pos_bias == 'shared' else None)
     rates = np.linspace(0.0, self.drop_path, self.depth)  # linearly increasing, as in DeiT
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, float(rates[i]), name=f'block{i}')(
-          x, deterministic=not train)
+      x = Block(self.num_heads, self.mlp_dim, float(rates[i]), self.qkv_bias, self.layer_scale,
+                grid_h if self.rel_pos_bias == 'block' else None, name=f'block{i}')(
+          x, deterministic=not train, rel_pos_bias=shared)
     return x
 
   def _posemb(self, grid: int):
@@ -155,7 +235,9 @@ class Encoder(nn.Module):
       return pos[:, :1], pos[:, 1:]
     if self.posemb == 'sincos2d':
       return jnp.zeros((1, 1, self.width)), jnp.asarray(sincos_posemb_2d(grid, self.width))[None]
-    raise ValueError(f'unknown posemb {self.posemb!r}: use "learn" or "sincos2d"')
+    if self.posemb == 'none':
+      return jnp.zeros((1, 1, self.width)), jnp.zeros((1, 1, self.width))
+    raise ValueError(f'unknown posemb {self.posemb!r}: use "learn", "sincos2d" or "none"')
 
 
 class Classifier(nn.Module):
@@ -182,5 +264,12 @@ class Classifier(nn.Module):
     return logits, {'features': features, 'pre_logits': features, 'tokens': tokens}
 
 
+# The encoder's BEiT options and their defaults, which a config.model may leave out.
+ENCODER_OPTIONS = dict(qkv_bias='qkv', layer_scale=None, rel_pos_bias='none')
+
+
 def encoder_from_config(model_cfg, drop_path: float = 0.0) -> Encoder:
-  return Encoder(**parse_variant(model_cfg.variant), posemb=model_cfg.posemb, drop_path=drop_path)
+  """The encoder that `config.model` describes."""
+  options = {name: model_cfg.get(name, default) for name, default in ENCODER_OPTIONS.items()}
+  return Encoder(**parse_variant(model_cfg.variant), posemb=model_cfg.posemb,
+                 drop_path=drop_path, **options)

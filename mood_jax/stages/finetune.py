@@ -1,13 +1,18 @@
-"""Stage 2: supervised fine-tuning on the ID labels, from the pretrained encoder."""
+"""Stage 2: supervised fine-tuning on the ID labels, from the pretrained encoder: our
+pretrain stage's, or public weights converted by `python -m mood_jax.convert`."""
+
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from mood_jax import optim, train_loop
+from mood_jax import convert, optim, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -42,18 +47,20 @@ def _resamplable(saved, fresh) -> bool:
           and saved.shape[-1] == fresh.shape[-1])
 
 
-def merge_pretrained(fresh: dict, pretrained: dict) -> dict:
+def merge_pretrained(fresh: dict, pretrained: dict, source: str = 'pretrain') -> dict:
   """Fresh classifier params with every top-level module the pretrained model shares
   (encoder, and `norm` for CLS pooling) copied in; the head stays fresh.
 
   A learned position embedding from another image size is resampled to this patch grid.
-  Any other param that does not fit is a UserError listing them all. Pretraining-only
-  params (the encoder's mask token) are left out.
+  Any other param that does not fit, and any shared one the model lacks, is a UserError
+  listing them all. Pretraining-only params (the encoder's mask token) are left out.
   """
   shared = [name for name in fresh if name != 'head' and name in pretrained]
   want = traverse_util.flatten_dict({name: fresh[name] for name in shared}, sep='/')
   saved = traverse_util.flatten_dict({name: pretrained[name] for name in shared}, sep='/')
-  loaded, misfits = {}, []
+  loaded = {}
+  misfits = [f'{path}: not in the model' for path in saved
+             if path not in want and not path.endswith('mask_token')]
   for path, value in want.items():
     if path not in saved:
       misfits.append(f'{path}: not in the checkpoint')
@@ -67,8 +74,8 @@ def merge_pretrained(fresh: dict, pretrained: dict) -> dict:
     else:
       misfits.append(f'{path}: model {value.shape}, checkpoint {saved[path].shape}')
   if misfits:
-    raise UserError(f'the pretrain checkpoint does not fit the model config: '
-                    f'{"; ".join(misfits)}. Use the model.variant pretrain ran with')
+    raise UserError(f'the {source} checkpoint does not fit the model config: '
+                    f'{"; ".join(misfits)}. Use the model options it was made with')
   return traverse_util.unflatten_dict(
       {**traverse_util.flatten_dict(fresh, sep='/'), **loaded}, sep='/')
 
@@ -79,13 +86,42 @@ def params_from_pretrain(config, workdir: str, mesh, init_params) -> dict:
   return merge_pretrained(jax.jit(init_params)(), pretrained)
 
 
+def _builds(model_cfg, converted: dict) -> bool:
+  """Whether `config.model` builds the model a checkpoint was converted for. Either pooling
+  fits, and any LayerScale init value (the checkpoint's gammas replace it)."""
+  ours = {name: model_cfg.get(name) for name in converted}
+  return all((ours[name] is None) == (value is None) if name == 'layer_scale' else
+             ours[name] == value for name, value in converted.items() if name != 'pool')
+
+
+def params_from_converted(config, path: str, init_params) -> dict:
+  """Fresh classifier params with a converted checkpoint's (mood_jax.convert) encoder
+  copied in; the model config must have the options it was converted for."""
+  path = os.path.abspath(path)
+  try:
+    with open(os.path.join(path, 'model.json')) as f:
+      converted = json.load(f)
+  except OSError as e:
+    raise UserError(f'finetune.init_from={path} is not a directory written by '
+                    f'`python -m mood_jax.convert`: {e}') from None
+  if not _builds(config.model, converted):
+    raise UserError(f'{path} was converted for another model: run with '
+                    f'{convert.config_flags(converted)}')
+  with ocp.StandardCheckpointer() as checkpointer:
+    pretrained = checkpointer.restore(os.path.join(path, 'params'))['params']
+  return merge_pretrained(jax.jit(init_params)(), pretrained, source=path)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.finetune
   model, init_params, tx, schedule = setup(config)
 
   def initial_params():
-    params = params_from_pretrain(config, workdir, mesh, init_params)
-    logging.info('[%s] encoder initialised from the pretrain checkpoint', NAME)
+    if cfg.init_from == 'pretrain':
+      params = params_from_pretrain(config, workdir, mesh, init_params)
+    else:
+      params = params_from_converted(config, cfg.init_from, init_params)
+    logging.info('[%s] encoder initialised from the %s checkpoint', NAME, cfg.init_from)
     return params
 
   def loss_fn(params, batch, rng):
@@ -101,4 +137,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   train_loop.train(NAME, cfg, config, workdir, init_params=init_params, loss_fn=loss_fn, tx=tx,
                    lr_schedule=schedule, data_iter=iter(data), mesh=mesh,
                    rng=jax.random.fold_in(jax.random.key(config.seed), 2),
-                   initial_params=initial_params if cfg.init_from == 'pretrain' else None)
+                   initial_params=None if cfg.init_from == 'scratch' else initial_params)
