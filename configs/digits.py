@@ -7,10 +7,14 @@
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from mood_jax.data import input_pipeline
+from mood_jax.stages import evaluate
 
 FAR_OOD = input_pipeline.FAR_OOD_SETS
+# Scored and reported as group 'validation'; they choose scorer hparams (evaluate.sweep).
+VALIDATION_OOD = input_pipeline.VALIDATION_OOD_SETS
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -22,12 +26,18 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.stages = 'pretrain,finetune,logit_ft,evaluate'
-  config.mesh = [('data', -1)]
+  # Axis names say the strategy: (('data', 4), ('fsdp', 2)) adds FSDP; see mood_jax/parallel.py.
+  config.mesh = (('data', -1),)
 
   config.data = input_pipeline.default_data_config()
   config.data.id_classes = tuple(range(10))
-  config.data.ood_sets = FAR_OOD
-  config.model = dict(variant='mu/4', posemb='learn', pool='mean')
+  config.data.ood_sets = (*FAR_OOD, *VALIDATION_OOD)
+  config.model = dict(
+      variant='mu/4', posemb='learn', pool='mean',  # posemb 'none': relative bias only
+      qkv_bias='qkv',           # 'qv': BEiT's q and v biases, none on k; or 'none'
+      layer_scale=config_dict.placeholder(float),  # LayerScale init value (BEiT: 0.1)
+      rel_pos_bias='none',      # 'block' (a table per block) or 'shared' (one, BEiT's option)
+  )
 
   config.pretrain = dict(
       scheme='random',          # 'random' (MAE) or 'blockwise' (BEiT)
@@ -43,7 +53,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       log_every=50, ckpt_every=200, keep_checkpoints=2,
   )
   config.finetune = dict(
-      init_from='pretrain',     # or 'scratch'
+      init_from='pretrain',     # or 'scratch', or a DIR from `python -m mood_jax.convert`
       drop_path=0.1,
       label_smoothing=0.1,
       augment=True,
@@ -80,17 +90,34 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.evaluate = dict(
       models='auto',            # 'auto' (every trained classifier) or a list of pretrain
                                 # (encoder features only), finetune, logit_ft
-      scorers='mahalanobis_mood,msp,energy,maxlogit',
+      scorers='mahalanobis_mood,msp,energy,maxlogit',  # or 'all'; see mood_jax/ood/scorers.py
+      hparams=evaluate.hparams_config(),  # e.g. --config.evaluate.hparams.knn.k=10
+      # Scorers whose hparams are chosen on the 'validation' OOD sets in data.ood_sets
+      # ('letters') against a held-out part of ID train: 'all' (each selected scorer with a
+      # grid below), a comma-separated list, or '' (none: evaluate.hparams as set).
+      sweep='all',
+      sweep_grids=dict(         # OpenOOD v1.5's grids, with dims and k sized for digits
+          knn=dict(k=(1, 5, 10, 20, 50, 100, 200)),
+          react=dict(percentile=(85, 90, 95, 99)),
+          ash_p=dict(percentile=(65, 70, 75, 80, 85, 90, 95)),
+          ash_b=dict(percentile=(65, 70, 75, 80, 85, 90, 95)),
+          ash_s=dict(percentile=(65, 70, 75, 80, 85, 90, 95)),
+          gen=dict(gamma=(0.01, 0.1, 0.5, 1., 2.), top_m=(2, 5, 10)),
+          vim=dict(dim=(16, 32, 48, 64)),
+          residual=dict(dim=(16, 32, 48, 64)),
+      ),
+      sweep_metric='auroc',
+      sweep_id_fraction=0.2,    # of ID train, held out of the fit as ID validation
       batch_size=256,
       plots=True,
   )
 
   if 'split' in options:
     config.data.id_classes = (0, 1, 2, 3, 4)
-    config.data.ood_sets = ('digits_heldout', *FAR_OOD)
+    config.data.ood_sets = ('digits_heldout', *FAR_OOD, *VALIDATION_OOD)
   if 'oneclass' in options:
     config.data.id_classes = (int(options['oneclass']),)
-    config.data.ood_sets = ('digits_heldout', *FAR_OOD)
+    config.data.ood_sets = ('digits_heldout', *FAR_OOD, *VALIDATION_OOD)
     config.stages = 'pretrain,evaluate'
     config.evaluate.models = 'pretrain'
     config.evaluate.scorers = 'mahalanobis_mood'

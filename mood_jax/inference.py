@@ -12,14 +12,22 @@ from mood_jax import parallel
 from mood_jax.data import input_pipeline
 
 
-def make_forward(model, mesh):
-  """Jitted (params, images) -> (features, logits), batch split over the data axis."""
+def make_forward(model, mesh, input_perturbation=None):
+  """Jitted (params, images) -> (features, logits), batch split over the batch axes.
+
+  `input_perturbation(logits_fn, images) -> images` (ODIN's) moves the inputs first, with
+  gradients of `logits_fn`, the model at `params`. Examples stay independent: eval mode has
+  no cross-example op, so the gradient of a batch sum is each example's own.
+  """
   def features_and_logits(params, images):
+    if input_perturbation is not None:
+      images = input_perturbation(lambda x: model.apply({'params': params}, x)[0], images)
     logits, aux = model.apply({'params': params}, images)
     return aux['features'], logits
 
+  # Params as they come: replicated, or split over 'fsdp' (see mood_jax.parallel).
   return jax.jit(features_and_logits,
-                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 in_shardings=(None, parallel.batch_sharding(mesh)),
                  out_shardings=parallel.batch_sharding(mesh))
 
 

@@ -10,7 +10,6 @@ from mood_jax import parallel, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
-from mood_jax.ood import scorers
 from mood_jax.stages import evaluate, finetune, logit_ft, pretrain
 
 # Canonical order; a stage module has NAME and run(config, workdir, mesh). Training
@@ -37,12 +36,20 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     raise UserError(f'workdir {workdir!r} is an existing file: pass a directory path')
   stages = selected_stages(config)
   depth = vit.parse_variant(config.model.variant)['depth']
-  _choice('model.posemb', config.model.posemb, ['learn', 'sincos2d'])
+  _choice('model.posemb', config.model.posemb, ['learn', 'sincos2d', 'none'])
   _choice('model.pool', config.model.pool, ['mean', 'cls'])
+  _choice('model.qkv_bias', config.model.get('qkv_bias', 'qkv'), ['qkv', 'qv', 'none'])
+  _choice('model.rel_pos_bias', config.model.get('rel_pos_bias', 'none'),
+          ['none', 'block', 'shared'])
   if 'pretrain' in stages:
     _choice('pretrain.scheme', config.pretrain.scheme, ['random', 'blockwise'])
+    if config.pretrain.scheme == 'random' and config.model.get('rel_pos_bias', 'none') != 'none':
+      raise UserError('model.rel_pos_bias needs every patch in the encoder, which MAE-style '
+                      'random masking drops: use --config.pretrain.scheme=blockwise')
   if 'finetune' in stages:
-    _choice('finetune.init_from', config.finetune.init_from, ['pretrain', 'scratch'])
+    if not os.path.isdir(config.finetune.init_from):  # a converted checkpoint (convert.py)
+      _choice('finetune.init_from', config.finetune.init_from,
+              ['pretrain', 'scratch', 'a directory written by `python -m mood_jax.convert`'])
   try:  # the data module's own checks: dataset name, classes, OOD set names
     groups = input_pipeline.ood_groups(config.data)
     num_classes = input_pipeline.num_classes(config.data)
@@ -57,11 +64,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   if 'evaluate' in stages:
     if not groups:
       raise UserError('no OOD sets to evaluate: set --config.data.ood_sets')
-    if config.evaluate.models != 'auto':
-      for name in config.evaluate.models.split(','):
-        _choice('evaluate model', name, list(evaluate.MODELS))
-    for name in config.evaluate.scorers.split(','):
-      _choice('scorer', name, scorers.names())
+    evaluate.check_config(config, groups)
   return stages
 
 

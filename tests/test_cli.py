@@ -6,7 +6,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from configs import digits
+from mood_jax.ood import scorers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,11 +19,6 @@ def _main(*args, data_dir):
   # Overrides must follow --config (in args), so data_dir goes last.
   cmd = [sys.executable, '-m', 'mood_jax.main', *args, f'--config.data.data_dir={data_dir}']
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
 
 
 @pytest.fixture(scope='module')
@@ -89,3 +88,84 @@ def test_logit_ft_flooding_umap_teacher(smoke_run, data_dir, tmp_path):
   assert os.listdir(workdir / 'ckpt' / 'logit_ft' / '4' / 'state')
   with open(workdir / 'results' / 'results.json') as f:
     assert {r['model'] for r in json.load(f)['rows']} == {'logit_ft'}
+
+
+def test_evaluate_only_runs_every_scorer_with_hparams_chosen_on_validation(smoke_run, data_dir,
+                                                                           tmp_path):
+  """Scoring trained checkpoints again, with no training: every scorer, and the hparams of
+  those with a grid chosen on the 'letters' validation set, never on a test set."""
+  workdir = tmp_path / 'workdir'
+  shutil.copytree(smoke_run[0], workdir, ignore=shutil.ignore_patterns('results', 'metrics*'))
+  proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
+               '--config.stages=evaluate', '--config.evaluate.models=finetune',
+               '--config.evaluate.scorers=all', '--config.evaluate.hparams.odin.epsilon=0.002',
+               data_dir=data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not (workdir / 'metrics.jsonl').exists()  # nothing trained
+  with open(workdir / 'results' / 'results.json') as f:
+    results = json.load(f)
+  assert {r['scorer'] for r in results['rows']} == set(scorers.names())
+  assert {r['ood_group'] for r in results['rows'] if r['ood_set'] == 'letters'} == {'validation'}
+  hparams, sweeps = results['hparams']['finetune'], results['sweeps']['finetune']
+  grids = digits.get_config('split,smoke').evaluate.sweep_grids
+  assert set(sweeps) == {'knn', 'react', 'ash_p', 'ash_b', 'ash_s', 'gen', 'vim', 'residual'}
+  for name, record in sweeps.items():
+    assert record['ood_sets'] == ['letters']
+    assert len(record['trials']) == np.prod([len(v) for v in grids[name].values()])
+    for hparam, value in record['chosen'].items():
+      assert hparams[name][hparam] == value and value in grids[name][hparam]
+  assert hparams['odin'] == {'temperature': 1000., 'epsilon': 0.002}  # set, not swept
+  assert 'knn: k=' in proc.stdout and 'chosen by auroc on letters' in proc.stdout
+
+
+def test_one_class_scores_the_pretrained_encoder(tmp_path, data_dir):
+  workdir = tmp_path / 'workdir'
+  proc = _main('--config=configs/digits.py:oneclass=3,smoke', f'--workdir={workdir}',
+               data_dir=data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'results' / 'results.json') as f:
+    results = json.load(f)
+  assert {(r['model'], r['scorer']) for r in results['rows']} == {('pretrain', 'mahalanobis_mood')}
+  assert results['id_accuracy'] == {}  # no classifier head was trained
+  assert not (workdir / 'ckpt' / 'finetune').exists()
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config.finetune.no_such_field=1'], 'no_such_field'),
+    (['--config.stages=pretrain,tune'], "unknown stage 'tune': valid choices are pretrain"),
+    (['--config.model.variant=XL/16'], 'unknown model variant'),
+    (['--config.evaluate.scorers=msp,nope'], "unknown scorer 'nope'"),
+    (['--config.data.ood_sets=moon', '--config.data.ood_sets=photos'], 'moon'),
+    (['--config.stages=finetune', '--config.data.id_classes=(3,)'], 'one-class'),
+    (['--config.logit_ft.loss=flood'], "unknown logit_ft.loss 'flood'"),
+    (['--config.logit_ft.weight_keep_ratio=1.5'], 'weight_keep_ratio=1.5 is outside'),
+    (['--config.model.rel_pos_bias=shared'], 'use --config.pretrain.scheme=blockwise'),
+    (['--config.model.qkv_bias=kv'], "unknown model.qkv_bias 'kv'"),
+    (['--config.evaluate.scorers=knn', '--config.data.ood_sets=("photos",)'],
+     'needs an OOD validation set in data.ood_sets (one of letters)'),
+    (['--config.evaluate.scorers=knn', '--config.evaluate.sweep=react'],
+     "names 'react', which evaluate.scorers does not select"),
+    (['--config.evaluate.scorers=odin', '--config.evaluate.sweep=odin'], 'odin is not swept'),
+    (['--config.evaluate.scorers=knn', '--config.evaluate.sweep_metric=accuracy'],
+     "unknown evaluate.sweep_metric 'accuracy'"),
+    (['--config.evaluate.scorers=knn', '--config.evaluate.sweep_grids.knn.k=()'],
+     'evaluate.sweep_grids.knn has an empty list'),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, data_dir, args, message):
+  workdir = tmp_path / 'workdir'
+  proc = _main('--config=configs/digits.py:smoke', f'--workdir={workdir}', *args,
+               data_dir=data_dir)
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr
+  error_lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(error_lines) == 1 and message in error_lines[0], proc.stderr[-2000:]
+  assert not workdir.exists()  # nothing was created for a run that could not start
+
+
+def test_workdir_that_is_a_file_is_refused_and_kept(tmp_path, data_dir):
+  path = tmp_path / 'results.txt'
+  path.write_text('precious')
+  proc = _main('--config=configs/digits.py:smoke', f'--workdir={path}', data_dir=data_dir)
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert 'is an existing file' in proc.stderr
+  assert path.read_text() == 'precious'

@@ -92,3 +92,25 @@ def test_reversed_scores_are_worst_case():
 def test_accuracy():
   logits = np.array([[2., 1., 0.], [0., 3., 1.], [1., 0., 5.], [4., 0., 0.]])
   assert float(metrics.accuracy(logits, np.array([0, 1, 0, 1]))) == 0.5
+
+
+def test_all_equal_scores():
+  values = metrics.ood_metrics(np.zeros(30), np.zeros(20))
+  assert float(values['auroc']) == 0.5
+  _assert_matches_sklearn(np.full(30, 1.5), np.full(20, 1.5))
+
+
+@pytest.mark.parametrize('empty', ['ID', 'OOD'])
+def test_empty_set_is_an_error(empty):
+  scores = {'ID': np.ones(5), 'OOD': np.zeros(5)}
+  scores[empty] = np.zeros(0)
+  with pytest.raises(ValueError, match=f'the {empty} set is empty'):
+    metrics.ood_metrics(scores['ID'], scores['OOD'])
+
+
+def test_non_finite_scores_are_an_error():
+  id_scores = np.array([1., np.nan, 2., np.inf])
+  with pytest.raises(ValueError, match='2 of 4 ID scores are not finite'):
+    metrics.ood_metrics(id_scores, np.zeros(3))
+  with pytest.raises(ValueError, match='1 of 3 OOD scores'):
+    metrics.ood_metrics(np.ones(3), np.array([0., -np.inf, 1.]))

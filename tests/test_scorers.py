@@ -1,28 +1,154 @@
-"""Scorers match their formulas and MOOD's NumPy Mahalanobis; the registry is extensible."""
+"""Scorers match plain NumPy references of their formulas; chunks and meshes change nothing.
 
+The mesh case runs this file as a script in a subprocess with 8 fake CPU devices (the
+pytest process has one); the script saves its scores for the test to compare.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import special
+from scipy import special, stats as scipy_stats
 
-from mood_jax.ood import scorers
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # as a script, for mood_jax
+
+from mood_jax import parallel  # noqa: E402
+from mood_jax.ood import scorers  # noqa: E402
+
+DIM, NUM_CLASSES = 24, 6
+
+
+def _features(seed, num_rows, dim=DIM):
+  rng = np.random.default_rng(seed)
+  # An offset shared by all rows, as in real features, so the mean matters.
+  return (rng.normal(size=(num_rows, dim)) + rng.uniform(0, 2, dim)).astype(np.float32)
+
+
+def _head(seed, dim=DIM, num_classes=NUM_CLASSES):
+  rng = np.random.default_rng(seed)
+  return {'kernel': rng.normal(0, 0.5, (dim, num_classes)).astype(np.float32),
+          'bias': rng.normal(0, 0.5, num_classes).astype(np.float32)}
+
+
+def _split(seed, num_rows, head, dim=DIM):
+  """Features, their logits and labels (the head's predictions), as the evaluate stage."""
+  features = _features(seed, num_rows, dim)
+  logits = features @ head['kernel'] + head['bias']
+  return {'features': features, 'logits': logits, 'label': logits.argmax(-1)}
+
+
+def _fit_score(name, train, query, head=None, **hparams):
+  scorer = scorers.get(name).with_hparams(**hparams)
+  stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head)
+  return scorers.score(scorer, stats, query['features'], query['logits'])
+
+
+@pytest.fixture(scope='module')
+def data():
+  head = _head(0)
+  return {'head': head, 'train': _split(1, 400, head), 'query': _split(2, 60, head)}
+
+
+# --- NumPy references ----------------------------------------------------------------------
+
+
+def _normalize(x):
+  x = np.float64(x)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def _numpy_mahalanobis_mood(train, query):
   """MOOD's reference: L2-normalise, biased covariance, pinv, negative squared distance."""
-  def normalize(x):
-    x = np.float64(x)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-  train, query = normalize(train), normalize(query)
+  train, query = _normalize(train), _normalize(query)
   precision = np.linalg.pinv(np.cov(train, rowvar=False, bias=True))
   centered = query - train.mean(0)
   return -np.einsum('nd,de,ne->n', centered, precision, centered)
 
 
-def _features(seed, num_rows, dim):
-  rng = np.random.default_rng(seed)
-  # An offset shared by all rows, as in real features, so the mean matters.
-  return (rng.normal(size=(num_rows, dim)) + rng.uniform(0, 2, dim)).astype(np.float32)
+def _numpy_class_distances(train, labels, query):
+  """[N, classes] squared distances to class means under the tied covariance, float64."""
+  train, query = np.float64(train), np.float64(query)
+  classes = np.unique(labels)
+  means = np.stack([train[labels == c].mean(0) for c in classes])
+  within = train - means[np.searchsorted(classes, labels)]
+  precision = np.linalg.pinv(within.T @ within / len(train))
+  centered = query[:, None] - means[None]
+  return np.einsum('ncd,de,nce->nc', centered, precision, centered)
+
+
+def _numpy_rmds(train, labels, query):
+  train64 = np.float64(train)
+  centered = np.float64(query) - train64.mean(0)
+  background = np.einsum('nd,de,ne->n', centered,
+                         np.linalg.pinv(np.cov(train64, rowvar=False, bias=True)), centered)
+  return background - _numpy_class_distances(train, labels, query).min(-1)
+
+
+def _numpy_knn(train, query, k):
+  distances = ((_normalize(query)[:, None] - _normalize(train)[None])**2).sum(-1)
+  return -np.sort(distances, axis=-1)[:, k - 1]
+
+
+def _numpy_null_space(train, head, dim):
+  kernel, bias = np.float64(head['kernel']), np.float64(head['bias'])
+  origin = -np.linalg.pinv(kernel.T) @ bias
+  centered = np.float64(train) - origin
+  eigenvalues, eigenvectors = np.linalg.eigh(centered.T @ centered / len(train))
+  null_space = eigenvectors[:, np.argsort(-eigenvalues)[dim:]]
+  return lambda x: np.linalg.norm((np.float64(x) - origin) @ null_space, axis=-1)
+
+
+def _numpy_vim(train, query, head, dim):
+  residual = _numpy_null_space(train['features'], head, dim)
+  alpha = train['logits'].max(-1).mean() / residual(train['features']).mean()
+  return special.logsumexp(np.float64(query['logits']), -1) - alpha * residual(query['features'])
+
+
+def _numpy_ash(features, variant, percentile):
+  features = np.float64(features)
+  num_kept = features.shape[1] - int(np.round(features.shape[1] * percentile / 100))
+  order = np.argsort(-features, axis=-1)[:, :num_kept]
+  kept = np.take_along_axis(features, order, -1)
+  if variant == 'b':
+    kept = np.broadcast_to(features.sum(-1, keepdims=True) / num_kept, kept.shape)
+  elif variant == 's':
+    kept = kept * np.exp(features.sum(-1, keepdims=True) / kept.sum(-1, keepdims=True))
+  shaped = np.zeros_like(features)
+  np.put_along_axis(shaped, order, kept, -1)
+  return shaped
+
+
+def _numpy_energy_of_head(features, head):
+  return special.logsumexp(np.float64(features) @ head['kernel'] + head['bias'], axis=-1)
+
+
+def _numpy_klm(train_logits, query_logits):
+  train_probs = special.softmax(np.float64(train_logits), -1)
+  predicted = train_probs.argmax(-1)
+  templates = [train_probs[predicted == c].mean(0) for c in np.unique(predicted)]
+  probs = special.softmax(np.float64(query_logits), -1)
+  return -np.array([min(scipy_stats.entropy(p, t) for t in templates) for p in probs])
+
+
+def _numpy_gen(logits, gamma, top_m):
+  probs = np.sort(special.softmax(np.float64(logits), -1), -1)[:, -top_m:]
+  return -np.sum(probs**gamma * (1 - probs)**gamma, -1)
+
+
+def _jax_grad_gradnorm(features, head):
+  """Per sample: L1 norm of the kernel's gradient of the mean -log softmax over classes."""
+  def loss(kernel, feature):
+    return -jnp.mean(jax.nn.log_softmax(feature @ kernel + head['bias']))
+  grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(jnp.asarray(head['kernel']), features)
+  return np.abs(np.asarray(grads)).sum((1, 2))
+
+
+# --- Each scorer against its reference ------------------------------------------------------
 
 
 def _mahalanobis_scores(train, query, **fit_kwargs):
@@ -59,6 +185,118 @@ def test_mahalanobis_mood_ranks_train_like_features_higher():
   assert scores[:50].min() > scores[50:].max()
 
 
+def test_mahalanobis_matches_numpy(data):
+  train, query = data['train'], data['query']
+  expected = -_numpy_class_distances(train['features'], train['label'], query['features']).min(-1)
+  np.testing.assert_allclose(_fit_score('mahalanobis', train, query), expected, rtol=1e-4)
+
+
+def test_rmds_matches_numpy(data):
+  train, query = data['train'], data['query']
+  expected = _numpy_rmds(train['features'], train['label'], query['features'])
+  np.testing.assert_allclose(_fit_score('rmds', train, query), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize('k', [1, 7, 50])
+def test_knn_matches_brute_force(data, k):
+  train, query = data['train'], data['query']
+  np.testing.assert_allclose(_fit_score('knn', train, query, k=k),
+                             _numpy_knn(train['features'], query['features'], k), atol=1e-5)
+
+
+def test_knn_with_duplicate_rows():
+  train = np.repeat(_features(0, 20), 3, axis=0)
+  query = np.concatenate([train[:5], _features(1, 5)])
+  split = lambda x: {'features': x, 'logits': None, 'label': None}  # noqa: E731
+  for k in (3, 50, 60):
+    np.testing.assert_allclose(_fit_score('knn', split(train), split(query), k=k),
+                               _numpy_knn(train, query, k), atol=1e-5)
+
+
+def test_knn_needs_k_rows():
+  with pytest.raises(ValueError, match='k=50'):
+    scorers.fit(scorers.get('knn'), _features(0, 10), None, None, None)
+
+
+def test_knn_is_query_chunk_size_independent(data):
+  scorer = scorers.get('knn').with_hparams(k=10)
+  stats = scorers.fit(scorer, data['train']['features'], None, None, None)
+  queries = data['query']['features']
+  whole = scorers.score(scorer, stats, queries, None, chunk_size=len(queries))
+  for chunk_size in (1, 7, 32, 1000):
+    # To float32 rounding: the matmul's blocking, so its sums' order, follows the row count.
+    np.testing.assert_allclose(
+        scorers.score(scorer, stats, queries, None, chunk_size=chunk_size), whole,
+        rtol=1e-6, atol=1e-6)
+
+
+def test_vim_and_residual_match_numpy(data):
+  train, query, head = data['train'], data['query'], data['head']
+  dim = scorers.principal_dim(DIM)
+  np.testing.assert_allclose(_fit_score('vim', train, query, head),
+                             _numpy_vim(train, query, head, dim), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(_fit_score('residual', train, query, head),
+                             -_numpy_null_space(train['features'], head, dim)(query['features']),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_principal_dim_rule():
+  assert [scorers.principal_dim(d) for d in (64, 767, 768, 1024, 2048)] == [32, 383, 512, 512,
+                                                                             1000]
+  with pytest.raises(ValueError, match='0 < dim < 24'):
+    _fit_score('residual', _split(0, 50, _head(0)), _split(1, 5, _head(0)), _head(0), dim=24)
+
+
+def test_react_matches_numpy(data):
+  train, query, head = data['train'], data['query'], data['head']
+  for percentile in (50, 90):
+    clipped = np.minimum(query['features'], np.percentile(train['features'], percentile))
+    np.testing.assert_allclose(_fit_score('react', train, query, head, percentile=percentile),
+                               _numpy_energy_of_head(clipped, head), rtol=1e-5)
+
+
+@pytest.mark.parametrize('variant', ['p', 'b', 's'])
+def test_ash_matches_numpy(data, variant):
+  query, head = data['query'], data['head']
+  # ASH assumes non-negative (post-ReLU) features: shift so that sums stay away from zero.
+  query = {**query, 'features': query['features'] + 2.}
+  for percentile in (65, 90):
+    expected = _numpy_energy_of_head(_numpy_ash(query['features'], variant, percentile), head)
+    np.testing.assert_allclose(
+        _fit_score(f'ash_{variant}', data['train'], query, head, percentile=percentile),
+        expected, rtol=1e-4)
+
+
+def test_ash_rejects_unknown_variant(data):
+  with pytest.raises(ValueError, match='ash variant'):
+    _fit_score('ash_p', data['train'], data['query'], data['head'], variant='x')
+
+
+def test_klm_matches_numpy(data):
+  train, query = data['train'], data['query']
+  np.testing.assert_allclose(_fit_score('klm', train, query),
+                             _numpy_klm(train['logits'], query['logits']), atol=1e-5)
+  # A class no training sample is predicted as has no template (OpenOOD's would be NaN).
+  train = {**train, 'logits': train['logits'] - 50. * (np.arange(NUM_CLASSES) == 2)}
+  scores = _fit_score('klm', train, query)
+  assert np.isfinite(scores).all()
+  np.testing.assert_allclose(scores, _numpy_klm(train['logits'], query['logits']), atol=1e-5)
+
+
+def test_gen_matches_numpy(data):
+  logits = data['query']['logits'] * 3
+  query = {'features': None, 'logits': logits}
+  for gamma, top_m in ((0.1, 100), (0.5, 3)):
+    np.testing.assert_allclose(_fit_score('gen', data['train'], query, gamma=gamma, top_m=top_m),
+                               _numpy_gen(logits, gamma, top_m), rtol=1e-5)
+
+
+def test_gradnorm_matches_jax_grad(data):
+  query = data['query']
+  np.testing.assert_allclose(_fit_score('gradnorm', data['train'], query),
+                             _jax_grad_gradnorm(query['features'], data['head']), rtol=1e-5)
+
+
 def test_logit_scorers_follow_their_formulas():
   logits = np.random.default_rng(0).normal(size=(32, 10)).astype(np.float32) * 3
   expected = {
@@ -74,14 +312,124 @@ def test_logit_scorers_follow_their_formulas():
                                err_msg=name)
 
 
-def test_feature_scorer_needs_no_logits():
-  assert not scorers.get('mahalanobis_mood').needs_logits
+def test_odin_score_is_tempered_msp():
+  logits = np.random.default_rng(0).normal(size=(16, 10)).astype(np.float32) * 30
+  scorer = scorers.get('odin')
+  np.testing.assert_allclose(scorers.score(scorer, {}, None, logits),
+                             special.softmax(np.float64(logits) / 1000, -1).max(-1), rtol=1e-6)
+
+
+def test_odin_perturb_matches_hand_written_gradient():
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(8, 4, 4, 3)).astype(np.float32)
+  weights = rng.normal(size=(48, 5)).astype(np.float32)
+  pixel_std = np.array([0.2, 0.25, 0.3], np.float32)
+  temperature, epsilon = 2., 0.01
+  logits_fn = lambda x: x.reshape(len(x), -1) @ weights  # noqa: E731
+  perturbed = scorers.odin_perturb(logits_fn, jnp.asarray(images), pixel_std,
+                                   temperature=temperature, epsilon=epsilon)
+  # d CE(z / T, y) / dz = (softmax(z / T) - onehot(y)) / T, then through the linear map.
+  logits = np.float64(images.reshape(8, -1)) @ weights
+  grad_logits = (special.softmax(logits / temperature, -1) - np.eye(5)[logits.argmax(-1)])
+  grad_images = (grad_logits / temperature @ weights.T).reshape(images.shape)
+  expected = images - epsilon / pixel_std * np.where(grad_images >= 0, 1, -1)
+  np.testing.assert_allclose(perturbed, expected, rtol=1e-6)
+  # The step raises the (tempered) max softmax, ODIN's point.
+  before = special.softmax(logits / temperature, -1).max(-1)
+  after = special.softmax(np.float64(perturbed).reshape(8, -1) @ weights / temperature, -1)
+  assert (after.max(-1) > before).all()
+
+
+def test_odin_perturb_matches_jax_grad_through_an_mlp():
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.normal(size=(6, 2, 2, 3)), jnp.float32)
+  w1, w2 = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((12, 16), (16, 4)))
+  logits_fn = lambda x: jax.nn.relu(x.reshape(len(x), -1) @ w1) @ w2  # noqa: E731
+  perturbed = jax.jit(lambda x: scorers.odin_perturb(logits_fn, x, 0.5, temperature=1000.,
+                                                     epsilon=0.0014))(images)
+  def loss(x):  # the per-image CE, against the unperturbed prediction
+    labels = jnp.argmax(logits_fn(images), -1)
+    log_probs = jax.nn.log_softmax(logits_fn(x) / 1000., -1)
+    return -jnp.sum(log_probs[jnp.arange(6), labels])
+  expected = images - 0.0014 / 0.5 * jnp.where(jax.grad(loss)(images) >= 0, 1., -1.)
+  np.testing.assert_allclose(perturbed, expected, rtol=1e-6)
+  assert scorers.get('odin').perturb is scorers.odin_perturb
+
+
+# --- Properties shared by every scorer -----------------------------------------------------
+
+
+def _atol(name):
+  # rmds and vim are differences of larger terms (two distances of about DIM; energy and
+  # the scaled residual): the terms' float32 rounding sets the error, not the result's size.
+  return 1e-4 if name in ('rmds', 'vim') else 1e-5
+
+
+def test_every_scorer_is_chunk_size_independent(data):
+  train, query, head = data['train'], data['query'], data['head']
+  for scorer in scorers.resolve('all'):
+    stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head)
+    whole, chunked = (scorers.score(scorer, stats, query['features'], query['logits'],
+                                    chunk_size=size) for size in (len(query['features']), 7))
+    assert whole.shape == (60,) and whole.dtype == np.float32, scorer.name
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=_atol(scorer.name),
+                               err_msg=scorer.name)
+
+
+def test_rank_deficient_banks_give_finite_scores():
+  head = _head(0, dim=64)
+  train, query = _split(0, 30, head, dim=64), _split(1, 20, head, dim=64)  # N < D
+  for name in ('mahalanobis', 'rmds', 'vim', 'residual', 'mahalanobis_mood'):
+    assert np.isfinite(_fit_score(name, train, query, head)).all(), name
+  # A constant direction (zero variance) in a bank of more rows than dims, too.
+  train = _split(2, 200, head, dim=64)
+  train['features'][:, 0] = 1.
+  for name in ('mahalanobis', 'rmds', 'vim', 'residual', 'mahalanobis_mood'):
+    assert np.isfinite(_fit_score(name, train, query, head)).all(), name
+
+
+def test_mahalanobis_handles_one_class(data):
+  # One-class runs: every label the same class, whatever its id.
+  train = {**data['train'], 'label': np.full(400, 3)}
+  scores = _fit_score('mahalanobis', train, data['query'])
+  np.testing.assert_allclose(
+      scores, -_numpy_class_distances(train['features'], train['label'],
+                                      data['query']['features'])[:, 0], rtol=1e-4)
+  np.testing.assert_allclose(_fit_score('rmds', train, data['query']), 0., atol=1e-3)
+
+
+def test_needs_logits_marks_the_head_free_scorers():
+  head_free = {s.name for s in scorers.resolve('all') if not s.needs_logits}
+  assert head_free == {'knn', 'mahalanobis', 'mahalanobis_mood', 'rmds'}
+
+
+# --- Registry, hparams, names --------------------------------------------------------------
+
+
+def test_with_hparams_overrides_and_rejects_unknown_keys():
+  knn = scorers.get('knn')
+  assert dict(knn.with_hparams(k=3).hparams) == {'k': 3} and knn.hparams['k'] == 50
+  with pytest.raises(ValueError, match=r"no hparams \['kk'\]; its hparams: \['k'\]"):
+    knn.with_hparams(kk=3)
+  with pytest.raises(ValueError, match='none'):
+    scorers.get('msp').with_hparams(temperature=2.)
+  with pytest.raises(TypeError):
+    knn.hparams['k'] = 1  # defaults are read-only
+
+
+def test_resolve():
+  assert [s.name for s in scorers.resolve('all')] == scorers.names()
+  assert [s.name for s in scorers.resolve(' knn, msp,,knn ')] == ['knn', 'msp']
+  with pytest.raises(KeyError, match='registered scorers: .*mahalanobis_mood'):
+    scorers.resolve('msp,nope')
+  with pytest.raises(ValueError):
+    scorers.resolve(' , ')
 
 
 def test_unknown_name_error_lists_registered_scorers():
   with pytest.raises(KeyError) as error:
     scorers.get('nope')
-  for name in ('msp', 'maxlogit', 'energy', 'mahalanobis_mood'):
+  for name in ('msp', 'maxlogit', 'energy', 'mahalanobis_mood', 'knn', 'vim'):
     assert name in str(error.value)
 
 
@@ -98,5 +446,51 @@ def test_user_registered_scorer_is_usable_by_name(monkeypatch):
   features = np.array([[3., 4.], [0., 1.]], np.float32)
   stats = found.fit(features, None, None, None)
   np.testing.assert_allclose(found.score(stats, features, None), [10., 2.])
+  stats = scorers.fit(found, features, None, None, None)
+  np.testing.assert_allclose(scorers.score(found, stats, features, None), [10., 2.])
   with pytest.raises(ValueError, match='already registered'):
     scorers.register(scorer)
+
+
+# --- 8 devices ------------------------------------------------------------------------------
+
+MESH_SCORERS = ('knn', 'mahalanobis_mood', 'mahalanobis', 'rmds', 'vim', 'residual', 'klm')
+
+
+def _mesh_case_scores(mesh) -> dict[str, np.ndarray]:
+  """Scores of the bank scorers; 300 bank rows do not divide into 8 shards, and k=50 is
+  more than a shard's rows."""
+  head = _head(0)
+  train, query = _split(1, 300, head), _split(2, 45, head)
+  out = {}
+  for name in MESH_SCORERS:
+    for k in ((5, 50) if name == 'knn' else (None,)):
+      scorer = scorers.get(name) if k is None else scorers.get(name).with_hparams(k=k)
+      stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
+                          mesh=mesh)
+      key = name if k is None else f'{name}_{k}'
+      out[key] = scorers.score(scorer, stats, query['features'], query['logits'], mesh=mesh,
+                               chunk_size=16)
+      if name == 'knn':  # the bank really is split: a shard holds 1/8 of the padded rows
+        out[f'{key}_shard_rows'] = np.array([s.data.shape[0]
+                                             for s in stats['bank'].addressable_shards])
+  return out
+
+
+def test_scores_on_8_devices_equal_1_device(tmp_path):
+  out = tmp_path / 'scores.npz'
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+         'JAX_PLATFORMS': 'cpu'}
+  subprocess.run([sys.executable, __file__, str(out)], check=True, env=env, cwd=REPO,
+                 timeout=300)
+  on_8 = dict(np.load(out))
+  for name, scores in _mesh_case_scores(mesh=None).items():
+    if name.endswith('_shard_rows'):
+      assert (on_8[name] == 304 // 8).all() and len(on_8[name]) == 8
+    else:
+      np.testing.assert_allclose(on_8[name], scores, rtol=1e-5, atol=_atol(name), err_msg=name)
+
+
+if __name__ == '__main__':
+  assert jax.device_count() == 8, jax.devices()
+  np.savez(sys.argv[1], **_mesh_case_scores(parallel.make_mesh((('data', -1),))))

@@ -7,6 +7,7 @@ are caught; `fpr95_id` is the older ODIN/MOOD one: OOD accepted when 95% of ID a
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -73,9 +74,25 @@ def _fpr_at_95_tpr(curve):
   return fps[jnp.argmax(is_kept & reaches_95)] / fps[-1]
 
 
-@jax.jit
 def ood_metrics(id_scores: jax.Array, ood_scores: jax.Array) -> dict[str, jax.Array]:
-  """AUROC, AUPR-In, AUPR-Out, FPR@95 (OpenOOD) and FPR@95 (ID-positive) as scalars."""
+  """AUROC, AUPR-In, AUPR-Out, FPR@95 (OpenOOD) and FPR@95 (ID-positive) as scalars.
+
+  Raises ValueError for an empty set (every metric needs both classes) and for NaN or
+  infinite scores (a sort would rank them silently).
+  """
+  for name, scores in (('ID', id_scores), ('OOD', ood_scores)):
+    if np.size(scores) == 0:
+      raise ValueError(f'ood_metrics: the {name} set is empty; every metric needs ID and '
+                       'OOD scores')
+    num_bad = int(np.size(scores) - np.count_nonzero(np.isfinite(scores)))
+    if num_bad:
+      raise ValueError(f'ood_metrics: {num_bad} of {np.size(scores)} {name} scores are not '
+                       'finite (NaN or inf)')
+  return _ood_metrics(id_scores, ood_scores)
+
+
+@jax.jit
+def _ood_metrics(id_scores, ood_scores):
   scores = jnp.concatenate([id_scores, ood_scores])
   is_id = jnp.concatenate([jnp.ones(id_scores.shape, jnp.int32),
                            jnp.zeros(ood_scores.shape, jnp.int32)])

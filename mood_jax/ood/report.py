@@ -50,8 +50,26 @@ def summarize(rows: list[dict]) -> list[dict]:
   return summary
 
 
-def markdown_table(rows: list[dict], id_accuracy: dict[str, float]) -> str:
-  """Percentages with two decimals, then the ID accuracy and conventions lines."""
+def _hparams_lines(hparams: dict, sweeps: dict) -> list[str]:
+  """One line per model and scorer that has hparams, saying which were chosen on what."""
+  lines = []
+  for model, by_scorer in hparams.items():
+    for scorer, values in by_scorer.items():
+      if not values:
+        continue
+      line = f'- {model} / {scorer}: ' + ', '.join(f'{k}={v}' for k, v in values.items())
+      chosen = sweeps.get(model, {}).get(scorer)
+      if chosen:
+        line += (f' ({", ".join(chosen["chosen"])} chosen by {chosen["metric"]} on '
+                 f'{", ".join(chosen["ood_sets"])} vs {chosen["id_validation_examples"]} '
+                 'held-out ID training examples)')
+      lines.append(line)
+  return ['Scorer hyperparameters:', *lines, ''] if lines else []
+
+
+def markdown_table(rows: list[dict], id_accuracy: dict[str, float],
+                   hparams: dict | None = None, sweeps: dict | None = None) -> str:
+  """Percentages with two decimals, then the ID accuracy, hparams and conventions lines."""
   lines = ['| model | scorer | OOD set | AUROC | FPR@95 | AUPR-In | AUPR-Out |',
            '|---|---|---|---:|---:|---:|---:|']
   for row in rows:
@@ -59,7 +77,7 @@ def markdown_table(rows: list[dict], id_accuracy: dict[str, float]) -> str:
     lines.append(f'| {row["model"]} | {row["scorer"]} | {row["ood_set"]} | {values} |')
   accuracies = ', '.join(f'{model} {100 * acc:.2f}%' for model, acc in id_accuracy.items())
   return '\n'.join([*lines, '', f'ID accuracy: {accuracies or "n/a (no classifier head)"}',
-                    '', _CONVENTIONS_LINE, ''])
+                    '', *_hparams_lines(hparams or {}, sweeps or {}), _CONVENTIONS_LINE, ''])
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -93,15 +111,19 @@ def _npz_bytes(scores: dict) -> bytes:
 
 
 def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, float],
-                  scores: dict | None = None) -> str:
+                  scores: dict | None = None, hparams: dict | None = None,
+                  sweeps: dict | None = None) -> str:
   """Writes results.{json,csv,md} (and scores.npz if `scores`); returns the Markdown.
 
   `scores` is {model: {scorer: {'id': [N], ood_set: [M], ...}}}, stored under keys
   'model/scorer/set' so metrics can be recomputed without re-extracting features.
+  `hparams` is {model: {scorer: the hparams it ran with}} and `sweeps` {model: {scorer:
+  how they were chosen}} (see stages/evaluate.py), both kept in results.json.
   """
   os.makedirs(results_dir, exist_ok=True)
-  document = {'conventions': CONVENTIONS, 'id_accuracy': id_accuracy, 'rows': rows}
-  table = markdown_table(rows, id_accuracy)
+  document = {'conventions': CONVENTIONS, 'id_accuracy': id_accuracy, 'rows': rows,
+              'hparams': hparams or {}, 'sweeps': sweeps or {}}
+  table = markdown_table(rows, id_accuracy, hparams, sweeps)
   outputs = {'results.json': json.dumps(document, indent=2) + '\n',
              'results.csv': _csv_text(rows), 'results.md': table}
   for name, text in outputs.items():

@@ -1,18 +1,28 @@
-"""Stage 4: features and logits for ID and OOD sets, OOD scores, metrics, report."""
+"""Stage 4: features and logits for ID and OOD sets, OOD scores, metrics, report.
 
+Each scorer runs with its hparams from `evaluate.hparams`, except those named in
+`evaluate.sweep`: their grid (`evaluate.sweep_grids`) is tried on the OOD sets of the
+'validation' group in `data.ood_sets` against a held-out part of the ID training set, and
+the best point is used on the test sets. Test OOD sets never take part in the choice.
+"""
+
+import functools
 import os
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from ml_collections import config_dict
 
 from mood_jax import inference, train_loop
 from mood_jax.data import input_pipeline
-from mood_jax.ood import metrics, report, scorers
+from mood_jax.errors import UserError
+from mood_jax.ood import metrics, report, scorers, sweep
 from mood_jax.stages import finetune, logit_ft
 
 NAME = 'evaluate'
+VALIDATION = 'validation'
 
 
 def _pretrain_encoder(config, workdir, mesh):
@@ -35,6 +45,71 @@ MODELS = {'pretrain': _pretrain_encoder, 'finetune': _finetuned, 'logit_ft': _lo
 CLASSIFIERS = ('finetune', 'logit_ft')
 
 
+def hparams_config() -> ml_collections.ConfigDict:
+  """Every registered scorer's hparams, for a config file, so that the command line can set
+  any of them: --config.evaluate.hparams.knn.k=10."""
+  return ml_collections.ConfigDict({
+      scorer.name: {name: config_dict.placeholder(int) if value is None else value
+                    for name, value in scorer.hparams.items()}
+      for scorer in scorers.resolve('all') if scorer.hparams})
+
+
+def configured(scorer: scorers.Scorer, cfg) -> scorers.Scorer:
+  """`scorer` with the hparams `evaluate.hparams` sets for it."""
+  overrides = cfg.hparams.get(scorer.name)
+  return scorer.with_hparams(**overrides.to_dict()) if overrides else scorer
+
+
+def swept_names(cfg, selected: list[scorers.Scorer]) -> list[str]:
+  """`evaluate.sweep` as names: 'all' is every selected scorer that has a grid."""
+  if cfg.sweep.strip() == 'all':
+    return [scorer.name for scorer in selected if scorer.name in cfg.sweep_grids]
+  return [name.strip() for name in cfg.sweep.split(',') if name.strip()]
+
+
+def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> None:
+  """This stage's config errors, before anything runs; `groups` as input_pipeline's."""
+  cfg = config.evaluate
+  if cfg.models != 'auto':
+    for name in cfg.models.split(','):
+      if name not in MODELS:
+        raise UserError(f'unknown evaluate model {name!r}: valid choices are auto, '
+                        f'{", ".join(MODELS)}')
+  try:
+    selected = {scorer.name: configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)}
+  except (KeyError, ValueError) as e:
+    raise UserError(f'evaluate: {e.args[0]}') from None
+  to_sweep = swept_names(cfg, list(selected.values()))
+  if not to_sweep:
+    return
+  if VALIDATION not in groups.values():
+    raise UserError(f'evaluate.sweep={cfg.sweep!r} needs an OOD validation set in '
+                    f'data.ood_sets (one of {", ".join(input_pipeline.VALIDATION_OOD_SETS)}), '
+                    "or set --config.evaluate.sweep=''")
+  if cfg.sweep_metric not in (*sweep.HIGHER_IS_BETTER, *sweep.LOWER_IS_BETTER):
+    raise UserError(f'unknown evaluate.sweep_metric {cfg.sweep_metric!r}: valid choices are '
+                    f'{", ".join((*sweep.HIGHER_IS_BETTER, *sweep.LOWER_IS_BETTER))}')
+  if not 0 < cfg.sweep_id_fraction < 1:
+    raise UserError(f'evaluate.sweep_id_fraction={cfg.sweep_id_fraction} must be inside (0, 1)')
+  for name in to_sweep:
+    scorer, grid = selected.get(name), cfg.sweep_grids.get(name)
+    if scorer is None:
+      raise UserError(f'evaluate.sweep names {name!r}, which evaluate.scorers does not select')
+    if scorer.perturb is not None:
+      raise UserError(f'{name} is not swept (each grid point would extract every validation '
+                      f'set again): set --config.evaluate.hparams.{name}.* and drop it from '
+                      'evaluate.sweep')
+    if grid is None:
+      raise UserError(f'evaluate.sweep names {name!r}, which has no grid in '
+                      'evaluate.sweep_grids')
+    if not all(grid.values()):
+      raise UserError(f'evaluate.sweep_grids.{name} has an empty list of values')
+    try:
+      scorer.with_hparams(**{hparam: values[0] for hparam, values in grid.items()})
+    except ValueError as e:
+      raise UserError(f'evaluate.sweep_grids.{name}: {e}') from None
+
+
 def model_names(models: str, workdir: str) -> list[str]:
   """`evaluate.models` as a list; 'auto' is every classifier trained in the workdir, or the
   pretrain encoder when there is none (one-class runs)."""
@@ -44,31 +119,69 @@ def model_names(models: str, workdir: str) -> list[str]:
           if train_loop.final_step(workdir, name) is not None] or ['pretrain']
 
 
+def _hold_out(train: dict, fraction: float, seed: int) -> tuple[dict, dict]:
+  """(fit part, ID validation part) of the ID training set, by a seeded permutation: the
+  validation rows must not be in the bank a scorer fits (knn would find each one itself)."""
+  order = np.random.default_rng(seed).permutation(len(train['label']))
+  cut = int(round(fraction * len(order)))
+  return tuple({key: values[np.sort(rows)] for key, values in train.items()}
+               for rows in (order[cut:], order[:cut]))
+
+
+def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
+  """The best point of the scorer's grid on the validation OOD sets (pooled); returns the
+  scorer with it, and what the choice was made of, for the results."""
+  validation_sets = [name for name, group in groups.items() if group == VALIDATION]
+  fit_part, id_val = _hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)
+  ood_val = {key: np.concatenate([sets[name][key] for name in validation_sets])
+             for key in ('features', 'logits', 'label')}
+  best, trials = sweep.select_hparams(scorer, cfg.sweep_grids[scorer.name].to_dict(),
+                                      {**fit_part, 'head': head}, id_val, ood_val,
+                                      metric=cfg.sweep_metric, mesh=mesh)
+  logging.info('[evaluate] %s: chose %s on %s (%s)', scorer.name, best, validation_sets,
+               cfg.sweep_metric)
+  record = {'ood_sets': validation_sets, 'id_validation_examples': len(id_val['label']),
+            'metric': cfg.sweep_metric, 'chosen': best, 'trials': trials}
+  return scorer.with_hparams(**best), record
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.evaluate
   groups = input_pipeline.ood_groups(config.data)
-  rows, id_accuracy, all_scores = [], {}, {}
+  selected = [configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)]
+  to_sweep = swept_names(cfg, selected)
+  rows, id_accuracy, all_scores, used_hparams, sweeps = [], {}, {}, {}, {}
   for model_name in model_names(cfg.models, workdir):
     model, params, has_head = MODELS[model_name](config, workdir, mesh)
+    extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
     forward = inference.make_forward(model, mesh)
-    sets = {name: inference.extract(forward, params, config, name, mesh)
-            for name in ('id_train', 'id_test', *groups)}
+    sets = {name: extract(forward, which=name) for name in ('id_train', 'id_test', *groups)}
     if has_head:
       id_accuracy[model_name] = float(metrics.accuracy(sets['id_test']['logits'],
                                                        sets['id_test']['label']))
     head = params['head'] if has_head else None
-    all_scores[model_name] = {}
-    for scorer in map(scorers.get, cfg.scorers.split(',')):
+    all_scores[model_name], used_hparams[model_name], sweeps[model_name] = {}, {}, {}
+    for scorer in selected:
       if scorer.needs_logits and not has_head:
         logging.info('[evaluate] %s: skipping %s (no trained classifier head)', model_name,
                      scorer.name)
         continue
+      if scorer.name in to_sweep:
+        scorer, sweeps[model_name][scorer.name] = _choose_hparams(
+            scorer, cfg, sets, head, groups, config.seed, mesh)
+      queries = {name: s for name, s in sets.items() if name != 'id_train'}
+      if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
+        moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
+        perturbed = inference.make_forward(model, mesh, input_perturbation=moved)
+        queries = {name: extract(perturbed, which=name) for name in queries}
       train = sets['id_train']
-      stats = scorer.fit(train['features'], train['logits'], train['label'], head)
-      by_set = {name: np.asarray(scorer.score(stats, s['features'], s['logits']))
-                for name, s in sets.items() if name != 'id_train'}
+      stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
+                          mesh=mesh)
+      by_set = {name: scorers.score(scorer, stats, s['features'], s['logits'], mesh=mesh)
+                for name, s in queries.items()}
       by_set['id'] = by_set.pop('id_test')
       all_scores[model_name][scorer.name] = by_set
+      used_hparams[model_name][scorer.name] = dict(scorer.hparams)
       for ood_set, group in groups.items():
         values = metrics.ood_metrics(by_set['id'], by_set[ood_set])
         rows.append({'model': model_name, 'scorer': scorer.name, 'ood_set': ood_set,
@@ -76,7 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   if jax.process_index() == 0:
     results_dir = os.path.join(workdir, 'results')
     table = report.write_results(results_dir, report.summarize(rows), id_accuracy,
-                                 scores=all_scores)
+                                 scores=all_scores, hparams=used_hparams, sweeps=sweeps)
     if cfg.plots:
       report.plot_scores(results_dir, all_scores)
     print(table)
