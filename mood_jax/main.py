@@ -4,6 +4,7 @@ import logging as std_logging
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -65,9 +66,16 @@ def main(argv) -> None:
   sys.unraisablehook = quiet_abandoned_reads
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; set config fields as --config.a.b=value')
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  config = _CONFIG.value
+  if config.dry_run and config.dry_run_devices:
+    # Fake devices exist only if asked for before JAX starts a backend; CPU, so that an
+    # accelerator's own devices do not count.
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', config.dry_run_devices)
+  else:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    pipeline.run(config, _WORKDIR.value)
   except UserError as e:
     logging.flush()
     sys.exit(f'error: {e}')

@@ -64,6 +64,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[n, batch, ...]: a stack of batches (gradient accumulation), each split as one batch."""
+  return NamedSharding(mesh, P(None, batch_axes(mesh)))
+
+
 def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
   """The largest dim divisible by the 'fsdp' size split over it, for large params."""
   fsdp_size = dict(mesh.shape).get(FSDP_AXIS, 1)

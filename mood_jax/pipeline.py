@@ -6,7 +6,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import parallel, train_loop
+from mood_jax import dry_run, parallel, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -38,6 +38,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   depth = vit.parse_variant(config.model.variant)['depth']
   _choice('model.posemb', config.model.posemb, ['learn', 'sincos2d', 'none'])
   _choice('model.pool', config.model.pool, ['mean', 'cls'])
+  _choice('model.dtype', config.model.dtype, list(vit.DTYPES))
+  for stage in TRAINING_STAGES:
+    if stage in stages and config[stage].grad_accum_steps < 1:
+      raise UserError(f'{stage}.grad_accum_steps={config[stage].grad_accum_steps}: use 1 (no '
+                      'accumulation) or more')
   _choice('model.qkv_bias', config.model.get('qkv_bias', 'qkv'), ['qkv', 'qv', 'none'])
   _choice('model.rel_pos_bias', config.model.get('rel_pos_bias', 'none'),
           ['none', 'block', 'shared'])
@@ -73,8 +78,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   mesh = parallel.make_mesh(config.mesh)
   for stage in TRAINING_STAGES:
     if stage in stages:
-      parallel.check_batch_size(config[stage].batch_size, mesh, f'{stage}.batch_size')
+      cfg = config[stage]
+      if cfg.batch_size % cfg.grad_accum_steps:
+        raise UserError(f'{stage}.batch_size={cfg.batch_size} does not split into '
+                        f'{stage}.grad_accum_steps={cfg.grad_accum_steps} equal micro-batches: '
+                        'use a divisor of the batch size')
+      parallel.check_batch_size(cfg.batch_size // cfg.grad_accum_steps, mesh,
+                                f'{stage}.batch_size / grad_accum_steps')
   parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
+  if config.dry_run:
+    print(dry_run.table(dry_run.compile_steps(config, stages, mesh), mesh))
+    return
   os.makedirs(workdir, exist_ok=True)
   input_pipeline.prepare(config.data)
   for name in stages:

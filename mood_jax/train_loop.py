@@ -41,7 +41,7 @@ def final_step(workdir: str, stage: str) -> int | None:
     return mngr.latest_step()
 
 
-def _placed(shapes, mesh):
+def placed(shapes, mesh):
   """`shapes` (ShapeDtypeStructs) with the shardings `mesh` gives them."""
   return jax.tree.map(lambda s, sharding: s.update(sharding=sharding),
                       shapes, parallel.state_shardings(shapes, mesh))
@@ -53,19 +53,57 @@ def abstract_state(init_params: Callable[[], Any], tx: optax.GradientTransformat
   def init():
     params = init_params()
     return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params))
-  abstract = _placed(jax.eval_shape(init), mesh)
+  abstract = placed(jax.eval_shape(init), mesh)
   return init, abstract, jax.tree.map(lambda s: s.sharding, abstract)
 
 
+def _micro_batches(batch: dict, num_micro: int, mesh) -> dict:
+  """[B, ...] -> [num_micro, B / num_micro, ...], micro-batch i holding rows i, i + n, ...
+
+  Strided, not contiguous: each device's rows spread over every micro-batch, so each one
+  stays split over all devices (a contiguous slice would sit on 1/n of them).
+  """
+  def split(x):
+    x = jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
+    return jax.lax.with_sharding_constraint(x, parallel.stacked_batch_sharding(mesh))
+  return jax.tree.map(split, batch)
+
+
+def accumulated(grad_fn, num_micro: int, mesh):
+  """`grad_fn(params, batch, rng)` over `num_micro` micro-batches in sequence, outputs
+  averaged: one update from a global batch larger than memory holds. Micro-batch i draws
+  its randomness from fold_in(rng, i)."""
+  if num_micro == 1:
+    return grad_fn
+
+  def accumulated_grad_fn(params, batch, rng):
+    micro = _micro_batches(batch, num_micro, mesh)
+
+    def add(total, index_and_batch):
+      index, micro_batch = index_and_batch
+      out = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, total, out), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, params, first, rng))
+    total, _ = jax.lax.scan(add, zeros, (jnp.arange(num_micro), micro))
+    return jax.tree.map(lambda x: x / num_micro, total)
+
+  return accumulated_grad_fn
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, rng: jax.Array,
-                    state_shardings, mesh):
+                    state_shardings, mesh, grad_accum_steps: int = 1):
+  grad_fn = accumulated(jax.value_and_grad(loss_fn, has_aux=True), grad_accum_steps, mesh)
+
   def train_step(state: TrainState, batch: dict):
     step_rng = jax.random.fold_in(rng, state.step)  # resumable: no RNG state to checkpoint
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng)
+    (loss, aux), grads = grad_fn(state.params, batch, step_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           opt_state=opt_state)
-    return state, {'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}
+    return state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
 
   return jax.jit(train_step,
                  in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
@@ -184,7 +222,8 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
     else:
       state = jax.jit(init, out_shardings=shardings)()
 
-    train_step = make_train_step(loss_fn, tx, rng, shardings, mesh)
+    train_step = make_train_step(loss_fn, tx, rng, shardings, mesh,
+                                 cfg.get('grad_accum_steps', 1))
     start = int(state.step)
     tick, tick_step = time.perf_counter(), start
     window, window_steps = None, 0
@@ -255,5 +294,5 @@ def restore_params(workdir: str, stage: str, init_params: Callable[[], Any],
 def saved_params(workdir: str, stage: str, mesh) -> dict:
   """Params of a finished earlier stage as saved (shapes from the checkpoint), placed by
   `mesh`: for a hand-off that adapts them to the current model."""
-  return _restore_final(workdir, stage, lambda mngr, step: _placed(
+  return _restore_final(workdir, stage, lambda mngr, step: placed(
       checkpoint.saved_abstract_state(mngr, step, parallel.replicated(mesh)), mesh))['params']

@@ -29,7 +29,7 @@ def mim_loss(pred, images, mask, patch_size: int, norm_pix: bool = True):
     mean = target.mean(axis=-1, keepdims=True)
     var = target.var(axis=-1, keepdims=True)
     target = (target - mean) / jnp.sqrt(var + 1e-6)
-  per_patch = jnp.mean((pred - target) ** 2, axis=-1)
+  per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)
   mask = mask.astype(per_patch.dtype)
   return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
@@ -41,10 +41,11 @@ class Decoder(nn.Module):
   num_heads: int
   num_patches: int
   patch_dim: int
+  dtype: jnp.dtype = jnp.float32  # compute dtype, as the encoder's (see vit.py)
 
   @nn.compact
   def __call__(self, tokens, restore_ids):
-    x = nn.Dense(self.width, name='embed')(tokens)
+    x = nn.Dense(self.width, dtype=self.dtype, name='embed')(tokens)
     batch, visible = x.shape[0], x.shape[1] - 1
     mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.width))
     masked = jnp.broadcast_to(mask_token, (batch, self.num_patches - visible, self.width))
@@ -54,7 +55,7 @@ class Decoder(nn.Module):
     patches = patches + jnp.asarray(vit.sincos_posemb_2d(grid, self.width))[None]
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     for i in range(self.depth):
-      x = vit.Block(self.num_heads, 4 * self.width, name=f'block{i}')(x)
+      x = vit.Block(self.num_heads, 4 * self.width, dtype=self.dtype, name=f'block{i}')(x)
     x = nn.LayerNorm(name='norm')(x)
     return nn.Dense(self.patch_dim, name='pred')(x[:, 1:])
 
@@ -80,5 +81,5 @@ class MaskedImageModel(nn.Module):
       tokens = nn.LayerNorm(name='norm')(tokens)
       return Decoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
                      num_patches=masks['mask'].shape[-1], patch_dim=patch_dim,
-                     name='decoder')(tokens, masks['restore_ids'])
+                     dtype=self.encoder.dtype, name='decoder')(tokens, masks['restore_ids'])
     raise ValueError(f'unknown masking scheme {self.scheme!r}: use "blockwise" or "random"')

@@ -9,6 +9,11 @@ hand weights to each other by top-level key:
 
 BEiT's options are options of the same modules: q/v-only attention biases, LayerScale,
 relative position bias (per block or shared) and no absolute position embedding.
+
+Mixed precision: `dtype` is the compute dtype of the matmuls (patch embedding, attention,
+MLP); params stay float32 and so does the residual stream, since adding float32 params (the
+position embedding, LayerScale) promotes it. LayerNorms, pooled features and logits are
+float32, so losses and OOD scores never see bfloat16 rounding.
 """
 
 import math
@@ -130,6 +135,7 @@ class Attention(nn.Module):
   num_heads: int
   qkv_bias: str = 'qkv'
   rel_pos_grid: int | None = None
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, bias=None):
@@ -137,7 +143,7 @@ class Attention(nn.Module):
       raise ValueError(f'unknown qkv_bias {self.qkv_bias!r}: use "qkv", "qv" or "none"')
     batch, tokens, width = x.shape
     head_dim = width // self.num_heads
-    qkv = nn.Dense(3 * width, use_bias=self.qkv_bias == 'qkv', name='qkv')(x)
+    qkv = nn.Dense(3 * width, use_bias=self.qkv_bias == 'qkv', dtype=self.dtype, name='qkv')(x)
     if self.qkv_bias == 'qv':
       q_bias = self.param('q_bias', nn.initializers.zeros, (width,))
       v_bias = self.param('v_bias', nn.initializers.zeros, (width,))
@@ -146,8 +152,9 @@ class Attention(nn.Module):
       own = RelativePositionBias(self.num_heads, self.rel_pos_grid, name='rel_pos_bias')()
       bias = own if bias is None else bias + own
     q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
-    out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[None])
-    return nn.Dense(width, name='proj')(out.reshape(batch, tokens, width))
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=None if bias is None else bias[None].astype(q.dtype))
+    return nn.Dense(width, dtype=self.dtype, name='proj')(out.reshape(batch, tokens, width))
 
 
 class Block(nn.Module):
@@ -159,16 +166,17 @@ class Block(nn.Module):
   qkv_bias: str = 'qkv'
   layer_scale: float | None = None
   rel_pos_grid: int | None = None
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, rel_pos_bias=None):
     drop = DropPath(self.drop_path)
-    y = Attention(self.num_heads, self.qkv_bias, self.rel_pos_grid, name='attn')(
+    y = Attention(self.num_heads, self.qkv_bias, self.rel_pos_grid, self.dtype, name='attn')(
         nn.LayerNorm(name='norm1')(x), rel_pos_bias)
     x = x + drop(self._scale('gamma_1', y), deterministic)
     y = nn.LayerNorm(name='norm2')(x)
-    y = nn.Dense(self.mlp_dim, name='fc1')(y)
-    y = nn.Dense(x.shape[-1], name='fc2')(nn.gelu(y, approximate=False))
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype, name='fc1')(y)
+    y = nn.Dense(x.shape[-1], dtype=self.dtype, name='fc2')(nn.gelu(y, approximate=False))
     return x + drop(self._scale('gamma_2', y), deterministic)
 
   def _scale(self, name: str, y):
@@ -186,6 +194,8 @@ class Encoder(nn.Module):
 
   posemb: 'learn', 'sincos2d' or 'none' (BEiT with relative position bias only).
   rel_pos_bias: 'none', 'block' (one table per block) or 'shared' (one for all blocks).
+  remat: recompute each block's activations in the backward pass instead of keeping them
+  (less memory, about a third more compute).
   """
   width: int
   depth: int
@@ -197,11 +207,13 @@ class Encoder(nn.Module):
   qkv_bias: str = 'qkv'
   layer_scale: float | None = None
   rel_pos_bias: str = 'none'
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, mask=None, keep_ids=None, train: bool = False):
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding='VALID', name='patch_embed')(images)
+                padding='VALID', dtype=self.dtype, name='patch_embed')(images)
     batch, grid_h, grid_w, _ = x.shape
     x = x.reshape(batch, grid_h * grid_w, self.width)
     if mask is not None:
@@ -222,10 +234,12 @@ class Encoder(nn.Module):
     shared = (RelativePositionBias(self.num_heads, grid_h, name='rel_pos_bias')()
               if self.rel_pos_bias == 'shared' else None)
     rates = np.linspace(0.0, self.drop_path, self.depth)  # linearly increasing, as in DeiT
+    # Argument 2 (`deterministic`; `self` is 0) is a Python bool: static under remat.
+    block_type = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, float(rates[i]), self.qkv_bias, self.layer_scale,
-                grid_h if self.rel_pos_bias == 'block' else None, name=f'block{i}')(
-          x, deterministic=not train, rel_pos_bias=shared)
+      x = block_type(self.num_heads, self.mlp_dim, float(rates[i]), self.qkv_bias,
+                     self.layer_scale, grid_h if self.rel_pos_bias == 'block' else None,
+                     self.dtype, name=f'block{i}')(x, not train, shared)
     return x
 
   def _posemb(self, grid: int):
@@ -266,10 +280,12 @@ class Classifier(nn.Module):
 
 # The encoder's BEiT options and their defaults, which a config.model may leave out.
 ENCODER_OPTIONS = dict(qkv_bias='qkv', layer_scale=None, rel_pos_bias='none')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def encoder_from_config(model_cfg, drop_path: float = 0.0) -> Encoder:
   """The encoder that `config.model` describes."""
   options = {name: model_cfg.get(name, default) for name, default in ENCODER_OPTIONS.items()}
   return Encoder(**parse_variant(model_cfg.variant), posemb=model_cfg.posemb,
-                 drop_path=drop_path, **options)
+                 drop_path=drop_path, dtype=DTYPES[model_cfg.get('dtype', 'float32')],
+                 remat=model_cfg.get('remat', False), **options)

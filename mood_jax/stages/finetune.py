@@ -112,6 +112,19 @@ def params_from_converted(config, path: str, init_params) -> dict:
   return merge_pretrained(jax.jit(init_params)(), pretrained, source=path)
 
 
+def make_loss_fn(cfg: ml_collections.ConfigDict, model) -> train_loop.LossFn:
+  """Label-smoothed cross-entropy, with drop path (`cfg`: the stage's config block)."""
+  def loss_fn(params, batch, rng):
+    logits, _ = model.apply({'params': params}, batch['image'], train=True,
+                            rngs={'dropout': rng})
+    targets = optax.smooth_labels(jax.nn.one_hot(batch['label'], logits.shape[-1]),
+                                  cfg.label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    return loss, {'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+
+  return loss_fn
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.finetune
   model, init_params, tx, schedule = setup(config)
@@ -124,17 +137,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
     logging.info('[%s] encoder initialised from the %s checkpoint', NAME, cfg.init_from)
     return params
 
-  def loss_fn(params, batch, rng):
-    logits, _ = model.apply({'params': params}, batch['image'], train=True,
-                            rngs={'dropout': rng})
-    targets = optax.smooth_labels(jax.nn.one_hot(batch['label'], logits.shape[-1]),
-                                  cfg.label_smoothing)
-    loss = optax.softmax_cross_entropy(logits, targets).mean()
-    return loss, {'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
-
   data = input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
                                       seed=config.seed, augment=cfg.augment)
-  train_loop.train(NAME, cfg, config, workdir, init_params=init_params, loss_fn=loss_fn, tx=tx,
-                   lr_schedule=schedule, data_iter=iter(data), mesh=mesh,
+  train_loop.train(NAME, cfg, config, workdir, init_params=init_params,
+                   loss_fn=make_loss_fn(cfg, model), tx=tx, lr_schedule=schedule,
+                   data_iter=iter(data), mesh=mesh,
                    rng=jax.random.fold_in(jax.random.key(config.seed), 2),
                    initial_params=None if cfg.init_from == 'scratch' else initial_params)

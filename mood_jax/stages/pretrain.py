@@ -32,9 +32,8 @@ def setup(config: ml_collections.ConfigDict):
   return model, init_params, optim.make_optimizer(cfg, encoder.depth), optim.make_schedule(cfg)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
+def make_loss_fn(config: ml_collections.ConfigDict, model) -> train_loop.LossFn:
   cfg = config.pretrain
-  model, init_params, tx, schedule = setup(config)
   patch = model.encoder.patch_size
   grid = (config.data.image_size // patch,) * 2
 
@@ -49,8 +48,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
     loss = mim.mim_loss(pred, batch['image'], masks['mask'], patch, cfg.norm_pix)
     return loss, {'masked_fraction': masks['mask'].mean()}
 
+  return loss_fn
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
+  cfg = config.pretrain
+  model, init_params, tx, schedule = setup(config)
   data = input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
                                       seed=config.seed, augment=cfg.augment)
-  train_loop.train(NAME, cfg, config, workdir, init_params=init_params, loss_fn=loss_fn, tx=tx,
-                   lr_schedule=schedule, data_iter=iter(data), mesh=mesh,
+  train_loop.train(NAME, cfg, config, workdir, init_params=init_params,
+                   loss_fn=make_loss_fn(config, model), tx=tx, lr_schedule=schedule,
+                   data_iter=iter(data), mesh=mesh,
                    rng=jax.random.fold_in(jax.random.key(config.seed), 1))
