@@ -28,6 +28,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.stages = 'pretrain,finetune,logit_ft,evaluate'
   # Axis names say the strategy: (('data', 4), ('fsdp', 2)) adds FSDP; see mood_jax/parallel.py.
   config.mesh = (('data', -1),)
+  # (regex, spec) pairs that override the mesh's placement of matching params, first match
+  # wins: e.g. (('pos_embedding', ()), ('fc[12]/kernel', (None, 'fsdp'))). See parallel.py.
+  config.sharding_rules = ()
   # Compile every stage's step from abstract inputs and print memory and FLOPs, then stop;
   # dry_run_devices=N compiles for N fake CPU devices (e.g. a pod's mesh on a laptop).
   config.dry_run = False

@@ -59,14 +59,15 @@ def compile_steps(config: ml_collections.ConfigDict, stages: list[str], mesh) ->
   for name in stages:
     if name == 'evaluate':
       model, init_params, _, _ = finetune.setup(config)
-      params = train_loop.placed(jax.eval_shape(init_params), mesh)
+      params = train_loop.placed(jax.eval_shape(init_params), mesh, config.sharding_rules)
       batch_size = config.evaluate.batch_size
       forward = inference.make_forward(model, mesh)
       compiled = forward.lower(params, _images(config, batch_size, mesh)).compile()
     else:
       cfg = config[name]
       model, init_params, tx, loss_fn, extra = _training_parts(name, config)
-      _, state, shardings = train_loop.abstract_state(init_params, tx, mesh)
+      _, state, shardings = train_loop.abstract_state(init_params, tx, mesh,
+                                                      config.sharding_rules)
       step = train_loop.make_train_step(loss_fn, tx, jax.random.key(0), shardings, mesh,
                                         cfg.get('grad_accum_steps', 1))
       batch_size, sharding = cfg.batch_size, parallel.batch_sharding(mesh)

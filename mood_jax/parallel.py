@@ -10,6 +10,10 @@ The mesh's axis names say how work is split (`config.mesh`, a tuple of (name, si
 So (('data', -1),) is pure data parallel, (('fsdp', -1),) pure FSDP and (('data', 4),
 ('fsdp', 2)) both. A param with no dim divisible by the 'fsdp' size stays replicated.
 
+`config.sharding_rules` overrides that policy per param: (regex, spec) pairs, first match
+wins, e.g. (('pos_embedding', ()), ('fc[12]/kernel', (None, 'fsdp'))); a spec has an
+axis name (or None, or a tuple of names) per dim, () is replicated.
+
 Evaluation gathers features, logits and labels once, to every process, after the last batch
 (`inference.extract`): the scorers fit on a whole set (a feature bank, class statistics).
 """
@@ -17,6 +21,7 @@ Evaluation gathers features, logits and labels once, to every process, after the
 import importlib.util
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -69,7 +74,7 @@ def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, batch_axes(mesh)))
 
 
-def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+def _spec_by_shape(shape: tuple[int, ...], mesh: Mesh) -> P:
   """The largest dim divisible by the 'fsdp' size split over it, for large params."""
   fsdp_size = dict(mesh.shape).get(FSDP_AXIS, 1)
   if fsdp_size == 1 or math.prod(shape) < FSDP_MIN_SIZE:
@@ -81,10 +86,48 @@ def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
   return P(*(FSDP_AXIS if dim == split else None for dim in range(len(shape))))
 
 
-def state_shardings(abstract_tree, mesh: Mesh):
-  """Shardings of params or a whole train state: by shape, so that optimizer moments, which
-  mirror the params, are split as their params are; counters are scalars, replicated."""
-  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, mesh)), abstract_tree)
+def _axes(entry) -> tuple[str, ...]:
+  """The mesh axes one dim of a spec names: None, a name, or a tuple of names."""
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def _spec_by_rule(path: str, shape: tuple[int, ...], mesh: Mesh, pattern: str, spec) -> P:
+  """`spec` for a param the rule `pattern` matched, if it fits the param and the mesh."""
+  unknown = {name for entry in spec for name in _axes(entry)} - set(mesh.axis_names)
+  if len(spec) > len(shape):
+    problem = 'has more entries than the param has dims'
+  elif unknown:
+    problem = f'names axes {sorted(unknown)} that the mesh lacks'
+  elif any(size % math.prod(mesh.shape[name] for name in _axes(entry))
+           for size, entry in zip(shape, spec)):
+    problem = "splits a dim that does not divide by its axes' size"
+  else:
+    return P(*spec)
+  raise UserError(f'sharding rule ({pattern!r}, {tuple(spec)}) {problem}: {path} has shape '
+                  f'{shape} on mesh {dict(mesh.shape)}; fix or narrow the rule')
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules=()) -> P:
+  """The spec of the first of `rules` whose regex matches the end of `path` (at a '/'),
+  else the 'fsdp' policy by shape (see the module docstring)."""
+  for pattern, spec in rules:
+    if re.search(f'(?:^|/)(?:{pattern})$', path):
+      return _spec_by_rule(path, shape, mesh, pattern, spec)
+  return _spec_by_shape(shape, mesh)
+
+
+def state_shardings(abstract_tree, mesh: Mesh, rules=()):
+  """Shardings of params or a whole train state.
+
+  A rule's regex matches the end of a leaf's '/'-joined path, so 'fc1/kernel' places a
+  param and its optimizer moments alike (their paths end as the param's does). Without a
+  matching rule, placement goes by shape, which also splits moments as their params;
+  counters are scalars, replicated.
+  """
+  def sharding(path, leaf):
+    name = jax.tree_util.keystr(path, simple=True, separator='/')
+    return NamedSharding(mesh, param_spec(name, leaf.shape, mesh, rules))
+  return jax.tree_util.tree_map_with_path(sharding, abstract_tree)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str) -> None:

@@ -41,19 +41,21 @@ def final_step(workdir: str, stage: str) -> int | None:
     return mngr.latest_step()
 
 
-def placed(shapes, mesh):
-  """`shapes` (ShapeDtypeStructs) with the shardings `mesh` gives them."""
+def placed(shapes, mesh, rules=()):
+  """`shapes` (ShapeDtypeStructs) with the shardings `mesh` and the sharding `rules`
+  (config.sharding_rules, see mood_jax.parallel) give them."""
   return jax.tree.map(lambda s, sharding: s.update(sharding=sharding),
-                      shapes, parallel.state_shardings(shapes, mesh))
+                      shapes, parallel.state_shardings(shapes, mesh, rules))
 
 
-def abstract_state(init_params: Callable[[], Any], tx: optax.GradientTransformation, mesh):
+def abstract_state(init_params: Callable[[], Any], tx: optax.GradientTransformation, mesh,
+                   rules=()):
   """(init, abstract state, shardings): the train state's shapes placed on `mesh`, without
   allocating it; `jax.jit(init, out_shardings=shardings)` creates it there."""
   def init():
     params = init_params()
     return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params))
-  abstract = placed(jax.eval_shape(init), mesh)
+  abstract = placed(jax.eval_shape(init), mesh, rules)
   return init, abstract, jax.tree.map(lambda s: s.sharding, abstract)
 
 
@@ -210,7 +212,7 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
   Logged metrics are means over the steps since the previous log line. On a preemption
   notice it saves at the end of the current step and raises `Preempted`.
   """
-  init, abstract, shardings = abstract_state(init_params, tx, mesh)
+  init, abstract, shardings = abstract_state(init_params, tx, mesh, config.sharding_rules)
   mngr = checkpoint.manager(checkpoint_dir(workdir, stage), cfg)
   try:
     state = checkpoint.restore_latest(mngr, abstract, data_iter)
@@ -284,15 +286,16 @@ def _restore_final(workdir: str, stage: str, abstract: Callable):
 
 
 def restore_params(workdir: str, stage: str, init_params: Callable[[], Any],
-                   tx: optax.GradientTransformation, mesh):
+                   tx: optax.GradientTransformation, mesh, rules=()):
   """Params of a finished earlier stage (e.g. finetune for logit_ft), placed by `mesh`; their
   shapes must be those of the current config's model."""
-  _, abstract, _ = abstract_state(init_params, tx, mesh)
+  _, abstract, _ = abstract_state(init_params, tx, mesh, rules)
   return _restore_final(workdir, stage, lambda mngr, step: abstract).params
 
 
-def saved_params(workdir: str, stage: str, mesh) -> dict:
+def saved_params(workdir: str, stage: str, mesh, rules=()) -> dict:
   """Params of a finished earlier stage as saved (shapes from the checkpoint), placed by
   `mesh`: for a hand-off that adapts them to the current model."""
   return _restore_final(workdir, stage, lambda mngr, step: placed(
-      checkpoint.saved_abstract_state(mngr, step, parallel.replicated(mesh)), mesh))['params']
+      checkpoint.saved_abstract_state(mngr, step, parallel.replicated(mesh)), mesh,
+      rules))['params']

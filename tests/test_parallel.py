@@ -7,6 +7,7 @@ The multi-device cases run this file as a script in a subprocess with 8 fake CPU
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -163,12 +164,45 @@ def test_eval_on_8_devices_gives_the_one_device_metrics(on_8_devices):
 
 def test_param_spec_splits_the_largest_divisible_dim():
   mesh = AbstractMesh((2, 4), ('data', 'fsdp'))
-  assert parallel.param_spec((96, 384), mesh) == P(None, 'fsdp')
-  assert parallel.param_spec((384, 96), mesh) == P('fsdp', None)
-  assert parallel.param_spec((8, 8, 1, 96), mesh) == P(None, None, None, 'fsdp')
-  assert parallel.param_spec((4099, 3), mesh) == P()  # no divisible dim: replicated
-  assert parallel.param_spec((384,), mesh) == P()  # small: replicated
-  assert parallel.param_spec((96, 384), AbstractMesh((8,), ('data',))) == P()
+  spec = lambda shape, mesh=mesh: parallel.param_spec('encoder/block0/fc1/kernel', shape, mesh)
+  assert spec((96, 384)) == P(None, 'fsdp')
+  assert spec((384, 96)) == P('fsdp', None)
+  assert spec((8, 8, 1, 96)) == P(None, None, None, 'fsdp')
+  assert spec((4099, 3)) == P()  # no divisible dim: replicated
+  assert spec((384,)) == P()  # small: replicated
+  assert spec((96, 384), AbstractMesh((8,), ('data',))) == P()
+
+
+def test_sharding_rules_override_the_shape_policy_for_params_and_their_moments():
+  mesh = AbstractMesh((2, 4), ('data', 'fsdp'))
+  rules = (('pos_embedding', ()), ('fc[12]/kernel', ('fsdp', None)),
+           ('qkv/kernel', (None, ('data', 'fsdp'))))
+  state = {'params': {'encoder': {'pos_embedding': jax.ShapeDtypeStruct((1, 65, 384), 'f4'),
+                                  'fc1': {'kernel': jax.ShapeDtypeStruct((96, 384), 'f4')},
+                                  'qkv': {'kernel': jax.ShapeDtypeStruct((96, 288), 'f4')},
+                                  'proj': {'kernel': jax.ShapeDtypeStruct((96, 96), 'f4')}}}}
+  state['opt_state'] = {'mu': state['params']}  # moments mirror the params
+  specs = jax.tree.map(lambda s: s.spec, parallel.state_shardings(state, mesh, rules))
+  for tree in (specs['params'], specs['opt_state']['mu']):
+    assert tree['encoder']['pos_embedding'] == P()  # would be split by shape
+    assert tree['encoder']['fc1']['kernel'] == P('fsdp', None)  # a rule, not the largest dim
+    assert tree['encoder']['qkv']['kernel'] == P(None, ('data', 'fsdp'))
+    assert tree['encoder']['proj']['kernel'] == P('fsdp', None)  # no rule: by shape
+  # A rule matches at a '/' boundary only: 'c1/kernel' is not 'fc1/kernel'.
+  assert parallel.param_spec('fc1/kernel', (96, 384), mesh, (('c1/kernel', ()),)) == P(
+      None, 'fsdp')
+
+
+@pytest.mark.parametrize('rule,message', [
+    (('fc1/kernel', (None, 'model')), "names axes ['model'] that the mesh lacks"),
+    (('fc1/kernel', (None, None, 'fsdp')), 'more entries than the param has dims'),
+    (('fc1/kernel', ('fsdp', None)), 'does not divide'),
+])
+def test_a_sharding_rule_that_does_not_fit_is_an_error(rule, message):
+  with pytest.raises(UserError, match=re.escape(message) + '.*encoder/fc1/kernel has shape '
+                     r'\(90, 384\)'):
+    parallel.param_spec('encoder/fc1/kernel', (90, 384), AbstractMesh((2, 4), ('data', 'fsdp')),
+                        (rule,))
 
 
 def test_batch_is_split_over_data_and_fsdp():

@@ -113,7 +113,8 @@ def test_dry_run_compiles_every_stage_on_8_fake_devices_and_writes_nothing(tmp_p
       [sys.executable, '-m', 'mood_jax.main', '--config=configs/digits.py',
        f'--workdir={workdir}', '--config.dry_run=True', '--config.dry_run_devices=8',
        "--config.mesh=(('data', 4), ('fsdp', 2))", '--config.finetune.grad_accum_steps=2',
-       '--config.model.remat=True', f'--config.data.data_dir={data_dir}'],
+       '--config.model.remat=True', "--config.sharding_rules=(('fc1/kernel', ('fsdp', None)),)",
+       f'--config.data.data_dir={data_dir}'],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Dry run on 8 cpu devices, mesh {'data': 4, 'fsdp': 2}" in proc.stdout

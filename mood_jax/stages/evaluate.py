@@ -33,7 +33,8 @@ def _pretrain_encoder(config, workdir, mesh):
 
 def _finetuned(config, workdir, mesh):
   model, init_params, tx, _ = finetune.setup(config)
-  return model, train_loop.restore_params(workdir, finetune.NAME, init_params, tx, mesh), True
+  return model, train_loop.restore_params(
+      workdir, finetune.NAME, init_params, tx, mesh, config.sharding_rules), True
 
 
 def _logit_finetuned(config, workdir, mesh):

@@ -82,7 +82,7 @@ def merge_pretrained(fresh: dict, pretrained: dict, source: str = 'pretrain') ->
 
 def params_from_pretrain(config, workdir: str, mesh, init_params) -> dict:
   """Fresh classifier params with the pretrain checkpoint's encoder copied in."""
-  pretrained = train_loop.saved_params(workdir, pretrain.NAME, mesh)
+  pretrained = train_loop.saved_params(workdir, pretrain.NAME, mesh, config.sharding_rules)
   return merge_pretrained(jax.jit(init_params)(), pretrained)
 
 

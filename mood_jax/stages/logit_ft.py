@@ -211,7 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   _, finetune_init, finetune_tx, _ = finetune.setup(config)
   # The finetuned params are read at most once: the start point, gamma and the teacher.
   finetuned = functools.cache(lambda: train_loop.restore_params(
-      workdir, finetune.NAME, finetune_init, finetune_tx, mesh))
+      workdir, finetune.NAME, finetune_init, finetune_tx, mesh, config.sharding_rules))
 
   gamma = None  # only flooding has a constraint
   if cfg.loss == 'um':
@@ -247,6 +247,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
 def trained_classifier(config, workdir: str, mesh):
   """(model, effective classifier params) of a finished run, for evaluation."""
   model, init_params, tx, _ = setup(config)
-  params = train_loop.restore_params(workdir, NAME, init_params, tx, mesh)
+  params = train_loop.restore_params(workdir, NAME, init_params, tx, mesh,
+                                     config.sharding_rules)
   return model, jax.jit(functools.partial(
       classifier_params, umap_keep_ratio=config.logit_ft.umap_keep_ratio))(params)
