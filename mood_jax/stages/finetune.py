@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from mood_jax import convert, optim, train_loop
+from mood_jax import convert, optim, parallel, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -80,10 +80,16 @@ def merge_pretrained(fresh: dict, pretrained: dict, source: str = 'pretrain') ->
       {**traverse_util.flatten_dict(fresh, sep='/'), **loaded}, sep='/')
 
 
+def _fresh_params(config, init_params, mesh) -> dict:
+  """Freshly initialised params, created where they will live (split over 'fsdp' if so)."""
+  shardings = parallel.state_shardings(jax.eval_shape(init_params), mesh, config.sharding_rules)
+  return jax.jit(init_params, out_shardings=shardings)()
+
+
 def params_from_pretrain(config, workdir: str, mesh, init_params) -> dict:
   """Fresh classifier params with the pretrain checkpoint's encoder copied in."""
   pretrained = train_loop.saved_params(workdir, pretrain.NAME, mesh, config.sharding_rules)
-  return merge_pretrained(jax.jit(init_params)(), pretrained)
+  return merge_pretrained(_fresh_params(config, init_params, mesh), pretrained)
 
 
 def _builds(model_cfg, converted: dict) -> bool:
@@ -94,7 +100,7 @@ def _builds(model_cfg, converted: dict) -> bool:
              ours[name] == value for name, value in converted.items() if name != 'pool')
 
 
-def params_from_converted(config, path: str, init_params) -> dict:
+def params_from_converted(config, path: str, init_params, mesh) -> dict:
   """Fresh classifier params with a converted checkpoint's (mood_jax.convert) encoder
   copied in; the model config must have the options it was converted for."""
   path = os.path.abspath(path)
@@ -109,7 +115,7 @@ def params_from_converted(config, path: str, init_params) -> dict:
                     f'{convert.config_flags(converted)}')
   with ocp.StandardCheckpointer() as checkpointer:
     pretrained = checkpointer.restore(os.path.join(path, 'params'))['params']
-  return merge_pretrained(jax.jit(init_params)(), pretrained, source=path)
+  return merge_pretrained(_fresh_params(config, init_params, mesh), pretrained, source=path)
 
 
 def make_loss_fn(cfg: ml_collections.ConfigDict, model) -> train_loop.LossFn:
@@ -133,7 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
     if cfg.init_from == 'pretrain':
       params = params_from_pretrain(config, workdir, mesh, init_params)
     else:
-      params = params_from_converted(config, cfg.init_from, init_params)
+      params = params_from_converted(config, cfg.init_from, init_params, mesh)
     logging.info('[%s] encoder initialised from the %s checkpoint', NAME, cfg.init_from)
     return params
 
