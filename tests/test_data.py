@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from mood_jax.data import embedded
 from mood_jax.data import input_pipeline
+from mood_jax.data import transforms
 
 IMAGE_SIZE = 16
 OOD_EXAMPLES = 40
@@ -207,7 +208,7 @@ def test_train_runs_in_worker_processes(data_cfg):
 
 def test_random_translate_shifts_within_pad():
   image = np.arange(1, 65, dtype=np.uint8).reshape(8, 8, 1)
-  translate = input_pipeline.RandomTranslate(pad=2)
+  translate = transforms.RandomTranslate(pad=2)
   for seed in range(5):
     shifted = translate.random_map({'image': image}, np.random.default_rng(seed))['image']
     padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
@@ -237,7 +238,7 @@ def test_validation_letters_are_digit_like_and_not_a_default_test_set(data_cfg):
     (dict(ood_sets=['textures', 'nope']), input_pipeline.ood_groups, r"valid: \[.*'textures'"),
     (dict(id_classes=[]), input_pipeline.ood_groups, 'covers all classes'),
     (dict(id_classes=[3, 11]), input_pipeline.num_classes, r'\[11\]'),
-    (dict(name='imagenet'), input_pipeline.num_classes, r"valid: \['digits'\]"),
+    (dict(name='imagenet'), input_pipeline.num_classes, r"valid: \['digits', 'cifar10'"),
     ({}, lambda cfg: input_pipeline.eval_dataset(cfg, 'nope', global_batch_size=8),
      r"valid: \['id_train', 'id_test', 'digits_heldout'"),
 ])

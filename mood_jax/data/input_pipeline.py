@@ -1,8 +1,9 @@
 """Read path: TFDS data sources (ArrayRecord, no TensorFlow) -> grain datasets of process batches.
 
-A `data` ConfigDict (see `default_data_config`) picks the in-distribution (ID) classes and the OOD
-sets. Batches are dicts of numpy arrays: 'image' float32 [b, S, S, 1] normalised, 'label' int32 [b]
-(index among the sorted ID classes; -1 for OOD) and, for evaluation, 'valid' bool [b].
+A `data` ConfigDict (see `default_data_config`) picks the dataset (`name`: the embedded 'digits',
+or a real one in `sources`), the in-distribution (ID) classes and the OOD sets. Batches are dicts
+of numpy arrays: 'image' float32 [b, S, S, C] normalised, 'label' int32 [b] (index among the
+sorted ID classes; -1 for OOD) and, for evaluation, 'valid' bool [b].
 """
 
 import dataclasses
@@ -17,14 +18,19 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mood_jax.data import embedded
+from mood_jax.data import embedded, folder, sources
+from mood_jax.data.randaugment import RandAugment
+from mood_jax.data.transforms import (Decode, Normalize, RandomErasing, RandomResizedCrop,
+                                      RandomTranslate, ResizeCenterCrop)
+from mood_jax.errors import UserError
 
 NEAR_OOD_SETS = ('digits_heldout',)
 FAR_OOD_SETS = embedded.FAR_OOD_SETS
 VALIDATION_OOD_SETS = embedded.VALIDATION_OOD_SETS  # hyperparameter choice only
 OOD_SETS = NEAR_OOD_SETS + FAR_OOD_SETS + VALIDATION_OOD_SETS
 _ID_SPLITS = {'id_train': 'train', 'id_test': 'test'}
-_DATASET_NAMES = ('digits',)
+_EMBEDDED = 'digits'
+_DATASET_NAMES = (_EMBEDDED, *sources.ID_DATASETS)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -41,6 +47,15 @@ def default_data_config() -> ml_collections.ConfigDict:
       split_seed=0,
       ood_examples_per_set=500,
       num_workers=0,  # 0: in-process; more: grain worker processes
+      # Real datasets only (data.name other than 'digits'):
+      label_key='label',       # the label feature: CIFAR-100's 'coarse_label' has 20 superclasses
+      validation_ood_sets=(),  # those of ood_sets that choose hparams (evaluate.sweep)
+      crop_scale=(0.08, 1.0),  # train RandomResizedCrop area range (BEiT/timm default)
+      hflip=0.5,               # train horizontal flip probability
+      randaugment_ops=0,       # train RandAugment operations per image; 0: off (BEiT: 2)
+      randaugment_magnitude=9.0,  # of 10 (BEiT fine-tune: 'rand-m9-mstd0.5-inc1')
+      random_erasing=0.0,      # train random-erasing probability (BEiT fine-tune: 0.25)
+      eval_crop_fraction=0.875,  # eval: shorter side to image_size / this, centre crop
   ))
 
 
@@ -53,6 +68,11 @@ def _data_dir(data_cfg) -> str:
 def _check_name(data_cfg) -> None:
   if data_cfg.name not in _DATASET_NAMES:
     raise ValueError(f'unknown data.name {data_cfg.name!r}; valid: {list(_DATASET_NAMES)}')
+
+
+def _embedded(data_cfg) -> bool:
+  _check_name(data_cfg)
+  return data_cfg.name == _EMBEDDED
 
 
 def _id_dataset(data_cfg) -> tuple[str, tfds.core.BuilderConfig]:
@@ -68,8 +88,12 @@ def _far_ood_dataset(data_cfg) -> tuple[str, tfds.core.BuilderConfig]:
       image_size=data_cfg.image_size, examples_per_set=data_cfg.ood_examples_per_set)
 
 
-def _location(data_cfg, which: str) -> tuple[str, tfds.core.BuilderConfig, str]:
-  """(TFDS name, builder config, split) that hold `which`."""
+def _location(data_cfg, which: str) -> tuple[str, tfds.core.BuilderConfig | None, str]:
+  """(TFDS name, builder config or None, split) that hold `which`."""
+  if not _embedded(data_cfg):
+    if which not in _ID_SPLITS:
+      _check_ood_set(data_cfg, which)
+    return sources.location(data_cfg.name, which)
   if which in _ID_SPLITS:
     return *_id_dataset(data_cfg), _ID_SPLITS[which]
   if which not in OOD_SETS:
@@ -82,16 +106,46 @@ def _location(data_cfg, which: str) -> tuple[str, tfds.core.BuilderConfig, str]:
 
 def _data_source(data_cfg, which: str, **kwargs) -> Sequence[dict]:
   name, config, split = _location(data_cfg, which)
+  if not _embedded(data_cfg):  # images stay encoded: `transforms.Decode` reads them
+    kwargs = dict(kwargs, decoders={'image': tfds.decode.SkipDecoding()})
   # download=False: reading never writes; `prepare` does.
   return tfds.data_source(name, split=split, data_dir=_data_dir(data_cfg), download=False,
-                          builder_kwargs={'config': config}, **kwargs)
+                          builder_kwargs={'config': config} if config else {}, **kwargs)
 
 
 # --- Classes and OOD sets. ---
 
+def _label_key(data_cfg) -> str:
+  return 'label' if _embedded(data_cfg) else data_cfg.label_key
+
+
+def _label_feature(data_cfg) -> tfds.features.ClassLabel:
+  features = sources.features(data_cfg.name)
+  feature = features[data_cfg.label_key] if data_cfg.label_key in features else None
+  if not isinstance(feature, tfds.features.ClassLabel):
+    labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    raise ValueError(f'data.label_key={data_cfg.label_key!r} is not a class label of '
+                     f'{data_cfg.name}: valid: {labels}')
+  return feature
+
+
 def _all_classes(data_cfg) -> range:
-  _check_name(data_cfg)
-  return range(embedded.NUM_DIGIT_CLASSES)
+  if _embedded(data_cfg):
+    return range(embedded.NUM_DIGIT_CLASSES)
+  return range(_label_feature(data_cfg).num_classes)
+
+
+def _class_index(data_cfg, label: int | str) -> int | str:
+  """A class given by index, or for real datasets by TFDS label name (e.g. ImageNet's wnid)."""
+  if isinstance(label, str) and not _embedded(data_cfg):
+    names = _label_feature(data_cfg).names
+    return names.index(label) if label in names else label
+  return label
+
+
+def all_classes(data_cfg) -> tuple[int, ...]:
+  """Every class of the ID dataset, as indices (whatever data.id_classes selects)."""
+  return tuple(_all_classes(data_cfg))
 
 
 def _id_classes(data_cfg) -> tuple[int, ...]:
@@ -99,10 +153,13 @@ def _id_classes(data_cfg) -> tuple[int, ...]:
   all_classes = _all_classes(data_cfg)
   if not data_cfg.id_classes:
     return tuple(all_classes)
-  unknown = set(data_cfg.id_classes) - set(all_classes)
+  asked = {_class_index(data_cfg, c) for c in data_cfg.id_classes}
+  unknown = asked - set(all_classes)
   if unknown:
-    raise ValueError(f'id_classes {sorted(unknown)} are not among the classes {list(all_classes)}')
-  return tuple(sorted(set(data_cfg.id_classes)))
+    names = '' if _embedded(data_cfg) else ', or their TFDS label names'
+    raise ValueError(f'id_classes {sorted(unknown, key=str)} are not among the classes of '
+                     f'{data_cfg.name} (0..{len(all_classes) - 1}{names})')
+  return tuple(sorted(asked))
 
 
 def num_classes(data_cfg) -> int:
@@ -110,16 +167,22 @@ def num_classes(data_cfg) -> int:
 
 
 def num_channels(data_cfg) -> int:
-  _check_name(data_cfg)
-  return 1  # the embedded sets are grayscale
+  return 1 if _embedded(data_cfg) else 3  # the embedded sets are grayscale; `Decode` makes RGB
+
+
+def _heldout_set(data_cfg) -> str:
+  return NEAR_OOD_SETS[0] if _embedded(data_cfg) else sources.heldout_set(data_cfg.name)
 
 
 def _check_ood_set(data_cfg, name: str) -> None:
-  if name not in OOD_SETS:
+  if not _embedded(data_cfg):
+    if name != _heldout_set(data_cfg):
+      sources.ood_location(data_cfg.name, name)
+  elif name not in OOD_SETS:
     raise ValueError(f'unknown OOD set {name!r}; valid: {list(OOD_SETS)}')
-  if name in NEAR_OOD_SETS and len(_id_classes(data_cfg)) == len(_all_classes(data_cfg)):
-    raise ValueError(f'{name!r} is the test digits of classes outside id_classes, but id_classes '
-                     'covers all classes: choose a subset, or drop it from ood_sets')
+  if name == _heldout_set(data_cfg) and len(_id_classes(data_cfg)) == len(_all_classes(data_cfg)):
+    raise ValueError(f'{name!r} is the test images of classes outside id_classes, but '
+                     'id_classes covers all classes: choose a subset, or drop it from ood_sets')
 
 
 def ood_group(name: str) -> str:
@@ -132,11 +195,43 @@ def ood_groups(data_cfg) -> dict[str, str]:
   """OOD set name -> 'near' | 'far' | 'validation', in config order."""
   for name in data_cfg.ood_sets:
     _check_ood_set(data_cfg, name)
-  return {name: ood_group(name) for name in data_cfg.ood_sets}
+  if _embedded(data_cfg):
+    return {name: ood_group(name) for name in data_cfg.ood_sets}
+  validation = data_cfg.get('validation_ood_sets') or ()
+  stray = set(validation) - set(data_cfg.ood_sets)
+  if stray:
+    raise ValueError(f'data.validation_ood_sets {sorted(stray)} are not in data.ood_sets: '
+                     'add them there too')
+  return {name: sources.ood_group(data_cfg.name, name, validation) for name in data_cfg.ood_sets}
+
+
+def _check_prepared(data_cfg) -> None:
+  """Real datasets are never downloaded here: each must be in data_dir as ArrayRecord already."""
+  data_dir = _data_dir(data_cfg)
+  for which in dict.fromkeys(('id_train', 'id_test', *data_cfg.ood_sets)):
+    name, config, _ = _location(data_cfg, which)
+    builder = (folder.builder(config.name, data_dir) if config else
+               tfds.builder(name, data_dir=data_dir, file_format='array_record'))
+    what = which if config else name
+    if not builder.is_prepared():
+      command = (folder.prepare_command(config.name, data_dir) if config else
+                 sources.prepare_command(name, data_dir))
+      raise UserError(f'{what} is not prepared in {data_dir}: run {command}')
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      raise UserError(
+          f'{what} in {builder.data_dir} is {builder.info.file_format.value}, which grain cannot '
+          f'read: run `tfds convert_format --dataset_version_dir={builder.data_dir} '
+          '--out_file_format=array_record` (it adds ArrayRecord files beside the others)')
 
 
 def prepare(data_cfg) -> None:
-  """Builds whichever needed TFDS datasets are not on disk yet; never touches existing ones."""
+  """Builds whichever needed TFDS datasets are not on disk yet; never touches existing ones.
+
+  Real datasets are only checked: building them needs their source files (UserError if absent).
+  """
+  if not _embedded(data_cfg):
+    _check_prepared(data_cfg)
+    return
   datasets = [_id_dataset(data_cfg)]
   if set(ood_groups(data_cfg).values()) - {'near'}:  # far and validation sets
     datasets.append(_far_ood_dataset(data_cfg))
@@ -153,7 +248,7 @@ def prepare(data_cfg) -> None:
                  time.perf_counter() - start)
 
 
-# --- Transforms: picklable classes, so that grain worker processes can run them. ---
+# --- Record-level maps (image transforms are in `transforms`). ---
 
 @dataclasses.dataclass(frozen=True)
 class _Read(grain.transforms.Map):
@@ -165,41 +260,15 @@ class _Read(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class ToIdLabel(grain.transforms.Map):
-  """Keeps image and label; the label becomes its index among `id_classes`, or -1 (OOD)."""
+  """Keeps image and label (from feature `key`); the label becomes its index among
+  `id_classes`, or -1 (OOD)."""
   id_classes: tuple[int, ...]
+  key: str = 'label'
 
   def map(self, record):
-    label = int(record['label'])
+    label = int(record[self.key])
     index = self.id_classes.index(label) if label in self.id_classes else -1
     return {'image': record['image'], 'label': np.int32(index)}
-
-
-@dataclasses.dataclass(frozen=True)
-class RandomTranslate(grain.transforms.RandomMap):
-  """Shifts by up to `pad` pixels each way: zero-pad, then crop the original size back out.
-
-  Zeros are the digits' background; no flips, as digits are not mirror-symmetric.
-  """
-  pad: int
-
-  def random_map(self, example, rng: np.random.Generator):
-    image = example['image']
-    height, width = image.shape[:2]
-    padded = np.pad(image, ((self.pad, self.pad), (self.pad, self.pad), (0, 0)))
-    top, left = rng.integers(0, 2 * self.pad + 1, size=2)
-    return {**example, 'image': padded[top:top + height, left:left + width]}
-
-
-@dataclasses.dataclass(frozen=True)
-class Normalize(grain.transforms.Map):
-  """uint8 image -> float32 (x / 255 - mean) / std."""
-  mean: float
-  std: float
-
-  def map(self, example):
-    image = example['image'].astype(np.float32) / 255
-    mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
-    return {**example, 'image': (image - mean) / std}
 
 
 # --- Datasets. ---
@@ -207,25 +276,92 @@ class Normalize(grain.transforms.Map):
 def _kept_labels(data_cfg, which: str) -> set[int] | None:
   """Source labels that `which` keeps from its split; None keeps every record."""
   id_classes, all_classes = set(_id_classes(data_cfg)), set(_all_classes(data_cfg))
-  if which in NEAR_OOD_SETS:
+  if which == _heldout_set(data_cfg):
     return all_classes - id_classes
   if which in _ID_SPLITS and id_classes != all_classes:
     return id_classes
   return None
 
 
+# (data dir, TFDS name, config name, split, size, kept labels) -> indices: each stage and model
+# reads the ID splits again, and a scan of ImageNet's labels reads all of its 140 GB.
+_SCANNED: dict[tuple, list[int]] = {}
+
+
+def _kept_indices(data_cfg, which: str, kept: set[int]) -> list[int]:
+  """Indices of the records of `which`'s split whose label is in `kept`."""
+  # Images stay encoded while labels are scanned: decoding would dominate on large sets.
+  labels = _data_source(data_cfg, which, decoders={'image': tfds.decode.SkipDecoding()})
+  name, config, split = _location(data_cfg, which)
+  key = (_data_dir(data_cfg), name, config and config.name, split, len(labels),
+         _label_key(data_cfg), frozenset(kept))
+  if key not in _SCANNED:
+    label_key = _label_key(data_cfg)
+    _SCANNED[key] = [i for i in range(len(labels)) if int(labels[i][label_key]) in kept]
+  return _SCANNED[key]
+
+
+def _has_id_labels(data_cfg, which: str) -> bool:
+  """Whether `which` comes from the ID dataset, whose labels are ID classes or held-out ones."""
+  return _embedded(data_cfg) or which in _ID_SPLITS or which == _heldout_set(data_cfg)
+
+
 def _examples(data_cfg, which: str) -> grain.MapDataset:
-  """`which` as {'image': uint8 [S, S, 1], 'label': int32 ID class index or -1}."""
+  """`which` as {'image': uint8 [H, W, C], 'label': int32 ID class index or -1}."""
   source = _data_source(data_cfg, which)
   kept = _kept_labels(data_cfg, which)
   if kept is None:
     records = grain.MapDataset.source(source)
   else:
-    # Images stay encoded while labels are scanned: decoding would dominate on large sets.
-    labels = _data_source(data_cfg, which, decoders={'image': tfds.decode.SkipDecoding()})
-    indices = [i for i in range(len(labels)) if labels[i]['label'] in kept]
-    records = grain.MapDataset.source(indices).map(_Read(source))
-  return records.map(ToIdLabel(_id_classes(data_cfg)))
+    records = grain.MapDataset.source(_kept_indices(data_cfg, which, kept)).map(_Read(source))
+  if not len(records):
+    raise UserError(f'{which} of {data_cfg.name} has no examples: check data.id_classes and '
+                    f'the dataset in {_data_dir(data_cfg)}')
+  if _has_id_labels(data_cfg, which):
+    records = records.map(ToIdLabel(_id_classes(data_cfg), _label_key(data_cfg)))
+  else:  # another dataset's labels mean nothing here: all of its examples are OOD (-1)
+    records = records.map(ToIdLabel(()))
+  if _embedded(data_cfg):  # tfds decodes these
+    return records
+  name, _, split = _location(data_cfg, which)
+  return records.map_with_index(Decode(f'{which} ({name}, split {split})'))
+
+
+def eval_transforms(data_cfg) -> list[grain.transforms.Map]:
+  """Same for ID and OOD: resize and centre crop (real datasets), normalise."""
+  resize = [] if _embedded(data_cfg) else [
+      ResizeCenterCrop(data_cfg.image_size, data_cfg.eval_crop_fraction)]
+  return [*resize, Normalize(data_cfg.mean, data_cfg.std)]
+
+
+AUGMENT_CHOICES = (True, False, 'crop')
+
+
+def train_transforms(data_cfg, augment: bool | str = True) -> list[grain.transforms.Map |
+                                                                    grain.transforms.RandomMap]:
+  """augment: True, all configured augmentations; 'crop', the random crop and flip only (MIM
+  pretraining, as BEiT's); False, the eval transforms."""
+  if augment not in AUGMENT_CHOICES:
+    raise UserError(f'augment={augment!r}: valid choices are {AUGMENT_CHOICES}')
+  if not augment:
+    return eval_transforms(data_cfg)
+  normalize = Normalize(data_cfg.mean, data_cfg.std)
+  if _embedded(data_cfg):
+    # 2 px at 32 px, in proportion at other sizes.
+    return [RandomTranslate(pad=max(1, round(data_cfg.image_size / 16))), normalize]
+  full = augment is True
+  return [RandomResizedCrop(data_cfg.image_size, tuple(data_cfg.crop_scale), flip=data_cfg.hflip),
+          *([RandAugment(data_cfg.randaugment_ops, data_cfg.randaugment_magnitude)]
+            if full and data_cfg.randaugment_ops else []),
+          normalize,
+          *([RandomErasing(data_cfg.random_erasing)] if full and data_cfg.random_erasing else [])]
+
+
+def apply(ds: grain.MapDataset, ops) -> grain.MapDataset:
+  """`ds` with each of `ops` in turn; random ones draw from the dataset's seed."""
+  for op in ops:
+    ds = ds.random_map(op) if isinstance(op, grain.transforms.RandomMap) else ds.map(op)
+  return ds
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -248,7 +384,7 @@ def _in_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
 
 
 def train_dataset(data_cfg, *, global_batch_size: int, seed: int,
-                  augment: bool = True) -> grain.IterDataset:
+                  augment: bool | str = True) -> grain.IterDataset:
   """Endless ID training batches for this process, reshuffled every epoch.
 
   `iter()` of it is checkpointable with grain (`get_state` / `set_state`).
@@ -256,11 +392,7 @@ def train_dataset(data_cfg, *, global_batch_size: int, seed: int,
   local_batch_size = _local_batch_size(global_batch_size, jax.process_count())
   ds = _examples(data_cfg, 'id_train')[jax.process_index()::jax.process_count()]
   # `seed` derives distinct seeds for the shuffle and the augmentation.
-  ds = ds.seed(seed).shuffle().repeat()
-  if augment:
-    # 2 px at 32 px, in proportion at other sizes.
-    ds = ds.random_map(RandomTranslate(pad=max(1, round(data_cfg.image_size / 16))))
-  ds = ds.map(Normalize(data_cfg.mean, data_cfg.std))
+  ds = apply(ds.seed(seed).shuffle().repeat(), train_transforms(data_cfg, augment))
   return _in_workers(_batched(ds, local_batch_size, drop_remainder=True), data_cfg.num_workers)
 
 
@@ -302,6 +434,6 @@ def eval_batches(examples: grain.MapDataset, *, global_batch_size: int,
 def eval_dataset(data_cfg, which: str, *,
                  global_batch_size: int) -> tuple[grain.IterDataset, int]:
   """Batches of 'id_train', 'id_test' or an OOD set, and the number of real examples in it."""
-  examples = _examples(data_cfg, which).map(Normalize(data_cfg.mean, data_cfg.std))
+  examples = apply(_examples(data_cfg, which), eval_transforms(data_cfg))
   batches = eval_batches(examples, global_batch_size=global_batch_size)
   return _in_workers(batches, data_cfg.num_workers), len(examples)

@@ -1,0 +1,115 @@
+"""MOOD on CIFAR-10 (ID) with BEiT-L/16 at 224 px; OOD = OpenOOD v1.5's CIFAR-10 near/far sets.
+
+  --config=configs/cifar10.py          the paper's recipe (needs the datasets prepared, README)
+  --config=configs/cifar10.py:smoke    a seconds-long CPU run for tests (TFDS mock data)
+
+Sources: MOOD = dvlab-research/MOOD MOODv1/README.md (its fine-tune command is the same for every
+ID set); BEiT = Bao et al. 2022, appendix (pretraining); method.md = ../shared/docs/method.md.
+Every field of configs/digits.py is here (this config starts from it); real-data fields override.
+"""
+
+import os
+import runpy
+
+import ml_collections
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TRAIN_EXAMPLES = 50_000  # CIFAR-10 train split
+
+
+def epochs(n: float, batch_size: int, train_examples: int) -> int:
+  return round(n * train_examples / batch_size)
+
+
+def paper_config(name: str, train_examples: int, ood_sets: tuple[str, ...],
+                 smoke: bool) -> ml_collections.ConfigDict:
+  """The MOOD recipe on any real ID dataset; the per-dataset configs set name and OOD sets."""
+  config = runpy.run_path(os.path.join(_HERE, 'digits.py'))['get_config']('')
+  data = config.data
+  data.name = name
+  data.data_dir = '~/tensorflow_datasets'  # tfds' own default, where `tfds build` writes
+  data.id_classes = ()                      # all classes
+  data.ood_sets = ood_sets
+  data.image_size = 224                     # MOOD: BEiT at 224x224
+  data.mean, data.std = 0.5, 0.5            # BEiT fine-tuning normalisation (MOOD keeps it)
+  data.crop_scale = (0.08, 1.0)             # BEiT/timm RandomResizedCrop default
+  data.randaugment_ops = 2                  # BEiT fine-tune --aa rand-m9-mstd0.5-inc1
+  data.randaugment_magnitude = 9.0
+  data.random_erasing = 0.25                # BEiT fine-tune --reprob 0.25
+  data.eval_crop_fraction = 0.875           # BEiT eval at 224: resize 256, centre crop 224
+  data.num_workers = 8                      # ours: keeps an accelerator host fed (benchmarks/)
+
+  config.model.update(
+      variant='L/16',          # MOOD: beit_large_patch16_224
+      posemb='none', rel_pos_bias='block',  # BEiT: relative position bias per block, no abs.
+      qkv_bias='qv', layer_scale=0.1,       # BEiT: q, v biases; LayerScale init 0.1
+      pool='mean')             # BEiT/MOOD features: mean of patch tokens + LayerNorm
+
+  config.pretrain.update(
+      scheme='blockwise', mask_ratio=0.4,  # BEiT: ~40% of patches (75 of 196), in blocks
+      min_block_patches=16,    # BEiT: blocks of >= 16 patches on the 14x14 grid
+      decoder_width=512, decoder_depth=8, decoder_heads=16,  # MAE's light decoder (ours: pixels)
+      drop_path=0.1,           # BEiT pretraining: stochastic depth 0.1
+      batch_size=2048,         # BEiT
+      num_steps=epochs(800, 2048, train_examples),   # BEiT: 800 epochs
+      warmup_steps=epochs(10, 2048, train_examples),  # BEiT: 10 warmup epochs
+      lr=1.5e-3, weight_decay=0.05, b1=0.9, b2=0.999,  # BEiT
+      min_lr=1e-5, log_every=100, ckpt_every=2000)
+
+  # BEiT pretraining: random resized crop and flip only, no RandAugment or erasing. (A string
+  # where digits.py has a bool: True, False or 'crop'; see input_pipeline.train_transforms.)
+  del config.pretrain.augment
+  config.pretrain.augment = 'crop'
+
+  config.finetune.update(
+      batch_size=128,          # MOOD: 8 per GPU x 8 GPUs x update_freq 2
+      num_steps=epochs(100, 128, train_examples),    # MOOD: --epochs 100
+      warmup_steps=epochs(5, 128, train_examples),   # MOOD: --warmup_epochs 5
+      lr=2e-5,                 # MOOD: --lr 2e-5
+      layer_decay=0.9,         # MOOD: --layer_decay 0.9
+      drop_path=0.4,           # MOOD: --drop_path 0.4
+      weight_decay=1e-8,       # MOOD: --weight_decay 1e-8
+      label_smoothing=0.1,     # BEiT run_class_finetuning default --smoothing 0.1
+      b1=0.9, b2=0.999,        # BEiT fine-tuning AdamW
+      min_lr=1e-6,             # BEiT run_class_finetuning default --min_lr 1e-6
+      log_every=100, ckpt_every=2000)
+
+  config.logit_ft.update(
+      loss='um', gamma_from='masked_model',
+      weight_keep_ratio=0.965,  # Unleashing Mask's k (method.md, um.md)
+      batch_size=128, num_steps=epochs(10, 128, train_examples),  # ours: a short continuation
+      warmup_steps=0, lr=2e-5, layer_decay=0.9,  # as finetune
+      drop_path=0.4, weight_decay=1e-8,
+      log_every=100, ckpt_every=2000)
+
+  config.evaluate.update(
+      scorers='mahalanobis_mood,msp,energy,maxlogit,vim,knn',  # MOOD's own + MOODv2's ViM
+      sweep='',                # no validation OOD set by default; see README "Real datasets"
+      batch_size=256, plots=True)
+
+  if smoke:
+    config.model.variant = 'mu/8'
+    data.image_size, data.num_workers = 16, 0
+    for stage in (config.pretrain, config.finetune, config.logit_ft):
+      stage.update(num_steps=2, batch_size=16, warmup_steps=1, log_every=2, ckpt_every=2)
+    config.pretrain.update(min_block_patches=1, decoder_width=32, decoder_depth=1,
+                           decoder_heads=2)
+    config.evaluate.update(batch_size=32, plots=False, scorers='mahalanobis_mood,msp')
+  return config
+
+
+def options(arg: str, valid: tuple[str, ...], path: str) -> dict[str, str]:
+  """'a,b=1' -> {'a': '', 'b': '1'}; unknown options are an error naming the valid ones."""
+  parsed = dict(opt.partition('=')[::2] for opt in arg.split(',') if opt)
+  unknown = set(parsed) - set(valid)
+  if unknown:
+    raise ValueError(f'unknown {path} options {sorted(unknown)}: use {", ".join(valid)}')
+  return parsed
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  opts = options(arg, ('smoke',), 'configs/cifar10.py')
+  # OpenOOD v1.5 CIFAR-10: near = CIFAR-100, TinyImageNet; far = MNIST, SVHN, Textures,
+  # Places365 (MNIST and TIN as image folders: `python -m mood_jax.data.folder`).
+  return paper_config('cifar10', _TRAIN_EXAMPLES,
+                      ('cifar100', 'svhn_cropped', 'dtd', 'places365_small'), 'smoke' in opts)

@@ -1,0 +1,84 @@
+"""Real datasets: which TFDS dataset and split holds each ID split and OOD set, and how to get it.
+
+ID data (`data.name`) is one of ID_DATASETS. OOD sets (`data.ood_sets`) are named by:
+  a TFDS name in TFDS_SPLITS      its eval split, every label -1
+  '<data.name>_heldout'           ID test split, classes outside data.id_classes (one-class, splits)
+  'folder:NAME'                   built by `python -m mood_jax.data.folder --name=NAME ...`
+"""
+
+import functools
+
+import tensorflow_datasets as tfds
+
+from mood_jax.data import folder
+
+# TFDS name -> (train split, eval split). Places365 and ImageNet have no labelled test split.
+TFDS_SPLITS = {
+    'cifar10': ('train', 'test'),
+    'cifar100': ('train', 'test'),
+    'svhn_cropped': ('train', 'test'),
+    'dtd': ('train', 'test'),  # Textures
+    'places365_small': ('train', 'validation'),
+    'imagenet2012': ('train', 'validation'),
+    # MOOD's ImageNet-30 OOD sets:
+    'stanford_dogs': ('train', 'test'),
+    'oxford_flowers102': ('train', 'test'),
+    'oxford_iiit_pet': ('train', 'test'),
+    'food101': ('train', 'validation'),
+}
+ID_DATASETS = ('cifar10', 'cifar100', 'imagenet2012')
+HELDOUT_SUFFIX = '_heldout'
+
+# OpenOOD v1.5's near-OOD sets per ID dataset (its far sets are the rest); OpenOOD's TinyImageNet,
+# SSB-hard and NINCO ship as image folders.
+NEAR_OOD = {
+    'cifar10': ('cifar100', 'folder:tin'),
+    'cifar100': ('cifar10', 'folder:tin'),
+    'imagenet2012': ('folder:ssb_hard', 'folder:ninco'),
+}
+
+# How to make each dataset available in DATA_DIR; ImageNet needs its archives by hand first.
+_MANUAL = {'imagenet2012': ' after placing ILSVRC2012_img_{train,val}.tar in '
+                           'DATA_DIR/downloads/manual'}
+
+
+def prepare_command(tfds_name: str, data_dir: str) -> str:
+  return (f'`tfds build {tfds_name} --data_dir={data_dir} --file_format=array_record`'
+          + _MANUAL.get(tfds_name, '').replace('DATA_DIR', data_dir))
+
+
+@functools.cache  # asked for often; builders read ImageNet's class list from a file
+def features(tfds_name: str) -> tfds.features.FeaturesDict:
+  """From the builder's code: known without the data."""
+  return tfds.builder(tfds_name).info.features
+
+
+def heldout_set(id_name: str) -> str:
+  return id_name + HELDOUT_SUFFIX
+
+
+def location(id_name: str, which: str) -> tuple[str, folder.FolderConfig | None, str]:
+  """(TFDS name, builder config or None, split) of 'id_train', 'id_test' or an OOD set."""
+  train, test = TFDS_SPLITS[id_name]
+  if which in ('id_train', 'id_test'):
+    return id_name, None, train if which == 'id_train' else test
+  if which == heldout_set(id_name):
+    return id_name, None, test
+  return ood_location(id_name, which)
+
+
+def ood_location(id_name: str, which: str) -> tuple[str, folder.FolderConfig | None, str]:
+  """`location` of an OOD set from another dataset: a folder or another TFDS dataset."""
+  if which.startswith(folder.PREFIX):
+    return 'mood_folder', folder.FolderConfig(name=which[len(folder.PREFIX):]), folder.SPLIT
+  if which in TFDS_SPLITS and which != id_name:
+    return which, None, TFDS_SPLITS[which][1]
+  valid = [heldout_set(id_name)] + [n for n in TFDS_SPLITS if n != id_name]
+  raise ValueError(f'unknown OOD set {which!r} for data.name={id_name!r}: valid: {valid} or '
+                   f'{folder.PREFIX}NAME (an image folder built by `python -m mood_jax.data.folder`)')
+
+
+def ood_group(id_name: str, which: str, validation_sets) -> str:
+  if which in validation_sets:
+    return 'validation'
+  return 'near' if which in NEAR_OOD.get(id_name, ()) + (heldout_set(id_name),) else 'far'

@@ -1,0 +1,151 @@
+"""Per-example preprocessing as picklable grain transforms, so that worker processes can run them.
+
+Examples are dicts with 'image' (encoded bytes before `Decode`, then uint8 [H, W, C], then float32
+after `Normalize`) and 'label'. Random transforms draw from the generator grain gives them, which
+`MapDataset.seed` makes a function of (seed, position in the stream): runs repeat exactly.
+"""
+
+import dataclasses
+import io
+import math
+
+import grain
+import numpy as np
+import PIL.Image
+
+from mood_jax.errors import UserError
+
+_BICUBIC = PIL.Image.Resampling.BICUBIC  # BEiT's and MOOD's interpolation
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode(grain.transforms.MapWithIndex):
+  """Encoded bytes (any format PIL reads) -> uint8 RGB [H, W, 3]; grayscale becomes RGB.
+
+  An image that fails to decode is reported by dataset and index instead of a PIL traceback.
+  """
+  dataset: str
+
+  def map_with_index(self, index, example):
+    try:
+      with PIL.Image.open(io.BytesIO(example['image'])) as image:
+        rgb = np.asarray(image.convert('RGB'))
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+      # A UserError: the command line reports it in one line, without a traceback.
+      raise UserError(f'{self.dataset}: example {index} does not decode as an image ({e}); '
+                      'rebuild the dataset from intact files') from None
+    return {**example, 'image': rgb}
+
+
+def _resized(image: np.ndarray, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
+  """The (left, top, right, bottom) box of `image`, resized to [size, size]."""
+  pil = PIL.Image.fromarray(image)
+  return np.asarray(pil.resize((size, size), _BICUBIC, box=box))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeCenterCrop(grain.transforms.Map):
+  """Eval: the shorter side to size / crop_fraction, then the central size x size.
+
+  Done as one resize of the central box, which equals resize-then-crop up to rounding.
+  """
+  size: int
+  crop_fraction: float = 0.875  # BEiT (timm) at 224 px: resize to 256, crop 224
+
+  def map(self, example):
+    image = example['image']
+    height, width = image.shape[:2]
+    side = min(height, width) * self.crop_fraction
+    top, left = (height - side) / 2, (width - side) / 2
+    return {**example, 'image': _resized(image, self.size, (left, top, left + side, top + side))}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomResizedCrop(grain.transforms.RandomMap):
+  """Train: a random box of `scale` of the area and `ratio` aspect, resized to size x size, then
+  a horizontal flip with probability `flip` (Inception's crop, as torchvision and timm do it)."""
+  size: int
+  scale: tuple[float, float] = (0.08, 1.0)
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  flip: float = 0.5
+  attempts: int = 10
+
+  def _box(self, height: int, width: int, rng: np.random.Generator):
+    area = height * width
+    log_ratio = np.log(self.ratio)
+    for _ in range(self.attempts):
+      target = area * rng.uniform(*self.scale)
+      aspect = math.exp(rng.uniform(*log_ratio))
+      w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+      if 0 < w <= width and 0 < h <= height:
+        top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        return left, top, left + w, top + h
+    # No box fitted: the central crop of the whole image, its aspect clipped to `ratio`.
+    aspect = np.clip(width / height, *self.ratio)
+    w, h = (width, round(width / aspect)) if aspect <= width / height else (
+        round(height * aspect), height)
+    w, h = min(w, width), min(h, height)
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+  def random_map(self, example, rng: np.random.Generator):
+    image = example['image']
+    crop = _resized(image, self.size, self._box(*image.shape[:2], rng))
+    if rng.uniform() < self.flip:
+      crop = crop[:, ::-1]
+    return {**example, 'image': np.ascontiguousarray(crop)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomTranslate(grain.transforms.RandomMap):
+  """Shifts by up to `pad` pixels each way: zero-pad, then crop the original size back out.
+
+  For the digits: zeros are their background; no flips, as digits are not mirror-symmetric.
+  """
+  pad: int
+
+  def random_map(self, example, rng: np.random.Generator):
+    image = example['image']
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((self.pad, self.pad), (self.pad, self.pad), (0, 0)))
+    top, left = rng.integers(0, 2 * self.pad + 1, size=2)
+    return {**example, 'image': padded[top:top + height, left:left + width]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalize(grain.transforms.Map):
+  """uint8 image -> float32 (x / 255 - mean) / std; mean and std are scalars or per channel."""
+  mean: float | tuple[float, ...]
+  std: float | tuple[float, ...]
+
+  def map(self, example):
+    image = example['image'].astype(np.float32) / 255
+    mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+    return {**example, 'image': (image - mean) / std}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomErasing(grain.transforms.RandomMap):
+  """With probability `prob`, one box of `scale` of the area and log-uniform `ratio` aspect is
+  replaced by standard normal noise per pixel (timm's mode 'pixel', after normalisation)."""
+  prob: float
+  scale: tuple[float, float] = (0.02, 1 / 3)
+  ratio: tuple[float, float] = (0.3, 1 / 0.3)
+  attempts: int = 10
+
+  def random_map(self, example, rng: np.random.Generator):
+    if self.prob <= 0 or rng.uniform() >= self.prob:
+      return example
+    image = example['image']
+    height, width = image.shape[:2]
+    for _ in range(self.attempts):
+      target = height * width * rng.uniform(*self.scale)
+      aspect = math.exp(rng.uniform(*np.log(self.ratio)))
+      h, w = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+      if 0 < h < height and 0 < w < width:
+        top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        erased = image.copy()
+        erased[top:top + h, left:left + w] = rng.standard_normal(
+            (h, w, image.shape[2])).astype(image.dtype)
+        return {**example, 'image': erased}
+    return example

@@ -1,0 +1,241 @@
+"""Real datasets under TFDS mock data: the paper configs end to end, protocols, transforms, errors.
+
+`tfds.testing.mock_data` serves random examples through `tfds.data_source`, but it encodes the
+images that our reader asks for undecoded with TensorFlow's encoder; `_mock_tfds` swaps in PIL's.
+It also marks every dataset prepared, as `prepare` checks that and mock data has no files.
+"""
+
+import contextlib
+import io
+import json
+import os
+import runpy
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import PIL.Image
+import pytest
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.features import image_feature
+
+from mood_jax import pipeline
+from mood_jax.data import input_pipeline, randaugment, transforms
+from mood_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOCK_EXAMPLES = 40
+
+
+def _pil_encode(self, image):
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+      buffer, format=self.encoding_format)
+  return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _mock_tfds():
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES), \
+      mock.patch.object(image_feature._ImageEncoder, '_encode_image', _pil_encode), \
+      mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
+    yield
+
+
+def _config(name, arg='smoke'):
+  return runpy.run_path(os.path.join(ROOT, 'configs', f'{name}.py'))['get_config'](arg)
+
+
+# ImageNet leaves out logit_ft, which CIFAR-10 runs, to save its ~20 s (the suite's budget).
+@pytest.mark.parametrize('name,stages', [
+    ('cifar10', 'pretrain,finetune,logit_ft,evaluate'),
+    ('imagenet', 'pretrain,finetune,evaluate'),
+])
+def test_smoke_config_runs_the_pipeline(name, stages, tmp_path):
+  config = _config(name)
+  config.stages = stages
+  with _mock_tfds():
+    pipeline.run(config, str(tmp_path))
+  with open(tmp_path / 'results' / 'results.json') as f:
+    rows = json.load(f)['rows']
+  assert {r['ood_set'] for r in rows} >= set(config.data.ood_sets)
+  assert {r['model'] for r in rows} == {'finetune', 'logit_ft'} & set(stages.split(','))
+
+
+# Stanford Dogs and Oxford Pets are left out: mock data draws their boxes with min > max.
+@pytest.mark.parametrize('name,arg,skip', [
+    ('cifar100', 'smoke', ()),
+    ('cifar10_oneclass', 'class=3,smoke', ()),
+    ('cifar10_oneclass', 'superclass=4,smoke', ()),
+    ('imagenet30', 'smoke', ('stanford_dogs', 'oxford_iiit_pet')),
+])
+def test_other_configs_validate_and_read_every_set(name, arg, skip, tmp_path):
+  config = _config(name, arg)
+  data = config.data
+  with _mock_tfds():
+    stages = pipeline.validate(config, str(tmp_path))
+    input_pipeline.prepare(data)
+    for which in ('id_train', 'id_test', *(s for s in data.ood_sets if s not in skip)):
+      batches, count = input_pipeline.eval_dataset(data, which, global_batch_size=16)
+      batch = next(iter(batches))
+      assert batch['image'].shape == (16, data.image_size, data.image_size, 3), which
+      assert count > 0
+    train = next(iter(input_pipeline.train_dataset(data, global_batch_size=8, seed=0)))
+  assert train['image'].shape == (8, data.image_size, data.image_size, 3)
+  assert set(train['label']) <= set(range(input_pipeline.num_classes(data)))
+  assert input_pipeline.num_channels(data) == 3
+  if name == 'imagenet30':  # the 30 synsets, named by TFDS label name, become indices
+    assert input_pipeline.num_classes(data) == 30
+  if name == 'cifar10_oneclass':
+    assert stages == ['pretrain', 'evaluate']
+
+
+def _labels(name, split, key):
+  source = tfds.data_source(name, split=split, download=False)
+  return np.array([int(source[i][key]) for i in range(len(source))])
+
+
+@pytest.mark.parametrize('arg,name,key', [('class=3', 'cifar10', 'label'),
+                                          ('superclass=3', 'cifar100', 'coarse_label')])
+def test_one_class_protocol_counts(arg, name, key):
+  data = _config('cifar10_oneclass', f'{arg},smoke').data
+  heldout = f'{name}_heldout'
+  with _mock_tfds():
+    train, test = _labels(name, 'train', key), _labels(name, 'test', key)
+    counts = {which: input_pipeline.eval_dataset(data, which, global_batch_size=8)[1]
+              for which in ('id_train', 'id_test', heldout)}
+    batches = input_pipeline.eval_dataset(data, heldout, global_batch_size=8)[0]
+    heldout_labels = np.concatenate([b['label'][b['valid']] for b in batches])
+    id_labels = next(iter(input_pipeline.train_dataset(data, global_batch_size=8, seed=0)))['label']
+  assert (test == 3).any() and (test != 3).any()  # the mock data has both
+  assert counts == {'id_train': (train == 3).sum(), 'id_test': (test == 3).sum(),
+                    heldout: (test != 3).sum()}
+  assert np.all(heldout_labels == -1) and np.all(id_labels == 0)
+
+
+def _batches(data, seed, count=2, state=None):
+  iterator = iter(input_pipeline.train_dataset(data, global_batch_size=8, seed=seed))
+  if state is not None:
+    iterator.set_state(state)
+  return [next(iterator)['image'] for _ in range(count)], iterator.get_state()
+
+
+def test_train_transforms_are_deterministic_per_seed_step_and_index():
+  data = _config('cifar10').data
+  data.image_size, data.random_erasing = 32, 0.5
+  with _mock_tfds():
+    first, _ = _batches(data, seed=1)
+    again, _ = _batches(data, seed=1)
+    other, _ = _batches(data, seed=2)
+    _, state = _batches(data, seed=1, count=1)
+    resumed, _ = _batches(data, seed=1, count=1, state=state)
+  np.testing.assert_array_equal(np.stack(first), np.stack(again))
+  assert not np.array_equal(first[0], other[0])
+  np.testing.assert_array_equal(resumed[0], first[1])  # step 1 after resuming at step 1
+  assert not np.array_equal(first[0], first[1])
+
+
+def test_random_resized_crop_and_eval_crop():
+  rows, cols = np.mgrid[:60, :40]
+  image = np.stack([2 * rows + 2 * cols, 2 * rows, 2 * cols], axis=-1).astype(np.uint8)
+  crop = transforms.RandomResizedCrop(16, flip=1.0)
+  out = crop.random_map({'image': image}, np.random.default_rng(0))['image']
+  assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+  same = crop.random_map({'image': image}, np.random.default_rng(0))['image']
+  np.testing.assert_array_equal(out, same)
+  # Whole-image box, flipped: the flip of the plain resize.
+  whole = transforms.RandomResizedCrop(16, scale=(1.0, 1.0), ratio=(40 / 60, 40 / 60), flip=1.0)
+  flipped = whole.random_map({'image': image[:, :40]}, np.random.default_rng(0))['image']
+  plain = np.asarray(PIL.Image.fromarray(image).resize((16, 16), PIL.Image.BICUBIC))
+  np.testing.assert_array_equal(flipped, plain[:, ::-1])
+  center = transforms.ResizeCenterCrop(16, crop_fraction=1.0).map({'image': image})['image']
+  expected = np.asarray(PIL.Image.fromarray(image[10:50]).resize((16, 16), PIL.Image.BICUBIC))
+  # One resize of the central box: resize-then-crop up to the filter's reach past the box.
+  assert np.abs(center.astype(int) - expected).max() <= 2
+
+
+def test_decode_names_the_bad_example():
+  with pytest.raises(ValueError, match=r'^svhn \(test\): example 7 does not decode'):
+    transforms.Decode('svhn (test)').map_with_index(7, {'image': b'not an image'})
+
+
+def test_missing_dataset_names_dataset_dir_and_command(tmp_path):
+  data = _config('cifar10').data
+  data.data_dir = str(tmp_path)
+  with pytest.raises(UserError) as error:
+    input_pipeline.prepare(data)
+  message = str(error.value)
+  assert '\n' not in message
+  assert message.startswith(f'cifar10 is not prepared in {tmp_path}: run `tfds build cifar10 '
+                            f'--data_dir={tmp_path} --file_format=array_record`')
+  data.ood_sets = ('folder:ninco',)
+  with mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared',
+                         lambda self: self.name != 'mood_folder'):
+    with pytest.raises(UserError, match=r'^folder:ninco is not prepared in .*mood_jax.data.folder '
+                                        r'--name=ninco'):
+      input_pipeline.prepare(data)
+
+
+def test_missing_dataset_through_the_cli(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mood_jax.main', '--config=configs/imagenet.py:smoke',
+       f'--workdir={tmp_path / "work"}', f'--config.data.data_dir={tmp_path}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f'error: imagenet2012 is not prepared in {tmp_path}: run `tfds build imagenet2012')
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(ood_sets=('mnist',)), r"unknown OOD set 'mnist' for data.name='cifar10': valid: "
+                                r"\['cifar10_heldout', 'cifar100'"),
+    (dict(ood_sets=('svhn_cropped',), validation_ood_sets=('dtd',)),
+     r"validation_ood_sets \['dtd'\] are not in data.ood_sets"),
+    (dict(id_classes=(3, 'n0000')), r"id_classes \['n0000'\] are not among the classes of "
+                                     r'cifar10 \(0..9, or their TFDS label names\)'),
+    (dict(label_key='coarse_label'), r"data.label_key='coarse_label' is not a class label of "
+                                     r"cifar10: valid: \['label'\]"),
+])
+def test_bad_real_data_settings(overrides, message, tmp_path):
+  config = _config('cifar10')
+  config.data.update(overrides)
+  with pytest.raises(UserError, match=message):
+    pipeline.validate(config, str(tmp_path))
+
+
+def test_ood_groups_follow_openood_and_validation_sets():
+  data = _config('cifar10').data
+  data.ood_sets = ('cifar100', 'folder:tin', 'svhn_cropped', 'folder:tin_val')
+  data.validation_ood_sets = ('folder:tin_val',)
+  assert input_pipeline.ood_groups(data) == {
+      'cifar100': 'near', 'folder:tin': 'near', 'svhn_cropped': 'far',
+      'folder:tin_val': 'validation'}
+
+
+@pytest.mark.parametrize('name', randaugment.OPS)
+def test_randaugment_operations_keep_shape_and_dtype(name):
+  image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8))
+  for magnitude in (0.0, 5.0, 10.0):
+    out = np.asarray(randaugment._OPS[name](image, magnitude, np.random.default_rng(1)))
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8, (name, magnitude)
+
+
+def test_randaugment_is_a_function_of_its_rng():
+  image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
+  augment = randaugment.RandAugment(num_ops=3, magnitude=9.0)
+  outs = [augment.random_map({'image': image}, np.random.default_rng(seed))['image']
+          for seed in (5, 5, 6, 7, 8)]
+  np.testing.assert_array_equal(outs[0], outs[1])
+  assert any(not np.array_equal(outs[0], out) for out in outs[2:])
+
+
+def test_augment_choices():
+  data = _config('cifar10').data
+  with _mock_tfds():
+    crop_only = next(iter(input_pipeline.train_dataset(data, global_batch_size=4, seed=0,
+                                                       augment='crop')))
+    with pytest.raises(UserError, match=r"augment='all': valid choices are \(True, False, 'crop'\)"):
+      input_pipeline.train_dataset(data, global_batch_size=4, seed=0, augment='all')
+  assert crop_only['image'].shape == (4, data.image_size, data.image_size, 3)
