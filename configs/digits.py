@@ -3,6 +3,7 @@
   --config=configs/digits.py            ID = all ten digits; OOD = the far sets
   --config=configs/digits.py:split      ID = digits 0-4; OOD = digits 5-9 (near) + the far sets
   --config=configs/digits.py:oneclass=3 ID = digit 3 alone: MIM pretrain, then score its encoder
+  --config=configs/digits.py:oneclass=all  each digit alone in turn, then the mean over digits
   --config=configs/digits.py:smoke      a seconds-long run for tests (combine: split,smoke)
 """
 
@@ -22,10 +23,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   unknown = set(options) - {'split', 'oneclass', 'smoke'}
   if unknown:
     raise ValueError(f'unknown configs/digits.py options {sorted(unknown)}: '
-                     'use split, oneclass=C, smoke')
+                     'use split, oneclass=C (or all), smoke')
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.stages = 'pretrain,finetune,logit_ft,evaluate'
+  # True: each of data.id_classes (all when empty) alone is ID in turn, one run per class in
+  # WORKDIR/class_<c>/, and WORKDIR/results/ is the mean over them (MOOD's one-class tables).
+  config.one_class_each = False
   # Axis names say the strategy: (('data', 4), ('fsdp', 2)) adds FSDP; see mood_jax/parallel.py.
   config.mesh = (('data', -1),)
   # (regex, spec) pairs that override the mesh's placement of matching params, first match
@@ -128,7 +132,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.data.id_classes = (0, 1, 2, 3, 4)
     config.data.ood_sets = ('digits_heldout', *FAR_OOD, *VALIDATION_OOD)
   if 'oneclass' in options:
-    config.data.id_classes = (int(options['oneclass']),)
+    config.one_class_each = options['oneclass'] == 'all'
+    config.data.id_classes = () if config.one_class_each else (int(options['oneclass']),)
     config.data.ood_sets = ('digits_heldout', *FAR_OOD, *VALIDATION_OOD)
     config.stages = 'pretrain,evaluate'
     config.evaluate.models = 'pretrain'

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import dry_run, parallel, train_loop
+from mood_jax import dry_run, one_class, parallel, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -40,9 +40,15 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   _choice('model.pool', config.model.pool, ['mean', 'cls'])
   _choice('model.dtype', config.model.dtype, list(vit.DTYPES))
   for stage in TRAINING_STAGES:
-    if stage in stages and config[stage].grad_accum_steps < 1:
+    if stage not in stages:
+      continue
+    if config[stage].grad_accum_steps < 1:
       raise UserError(f'{stage}.grad_accum_steps={config[stage].grad_accum_steps}: use 1 (no '
                       'accumulation) or more')
+    # A bool in digits.py and a string in the real-data configs: compared, not type-checked.
+    if config[stage].augment not in input_pipeline.AUGMENT_CHOICES:
+      raise UserError(f'unknown {stage}.augment {config[stage].augment!r}: valid choices are '
+                      f'{", ".join(map(str, input_pipeline.AUGMENT_CHOICES))}')
   _choice('model.qkv_bias', config.model.get('qkv_bias', 'qkv'), ['qkv', 'qv', 'none'])
   _choice('model.rel_pos_bias', config.model.get('rel_pos_bias', 'none'),
           ['none', 'block', 'shared'])
@@ -74,6 +80,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if config.one_class_each:
+    run_one_class_each(config, workdir)
+    return
   stages = validate(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   for stage in TRAINING_STAGES:
@@ -99,3 +108,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
                  dict(mesh.shape))
     STAGES[name].run(config, workdir, mesh)
+
+
+def run_one_class_each(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`run` once per class as the only ID class, then the mean over classes (one_class.py)."""
+  configs = one_class.class_configs(config)
+  for label, class_config in configs.items():  # every run's config is checked before any runs
+    if len(input_pipeline.all_classes(class_config.data)) < 2:
+      raise UserError('one_class_each needs a dataset of two or more classes')
+    validate(class_config, one_class.class_workdir(workdir, label))
+  for label, class_config in configs.items():
+    logging.info('[one-class] class %s of %s', label, list(configs))
+    run(class_config, one_class.class_workdir(workdir, label))
+  if not config.dry_run and jax.process_index() == 0:
+    table = one_class.write_mean(workdir, list(configs))
+    print(f'Mean over the one-class runs of classes {", ".join(map(str, configs))}:\n{table}')

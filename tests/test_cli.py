@@ -118,16 +118,26 @@ def test_evaluate_only_runs_every_scorer_with_hparams_chosen_on_validation(smoke
   assert 'knn: k=' in proc.stdout and 'chosen by auroc on letters' in proc.stdout
 
 
-def test_one_class_scores_the_pretrained_encoder(tmp_path, data_dir):
+def test_one_class_runs_each_class_and_averages(tmp_path, data_dir):
+  """MOOD's one-class protocol: each class alone is ID in turn (MIM pretrain, then its
+  encoder's Mahalanobis score), and results/ holds the mean over the classes."""
   workdir = tmp_path / 'workdir'
-  proc = _main('--config=configs/digits.py:oneclass=3,smoke', f'--workdir={workdir}',
-               data_dir=data_dir)
+  proc = _main('--config=configs/digits.py:oneclass=all,smoke', f'--workdir={workdir}',
+               '--config.data.id_classes=(3,5)', data_dir=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  per_class = {}
+  for label in (3, 5):
+    with open(workdir / f'class_{label}' / 'results' / 'results.json') as f:
+      per_class[label] = {r['ood_set']: r for r in json.load(f)['rows']}
+    assert not (workdir / f'class_{label}' / 'ckpt' / 'finetune').exists()  # no labels
   with open(workdir / 'results' / 'results.json') as f:
     results = json.load(f)
   assert {(r['model'], r['scorer']) for r in results['rows']} == {('pretrain', 'mahalanobis_mood')}
   assert results['id_accuracy'] == {}  # no classifier head was trained
-  assert not (workdir / 'ckpt' / 'finetune').exists()
+  for row in results['rows']:
+    np.testing.assert_allclose(row['auroc'], np.mean([per_class[c][row['ood_set']]['auroc']
+                                                      for c in (3, 5)]))
+  assert 'Mean over the one-class runs of classes 3, 5' in proc.stdout
 
 
 @pytest.mark.parametrize('args,message', [
@@ -141,8 +151,10 @@ def test_one_class_scores_the_pretrained_encoder(tmp_path, data_dir):
     (['--config.logit_ft.weight_keep_ratio=1.5'], 'weight_keep_ratio=1.5 is outside'),
     (['--config.model.rel_pos_bias=shared'], 'use --config.pretrain.scheme=blockwise'),
     (['--config.model.qkv_bias=kv'], "unknown model.qkv_bias 'kv'"),
+    (['--config.finetune.grad_accum_steps=3'],
+     'finetune.batch_size=16 does not split into finetune.grad_accum_steps=3'),
     (['--config.evaluate.scorers=knn', '--config.data.ood_sets=("photos",)'],
-     'needs an OOD validation set in data.ood_sets (one of letters)'),
+     'needs an OOD validation set: add one to data.ood_sets (digits: letters'),
     (['--config.evaluate.scorers=knn', '--config.evaluate.sweep=react'],
      "names 'react', which evaluate.scorers does not select"),
     (['--config.evaluate.scorers=odin', '--config.evaluate.sweep=odin'], 'odin is not swept'),

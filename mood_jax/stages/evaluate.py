@@ -84,9 +84,10 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
   if not to_sweep:
     return
   if VALIDATION not in groups.values():
-    raise UserError(f'evaluate.sweep={cfg.sweep!r} needs an OOD validation set in '
-                    f'data.ood_sets (one of {", ".join(input_pipeline.VALIDATION_OOD_SETS)}), '
-                    "or set --config.evaluate.sweep=''")
+    raise UserError(f'evaluate.sweep={cfg.sweep!r} needs an OOD validation set: add one to '
+                    f'data.ood_sets (digits: {", ".join(input_pipeline.VALIDATION_OOD_SETS)}; '
+                    'other datasets: name it in data.validation_ood_sets too), or set '
+                    "--config.evaluate.sweep=''")
   if cfg.sweep_metric not in (*sweep.HIGHER_IS_BETTER, *sweep.LOWER_IS_BETTER):
     raise UserError(f'unknown evaluate.sweep_metric {cfg.sweep_metric!r}: valid choices are '
                     f'{", ".join((*sweep.HIGHER_IS_BETTER, *sweep.LOWER_IS_BETTER))}')
