@@ -151,3 +151,9 @@ def test_relative_position_index_pairs_offsets_and_cls():
   assert set(index[0, 1:]) == {9} and set(index[1:, 0]) == {10}
   assert (np.diag(index)[1:] == 4).all()  # zero offset: the centre of the 3 x 3 grid
   assert index[1, 4] == 0 and index[4, 1] == 8  # (-1, -1) and (+1, +1)
+
+
+def test_gelu_is_the_exact_gelu():
+  x = jnp.linspace(-8., 8., 1001)
+  np.testing.assert_allclose(vit.gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+  assert vit.gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
