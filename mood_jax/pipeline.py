@@ -112,10 +112,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def run_one_class_each(config: ml_collections.ConfigDict, workdir: str) -> None:
   """`run` once per class as the only ID class, then the mean over classes (one_class.py)."""
+  if len(input_pipeline.all_classes(config.data)) < 2:
+    raise UserError('one_class_each needs a dataset of two or more classes')
   configs = one_class.class_configs(config)
   for label, class_config in configs.items():  # every run's config is checked before any runs
-    if len(input_pipeline.all_classes(class_config.data)) < 2:
-      raise UserError('one_class_each needs a dataset of two or more classes')
     validate(class_config, one_class.class_workdir(workdir, label))
   for label, class_config in configs.items():
     logging.info('[one-class] class %s of %s', label, list(configs))
