@@ -69,7 +69,7 @@ def compile_steps(config: ml_collections.ConfigDict, stages: list[str], mesh) ->
       _, state, shardings = train_loop.abstract_state(init_params, tx, mesh,
                                                       config.sharding_rules)
       step = train_loop.make_train_step(loss_fn, tx, jax.random.key(0), shardings, mesh,
-                                        cfg.get('grad_accum_steps', 1))
+                                        cfg.grad_accum_steps)
       batch_size, sharding = cfg.batch_size, parallel.batch_sharding(mesh)
       batch = {'image': _images(config, batch_size, mesh),
                'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding),

@@ -49,12 +49,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     if config[stage].augment not in input_pipeline.AUGMENT_CHOICES:
       raise UserError(f'unknown {stage}.augment {config[stage].augment!r}: valid choices are '
                       f'{", ".join(map(str, input_pipeline.AUGMENT_CHOICES))}')
-  _choice('model.qkv_bias', config.model.get('qkv_bias', 'qkv'), ['qkv', 'qv', 'none'])
-  _choice('model.rel_pos_bias', config.model.get('rel_pos_bias', 'none'),
-          ['none', 'block', 'shared'])
+  _choice('model.qkv_bias', config.model.qkv_bias, ['qkv', 'qv', 'none'])
+  _choice('model.rel_pos_bias', config.model.rel_pos_bias, ['none', 'block', 'shared'])
   if 'pretrain' in stages:
     _choice('pretrain.scheme', config.pretrain.scheme, ['random', 'blockwise'])
-    if config.pretrain.scheme == 'random' and config.model.get('rel_pos_bias', 'none') != 'none':
+    if config.pretrain.scheme == 'random' and config.model.rel_pos_bias != 'none':
       raise UserError('model.rel_pos_bias needs every patch in the encoder, which MAE-style '
                       'random masking drops: use --config.pretrain.scheme=blockwise')
   if 'finetune' in stages:

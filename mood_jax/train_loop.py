@@ -225,7 +225,7 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
       state = jax.jit(init, out_shardings=shardings)()
 
     train_step = make_train_step(loss_fn, tx, rng, shardings, mesh,
-                                 cfg.get('grad_accum_steps', 1))
+                                 cfg.grad_accum_steps)
     start = int(state.step)
     tick, tick_step = time.perf_counter(), start
     window, window_steps = None, 0
