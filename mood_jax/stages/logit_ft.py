@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import inference, metrics_log, optim, parallel, train_loop
+from mood_jax import inference, metrics_log, optim, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import weight_mask
@@ -226,14 +226,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
 
   batch_fn = None
   if cfg.teacher_alpha < 1:
-    teacher_logits = jax.jit(
-        lambda params, images: model.apply({'params': params}, images)[0],
-        in_shardings=(None, parallel.batch_sharding(mesh)),  # params keep their placement
-        out_shardings=parallel.batch_sharding(mesh))
+    teacher_forward = inference.make_forward(model, mesh)  # eval mode, as a teacher is
     teacher = finetuned()
 
     def batch_fn(batch):
-      return {**batch, 'teacher_logits': teacher_logits(teacher, batch['image'])}
+      return {**batch, 'teacher_logits': teacher_forward(teacher, batch['image'])[1]}
 
   data = input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
                                       seed=config.seed, augment=cfg.augment)
