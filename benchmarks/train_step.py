@@ -3,7 +3,7 @@
   pip install -r requirements.txt -r requirements-test.txt -e . && pip install --no-deps timm==1.0.29
   python -m benchmarks.train_step [--steps=20 --warmup=3 --batch_size=128 --variant=Ti/4
                                    --image_size=32 --out=benchmarks/results/train_step.json
-                                   --gpu --peak_flops=FLOPS]
+                                   --gpu --peak_flops=FLOPS --scan --remat]
 
 Two steps, each in two implementations, on one fixed random batch (no input pipeline):
 
@@ -65,6 +65,8 @@ _IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'Default: 32 on CPU, 224 
 _GPU = flags.DEFINE_bool('gpu', False, 'The GPU setting; the default when JAX runs on a GPU.')
 _PEAK_FLOPS = flags.DEFINE_float('peak_flops', None, 'Peak FLOP/s of the device for MFU; '
                                  'default: a table for GPUs, an estimate for CPUs.')
+_SCAN = flags.DEFINE_bool('scan', False, 'Ours: config.model.scan (lax.scan over the blocks).')
+_REMAT = flags.DEFINE_bool('remat', False, 'Ours: config.model.remat.')
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/train_step.json', 'JSON results file.')
 
 SETTINGS = {
@@ -109,6 +111,7 @@ def _config(setting: dict):
   config.data.image_size = setting['image_size']
   config.pretrain.batch_size = config.finetune.batch_size = setting['batch_size']
   config.model.dtype = setting['dtype']  # compute dtype; params stay float32
+  config.model.scan, config.model.remat = _SCAN.value, _REMAT.value
   return config
 
 
@@ -169,10 +172,10 @@ def _stage_step(step: str, config, mesh):
   """(train state, jitted step) of a stage, built as `train_loop.train` builds them."""
   if step == 'pretrain':
     model, init_params, tx, _ = pretrain.setup(config)
-    loss_fn = pretrain.make_loss_fn(config, model)
+    loss_fn = pretrain.make_loss_fn(model, config.pretrain)
   else:
     model, init_params, tx, _ = finetune.setup(config)
-    loss_fn = finetune.make_loss_fn(config.finetune, model)
+    loss_fn = finetune.make_loss_fn(model, config.finetune)
   init, _, shardings = train_loop.abstract_state(init_params, tx, mesh, config.sharding_rules)
   cfg = getattr(config, step)
   train_step = train_loop.make_train_step(loss_fn, tx, jax.random.key(config.seed), shardings,
@@ -391,7 +394,8 @@ def main(argv) -> None:
   notes.append(f'1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, '
                f'on {os.cpu_count()} cores')
   report = {'setting': {**setting, 'gpu': gpu, 'steps': _STEPS.value, 'warmup': _WARMUP.value,
-                        'mask_ratio': config.pretrain.mask_ratio},
+                        'mask_ratio': config.pretrain.mask_ratio, 'scan': _SCAN.value,
+                        'remat': _REMAT.value},
             'peak_flops': peak, 'peak_flops_how': peak_how, 'notes': notes,
             'environment': {**_environment(), 'load_average_before': load_before,
                             'load_average_after': load_after},

@@ -50,6 +50,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       rel_pos_bias='none',      # 'block' (a table per block) or 'shared' (one, BEiT's option)
       dtype='float32',          # compute dtype: 'bfloat16' on TPU/GPU (params stay float32)
       remat=False,              # recompute block activations in the backward pass
+      scan=False,               # lax.scan over the blocks: one block to compile, same params
   )
 
   config.pretrain = dict(

@@ -3,8 +3,9 @@ abstract inputs (no data, no checkpoints, nothing written), and report what it w
 
 With `--config.dry_run_devices=N` the steps compile for N fake CPU devices (the mesh in
 `config.mesh` over them), so a pod's config can be checked on a laptop before renting it.
-XLA's memory analysis and FLOP count are of the compiled SPMD program, so both are per
-device.
+Memory is XLA's analysis of the compiled SPMD program, so it is per device. FLOPs are XLA's
+count on the lowered program with its loops unrolled (a loop's body is counted once, not per
+trip), divided by the devices.
 """
 
 import jax
@@ -23,10 +24,10 @@ def _training_parts(name: str, config: ml_collections.ConfigDict):
   """(model, init_params, optimizer, loss_fn, extra batch fields) of a training stage."""
   if name == 'pretrain':
     model, init_params, tx, _ = pretrain.setup(config)
-    return model, init_params, tx, pretrain.make_loss_fn(config, model), {}
+    return model, init_params, tx, pretrain.make_loss_fn(model, config.pretrain), {}
   if name == 'finetune':
     model, init_params, tx, _ = finetune.setup(config)
-    return model, init_params, tx, finetune.make_loss_fn(config.finetune, model), {}
+    return model, init_params, tx, finetune.make_loss_fn(model, config.finetune), {}
   cfg = config.logit_ft
   model, init_params, tx, _ = logit_ft.setup(config)
   gamma = 1.0 if cfg.loss == 'um' else None  # a value only: the shapes are what compile
@@ -41,49 +42,62 @@ def _images(config, batch_size: int, mesh) -> jax.ShapeDtypeStruct:
                               sharding=parallel.batch_sharding(mesh))
 
 
-def _report(what: str, compiled, batch_size: int, mesh) -> dict:
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost  # a list of one in older JAX
-  devices = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(mesh)]))
-  return {'what': what, 'batch_per_device': batch_size // devices,
-          'params_and_inputs_gib': memory.argument_size_in_bytes / _GIB,
-          'outputs_gib': memory.output_size_in_bytes / _GIB,
-          'temporaries_gib': memory.temp_size_in_bytes / _GIB,
-          'flops_per_device': float(cost.get('flops', float('nan')))}
+def _lower(name: str, config: ml_collections.ConfigDict, mesh) -> tuple[jax.stages.Lowered, int]:
+  """(the lowered step of stage `name`, its global batch size), from abstract inputs."""
+  if name == 'evaluate':
+    model, init_params, _, _ = finetune.setup(config)
+    params = train_loop.placed(jax.eval_shape(init_params), mesh, config.sharding_rules)
+    batch_size = config.evaluate.batch_size
+    forward = inference.make_forward(model, mesh)
+    return forward.lower(params, _images(config, batch_size, mesh)), batch_size
+  cfg = config[name]
+  model, init_params, tx, loss_fn, extra = _training_parts(name, config)
+  _, state, shardings = train_loop.abstract_state(init_params, tx, mesh, config.sharding_rules)
+  step = train_loop.make_train_step(loss_fn, tx, jax.random.key(0), shardings, mesh,
+                                    cfg.grad_accum_steps)
+  batch_size, sharding = cfg.batch_size, parallel.batch_sharding(mesh)
+  batch = {'image': _images(config, batch_size, mesh),
+           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding),
+           **{field: jax.ShapeDtypeStruct((batch_size, *shape), jnp.float32, sharding=sharding)
+              for field, shape in extra.items()}}
+  return step.lower(state, batch), batch_size
+
+
+def _unrolled(name: str, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """The config with the step's loops unrolled (no scan over blocks, one micro-batch), or
+  None when it has none: XLA's cost analysis counts a loop body once, not per trip."""
+  accumulates = name != 'evaluate' and config[name].grad_accum_steps > 1
+  if not (config.model.scan or accumulates):
+    return None
+  config = config.copy_and_resolve_references()
+  config.model.scan = False
+  if accumulates:
+    config[name].grad_accum_steps = 1  # the same batch in one go: the same FLOPs
+  return config
 
 
 def compile_steps(config: ml_collections.ConfigDict, stages: list[str], mesh) -> list[dict]:
-  """Compiles each training stage's step and the evaluation forward; one report each."""
+  """Compiles each training stage's step and the evaluation forward; one report each.
+  Memory is the compiled program's; FLOPs are the lowered program's (of the whole mesh,
+  divided by its devices), counted with loops unrolled."""
   reports = []
   for name in stages:
-    if name == 'evaluate':
-      model, init_params, _, _ = finetune.setup(config)
-      params = train_loop.placed(jax.eval_shape(init_params), mesh, config.sharding_rules)
-      batch_size = config.evaluate.batch_size
-      forward = inference.make_forward(model, mesh)
-      compiled = forward.lower(params, _images(config, batch_size, mesh)).compile()
-    else:
-      cfg = config[name]
-      model, init_params, tx, loss_fn, extra = _training_parts(name, config)
-      _, state, shardings = train_loop.abstract_state(init_params, tx, mesh,
-                                                      config.sharding_rules)
-      step = train_loop.make_train_step(loss_fn, tx, jax.random.key(0), shardings, mesh,
-                                        cfg.grad_accum_steps)
-      batch_size, sharding = cfg.batch_size, parallel.batch_sharding(mesh)
-      batch = {'image': _images(config, batch_size, mesh),
-               'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding),
-               **{field: jax.ShapeDtypeStruct((batch_size, *shape), jnp.float32,
-                                              sharding=sharding)
-                  for field, shape in extra.items()}}
-      compiled = step.lower(state, batch).compile()
-    reports.append(_report(name, compiled, batch_size, mesh))
+    lowered, batch_size = _lower(name, config, mesh)
+    memory = lowered.compile().memory_analysis()
+    unrolled = _unrolled(name, config)
+    counted = _lower(name, unrolled, mesh)[0] if unrolled else lowered
+    devices = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(mesh)]))
+    reports.append({'what': name, 'batch_per_device': batch_size // devices,
+                    'params_and_inputs_gib': memory.argument_size_in_bytes / _GIB,
+                    'outputs_gib': memory.output_size_in_bytes / _GIB,
+                    'temporaries_gib': memory.temp_size_in_bytes / _GIB,
+                    'flops_per_device': counted.cost_analysis()['flops'] / mesh.size})
   return reports
 
 
 def table(reports: list[dict], mesh) -> str:
   lines = [f'Dry run on {jax.device_count()} {jax.devices()[0].platform} devices, mesh '
-           f'{dict(mesh.shape)}; memory and FLOPs per device, from XLA\'s compiled program',
+           f'{dict(mesh.shape)}; memory (XLA\'s compiled program) and FLOPs per device',
            '| step | batch/device | params+inputs GiB | outputs GiB | temporaries GiB | '
            'GFLOPs/step |', '|---|---:|---:|---:|---:|---:|']
   for r in reports:

@@ -16,6 +16,7 @@ position embedding, LayerScale) promotes it. LayerNorms, pooled features and log
 float32, so losses and OOD scores never see bfloat16 rounding.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -119,12 +120,13 @@ def gelu(x):
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per example."""
-  rate: float
+  """Stochastic depth: drops the whole residual branch per example. `rate` may be traced
+  (a scanned block's rate)."""
+  rate: float | jax.Array
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
+    if deterministic or (isinstance(self.rate, float) and self.rate == 0.0):
       return x
     keep = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -249,6 +251,8 @@ class Encoder(nn.Module):
   rel_pos_bias: 'none', 'block' (one table per block) or 'shared' (one for all blocks).
   remat: recompute each block's activations in the backward pass instead of keeping them
   (less memory, about a third more compute).
+  scan: run the blocks as one `lax.scan` over their stacked params, so XLA compiles one
+  block instead of `depth` (see _scan_blocks).
   """
   width: int
   depth: int
@@ -262,6 +266,7 @@ class Encoder(nn.Module):
   rel_pos_bias: str = 'none'
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, images, *, mask=None, keep_ids=None, train: bool = False):
@@ -288,11 +293,37 @@ class Encoder(nn.Module):
               if self.rel_pos_bias == 'shared' else None)
     rates = np.linspace(0.0, self.drop_path, self.depth)  # linearly increasing, as in DeiT
     # Argument 2 (`deterministic`; `self` is 0) is a Python bool: static under remat.
-    block_type = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    block = functools.partial(nn.remat(Block, static_argnums=(2,)) if self.remat else Block,
+                              self.num_heads, self.mlp_dim, qkv_bias=self.qkv_bias,
+                              layer_scale=self.layer_scale, dtype=self.dtype,
+                              rel_pos_grid=grid_h if self.rel_pos_bias == 'block' else None)
+    if self.scan and not self.is_initializing():
+      return self._scan_blocks(block, x, rates, train, shared)
     for i in range(self.depth):
-      x = block_type(self.num_heads, self.mlp_dim, float(rates[i]), self.qkv_bias,
-                     self.layer_scale, grid_h if self.rel_pos_bias == 'block' else None,
-                     self.dtype, name=f'block{i}')(x, not train, shared)
+      x = block(drop_path=float(rates[i]), name=f'block{i}')(x, not train, shared)
+    return x
+
+  def _scan_blocks(self, block, x, rates, train: bool, shared_bias):
+    """The blocks as a `lax.scan` of one unbound Block over their params stacked on a new
+    leading axis. The stored params keep the per-block layout (block0, block1, ...), so
+    checkpoints, layer decay, weight masks and sharding rules are the same with or without
+    scan; the price is one copy of the block params per step, made by the stack.
+    Drop path draws its own key per block here: with drop_path > 0 the masks differ from
+    the unrolled loop's (the same distribution), and with it off the results agree."""
+    params = self.variables['params']
+    stacked = jax.tree.map(lambda *layers: jnp.stack(layers),
+                           *(params[f'block{i}'] for i in range(self.depth)))
+    drop = train and self.drop_path > 0
+    keys = jax.random.split(self.make_rng('dropout'), self.depth) if drop else None
+
+    def body(x, layer):
+      layer_params, rate, key = layer
+      out = block(drop_path=rate if drop else 0.0, parent=None).apply(
+          {'params': layer_params}, x, not train, shared_bias,
+          rngs={'dropout': key} if drop else None)
+      return out, None
+
+    x, _ = jax.lax.scan(body, x, (stacked, jnp.asarray(rates, jnp.float32), keys))
     return x
 
   def _posemb(self, grid: int):
@@ -341,4 +372,5 @@ def encoder_from_config(model_cfg, drop_path: float = 0.0) -> Encoder:
   options = {name: model_cfg.get(name, default) for name, default in ENCODER_OPTIONS.items()}
   return Encoder(**parse_variant(model_cfg.variant), posemb=model_cfg.posemb,
                  drop_path=drop_path, dtype=DTYPES[model_cfg.get('dtype', 'float32')],
-                 remat=model_cfg.get('remat', False), **options)
+                 remat=model_cfg.get('remat', False), scan=model_cfg.get('scan', False),
+                 **options)

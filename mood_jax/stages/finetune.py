@@ -118,7 +118,7 @@ def params_from_converted(config, path: str, init_params, mesh) -> dict:
   return merge_pretrained(_fresh_params(config, init_params, mesh), pretrained, source=path)
 
 
-def make_loss_fn(cfg: ml_collections.ConfigDict, model) -> train_loop.LossFn:
+def make_loss_fn(model, cfg: ml_collections.ConfigDict) -> train_loop.LossFn:
   """Label-smoothed cross-entropy, with drop path (`cfg`: the stage's config block)."""
   def loss_fn(params, batch, rng):
     logits, _ = model.apply({'params': params}, batch['image'], train=True,
@@ -146,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   data = input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
                                       seed=config.seed, augment=cfg.augment)
   train_loop.train(NAME, cfg, config, workdir, init_params=init_params,
-                   loss_fn=make_loss_fn(cfg, model), tx=tx, lr_schedule=schedule,
+                   loss_fn=make_loss_fn(model, cfg), tx=tx, lr_schedule=schedule,
                    data_iter=iter(data), mesh=mesh,
                    rng=jax.random.fold_in(jax.random.key(config.seed), 2),
                    initial_params=None if cfg.init_from == 'scratch' else initial_params)

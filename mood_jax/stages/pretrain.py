@@ -32,12 +32,11 @@ def setup(config: ml_collections.ConfigDict):
   return model, init_params, optim.make_optimizer(cfg, encoder.depth), optim.make_schedule(cfg)
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, model) -> train_loop.LossFn:
-  cfg = config.pretrain
+def make_loss_fn(model, cfg: ml_collections.ConfigDict) -> train_loop.LossFn:
   patch = model.encoder.patch_size
-  grid = (config.data.image_size // patch,) * 2
 
   def loss_fn(params, batch, rng):
+    grid = (batch['image'].shape[1] // patch, batch['image'].shape[2] // patch)
     # Separate streams: masks stay the same if drop-path settings change.
     mask_rng, dropout_rng = jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1)
     masks = masking.batch_masks(
@@ -57,6 +56,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   data = input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
                                       seed=config.seed, augment=cfg.augment)
   train_loop.train(NAME, cfg, config, workdir, init_params=init_params,
-                   loss_fn=make_loss_fn(config, model), tx=tx, lr_schedule=schedule,
+                   loss_fn=make_loss_fn(model, cfg), tx=tx, lr_schedule=schedule,
                    data_iter=iter(data), mesh=mesh,
                    rng=jax.random.fold_in(jax.random.key(config.seed), 1))
