@@ -88,3 +88,16 @@ def test_plot_scores_writes_histogram_and_roc_per_model_and_scorer(tmp_path):
   for path in paths:
     with open(path, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_histogram_bins_distance_scores_on_a_log_axis_so_id_and_ood_both_show():
+  rng = np.random.default_rng(0)
+  distances = {'id': -rng.uniform(30, 300, 200), 'far': -rng.uniform(1e3, 1e4, 200)}
+  axes = report._histogram_figure('mahalanobis', distances).axes[0]
+  assert axes.get_xscale() == 'symlog'
+  # Every set fills several bars, and each set's bars sum to one (fractions of the set).
+  for bars in axes.containers:
+    heights = np.array([bar.get_height() for bar in bars])
+    assert (heights > 0).sum() >= 5 and np.isclose(heights.sum(), 1)
+  logits = {'id': rng.normal(1, 1, 100), 'far': rng.normal(0, 1, 80)}
+  assert report._histogram_figure('msp', logits).axes[0].get_xscale() == 'linear'

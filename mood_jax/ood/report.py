@@ -140,19 +140,40 @@ def _save_figure(figure: Figure, path: str) -> None:
 
 
 def _histogram_figure(title: str, by_set: dict) -> Figure:
-  figure = Figure(figsize=(6, 4))
+  figure = Figure(figsize=(6, 4), layout='constrained')
   axes = figure.subplots()
-  # Shared bins so the sets' densities are comparable bar for bar.
-  bins = np.histogram_bin_edges(np.concatenate(list(by_set.values())), bins=60)
-  for dataset, values in by_set.items():
-    axes.hist(values, bins=bins, density=True, alpha=0.5, label=dataset)
-  axes.set(title=title, xlabel='score (higher = more in-distribution)', ylabel='density')
-  axes.legend()
+  # Shared bins over the central 98% of all scores, so the sets' densities compare bar for
+  # bar and a long tail does not squeeze the rest into a few bars; tail values are clipped
+  # into the edge bins, not dropped.
+  low, high = np.percentile(np.concatenate(list(by_set.values())), [1, 99])
+  clipped = {name: np.clip(values, low, high) for name, values in by_set.items()}
+  # Distance-like scores (e.g. Mahalanobis: ID tens below 0, far OOD thousands) span decades
+  # with one sign: there the bins and the axis are symmetric-log, so ID and OOD both show.
+  near, far = sorted((abs(low), abs(high)))
+  symlog = low * high > 0 and far > 100 * near
+  if symlog:
+    edges = np.linspace(*_symlog([low, high], near), 61)
+    bins = np.sign(edges) * near * np.expm1(np.abs(edges))
+    axes.set_xscale('symlog', linthresh=near)
+  else:
+    bins = np.histogram_bin_edges(np.concatenate(list(clipped.values())), bins=60)
+  for dataset, values in clipped.items():
+    axes.hist(values, bins=bins, density=not symlog, alpha=0.5, label=dataset,
+              weights=np.full(len(values), 1 / len(values)) if symlog else None)
+  axes.set(title=title, ylabel='fraction of the set' if symlog else 'density',
+           xlabel='score (higher = more in-distribution; 1st-99th percentile, tails at edges)')
+  axes.legend(fontsize='small')
   return figure
 
 
+def _symlog(x, scale: float):
+  """sign(x) log(1 + |x| / scale): the symmetric-log coordinate of the histogram's bins."""
+  x = np.asarray(x, np.float64)
+  return np.sign(x) * np.log1p(np.abs(x) / scale)
+
+
 def _roc_figure(title: str, by_set: dict) -> Figure:
-  figure = Figure(figsize=(5, 5))
+  figure = Figure(figsize=(5, 5), layout='constrained')
   axes = figure.subplots()
   id_scores = by_set['id']
   for dataset, ood_scores in by_set.items():
