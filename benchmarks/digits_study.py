@@ -133,16 +133,18 @@ def write_csv(path: str, metrics: dict) -> None:
 
 
 def plot_length(path: str, metrics: dict, cells) -> None:
-  """Near- and far-OOD AUROC of MOOD's Mahalanobis (finetune model) by pretraining steps."""
-  figure = Figure(figsize=(6, 4))
+  """Near-, far- and validation-OOD AUROC of MOOD's Mahalanobis (finetune model) by
+  pretraining steps."""
+  figure = Figure(figsize=(6, 4), layout='constrained')
   axes = figure.subplots()
   cells = [cell for cell in LENGTH_CELLS if cell in cells]
   steps = [CELLS[cell][0] for cell in cells]
-  for group in ('near_mean', 'far_mean'):
+  for group, label in (('near_mean', 'near OOD (test)'), ('far_mean', 'far OOD (test)'),
+                       (BEST_BY[2], f'{BEST_BY[2]} (validation)')):
     stats = [mean_std(metrics[(cell, 'finetune', 'mahalanobis_mood', group)]['auroc'])
              for cell in cells]
     axes.errorbar(steps, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats],
-                  marker='o', capsize=3, label=group.replace('_mean', ' OOD'))
+                  marker='o', capsize=3, label=label)
   axes.set(xlabel='MIM pretraining steps (0: from scratch)', ylabel='AUROC (%)',
            title='mahalanobis_mood, finetune model, mean ± std over seeds')
   axes.legend()
