@@ -23,7 +23,10 @@ configs/digits.py. Each step is timed on its own (until its results are ready) a
 `--warmup` untimed ones; ours and torch alternate step by step, so that load from other
 processes falls on both alike. Reported: the median step time, images/s = batch / median,
 and MFU = analytic model FLOPs per image (matmuls and attention, backward = 2x forward)
-x images/s / peak FLOP/s of the device. The JSON file holds every step time.
+x images/s / peak FLOP/s of the device; and the median minor page faults and system CPU
+seconds per step, the kernel's share of the step: XLA:CPU allocates a step's temporaries
+afresh each run, and glibc serves blocks that large with new pages, each faulted in on first
+touch, where PyTorch's per-tensor allocations are reused. The JSON file holds every step's.
 
 Settings (flags override any of them):
   CPU (default)      Ti/4 at 32 px (CIFAR-10's 3 channels, 10 classes), batch 128, float32;
@@ -41,6 +44,7 @@ named in the config gives only the channels and classes: nothing is read from di
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -307,7 +311,9 @@ def _torch(step: str, config, gpu: bool, images, labels):
 # --- Timing and the report. ---
 
 def _time(run_steps: dict, warmup: int, steps: int) -> dict:
-  """Seconds of each timed step per implementation; they alternate step by step."""
+  """Seconds, minor page faults and system CPU seconds of each timed step per implementation;
+  they alternate step by step. A step runs until its results are ready and nothing else runs
+  between steps, so the process's resource usage over a step is that step's."""
   first = {}
   for name, run_step in run_steps.items():
     start = time.perf_counter()
@@ -315,13 +321,17 @@ def _time(run_steps: dict, warmup: int, steps: int) -> dict:
     first[name] = time.perf_counter() - start
     for _ in range(warmup - 1):  # the first step was one
       run_step()
-  times = {name: [] for name in run_steps}
+  timed = {name: {'first_step_s': first[name], 'step_s': [], 'page_faults': [],
+                  'system_cpu_s': []} for name in run_steps}
   for _ in range(steps):
     for name, run_step in run_steps.items():
-      start = time.perf_counter()
+      usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       run_step()
-      times[name].append(time.perf_counter() - start)
-  return {name: {'first_step_s': first[name], 'step_s': times[name]} for name in run_steps}
+      seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+      timed[name]['step_s'].append(seconds)
+      timed[name]['page_faults'].append(after.ru_minflt - usage.ru_minflt)
+      timed[name]['system_cpu_s'].append(after.ru_stime - usage.ru_stime)
+  return timed
 
 
 def _summary(timing: dict, batch_size: int, flops_per_image: float, peak: float | None) -> dict:
@@ -330,6 +340,8 @@ def _summary(timing: dict, batch_size: int, flops_per_image: float, peak: float 
   # The fastest step: what the step costs with the least interference from other load.
   return {'median_step_ms': median * 1e3, 'fastest_step_ms': min(timing['step_s']) * 1e3,
           'images_per_s': images_per_s,
+          'median_page_faults': statistics.median(timing['page_faults']),
+          'median_system_cpu_s': statistics.median(timing['system_cpu_s']),
           'mfu': flops_per_image * images_per_s / peak if peak else None, **timing}
 
 
@@ -346,13 +358,15 @@ def _environment() -> dict:
 
 
 def _print_table(results: dict, notes: list[str]) -> None:
-  print(f'{"step":9s} {"impl":6s} {"step ms":>9s} {"images/s":>9s} {"MFU":>7s} {"fastest ms":>10s}')
+  print(f'{"step":9s} {"impl":6s} {"step ms":>9s} {"images/s":>9s} {"MFU":>7s} {"fastest ms":>10s} '
+        f'{"faults":>8s} {"sys s":>6s}')
   for step, rows in results.items():
     for name in ('ours', 'torch'):
       row = rows[name]
       mfu = f'{100 * row["mfu"]:6.2f}%' if row['mfu'] is not None else '    n/a'
       print(f'{step:9s} {name:6s} {row["median_step_ms"]:9.1f} {row["images_per_s"]:9.1f} {mfu} '
-            f'{row["fastest_step_ms"]:10.1f}')
+            f'{row["fastest_step_ms"]:10.1f} {row["median_page_faults"]:8.0f} '
+            f'{row["median_system_cpu_s"]:6.2f}')
     print(f'{step:9s} ours/torch images/s: {rows["ratio_ours_to_torch"]:.3f}')
   for note in notes:
     print(f'note: {note}')
