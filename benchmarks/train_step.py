@@ -55,7 +55,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import digits
-from mood_jax import parallel, train_loop
+from mood_jax import host_malloc, parallel, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.models import vit
 from mood_jax.stages import finetune, pretrain
@@ -352,6 +352,7 @@ def _environment() -> dict:
                platform.processor())
   return {'device': f'{jax.devices()[0].device_kind} ({jax.default_backend()})', 'cpu': cpu,
           'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+          'allocator': host_malloc.caching_malloc() or 'libc malloc',
           'versions': {'python': platform.python_version(), 'jax': jax.__version__,
                        'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
                        'torch': torch.__version__, 'timm': timm.__version__}}
@@ -383,7 +384,9 @@ def main(argv) -> None:
   peak, peak_how = _peak_flops()
   notes = [f'peak FLOP/s {peak_how}',
            f'medians of {_STEPS.value} timed steps after {_WARMUP.value} warm-up ones, ours '
-           'and torch alternating; other processes on the machine load both alike']
+           'and torch alternating; other processes on the machine load both alike',
+           f'allocator: {host_malloc.caching_malloc() or "libc malloc"}, for both '
+           'implementations (see mood_jax/host_malloc.py)']
   if gpu:
     notes.append('GPU setting: UNTESTED, written without a GPU')
   mesh = parallel.make_mesh(config.mesh)

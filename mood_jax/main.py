@@ -8,7 +8,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mood_jax import parallel, pipeline, train_loop
+from mood_jax import host_malloc, parallel, pipeline, train_loop
 from mood_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
@@ -74,6 +74,9 @@ def main(argv) -> None:
     jax.config.update('jax_num_cpu_devices', config.dry_run_devices)
   else:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if jax.default_backend() == 'cpu' and not host_malloc.caching_malloc():
+      logging.info('running on CPU with the C library\'s malloc: preloading tcmalloc makes '
+                   'the training steps about 1.2x faster (README, "CPU training")')
   try:
     pipeline.run(config, _WORKDIR.value)
   except UserError as e:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import digits
+from mood_jax import host_malloc
 from mood_jax.ood import scorers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +50,8 @@ def test_end_to_end_writes_results(smoke_run):
   assert all(0.0 <= acc <= 1.0 for acc in results['id_accuracy'].values())
   assert os.path.exists(os.path.join(workdir, 'results', 'results.csv'))
   assert '| mahalanobis_mood |' in proc.stdout  # the Markdown table is printed
+  # CPU training without a caching malloc says how to get faster steps (host_malloc.py).
+  assert ('preloading tcmalloc' in proc.stderr) == (host_malloc.caching_malloc() is None)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     logged = [json.loads(line) for line in f]
   assert {m['stage'] for m in logged} == {'pretrain', 'finetune', 'logit_ft'}
