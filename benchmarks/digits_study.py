@@ -13,7 +13,7 @@ from its checkpoints. Then it writes:
                    accuracy; the exact command, commit and machine
   OUT/study.csv    every (cell, model, scorer, OOD set) with mean and std of each metric
   OUT/plots/       AUROC against pretraining length
-  OUT/best_cell_<cell>/plots/, OUT/worst_cell_<cell>/plots/
+  OUT/best_cell/plots/, OUT/worst_cell/plots/ (study.md names the cells)
                    score histograms and ROC curves of the best and the worst cell, ranked
                    by MOOD's Mahalanobis AUROC (finetune model) on the letters validation
                    set, so the recipe is chosen without looking at a test set
@@ -157,7 +157,8 @@ def ranked_cells(metrics: dict, cells) -> list[str]:
 
 
 def plot_extremes(out: str, metrics: dict, cells, seed: str) -> list[str]:
-  """Score histograms and ROC curves of the worst and best cells (one seed's scores)."""
+  """Score histograms and ROC curves of the worst and best cells (one seed's scores), in
+  worst_cell/ and best_cell/: fixed names, so a report of a new ranking replaces the last's."""
   model, scorer, _ = BEST_BY
   paths = []
   ranked = ranked_cells(metrics, cells)
@@ -165,7 +166,7 @@ def plot_extremes(out: str, metrics: dict, cells, seed: str) -> list[str]:
     with np.load(os.path.join(out, cell, f'seed{seed}', 'results', 'scores.npz')) as npz:
       prefix = f'{model}/{scorer}/'
       by_set = {key[len(prefix):]: npz[key] for key in npz.files if key.startswith(prefix)}
-    paths += report.plot_scores(os.path.join(out, f'{label}_cell_{cell}'),
+    paths += report.plot_scores(os.path.join(out, f'{label}_cell'),
                                 {model: {scorer: by_set}})
   return paths
 
@@ -194,8 +195,8 @@ def write_report(out: str, cells, seeds, wall_s: float) -> str:
       summary_table(metrics, accuracy, cells), '',
       f'Cells by {BEST_BY[2]} (validation) AUROC of {BEST_BY[1]} ({BEST_BY[0]} model), worst '
       f'to best: {", ".join(ranked)}. The recipe chosen on validation: {ranked[-1]}.', '',
-      'Every (cell, model, scorer, OOD set): study.csv. Plots: plots/, best_cell_*/, '
-      'worst_cell_*/.', ''])
+      f'Every (cell, model, scorer, OOD set): study.csv. Plots: plots/, best_cell/ '
+      f'({ranked[-1]}, seed {seeds[0]}), worst_cell/ ({ranked[0]}, seed {seeds[0]}).', ''])
   with open(os.path.join(out, 'study.md'), 'w') as f:
     f.write(text)
   return text

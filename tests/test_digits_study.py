@@ -41,3 +41,20 @@ def test_a_finished_run_is_not_rerun(tmp_path, capsys):
   assert 'done before, kept' in capsys.readouterr().out
   assert (workdir / 'results' / 'results.json').read_text() == before
   assert not (workdir / 'log.txt').exists()
+
+
+def test_extreme_cell_plots_go_to_fixed_dirs_that_a_new_ranking_replaces(tmp_path):
+  model, scorer, row = digits_study.BEST_BY
+  rng = np.random.default_rng(0)
+  for cell in ('mae', 'beit'):
+    os.makedirs(tmp_path / cell / 'seed0' / 'results')
+    np.savez(tmp_path / cell / 'seed0' / 'results' / 'scores.npz',
+             **{f'{model}/{scorer}/{name}': rng.normal(size=50) for name in ('id', row)})
+  for best, worst in (('mae', 'beit'), ('beit', 'mae')):
+    metrics = {(best, model, scorer, row): {'auroc': [0.9]},
+               (worst, model, scorer, row): {'auroc': [0.6]}}
+    paths = digits_study.plot_extremes(str(tmp_path), metrics, ['mae', 'beit'], '0')
+    assert sorted(os.listdir(tmp_path)) == ['beit', 'best_cell', 'mae', 'worst_cell']
+    assert all(os.path.exists(path) for path in paths)
+    assert {os.path.relpath(path, tmp_path).split(os.sep)[0] for path in paths} == {
+        'best_cell', 'worst_cell'}
