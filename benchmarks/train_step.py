@@ -345,14 +345,14 @@ def _summary(timing: dict, batch_size: int, flops_per_image: float, peak: float 
           'mfu': flops_per_image * images_per_s / peak if peak else None, **timing}
 
 
-def _environment() -> dict:
+def _environment(allocator: str) -> dict:
   torch, timm = _torch_and_timm()
   with open('/proc/cpuinfo') as f:
     cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
                platform.processor())
   return {'device': f'{jax.devices()[0].device_kind} ({jax.default_backend()})', 'cpu': cpu,
           'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
-          'allocator': host_malloc.caching_malloc() or 'libc malloc',
+          'allocator': allocator,
           'versions': {'python': platform.python_version(), 'jax': jax.__version__,
                        'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
                        'torch': torch.__version__, 'timm': timm.__version__}}
@@ -382,10 +382,11 @@ def main(argv) -> None:
   if not gpu:  # its default may be below the core count; JAX's CPU client uses every core
     torch.set_num_threads(os.cpu_count())
   peak, peak_how = _peak_flops()
+  allocator = host_malloc.caching_malloc() or 'libc malloc'
   notes = [f'peak FLOP/s {peak_how}',
            f'medians of {_STEPS.value} timed steps after {_WARMUP.value} warm-up ones, ours '
            'and torch alternating; other processes on the machine load both alike',
-           f'allocator: {host_malloc.caching_malloc() or "libc malloc"}, for both '
+           f'allocator: {allocator}, for both '
            'implementations (see mood_jax/host_malloc.py)']
   if gpu:
     notes.append('GPU setting: UNTESTED, written without a GPU')
@@ -414,7 +415,7 @@ def main(argv) -> None:
                         'mask_ratio': config.pretrain.mask_ratio, 'scan': _SCAN.value,
                         'remat': _REMAT.value},
             'peak_flops': peak, 'peak_flops_how': peak_how, 'notes': notes,
-            'environment': {**_environment(), 'load_average_before': load_before,
+            'environment': {**_environment(allocator), 'load_average_before': load_before,
                             'load_average_after': load_after},
             'results': results}
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

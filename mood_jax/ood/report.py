@@ -151,12 +151,13 @@ def _histogram_figure(title: str, by_set: dict) -> Figure:
   # with one sign: there the bins and the axis are symmetric-log, so ID and OOD both show.
   near, far = sorted((abs(low), abs(high)))
   symlog = low * high > 0 and far > 100 * near
-  if symlog:
-    edges = np.linspace(*_symlog([low, high], near), 61)
+  if symlog:  # 60 bins even in sign(x) log(1 + |x| / near), mapped back to scores
+    ends = np.sign([low, high]) * np.log1p(np.abs([low, high]) / near)
+    edges = np.linspace(*ends, 61)
     bins = np.sign(edges) * near * np.expm1(np.abs(edges))
     axes.set_xscale('symlog', linthresh=near)
-  else:
-    bins = np.histogram_bin_edges(np.concatenate(list(clipped.values())), bins=60)
+  else:  # the clipped scores span exactly [low, high]
+    bins = np.histogram_bin_edges([low, high], bins=60)
   for dataset, values in clipped.items():
     axes.hist(values, bins=bins, density=not symlog, alpha=0.5, label=dataset,
               weights=np.full(len(values), 1 / len(values)) if symlog else None)
@@ -164,12 +165,6 @@ def _histogram_figure(title: str, by_set: dict) -> Figure:
            xlabel='score (higher = more in-distribution; 1st-99th percentile, tails at edges)')
   axes.legend(fontsize='small')
   return figure
-
-
-def _symlog(x, scale: float):
-  """sign(x) log(1 + |x| / scale): the symmetric-log coordinate of the histogram's bins."""
-  x = np.asarray(x, np.float64)
-  return np.sign(x) * np.log1p(np.abs(x) / scale)
 
 
 def _roc_figure(title: str, by_set: dict) -> Figure:
