@@ -71,8 +71,24 @@ def test_straight_through_gradient_reaches_the_scores():
   hard = weight_mask.topk_mask(scores['dense']['kernel'], 0.5)
   np.testing.assert_array_equal(masked['dense']['kernel'], weights['dense']['kernel'] * hard)
   np.testing.assert_array_equal(masked['dense']['bias'], weights['dense']['bias'])
-  # d/ds sum(w * m(s)) with an identity straight-through is w, masked or not.
-  np.testing.assert_array_equal(grad['dense']['kernel'], weights['dense']['kernel'])
+  # d/ds sum(w * m(|s|)), straight through to |s|, is w * sign(s), masked or not.
+  np.testing.assert_array_equal(grad['dense']['kernel'],
+                                weights['dense']['kernel'] * np.sign(scores['dense']['kernel']))
+
+
+@pytest.mark.parametrize('score', [-0.8, 0.8])
+def test_straight_through_step_grows_the_score_of_a_helpful_weight(score):
+  """Loss = -w * m: removing the weight raises the loss, so one SGD step (lr 0.1) must
+  take |s| from 0.8 to 0.9 whatever the sign of s (UM's straight-through on |s|)."""
+  weights = {'dense': {'kernel': jnp.ones((1, 1))}}
+
+  def loss(scores):
+    masked = weight_mask.apply_masks(weights, weight_mask.straight_through_masks(scores, 1.0))
+    return -jnp.sum(masked['dense']['kernel'])
+
+  scores = {'dense': {'kernel': jnp.full((1, 1), score)}}
+  stepped = scores['dense']['kernel'] - 0.1 * jax.grad(loss)(scores)['dense']['kernel']
+  np.testing.assert_allclose(np.abs(stepped), 0.9, rtol=1e-6)
 
 
 def test_random_masks_cover_every_kernel_at_the_keep_ratio():
