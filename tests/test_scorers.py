@@ -452,6 +452,17 @@ def test_user_registered_scorer_is_usable_by_name(monkeypatch):
     scorers.register(scorer)
 
 
+def test_scorer_returning_keepdims_is_an_error_naming_it(monkeypatch):
+  monkeypatch.setattr(scorers, '_REGISTRY', dict(scorers._REGISTRY))
+  scorer = scorers.register(scorers.Scorer(
+      name='test_keepdims_norm', fit=lambda features, logits, labels, head: {},
+      score=lambda stats, features, logits: jnp.linalg.norm(features, axis=-1, keepdims=True),
+      needs_logits=False))
+  features = np.array([[3., 4.], [0., 1.], [1., 0.]], np.float32)
+  with pytest.raises(ValueError, match=r"'test_keepdims_norm' returned scores of shape \(2, 1\)"):
+    scorers.score(scorer, {}, features, None, chunk_size=2)
+
+
 # --- 8 devices ------------------------------------------------------------------------------
 
 MESH_SCORERS = ('knn', 'mahalanobis_mood', 'mahalanobis', 'rmds', 'vim', 'residual', 'klm')

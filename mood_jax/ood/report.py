@@ -20,12 +20,14 @@ GROUPS = ('near', 'far')
 CONVENTIONS = {
     'score': 'higher score = more in-distribution',
     'auroc': 'area under the ROC curve, ties as sklearn roc_auc_score',
-    'aupr_in': 'average precision, ID positive, ranked by score',
-    'aupr_out': 'average precision, OOD positive, ranked by -score',
+    'aupr_in': 'OpenOOD v1.5 AUPR-In: trapezoid area under the precision-recall curve, ID '
+               'positive, ranked by score',
+    'aupr_out': 'OpenOOD v1.5 AUPR-Out: trapezoid area under the precision-recall curve, OOD '
+                'positive, ranked by -score',
     'fpr95': 'OpenOOD v1.5 FPR@95 (OOD positive): fraction of ID flagged OOD at the '
              'threshold that catches 95% of OOD',
-    'fpr95_id': 'ODIN/MOOD FPR@95 (ID positive): fraction of OOD accepted at the '
-                'threshold that accepts 95% of ID',
+    'fpr95_id': 'MOOD FPR@95 (ID positive): fraction of OOD scoring strictly above the 5th '
+                'percentile (linear) of the ID scores',
 }
 _CONVENTIONS_LINE = ('Conventions: higher score = more ID; AUROC and AUPR-In take ID as '
                      'positive, AUPR-Out OOD; FPR@95 is OpenOOD v1.5\'s (ID flagged OOD '

@@ -142,7 +142,11 @@ def score(scorer: Scorer, stats, features, logits, *, mesh=None,
       chunks = [None if rows is None else
                 _replicated(_pad_rows(np.asarray(rows[start:start + chunk_size]), chunk_size))
                 for rows in (features, logits)]
-      parts.append(scorer.score(stats, *chunks, **scorer.hparams))  # dispatch is async
+      part = scorer.score(stats, *chunks, **scorer.hparams)  # dispatch is async
+      if part.shape != (chunk_size,):  # e.g. keepdims: [N, 1] would rank as garbage
+        raise ValueError(f'scorer {scorer.name!r} returned scores of shape {part.shape} for '
+                         f'{chunk_size} inputs; a score function must return shape [N]')
+      parts.append(part)
   scores = np.concatenate([np.asarray(part) for part in parts] or [np.zeros(0)])
   return scores[:num_rows].astype(np.float32)
 
