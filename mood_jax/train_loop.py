@@ -19,6 +19,8 @@ from mood_jax.errors import UserError
 
 # loss_fn(params, batch, rng) -> (loss, aux metrics)
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+# batch_loss(mean loss of the whole batch) -> (objective, aux metrics), e.g. flooding
+BatchLossFn = Callable[[jax.Array], tuple[jax.Array, dict]]
 
 
 @flax.struct.dataclass
@@ -96,12 +98,21 @@ def accumulated(grad_fn, num_micro: int, mesh):
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, rng: jax.Array,
-                    state_shardings, mesh, grad_accum_steps: int = 1):
+                    state_shardings, mesh, grad_accum_steps: int = 1,
+                    batch_loss: BatchLossFn | None = None):
+  """The jitted step. `batch_loss`, if given, is applied to the whole batch's mean loss,
+  after accumulation: by the chain rule its derivative there scales the accumulated
+  gradient, so a non-linear objective of the batch mean (flooding) is the same for any
+  `grad_accum_steps`."""
   grad_fn = accumulated(jax.value_and_grad(loss_fn, has_aux=True), grad_accum_steps, mesh)
 
   def train_step(state: TrainState, batch: dict):
     step_rng = jax.random.fold_in(rng, state.step)  # resumable: no RNG state to checkpoint
     (loss, aux), grads = grad_fn(state.params, batch, step_rng)
+    if batch_loss is not None:
+      (loss, batch_aux), slope = jax.value_and_grad(batch_loss, has_aux=True)(loss)
+      grads = jax.tree.map(lambda g: g * slope.astype(g.dtype), grads)
+      aux = {**aux, **batch_aux}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           opt_state=opt_state)
@@ -203,17 +214,21 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
           workdir: str, *, init_params: Callable[[], Any], loss_fn: LossFn,
           tx: optax.GradientTransformation, lr_schedule: optax.Schedule, data_iter, mesh,
           rng: jax.Array, initial_params: Callable[[], Any] | None = None,
-          batch_fn: Callable[[dict], dict] | None = None) -> TrainState:
+          batch_fn: Callable[[dict], dict] | None = None,
+          batch_loss: BatchLossFn | None = None,
+          keep_steps: tuple[int, ...] = ()) -> TrainState:
   """Runs `cfg.num_steps` steps, resuming from the stage's latest checkpoint if any.
 
   `initial_params()` (e.g. a pretrained encoder merged into a fresh head) replaces
   `init_params()` for a fresh start; it is not called when resuming. `batch_fn` adds
-  derived inputs to each global batch (e.g. a frozen teacher's logits) before the step.
+  derived inputs to each global batch (e.g. a frozen teacher's logits) before the step;
+  `batch_loss` maps the batch's mean loss to the objective (see `make_train_step`).
+  Checkpoints of `keep_steps` are kept beside the latest `cfg.keep_checkpoints`.
   Logged metrics are means over the steps since the previous log line. On a preemption
   notice it saves at the end of the current step and raises `Preempted`.
   """
   init, abstract, shardings = abstract_state(init_params, tx, mesh, config.sharding_rules)
-  mngr = checkpoint.manager(checkpoint_dir(workdir, stage), cfg)
+  mngr = checkpoint.manager(checkpoint_dir(workdir, stage), cfg, keep_steps)
   try:
     state = checkpoint.restore_latest(mngr, abstract, data_iter)
     if state is not None:
@@ -225,7 +240,7 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
       state = jax.jit(init, out_shardings=shardings)()
 
     train_step = make_train_step(loss_fn, tx, rng, shardings, mesh,
-                                 cfg.grad_accum_steps)
+                                 cfg.grad_accum_steps, batch_loss)
     start = int(state.step)
     tick, tick_step = time.perf_counter(), start
     window, window_steps = None, 0
@@ -266,15 +281,20 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
   return state
 
 
-def _restore_final(workdir: str, stage: str, abstract: Callable):
-  """The final checkpoint of a finished earlier stage; `abstract(mngr, step)` gives the
-  shapes and shardings to restore it into."""
+def _restore_final(workdir: str, stage: str, abstract: Callable, step: int | None = None):
+  """The final (or the given `step`'s) checkpoint of a finished earlier stage;
+  `abstract(mngr, step)` gives the shapes and shardings to restore it into."""
   path = checkpoint_dir(workdir, stage)
-  step = final_step(workdir, stage)
-  if step is None:
+  final = final_step(workdir, stage)
+  if final is None:
     raise UserError(f'no {stage} checkpoint in {path}: '
                     f'run the {stage} stage first (add it to --config.stages)')
+  step = final if step is None else step
   with checkpoint.manager(path) as mngr:
+    if step not in mngr.all_steps():
+      raise UserError(f'no {stage} checkpoint of step {step} in {path} (kept: '
+                      f'{sorted(mngr.all_steps())}): choose a kept step, or rerun {stage} in a '
+                      'fresh workdir with the step set, so that it is kept')
     try:
       return checkpoint.restore(mngr, step, abstract(mngr, step))
     except Exception as e:  # orbax, tensorstore and json raise many types for a damaged file
@@ -286,11 +306,11 @@ def _restore_final(workdir: str, stage: str, abstract: Callable):
 
 
 def restore_params(workdir: str, stage: str, init_params: Callable[[], Any],
-                   tx: optax.GradientTransformation, mesh, rules=()):
-  """Params of a finished earlier stage (e.g. finetune for logit_ft), placed by `mesh`; their
-  shapes must be those of the current config's model."""
+                   tx: optax.GradientTransformation, mesh, rules=(), step: int | None = None):
+  """Params of a finished earlier stage (e.g. finetune for logit_ft), placed by `mesh`, at
+  its final step or `step`; their shapes must be those of the current config's model."""
   _, abstract, _ = abstract_state(init_params, tx, mesh, rules)
-  return _restore_final(workdir, stage, lambda mngr, step: abstract).params
+  return _restore_final(workdir, stage, lambda mngr, step: abstract, step).params
 
 
 def saved_params(workdir: str, stage: str, mesh, rules=()) -> dict:

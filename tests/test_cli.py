@@ -57,8 +57,11 @@ def test_end_to_end_writes_results(smoke_run):
   assert {m['stage'] for m in logged} == {'pretrain', 'finetune', 'logit_ft'}
   steps = [m for m in logged if m['step'] > 0]
   assert all({'loss', 'lr', 'images_per_s'} <= set(m) for m in steps)
-  # The default logit_ft loss drops the 10% most mask-sensitive samples: 2 of 16.
-  assert all(m['masked_fraction'] == 0.125 for m in steps if m['stage'] == 'logit_ft')
+  # The default logit_ft loss is UM's flooding, and the report says so.
+  assert all(0 <= m['flooded'] <= 1 for m in steps if m['stage'] == 'logit_ft')
+  assert results['models']['logit_ft'].startswith("loss=um (UM's flooding")
+  with open(os.path.join(workdir, 'results', 'results.md')) as f:
+    assert '- logit_ft: loss=um' in f.read()
 
 
 def test_finished_stages_are_skipped(smoke_run, data_dir):
@@ -71,13 +74,14 @@ def test_finished_stages_are_skipped(smoke_run, data_dir):
 
 
 def test_logit_ft_flooding_umap_teacher(smoke_run, data_dir, tmp_path):
-  """UM's flooding with UMAP scores + weights and logits-based targets, together."""
+  """UM's flooding with UMAP scores + weights and logits-based targets, together, from an
+  earlier finetune checkpoint."""
   workdir = tmp_path / 'workdir'
   shutil.copytree(smoke_run[0], workdir,
                   ignore=shutil.ignore_patterns('logit_ft*', 'results', 'metrics.jsonl'))
   proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
                '--config.stages=logit_ft,evaluate', '--config.evaluate.models=logit_ft',
-               '--config.evaluate.scorers=msp', '--config.logit_ft.loss=um',
+               '--config.evaluate.scorers=msp', '--config.logit_ft.init_step=2',
                '--config.logit_ft.umap=both', '--config.logit_ft.teacher_alpha=0.9',
                data_dir=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -86,11 +90,16 @@ def test_logit_ft_flooding_umap_teacher(smoke_run, data_dir, tmp_path):
   # The UM constraint is explicit: gamma is logged and saved, flooding is tracked.
   gamma, = [m['gamma'] for m in logged if m['step'] == 0]
   with open(workdir / 'logit_ft_gamma.json') as f:
-    assert json.load(f)['gamma'] == gamma > 0
+    record = json.load(f)
+  assert record['gamma'] == gamma > 0 and record['finetune_step'] == 2
+  assert 'starting from the finetune checkpoint of step 2' in proc.stderr
   assert all(0 <= m['flooded'] <= 1 for m in logged if m['step'] > 0)
   assert os.listdir(workdir / 'ckpt' / 'logit_ft' / '4' / 'state')
   with open(workdir / 'results' / 'results.json') as f:
-    assert {r['model'] for r in json.load(f)['rows']} == {'logit_ft'}
+    results = json.load(f)
+  assert {r['model'] for r in results['rows']} == {'logit_ft'}
+  assert 'from finetune step 2' in results['models']['logit_ft']
+  assert 'umap=both' in results['models']['logit_ft']
 
 
 def test_evaluate_only_runs_every_scorer_with_hparams_chosen_on_validation(smoke_run, data_dir,
@@ -152,6 +161,7 @@ def test_one_class_runs_each_class_and_averages(tmp_path, data_dir):
     (['--config.stages=finetune', '--config.data.id_classes=(3,)'], 'one-class'),
     (['--config.logit_ft.loss=flood'], "unknown logit_ft.loss 'flood'"),
     (['--config.logit_ft.weight_keep_ratio=1.5'], 'weight_keep_ratio=1.5 is outside'),
+    (['--config.logit_ft.init_step=3'], 'logit_ft.init_step=3 is not a step finetune saves'),
     (['--config.model.rel_pos_bias=shared'], 'use --config.pretrain.scheme=blockwise'),
     (['--config.model.qkv_bias=kv'], "unknown model.qkv_bias 'kv'"),
     (['--config.finetune.grad_accum_steps=3'],

@@ -177,3 +177,42 @@ def test_gamma_from_masked_model_matches_direct_computation(monkeypatch, smoothi
       np.quantile(losses, 0.5), rel=1e-5)
   config.logit_ft.gamma_from, config.logit_ft.gamma = 'fixed', 0.7
   assert logit_ft.estimate_gamma(config, Linear(), params, None) == 0.7
+
+
+def test_flooding_acts_on_the_whole_batch_whatever_the_accumulation():
+  """gamma lies between the two micro-batches' CEs, above their mean: the whole batch is
+  flooded (CE ascends), though flooding each micro-batch would descend on one of them. The
+  loss and the update are those of one batch for 1, 2 and 4 micro-batches."""
+  from mood_jax import parallel, train_loop
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 8))
+  params = {'w': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+  # Micro-batches are strided rows: with 2, rows 0, 2, 4, 6 and rows 1, 3, 5, 7.
+  micro_ce = [float(_ce(params['w'], x[i::2], y[i::2])) for i in range(2)]
+  mean_ce = float(_ce(params['w'], x, y))
+  gamma = mean_ce + 0.1
+  assert min(micro_ce) < gamma < max(micro_ce)
+  cfg = ml_collections.ConfigDict(dict(loss='um', beta=1.0))
+  batch_loss = logit_ft.make_batch_loss(cfg, gamma)
+
+  def loss_fn(params, batch, rng):
+    del rng
+    return _ce(params['w'], batch['image'], batch['label']), {}
+
+  tx = optax.sgd(0.5)
+  mesh = parallel.make_mesh((('data', -1),))
+  init, _, shardings = train_loop.abstract_state(lambda: params, tx, mesh)
+  results = {}
+  for micro_batches in (1, 2, 4):
+    step = train_loop.make_train_step(loss_fn, tx, jax.random.key(0), shardings, mesh,
+                                      micro_batches, batch_loss)
+    state, metrics = step(jax.jit(init, out_shardings=shardings)(), {'image': x, 'label': y})
+    results[micro_batches] = (np.asarray(state.params['w']), float(metrics['loss']),
+                              float(metrics['flooded']))
+  # By hand: the flooded loss is 2 gamma - CE and the step ascends the CE's gradient.
+  expected_w = params['w'] + 0.5 * jax.grad(_ce)(params['w'], x, y)
+  for w, loss, flooded in results.values():
+    assert flooded == 1.0
+    assert loss == pytest.approx(2 * gamma - mean_ce, rel=1e-6)
+    np.testing.assert_allclose(w, expected_w, rtol=1e-5, atol=1e-6)

@@ -70,16 +70,20 @@ def _hparams_lines(hparams: dict, sweeps: dict) -> list[str]:
 
 
 def markdown_table(rows: list[dict], id_accuracy: dict[str, float],
-                   hparams: dict | None = None, sweeps: dict | None = None) -> str:
-  """Percentages with two decimals, then the ID accuracy, hparams and conventions lines."""
+                   hparams: dict | None = None, sweeps: dict | None = None,
+                   models: dict | None = None) -> str:
+  """Percentages with two decimals, then the ID accuracy, how models were trained (`models`:
+  {model: one line}), hparams and conventions lines."""
   lines = ['| model | scorer | OOD set | AUROC | FPR@95 | AUPR-In | AUPR-Out |',
            '|---|---|---|---:|---:|---:|---:|']
   for row in rows:
     values = ' | '.join(f'{100 * row[m]:.2f}' for m in ('auroc', 'fpr95', 'aupr_in', 'aupr_out'))
     lines.append(f'| {row["model"]} | {row["scorer"]} | {row["ood_set"]} | {values} |')
   accuracies = ', '.join(f'{model} {100 * acc:.2f}%' for model, acc in id_accuracy.items())
+  model_lines = [f'- {model}: {line}' for model, line in (models or {}).items()]
   return '\n'.join([*lines, '', f'ID accuracy: {accuracies or "n/a (no classifier head)"}',
-                    '', *_hparams_lines(hparams or {}, sweeps or {}), _CONVENTIONS_LINE, ''])
+                    '', *(['Models:', *model_lines, ''] if model_lines else []),
+                    *_hparams_lines(hparams or {}, sweeps or {}), _CONVENTIONS_LINE, ''])
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -114,18 +118,19 @@ def _npz_bytes(scores: dict) -> bytes:
 
 def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, float],
                   scores: dict | None = None, hparams: dict | None = None,
-                  sweeps: dict | None = None) -> str:
+                  sweeps: dict | None = None, models: dict | None = None) -> str:
   """Writes results.{json,csv,md} (and scores.npz if `scores`); returns the Markdown.
 
   `scores` is {model: {scorer: {'id': [N], ood_set: [M], ...}}}, stored under keys
   'model/scorer/set' so metrics can be recomputed without re-extracting features.
   `hparams` is {model: {scorer: the hparams it ran with}} and `sweeps` {model: {scorer:
-  how they were chosen}} (see stages/evaluate.py), both kept in results.json.
+  how they were chosen}} (see stages/evaluate.py), both kept in results.json, as is
+  `models`, {model: one line on how it was trained}.
   """
   os.makedirs(results_dir, exist_ok=True)
   document = {'conventions': CONVENTIONS, 'id_accuracy': id_accuracy, 'rows': rows,
-              'hparams': hparams or {}, 'sweeps': sweeps or {}}
-  table = markdown_table(rows, id_accuracy, hparams, sweeps)
+              'hparams': hparams or {}, 'sweeps': sweeps or {}, 'models': models or {}}
+  table = markdown_table(rows, id_accuracy, hparams, sweeps, models)
   outputs = {'results.json': json.dumps(document, indent=2) + '\n',
              'results.csv': _csv_text(rows), 'results.md': table}
   for name, text in outputs.items():

@@ -153,7 +153,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   selected = [configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
   rows, id_accuracy, all_scores, used_hparams, sweeps = [], {}, {}, {}, {}
+  trained_with = {}  # model -> one line on its training, for the report
   for model_name in model_names(cfg.models, workdir):
+    if model_name == logit_ft.NAME:
+      trained_with[model_name] = logit_ft.describe(workdir)
     model, params, has_head = MODELS[model_name](config, workdir, mesh)
     extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
     forward = inference.make_forward(model, mesh)
@@ -191,7 +194,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   if jax.process_index() == 0:
     results_dir = os.path.join(workdir, 'results')
     table = report.write_results(results_dir, report.summarize(rows), id_accuracy,
-                                 scores=all_scores, hparams=used_hparams, sweeps=sweeps)
+                                 scores=all_scores, hparams=used_hparams, sweeps=sweeps,
+                                 models=trained_with)
     if cfg.plots:
       report.plot_scores(results_dir, all_scores)
     print(table)

@@ -131,6 +131,13 @@ def make_loss_fn(model, cfg: ml_collections.ConfigDict) -> train_loop.LossFn:
   return loss_fn
 
 
+def kept_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Steps kept beyond the latest `keep_checkpoints`: the logit fine-tune's start, when it
+  is not the last (`logit_ft.init_step`)."""
+  init_step = config.logit_ft.get('init_step', -1) if 'logit_ft' in config else -1
+  return (init_step,) if init_step > 0 else ()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.finetune
   model, init_params, tx, schedule = setup(config)
@@ -149,4 +156,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
                    loss_fn=make_loss_fn(model, cfg), tx=tx, lr_schedule=schedule,
                    data_iter=iter(data), mesh=mesh,
                    rng=jax.random.fold_in(jax.random.key(config.seed), 2),
-                   initial_params=None if cfg.init_from == 'scratch' else initial_params)
+                   initial_params=None if cfg.init_from == 'scratch' else initial_params,
+                   keep_steps=kept_steps(config))
