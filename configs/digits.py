@@ -101,8 +101,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       drop_path=0.1,
       augment=True,
       num_steps=200, batch_size=128,
+      optimizer='adamw',        # or 'sgd' (momentum SGD, UM's: configs/cifar10_um.py)
       lr=5e-4, min_lr=1e-5, warmup_steps=20, weight_decay=0.05, layer_decay=1.0,
-      b1=0.9, b2=0.999, grad_clip=0.0,
+      b1=0.9, b2=0.999, momentum=0.9,  # b1, b2: adamw; momentum: sgd
+      grad_clip=0.0,
       log_every=50, ckpt_every=100, keep_checkpoints=2,
       grad_accum_steps=1,       # > 1: the batch in that many sequential micro-batches
   )

@@ -11,8 +11,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper-size configs (BEiT-L/16 at 224): about 2 minutes each on 2 CPU cores, so they run
 # with `python -m pytest -m slow tests`, not in the default suite.
-PAPER_CONFIGS = ('cifar10.py', 'cifar100.py', 'cifar10_oneclass.py', 'imagenet30.py',
-                 'imagenet.py')
+PAPER_CONFIGS = ('cifar10.py', 'cifar10_um.py', 'cifar100.py', 'cifar10_oneclass.py',
+                 'imagenet30.py', 'imagenet.py')
 
 
 def _dry_run(tmp_path, config: str, *overrides: str) -> tuple[str, dict]:
