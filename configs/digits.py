@@ -129,6 +129,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       ),
       sweep_metric='auroc',
       sweep_id_fraction=0.2,    # of ID train, held out of the fit as ID validation
+      # Scorers fitted on that held-out part instead of all ID train; OpenOOD v1.5 fits
+      # react, klm and residual on ID validation: 'react,klm,residual'.
+      fit_on_id_validation='',
       batch_size=256,
       plots=True,
   )

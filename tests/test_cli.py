@@ -171,6 +171,8 @@ def test_one_class_runs_each_class_and_averages(tmp_path, data_dir):
     (['--config.evaluate.scorers=knn', '--config.evaluate.sweep=react'],
      "names 'react', which evaluate.scorers does not select"),
     (['--config.evaluate.scorers=odin', '--config.evaluate.sweep=odin'], 'odin is not swept'),
+    (['--config.evaluate.scorers=msp', '--config.evaluate.fit_on_id_validation=react'],
+     "fit_on_id_validation names 'react', which evaluate.scorers does not select"),
     (['--config.evaluate.scorers=knn', '--config.evaluate.sweep_metric=accuracy'],
      "unknown evaluate.sweep_metric 'accuracy'"),
     (['--config.evaluate.scorers=knn', '--config.evaluate.sweep_grids.knn.k=()'],

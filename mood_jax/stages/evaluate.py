@@ -61,11 +61,26 @@ def configured(scorer: scorers.Scorer, cfg) -> scorers.Scorer:
   return scorer.with_hparams(**overrides.to_dict()) if overrides else scorer
 
 
+def _names(spec: str) -> list[str]:
+  return [name.strip() for name in spec.split(',') if name.strip()]
+
+
 def swept_names(cfg, selected: list[scorers.Scorer]) -> list[str]:
   """`evaluate.sweep` as names: 'all' is every selected scorer that has a grid."""
   if cfg.sweep.strip() == 'all':
     return [scorer.name for scorer in selected if scorer.name in cfg.sweep_grids]
-  return [name.strip() for name in cfg.sweep.split(',') if name.strip()]
+  return _names(cfg.sweep)
+
+
+def fit_rows(scorer_name: str, cfg, id_train: dict, seed: int) -> dict:
+  """The ID rows a scorer is fitted on: ID train, or for those named in
+  `evaluate.fit_on_id_validation` its held-out `sweep_id_fraction` part. OpenOOD v1.5 fits
+  react, klm and residual on ID validation (openood/postprocessors/react_postprocessor.py,
+  kl_matching_postprocessor.py, residual_postprocessor.py: id_loader_dict['val']); we have
+  no ID validation split, and the model did train on this part."""
+  if scorer_name not in _names(cfg.fit_on_id_validation):
+    return id_train
+  return _hold_out(id_train, cfg.sweep_id_fraction, seed)[1]
 
 
 def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> None:
@@ -80,7 +95,13 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
     selected = {scorer.name: configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)}
   except (KeyError, ValueError) as e:
     raise UserError(f'evaluate: {e.args[0]}') from None
+  for name in _names(cfg.fit_on_id_validation):
+    if name not in selected:
+      raise UserError(f'evaluate.fit_on_id_validation names {name!r}, which evaluate.scorers '
+                      'does not select')
   to_sweep = swept_names(cfg, list(selected.values()))
+  if (to_sweep or cfg.fit_on_id_validation.strip()) and not 0 < cfg.sweep_id_fraction < 1:
+    raise UserError(f'evaluate.sweep_id_fraction={cfg.sweep_id_fraction} must be inside (0, 1)')
   if not to_sweep:
     return
   if VALIDATION not in groups.values():
@@ -91,8 +112,6 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
   if cfg.sweep_metric not in (*sweep.HIGHER_IS_BETTER, *sweep.LOWER_IS_BETTER):
     raise UserError(f'unknown evaluate.sweep_metric {cfg.sweep_metric!r}: valid choices are '
                     f'{", ".join((*sweep.HIGHER_IS_BETTER, *sweep.LOWER_IS_BETTER))}')
-  if not 0 < cfg.sweep_id_fraction < 1:
-    raise UserError(f'evaluate.sweep_id_fraction={cfg.sweep_id_fraction} must be inside (0, 1)')
   for name in to_sweep:
     scorer, grid = selected.get(name), cfg.sweep_grids.get(name)
     if scorer is None:
@@ -179,7 +198,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
         moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
         perturbed = inference.make_forward(model, mesh, input_perturbation=moved)
         queries = {name: extract(perturbed, which=name) for name in queries}
-      train = sets['id_train']
+      train = fit_rows(scorer.name, cfg, sets['id_train'], config.seed)
+      logging.info('[evaluate] %s: %s fitted on %d ID examples', model_name, scorer.name,
+                   len(train['label']))
       stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
                           mesh=mesh)
       by_set = {name: scorers.score(scorer, stats, s['features'], s['logits'], mesh=mesh)
