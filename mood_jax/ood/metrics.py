@@ -72,7 +72,8 @@ def _trapezoid_aupr(curve):
 
 
 def _fpr_at_95_tpr(curve):
-  """`fpr[argmax(tpr >= 0.95)]` on `roc_curve`'s output (OpenOOD's `fpr_recall`), intermediate points dropped.
+  """`fpr[argmax(tpr >= 0.95)]` on `roc_curve`'s output (as OpenOOD's `auc_and_fpr_recall`),
+  intermediate points dropped.
 
   roc_curve keeps a point if it is the first or last, or if its step differs from
   the next one in fps or in tps (nonzero second difference).
@@ -119,10 +120,10 @@ def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
 
 
 @jax.jit
-def _curve_metrics(id_scores, ood_scores):
-  scores = jnp.concatenate([id_scores, ood_scores])
-  is_id = jnp.concatenate([jnp.ones(id_scores.shape, jnp.int32),
-                           jnp.zeros(ood_scores.shape, jnp.int32)])
+def _curve_metrics(id_ranks, ood_ranks):
+  scores = jnp.concatenate([id_ranks, ood_ranks])
+  is_id = jnp.concatenate([jnp.ones(id_ranks.shape, jnp.int32),
+                           jnp.zeros(ood_ranks.shape, jnp.int32)])
   ascending, is_id = lax.sort((scores, is_id), num_keys=1)
   # Ascending order ranks OOD-positive (-score) curves; its reverse ranks ID-positive ones.
   ood_positive = _curve(ascending, 1 - is_id)

@@ -287,7 +287,8 @@ def describe(workdir: str) -> str:
       gamma = json.load(f)
     parts.append(f'gamma={gamma["gamma"]:.4f} from {gamma["gamma_from"]}')
     parts.append(f'weight_keep_ratio={cfg["weight_keep_ratio"]}')
-  start = 'last' if cfg['init_step'] == -1 else cfg['init_step']
+  start = cfg.get('init_step', -1)  # absent from runs older than the field
+  start = 'last' if start == -1 else start
   parts.append(f'from finetune step {start}, {cfg["num_steps"]} steps')
   if cfg['umap'] != 'none':
     parts.append(f'umap={cfg["umap"]} (keep {cfg["umap_keep_ratio"]})')
