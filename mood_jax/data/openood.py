@@ -27,8 +27,9 @@ BENCHMARK_OF = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'imagenet2012': 'i
 # The `data_dir` of each list in those configs: images_classic for the CIFAR benchmarks and
 # ImageNet's Textures, images_largescale for the rest of ImageNet's.
 _CLASSIC, _LARGESCALE = 'images_classic', 'images_largescale'
-_PUBLISHED = ('OpenOOD v1.5 publishes it: `python scripts/download/download.py --contents '
-              'datasets --datasets <benchmark>` in github.com/Jingkang50/OpenOOD')
+# Jingkang50/OpenOOD scripts/download/download.py fetches the lists and the image zips into data/.
+_PUBLISHED = ('OpenOOD v1.5 publishes them: in a clone of github.com/Jingkang50/OpenOOD, `python '
+              'scripts/download/download.py --contents datasets --datasets ood_v1.5` makes data/')
 
 
 def sets(benchmark: str, group: str) -> tuple[str, ...]:
