@@ -1,5 +1,5 @@
 """`python -m mood_jax.data.prepare`: tiny archives in the official layouts become the datasets
-the configs read, pixel- and label-exact, without TensorFlow; interruptions and bad files are safe."""
+the configs read, pixel- and label-exact, without TensorFlow; interruptions, bad files are safe."""
 
 import io
 import os
@@ -18,7 +18,7 @@ import scipy.io
 import tensorflow_datasets as tfds
 
 from mood_jax import pipeline
-from mood_jax.data import folder, input_pipeline, openood, prepare, sources
+from mood_jax.data import folder, openood, prepare, sources
 from mood_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -59,6 +59,7 @@ def _tar_file(path: str, name: str, what: str) -> bytes:
 
 
 # --- CIFAR-10/100: the "python version" tarballs (pickled batches of [N, 3072] uint8). ---
+# Features and ids as tensorflow_datasets/image_classification/cifar.py (it reads the binary one).
 
 def cifar(path: str, batches: tuple[str, ...], label_keys: dict[str, str],
           key_prefix: str) -> Iterator[Example]:
@@ -80,6 +81,7 @@ def cifar(path: str, batches: tuple[str, ...], label_keys: dict[str, str],
 
 
 # --- SVHN cropped digits: MATLAB files with X [32, 32, 3, N] and y [N, 1], digit 0 as 10. ---
+# As tensorflow_datasets/datasets/svhn_cropped/svhn_cropped_dataset_builder.py.
 
 def svhn(path: str, key_prefix: str) -> Iterator[Example]:
   import scipy.io  # a dependency of scikit-learn; only this reader needs it
@@ -92,6 +94,7 @@ def svhn(path: str, key_prefix: str) -> Iterator[Example]:
 
 
 # --- ImageNet (ILSVRC2012): a train tar of per-class tars, a flat validation tar. ---
+# As tensorflow_datasets/datasets/imagenet2012/{imagenet2012_dataset_builder,imagenet_common}.py.
 
 def imagenet_train(path: str) -> Iterator[Example]:
   what = 'ILSVRC2012 train tar (a tar of per-class tars)'
@@ -118,6 +121,7 @@ def imagenet_validation(path: str, wnids: list[str]) -> Iterator[Example]:
 
 
 # --- DTD (Textures): dtd/images/<class>/<file>.jpg and dtd/labels/<split>.txt in one tarball. ---
+# As tensorflow_datasets/image_classification/dtd.py.
 
 def dtd(path: str, split_list: str) -> Iterator[Example]:
   """split_list: e.g. 'test1', TFDS's split of DTD's first train/val/test partition."""
@@ -129,6 +133,7 @@ def dtd(path: str, split_list: str) -> Iterator[Example]:
 
 
 # --- Places365-Standard, small (256x256) images: a split tar and the file list's labels. ---
+# As tensorflow_datasets/datasets/places365_small/places365_small_dataset_builder.py.
 
 def places365(images_tar: str, filelist_tar: str, split: str) -> Iterator[Example]:
   """split: 'val' (TFDS 'validation'). Keys and file names as TFDS's places365_small."""

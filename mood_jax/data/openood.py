@@ -33,7 +33,7 @@ _PUBLISHED = ('OpenOOD v1.5 publishes them: in a clone of github.com/Jingkang50/
 
 
 def sets(benchmark: str, group: str) -> tuple[str, ...]:
-  """e.g. sets('cifar10', 'near') -> ('openood:cifar10/test_cifar100', 'openood:cifar10/test_tin')."""
+  """sets('cifar10', 'near') -> ('openood:cifar10/test_cifar100', 'openood:cifar10/test_tin')."""
   return tuple(f'{PREFIX}{benchmark}/{name}' for name in BENCHMARKS[benchmark][group])
 
 
@@ -59,7 +59,7 @@ def _parse(which: str) -> tuple[str, str]:
 
 
 def folder_name(which: str) -> str:
-  """The `folder` dataset that holds `which`: 'openood:cifar10/test_tin' -> 'openood_cifar10_test_tin'."""
+  """The `folder` dataset of `which`: openood:cifar10/test_tin -> openood_cifar10_test_tin."""
   return 'openood_' + '_'.join(_parse(which))
 
 

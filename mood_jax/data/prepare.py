@@ -193,7 +193,8 @@ def prepare(name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str | None 
     return
   if name not in SOURCES:
     raise UserError(f'cannot prepare {name!r}: valid: {sorted(SOURCES)} or '
-                    f'{openood.PREFIX}BENCHMARK/LIST (OpenOOD v1.5 lists, e.g. openood:cifar10/test_tin)')
+                    f'{openood.PREFIX}BENCHMARK/LIST (an OpenOOD v1.5 list, e.g. '
+                    'openood:cifar10/test_tin)')
   _refuse_overwrite(tfds.builder(name, data_dir=data_dir), name, data_dir)
   splits = SOURCES[name](fetcher(manual_dir))  # finds (or downloads) every file before writing
   _build(_from_archives(name, data_dir, splits), name)

@@ -80,7 +80,7 @@ def ood_location(id_name: str, which: str) -> tuple[str, folder.FolderConfig | N
     return which, None, TFDS_SPLITS[which][1]
   valid = [heldout_set(id_name)] + [n for n in TFDS_SPLITS if n != id_name]
   raise ValueError(f'unknown OOD set {which!r} for data.name={id_name!r}: valid: {valid} or '
-                   f'{folder.PREFIX}NAME (an image folder built by `python -m mood_jax.data.folder`) or '
+                   f'{folder.PREFIX}NAME (an image folder: `python -m mood_jax.data.folder`) or '
                    f'{openood.PREFIX}BENCHMARK/LIST (an OpenOOD v1.5 list)')
 
 
