@@ -2,6 +2,7 @@
 the configs read, pixel- and label-exact, without TensorFlow; interruptions, bad files are safe."""
 
 import io
+import json
 import os
 import pickle
 import runpy
@@ -101,6 +102,24 @@ def _write_archives(manual, rng):
     _add(tar, 'places365_val.txt',
          ''.join(f'{name} {label}\n' for name, (label, _) in places.items()).encode())
   expected['places365_small'] = places
+  # Food-101: images by class and the splits' JSON lists in one tarball.
+  food = {f'{dish}/{i}': _jpeg(rng) for dish in ('apple_pie', 'waffles') for i in (11, 12)}
+  with tarfile.open(manual / 'food-101.tar.gz', 'w:gz') as tar:
+    for name, jpeg in food.items():
+      _add(tar, f'food-101/images/{name}.jpg', jpeg)
+    for split, i in (('train', 11), ('test', 12)):
+      listed = {dish: [f'{dish}/{i}'] for dish in ('apple_pie', 'waffles')}
+      _add(tar, f'food-101/meta/{split}.json', json.dumps(listed).encode())
+  expected['food101'] = food
+  # Oxford Flowers 102: the images' tarball, 1-based labels and split ids as MATLAB files.
+  flowers = {i: (label, _jpeg(rng)) for i, label in ((1, 77), (2, 1), (3, 102))}
+  with tarfile.open(manual / '102flowers.tgz', 'w:gz') as tar:
+    for i, (_, jpeg) in flowers.items():
+      _add(tar, f'jpg/image_{i:05d}.jpg', jpeg)
+  scipy.io.savemat(manual / 'imagelabels.mat', {'labels': np.array([[77, 1, 102]])})
+  scipy.io.savemat(manual / 'setid.mat', {'trnid': np.array([[2]]), 'valid': np.array([[3]]),
+                                          'tstid': np.array([[1]])})
+  expected['oxford_flowers102'] = flowers
   # OpenOOD's data/ folder: a benchmark list and the images it names.
   (manual / 'benchmark_imglist' / 'cifar10').mkdir(parents=True)
   (manual / 'images_classic' / 'tin' / 'val').mkdir(parents=True)
@@ -120,7 +139,7 @@ def prepared(tmp_path_factory):
   expected = _write_archives(manual, np.random.default_rng(0))
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   for name in ('cifar10', 'cifar100', 'svhn_cropped', 'imagenet2012', 'dtd', 'places365_small',
-               'openood:cifar10/test_tin'):
+               'food101', 'oxford_flowers102', 'openood:cifar10/test_tin'):
     prepare.prepare(name, data_dir, str(manual))
   return data_dir, manual, expected
 
@@ -191,6 +210,20 @@ def test_dtd_and_places365_keep_jpeg_bytes_and_labels(prepared):
   assert set(got) == {f'val_256/{name}' for name in expected['places365_small']}
   for name, (label, jpeg) in expected['places365_small'].items():
     assert got[f'val_256/{name}']['image'] == jpeg and got[f'val_256/{name}']['label'] == label
+
+
+def test_imagenet30_ood_sets_food101_and_flowers102(prepared):
+  data_dir, _, expected = prepared
+  names = sources.features('food101')['label'].names
+  for split, i in (('train', 11), ('validation', 12)):
+    got = {r['image']: names[r['label']] for r in _records('food101', split, data_dir)}
+    assert got == {jpeg: name.split('/')[0] for name, jpeg in expected['food101'].items()
+                   if name.endswith(f'/{i}')}
+  for split, i in (('train', 2), ('validation', 3), ('test', 1)):
+    (record,) = _records('oxford_flowers102', split, data_dir)
+    label, jpeg = expected['oxford_flowers102'][i]
+    assert record['file_name'].decode() == f'image_{i:05d}.jpg'
+    assert record['image'] == jpeg and record['label'] == label - 1
 
 
 def test_openood_list_becomes_an_ood_set_in_its_group(prepared):

@@ -9,6 +9,7 @@ CMYK included). A file that cannot be read raises UserError naming it.
 
 import contextlib
 import io
+import json
 import pickle
 import tarfile
 import zlib
@@ -145,3 +146,35 @@ def places365(images_tar: str, filelist_tar: str, split: str) -> Iterator[Exampl
       raise UserError(f'{images_tar}: {name} is not in {filelist_tar}: use the two archives '
                       'of the same Places365-Standard release')
     yield member, {'image': image, 'label': int(labels[name]), 'filename': member}
+
+
+# --- Food-101 (an ImageNet-30 OOD set): food-101/images/<class>/<id>.jpg, meta/<split>.json. ---
+# As tensorflow_datasets/image_classification/food101.py (version 2.0.0: no 'id' feature).
+
+def food101(path: str, split_json: str) -> Iterator[Example]:
+  """split_json: 'train' or 'test' (TFDS 'validation'), the lists of food-101/meta/."""
+  what = 'Food-101 tarball'
+  with _reading(path, what):
+    listed = json.loads(_tar_file(path, f'food-101/meta/{split_json}.json', what))
+  wanted = {f'food-101/images/{name}.jpg': (name, label) for label, names in listed.items()
+            for name in names}
+  for member, image in tar_members(path, lambda n: n in wanted, what):
+    name, label = wanted[member]
+    yield name, {'image': image, 'label': label}  # key 'apple_pie/1005649', as TFDS's
+
+
+# --- Oxford Flowers 102 (an ImageNet-30 OOD set): jpg/image_NNNNN.jpg, labels and splits .mat. ---
+# As tensorflow_datasets/datasets/oxford_flowers102/oxford_flowers102_dataset_builder.py.
+
+def flowers102(images_tgz: str, labels_mat: str, setid_mat: str,
+               split_key: str) -> Iterator[Example]:
+  """split_key: setid.mat's 'trnid', 'valid' or 'tstid'; labels are 1-based there."""
+  import scipy.io  # as `svhn`
+  with _reading(labels_mat, 'imagelabels.mat'):
+    labels = scipy.io.loadmat(labels_mat)['labels'].reshape(-1)
+  with _reading(setid_mat, 'setid.mat'):
+    ids = scipy.io.loadmat(setid_mat)[split_key].reshape(-1)
+  wanted = {f'jpg/image_{i:05d}.jpg': int(labels[i - 1]) - 1 for i in ids}
+  for member, image in tar_members(images_tgz, lambda n: n in wanted, '102flowers.tgz'):
+    name = member.rsplit('/', 1)[-1]
+    yield name, {'image': image, 'label': wanted[member], 'file_name': name}

@@ -3,8 +3,8 @@
     python -m mood_jax.data.prepare NAME [--data_dir=~/tensorflow_datasets] [--manual_dir=DIR]
 
 NAME is a TFDS name the configs read (cifar10, cifar100, svhn_cropped, dtd, places365_small,
-imagenet2012) or an OpenOOD v1.5 list ('openood:cifar10/test_tin', see `openood`). The official
-files are looked for in --manual_dir (default DATA_DIR/downloads/manual) and, where they are
+imagenet2012, food101, oxford_flowers102) or an OpenOOD v1.5 list ('openood:cifar10/test_tin',
+see `openood`). The official files are looked for in --manual_dir (default DATA_DIR/downloads/manual) and, where they are
 public, downloaded there when absent. TFDS's own builders for these datasets need TensorFlow
 to read their files or encode their images, so this reads the archives itself (`archives`) and
 writes them through the same TFDS builder, whose dataset `tfds.data_source` then reads.
@@ -40,6 +40,8 @@ _SVHN = 'http://ufldl.stanford.edu/housenumbers/'
 _DTD = ('dtd-r1.0.1.tar.gz', 'https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz')
 _PLACES = 'http://data.csail.mit.edu/places/places365/'
 _IMAGENET = 'image-net.org/download-images, after registering'
+_FOOD101 = ('food-101.tar.gz', 'http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz')
+_FLOWERS = 'https://www.robots.ox.ac.uk/~vgg/data/flowers/102/'
 
 Fetch = Callable[[str, str], str]  # (file name, where published) -> local path
 Splits = dict[str, Iterator[archives.Example]]
@@ -92,8 +94,22 @@ def _imagenet(fetch: Fetch) -> Splits:
           'validation': archives.imagenet_validation(validation, wnids)}
 
 
+def _food101(fetch: Fetch) -> Splits:
+  path = fetch(*_FOOD101)
+  return {'train': archives.food101(path, 'train'),
+          'validation': archives.food101(path, 'test')}
+
+
+def _flowers102(fetch: Fetch) -> Splits:
+  images, labels, setid = (fetch(name, _FLOWERS + name)
+                           for name in ('102flowers.tgz', 'imagelabels.mat', 'setid.mat'))
+  return {split: archives.flowers102(images, labels, setid, key)
+          for split, key in (('train', 'trnid'), ('validation', 'valid'), ('test', 'tstid'))}
+
+
 SOURCES = {'cifar10': _cifar10, 'cifar100': _cifar100, 'svhn_cropped': _svhn, 'dtd': _dtd,
-           'places365_small': _places365, 'imagenet2012': _imagenet}
+           'places365_small': _places365, 'imagenet2012': _imagenet, 'food101': _food101,
+           'oxford_flowers102': _flowers102}
 
 
 def _download(url: str, path: str) -> None:

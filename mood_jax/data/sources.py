@@ -45,7 +45,7 @@ def prepare_command(which: str, data_dir: str) -> str:
     return f'`{folder.prepare_command(which[len(folder.PREFIX):], data_dir)}`'
   if which in prepare.SOURCES or which.startswith(openood.PREFIX):
     return prepare.command(which, data_dir)
-  # MOOD's ImageNet-30 OOD sets: TFDS's builders, which need TensorFlow for some of them.
+  # stanford_dogs, oxford_iiit_pet (ImageNet-30's): TFDS's builders, which need TensorFlow.
   return (f'`tfds build {which} --data_dir={data_dir} --file_format=array_record` on a machine '
           'with TensorFlow, and copy the folder here')
 
