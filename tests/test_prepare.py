@@ -287,6 +287,19 @@ def test_corrupt_archive_is_one_line_naming_the_file(prepared, tmp_path):
   assert not tfds.builder('cifar10', data_dir=str(tmp_path / 'tfds')).is_prepared()
 
 
+class _RunsCode:
+  def __reduce__(self):
+    return (os.system, ('echo should not run',))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
+  with tarfile.open(tmp_path / 'cifar-100-python.tar.gz', 'w:gz') as tar:
+    for name in ('train', 'test'):
+      _add(tar, f'cifar-100-python/{name}', pickle.dumps({b'data': _RunsCode()}))
+  with pytest.raises(UserError, match='system is not part of a CIFAR batch'):
+    prepare.prepare('cifar100', str(tmp_path / 'tfds'), str(tmp_path))
+
+
 _KILLED_MID_WRITE = """
 import os, signal, sys
 from mood_jax.data import archives, prepare

@@ -62,6 +62,19 @@ def _tar_file(path: str, name: str, what: str) -> bytes:
 # --- CIFAR-10/100: the "python version" tarballs (pickled batches of [N, 3072] uint8). ---
 # Features and ids as tensorflow_datasets/image_classification/cifar.py (it reads the binary one).
 
+class _ArraysOnly(pickle.Unpickler):
+  """CIFAR's batches hold numpy arrays, lists, bytes and numbers only: any other global is
+  refused, so a tampered archive cannot run code as a plain `pickle.load` would let it."""
+
+  _ALLOWED = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', '_reconstruct'),
+              ('numpy._core.multiarray', '_reconstruct')}
+
+  def find_class(self, module, name):
+    if (module, name) not in self._ALLOWED:
+      raise pickle.UnpicklingError(f'{module}.{name} is not part of a CIFAR batch')
+    return super().find_class(module, name)
+
+
 def cifar(path: str, batches: tuple[str, ...], label_keys: dict[str, str],
           key_prefix: str) -> Iterator[Example]:
   """label_keys: TFDS feature -> pickle key (CIFAR-10 'labels'; CIFAR-100 'fine_labels',
@@ -71,7 +84,7 @@ def cifar(path: str, batches: tuple[str, ...], label_keys: dict[str, str],
   for batch in batches:
     raw = _tar_file(path, batch, what)
     with _reading(path, what):
-      data = pickle.loads(raw, encoding='bytes')
+      data = _ArraysOnly(io.BytesIO(raw), encoding='bytes').load()
       images = data[b'data'].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
       labels = {feature: data[key.encode()] for feature, key in label_keys.items()}
     for i, pixels in enumerate(images):
