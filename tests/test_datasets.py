@@ -168,8 +168,16 @@ def test_missing_dataset_names_dataset_dir_and_command(tmp_path):
     input_pipeline.prepare(data)
   message = str(error.value)
   assert '\n' not in message
-  assert message.startswith(f'cifar10 is not prepared in {tmp_path}: run `tfds build cifar10 '
-                            f'--data_dir={tmp_path} --file_format=array_record`')
+  assert message == (f'cifar10 is not prepared in {tmp_path}: run '
+                     f'`python -m mood_jax.data.prepare cifar10 --data_dir={tmp_path}`')
+  data.ood_sets = data.validation_ood_sets = ('openood:cifar10/val_tin',)
+  with mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared',
+                         lambda self: self.name != 'mood_folder'):
+    with pytest.raises(UserError, match=r'^openood:cifar10/val_tin is not prepared in .*: run '
+                                        r'`python -m mood_jax.data.prepare openood:cifar10/val_tin '
+                                        r".*--manual_dir=DIR` \(DIR: OpenOOD's data/ folder\)$"):
+      input_pipeline.prepare(data)
+  data.validation_ood_sets = ()
   data.ood_sets = ('folder:ninco',)
   with mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared',
                          lambda self: self.name != 'mood_folder'):
@@ -186,7 +194,8 @@ def test_missing_dataset_through_the_cli(tmp_path):
   assert proc.returncode != 0
   assert 'Traceback' not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(
-      f'error: imagenet2012 is not prepared in {tmp_path}: run `tfds build imagenet2012')
+      f'error: imagenet2012 is not prepared in {tmp_path}: run `python -m mood_jax.data.prepare '
+      f'imagenet2012 --data_dir={tmp_path} --manual_dir=DIR`')
 
 
 @pytest.mark.parametrize('overrides,message', [

@@ -214,14 +214,12 @@ def _check_prepared(data_cfg) -> None:
                tfds.builder(name, data_dir=data_dir, file_format='array_record'))
     what = which if config else name
     if not builder.is_prepared():
-      command = (folder.prepare_command(config.name, data_dir) if config else
-                 sources.prepare_command(name, data_dir))
-      raise UserError(f'{what} is not prepared in {data_dir}: run {command}')
+      raise UserError(f'{what} is not prepared in {data_dir}: run '
+                      f'{sources.prepare_command(what, data_dir)}')
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
       raise UserError(
           f'{what} in {builder.data_dir} is {builder.info.file_format.value}, which grain cannot '
-          f'read: run `tfds convert_format --dataset_version_dir={builder.data_dir} '
-          '--out_file_format=array_record` (it adds ArrayRecord files beside the others)')
+          f'read: prepare it in another data dir with {sources.prepare_command(what, "DIR")}')
 
 
 def prepare(data_cfg) -> None:
