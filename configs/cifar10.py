@@ -89,9 +89,10 @@ def paper_config(name: str, train_examples: int, ood_sets: tuple[str, ...],
       grad_clip=3.0,           # BEiT README: --clip_grad 3.0
       min_lr=1e-5, log_every=100, ckpt_every=2000)
 
-  # BEiT pretraining (datasets.py DataAugmentationForBEiT): ColorJitter(0.4, 0.4, 0.4), flip and
-  # random resized crop. Ours: crop and flip, no colour jitter (not implemented; README). (A
-  # string where digits.py has a bool: True, False or 'crop'; see train_transforms.)
+  # BEiT pretraining (datasets.py DataAugmentationForBEiT): ColorJitter(0.4, 0.4, 0.4), then
+  # flip and random resized crop; no RandAugment or erasing. (A string where digits.py has a
+  # bool: True, False or 'crop'; see input_pipeline.train_transforms.)
+  data.color_jitter = 0.4
   del config.pretrain.augment
   config.pretrain.augment = 'crop'
 

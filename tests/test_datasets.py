@@ -342,6 +342,27 @@ def test_id_train_bank_with_training_transforms():
   assert not np.array_equal(augmented[0], other[0])
 
 
+def test_color_jitter_scales_brightness_contrast_saturation_within_its_strength():
+  photo = np.random.default_rng(0).integers(0, 256, (12, 10, 3)).astype(np.uint8)
+  np.testing.assert_array_equal(transforms.ColorJitter(0.0).random_map(
+      {'image': photo}, np.random.default_rng(0))['image'], photo)
+  jitter = transforms.ColorJitter(0.4)
+  out = jitter.random_map({'image': photo}, np.random.default_rng(1))['image']
+  again = jitter.random_map({'image': photo}, np.random.default_rng(1))['image']
+  assert out.shape == photo.shape and out.dtype == np.uint8
+  np.testing.assert_array_equal(out, again)
+  assert not np.array_equal(out, photo)
+  # A uniform gray image keeps its contrast and saturation: only brightness moves it, by a
+  # factor in [0.6, 1.4], and over many draws across most of that range.
+  gray = np.full((4, 4, 3), 100, np.uint8)
+  values = [jitter.random_map({'image': gray}, np.random.default_rng(i))['image']
+            for i in range(200)]
+  assert all((v == v[0, 0, 0]).all() for v in values)
+  factors = np.array([v[0, 0, 0] for v in values]) / 100
+  assert factors.min() >= 0.59 and factors.max() <= 1.41
+  assert factors.min() < 0.7 and factors.max() > 1.3
+
+
 def test_augment_choices():
   data = _config('cifar10').data
   with _mock_tfds():
@@ -350,3 +371,6 @@ def test_augment_choices():
     with pytest.raises(UserError, match=r"augment='all': valid choices are \(True, False, 'crop'\)"):
       input_pipeline.train_dataset(data, global_batch_size=4, seed=0, augment='all')
   assert crop_only['image'].shape == (4, data.image_size, data.image_size, 3)
+  crop_ops = [type(op) for op in input_pipeline.train_transforms(data, 'crop')]
+  assert crop_ops[:2] == [transforms.ColorJitter, transforms.RandomResizedCrop]  # BEiT's order
+  assert transforms.ColorJitter not in map(type, input_pipeline.train_transforms(data, True))

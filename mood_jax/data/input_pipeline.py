@@ -20,8 +20,8 @@ import tensorflow_datasets as tfds
 
 from mood_jax.data import embedded, folder, sources
 from mood_jax.data.randaugment import RandAugment
-from mood_jax.data.transforms import (Decode, Normalize, RandomErasing, RandomResizedCrop,
-                                      RandomTranslate, ResizeCenterCrop)
+from mood_jax.data.transforms import (ColorJitter, Decode, Normalize, RandomErasing,
+                                      RandomResizedCrop, RandomTranslate, ResizeCenterCrop)
 from mood_jax.errors import UserError
 
 NEAR_OOD_SETS = ('digits_heldout',)
@@ -55,6 +55,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       randaugment_ops=0,       # train RandAugment operations per image; 0: off (BEiT: 2)
       randaugment_magnitude=9.0,  # of 10 (BEiT fine-tune: 'rand-m9-mstd0.5-inc1')
       random_erasing=0.0,      # train random-erasing probability (BEiT fine-tune: 0.25)
+      color_jitter=0.0,        # augment='crop' only: ColorJitter strength (BEiT pretraining: 0.4)
       eval_crop_fraction=0.875,  # eval: shorter side to image_size / this, centre crop
       # True: the classifier has a logit for every class of the dataset and ID labels keep
       # their index, so one ID class can be fine-tuned (MOOD's one-class fine-tune keeps the
@@ -351,8 +352,8 @@ AUGMENT_CHOICES = (True, False, 'crop')
 
 def train_transforms(data_cfg, augment: bool | str = True) -> list[grain.transforms.Map |
                                                                     grain.transforms.RandomMap]:
-  """augment: True, all configured augmentations; 'crop', the random crop and flip only (MIM
-  pretraining, as BEiT's); False, the eval transforms."""
+  """augment: True, all configured augmentations; 'crop', colour jitter (data.color_jitter),
+  random crop and flip (MIM pretraining, as BEiT's); False, the eval transforms."""
   if augment not in AUGMENT_CHOICES:
     raise UserError(f'augment={augment!r}: valid choices are {AUGMENT_CHOICES}')
   if not augment:
@@ -362,7 +363,9 @@ def train_transforms(data_cfg, augment: bool | str = True) -> list[grain.transfo
     # 2 px at 32 px, in proportion at other sizes.
     return [RandomTranslate(pad=max(1, round(data_cfg.image_size / 16))), normalize]
   full = augment is True
-  return [RandomResizedCrop(data_cfg.image_size, tuple(data_cfg.crop_scale), flip=data_cfg.hflip),
+  jitter = augment == 'crop' and data_cfg.color_jitter
+  return [*([ColorJitter(data_cfg.color_jitter)] if jitter else []),
+          RandomResizedCrop(data_cfg.image_size, tuple(data_cfg.crop_scale), flip=data_cfg.hflip),
           *([RandAugment(data_cfg.randaugment_ops, data_cfg.randaugment_magnitude)]
             if full and data_cfg.randaugment_ops else []),
           normalize,
