@@ -21,8 +21,9 @@ TRAIN_EXAMPLES = 50_000  # CIFAR-10 train split
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  opts = _cifar10['options'](arg, ('smoke',), 'configs/cifar10_um.py')
+  opts = _cifar10['options'](arg, _cifar10['PRESETS'], 'configs/cifar10_um.py')
   config = _cifar10['get_config'](arg)
+  config.stages = config.stages.replace('finetune', 'finetune,logit_ft')
   config.logit_ft.update(
       loss='um',               # UM paper: flooding (UM's own config leaves criterion as CE)
       gamma_from='masked_model',

@@ -69,6 +69,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   )
   config.finetune = dict(
       init_from='pretrain',     # or 'scratch', or a DIR from `python -m mood_jax.convert`
+      init_url='',              # DIR only: where its public weights are (named if DIR is missing)
+      init_convert_flags='',    # DIR only: the convert flags beyond --variant, --image-size
       drop_path=0.1,
       label_smoothing=0.1,
       augment=True,
@@ -110,7 +112,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   )
   config.evaluate = dict(
       models='auto',            # 'auto' (every trained classifier) or a list of pretrain
-                                # (encoder features only), finetune, logit_ft
+                                # (encoder features only), converted (finetune.init_from's
+                                # weights as converted), finetune, logit_ft
       scorers='mahalanobis_mood,msp,energy,maxlogit',  # or 'all'; see mood_jax/ood/scorers.py
       hparams=evaluate.hparams_config(),  # e.g. --config.evaluate.hparams.knn.k=10
       # Scorers whose hparams are chosen on the 'validation' OOD sets in data.ood_sets
@@ -134,6 +137,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       fit_on_id_validation='',
       batch_size=256,
       plots=True,
+      id_train_augment=False,   # True: the ID-train bank through the training transforms,
+                                # one draw per image (MOOD's eval_with_features.py)
   )
 
   if 'split' in options:

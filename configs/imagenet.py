@@ -1,7 +1,11 @@
 """MOOD on ImageNet-1k (ID) with BEiT-L/16 at 224 px.
 
-  --config=configs/imagenet.py          the paper's recipe (needs the datasets prepared, README)
-  --config=configs/imagenet.py:smoke    a seconds-long CPU run for tests (TFDS mock data)
+  --config=configs/imagenet.py               MOOD's ImageNet-1k row: BEiT's public pt22k_ft1k
+                                             classifier, converted with its head, scored as
+                                             released (no training; needs the datasets prepared)
+  --config=configs/imagenet.py:from_scratch  ours: pixel-target MIM pretraining on ImageNet-1k,
+                                             then MOOD's fine-tune (configs/cifar10.py)
+  --config=configs/imagenet.py:smoke         a seconds-long CPU run for tests (TFDS mock data)
 
 OOD: MOOD's iNaturalist / SUN / Places (the MOS paper's subsets, image folders: build each once
 with `python -m mood_jax.data.folder --name=NAME --source=DIR`) / Textures (TFDS `dtd`), then
@@ -26,7 +30,13 @@ OOD_SETS = ('folder:inaturalist', 'folder:sun', 'folder:places', 'dtd',  # MOOD'
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  opts = _cifar10['options'](arg, ('smoke',), 'configs/imagenet.py')
-  config = _cifar10['paper_config']('imagenet2012', TRAIN_EXAMPLES, OOD_SETS, 'smoke' in opts)
+  opts = _cifar10['options'](arg, _cifar10['PRESETS'], 'configs/imagenet.py')
+  config = _cifar10['paper_config']('imagenet2012', TRAIN_EXAMPLES, OOD_SETS, opts)
   config.data.validation_ood_sets = openood.sets('imagenet', 'validation')
+  if 'from_scratch' not in opts:
+    # MOOD's README: the ImageNet-1k table's checkpoint is BEiT's pt22k_ft1k, scored by
+    # eval_with_features.py (Mahalanobis) and eval_with_logits.py without further training.
+    config.stages = 'evaluate'
+    config.evaluate.models = 'converted'
+    _cifar10['use_public_weights'](config, 'beit_large_patch16_224_pt22k_ft1k', '--keep-head')
   return config

@@ -56,10 +56,6 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     if config.pretrain.scheme == 'random' and config.model.rel_pos_bias != 'none':
       raise UserError('model.rel_pos_bias needs every patch in the encoder, which MAE-style '
                       'random masking drops: use --config.pretrain.scheme=blockwise')
-  if 'finetune' in stages:
-    if not os.path.isdir(config.finetune.init_from):  # a converted checkpoint (convert.py)
-      _choice('finetune.init_from', config.finetune.init_from,
-              ['pretrain', 'scratch', 'a directory written by `python -m mood_jax.convert`'])
   try:  # the data module's own checks: dataset name, classes, OOD set names
     groups = input_pipeline.ood_groups(config.data)
     num_classes = input_pipeline.num_classes(config.data)
@@ -70,11 +66,18 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   if ('finetune' in stages or 'logit_ft' in stages) and num_classes < 2:
     raise UserError('one-class ID data has no labels to fine-tune on: drop finetune and '
                     'logit_ft from --config.stages and evaluate the pretrain encoder '
-                    '(--config.evaluate.models=pretrain), as configs/digits.py:oneclass=C does')
+                    '(--config.evaluate.models=pretrain), as configs/digits.py:oneclass=C does, '
+                    'or give the head every class of the dataset, as MOOD does '
+                    '(--config.data.head_all_classes=True)')
   if 'evaluate' in stages:
     if not groups:
       raise UserError('no OOD sets to evaluate: set --config.data.ood_sets')
     evaluate.check_config(config, groups)
+  uses_converted = ('finetune' in stages and config.finetune.init_from not in (
+      'pretrain', 'scratch')) or (
+      'evaluate' in stages and 'converted' in config.evaluate.models.split(','))
+  if uses_converted and not config.dry_run:  # a dry run reads no weights
+    finetune.check_converted(config)
   return stages
 
 

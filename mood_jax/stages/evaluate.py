@@ -31,6 +31,17 @@ def _pretrain_encoder(config, workdir, mesh):
   return model, finetune.params_from_pretrain(config, workdir, mesh, init_params), False
 
 
+def _converted(config, workdir, mesh):
+  """Public weights as converted (finetune.init_from), not trained here: MOOD's ImageNet-1k
+  row scores BEiT's pt22k_ft1k classifier as released, its one-class CIFAR rows the pt22k
+  encoder. The head is scored if the conversion kept it (--keep-head)."""
+  model, init_params, _, _ = finetune.setup(config)
+  pretrained, path = finetune.restore_converted(config)
+  fresh = finetune.fresh_params(config, init_params, mesh)
+  params = finetune.merge_pretrained(fresh, pretrained, source=path, with_head=True)
+  return model, params, 'head' in pretrained
+
+
 def _finetuned(config, workdir, mesh):
   model, init_params, tx, _ = finetune.setup(config)
   return model, train_loop.restore_params(
@@ -42,7 +53,8 @@ def _logit_finetuned(config, workdir, mesh):
 
 
 # model name -> (config, workdir, mesh) -> (flax model, params, has a trained head)
-MODELS = {'pretrain': _pretrain_encoder, 'finetune': _finetuned, 'logit_ft': _logit_finetuned}
+MODELS = {'pretrain': _pretrain_encoder, 'converted': _converted, 'finetune': _finetuned,
+          'logit_ft': _logit_finetuned}
 CLASSIFIERS = ('finetune', 'logit_ft')
 
 
@@ -91,6 +103,9 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
       if name not in MODELS:
         raise UserError(f'unknown evaluate model {name!r}: valid choices are auto, '
                         f'{", ".join(MODELS)}')
+  if cfg.id_train_augment not in input_pipeline.AUGMENT_CHOICES:
+    raise UserError(f'unknown evaluate.id_train_augment {cfg.id_train_augment!r}: valid choices '
+                    f'are {", ".join(map(str, input_pipeline.AUGMENT_CHOICES))}')
   try:
     selected = {scorer.name: configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)}
   except (KeyError, ValueError) as e:
@@ -179,7 +194,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
     model, params, has_head = MODELS[model_name](config, workdir, mesh)
     extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
     forward = inference.make_forward(model, mesh)
-    sets = {name: extract(forward, which=name) for name in ('id_train', 'id_test', *groups)}
+    sets = {name: extract(forward, which=name,
+                          augment=cfg.id_train_augment if name == 'id_train' else False)
+            for name in ('id_train', 'id_test', *groups)}
     if has_head:
       id_accuracy[model_name] = float(metrics.accuracy(sets['id_test']['logits'],
                                                        sets['id_test']['label']))
