@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from mood_jax import host_malloc
+from mood_jax import host_malloc, run_config
 from mood_jax.ood import scorers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,7 @@ def _main(*args, data_dir):
 def smoke_run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
   proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
-               data_dir=data_dir)
+               '--config.finetune.eval_every=2', data_dir=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -55,10 +56,33 @@ def test_end_to_end_writes_results(smoke_run):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     logged = [json.loads(line) for line in f]
   assert {m['stage'] for m in logged} == {'pretrain', 'finetune', 'logit_ft'}
-  steps = [m for m in logged if m['step'] > 0]
+  steps = [m for m in logged if m['step'] > 0 and m['kind'] == 'train']
   assert all({'loss', 'lr', 'images_per_s'} <= set(m) for m in steps)
   # The default logit_ft loss drops the 10% most mask-sensitive samples: 2 of 16.
   assert all(m['masked_fraction'] == 0.125 for m in steps if m['stage'] == 'logit_ft')
+
+
+def test_progress_lines_tensorboard_and_config_json(smoke_run, data_dir, tensorboard_steps):
+  workdir, proc = smoke_run
+  for stage in ('pretrain', 'finetune', 'logit_ft'):  # totals are the config's: 4 steps
+    assert re.search(rf'\[{stage}\] step 2/4 \(50%\), ETA \w+, run ETA \w+: ', proc.stderr)
+    assert re.search(rf'\[{stage}\] done: 4 steps in \w+, [\d.e-]+ device-hours on 1 '
+                     'devices', proc.stderr)
+    assert tensorboard_steps(os.path.join(workdir, 'tensorboard', stage))['train/loss'] == [2, 4]
+  # Evaluation during fine-tuning: ID accuracy and msp's AUROC on the validation set.
+  finetune = tensorboard_steps(os.path.join(workdir, 'tensorboard', 'finetune'))
+  assert finetune['eval/id_accuracy'] == finetune['eval/msp_auroc_letters'] == [2, 4]
+  assert '[finetune] eval step 4: id_accuracy=' in proc.stderr
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = [row for row in map(json.loads, f) if row['kind'] == 'eval']
+  assert [(row['stage'], row['step']) for row in evals] == [('finetune', 2), ('finetune', 4)]
+  assert all(0 <= row['msp_auroc_letters'] <= 1 for row in evals)
+  # config.json: the command line, and the config it resolved to.
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert '--config.finetune.eval_every=2' in json.load(f)['command']
+  expected = digits.get_config('split,smoke')
+  expected.finetune.eval_every, expected.data.data_dir = 2, data_dir
+  assert run_config.load(os.path.join(workdir, 'config.json')) == expected
 
 
 def test_finished_stages_are_skipped(smoke_run, data_dir):

@@ -55,12 +55,6 @@ def hparams_config() -> ml_collections.ConfigDict:
       for scorer in scorers.resolve('all') if scorer.hparams})
 
 
-def configured(scorer: scorers.Scorer, cfg) -> scorers.Scorer:
-  """`scorer` with the hparams `evaluate.hparams` sets for it."""
-  overrides = cfg.hparams.get(scorer.name)
-  return scorer.with_hparams(**overrides.to_dict()) if overrides else scorer
-
-
 def swept_names(cfg, selected: list[scorers.Scorer]) -> list[str]:
   """`evaluate.sweep` as names: 'all' is every selected scorer that has a grid."""
   if cfg.sweep.strip() == 'all':
@@ -77,7 +71,7 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
         raise UserError(f'unknown evaluate model {name!r}: valid choices are auto, '
                         f'{", ".join(MODELS)}')
   try:
-    selected = {scorer.name: configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)}
+    selected = {scorer.name: scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)}
   except (KeyError, ValueError) as e:
     raise UserError(f'evaluate: {e.args[0]}') from None
   to_sweep = swept_names(cfg, list(selected.values()))
@@ -150,7 +144,7 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.evaluate
   groups = input_pipeline.ood_groups(config.data)
-  selected = [configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)]
+  selected = [scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
   rows, id_accuracy, all_scores, used_hparams, sweeps = [], {}, {}, {}, {}
   for model_name in model_names(cfg.models, workdir):
@@ -193,6 +187,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
     table = report.write_results(results_dir, report.summarize(rows), id_accuracy,
                                  scores=all_scores, hparams=used_hparams, sweeps=sweeps)
     if cfg.plots:
-      report.plot_scores(results_dir, all_scores)
+      report.plot_scores(results_dir, all_scores, groups)
     print(table)
     logging.info('[evaluate] results in %s', results_dir)

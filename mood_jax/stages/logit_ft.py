@@ -201,7 +201,8 @@ def _gamma(config, workdir, model, finetuned, mesh) -> float:
     with open(path + '.tmp', 'w') as f:
       json.dump(record, f, indent=2)
     os.replace(path + '.tmp', path)
-  metrics_log.write(workdir, NAME, 0, {'gamma': gamma})
+  with metrics_log.Writer(workdir, NAME, first_step=0) as writer:
+    writer.write(0, {'gamma': gamma})
   return gamma
 
 
