@@ -86,8 +86,10 @@ _KEYS = ('model', 'scorer', 'ood_set', 'ood_group')
 
 
 def _metric_keys(rows: list[dict]) -> list[str]:
-  """The metrics the rows carry, in their order: no fixed list, so new metrics show up."""
-  return [key for key in rows[0] if key not in _KEYS] if rows else []
+  """The metrics the rows carry: no fixed list, so a new metric shows up. Known ones come
+  first in _TITLES' order (jitted metrics come back in sorted key order)."""
+  keys = [key for key in rows[0] if key not in _KEYS] if rows else []
+  return [key for key in _TITLES if key in keys] + [key for key in keys if key not in _TITLES]
 
 
 def _groups(rows: list[dict]) -> list[str]:
