@@ -53,7 +53,7 @@ Example (a v4-32 pod slice, 4 hosts):
   launch/tpu_vm.sh --name ood --type v4-32 setup
   launch/tpu_vm.sh --name ood --type v4-32 --spot run configs/imagenet.py gs://BUCKET/runs/in1k \\
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
-  tail -f ~/.mood_jax/tpu_vm/ood.log       # the supervisor; launch/tpu_vm.sh --name ood logs: the run
+  tail -f ~/.mood_jax/tpu_vm/ood.log  # the supervisor (launch/tpu_vm.sh --name ood logs: the run)
 USAGE
 }
 

@@ -71,7 +71,8 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
         raise UserError(f'unknown evaluate model {name!r}: valid choices are auto, '
                         f'{", ".join(MODELS)}')
   try:
-    selected = {scorer.name: scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)}
+    selected = {scorer.name: scorers.configured(scorer, cfg.hparams)
+                for scorer in scorers.resolve(cfg.scorers)}
   except (KeyError, ValueError) as e:
     raise UserError(f'evaluate: {e.args[0]}') from None
   to_sweep = swept_names(cfg, list(selected.values()))
