@@ -68,6 +68,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     raise UserError(str(e)) from None
   if 'logit_ft' in stages:
     logit_ft.check_config(config, depth)
+    train_eval.check_config(config, 'logit_ft')
   if ('finetune' in stages or 'logit_ft' in stages) and num_classes < 2:
     raise UserError('one-class ID data has no labels to fine-tune on: drop finetune and '
                     'logit_ft from --config.stages and evaluate the pretrain encoder '

@@ -1,5 +1,6 @@
-"""Evaluation during fine-tuning: ID test accuracy, and one scorer's AUROC against each OOD
-validation set (the 'validation' group of data.ood_sets; never a test set).
+"""Evaluation during fine-tuning (finetune, logit_ft): ID test accuracy, and one scorer's
+AUROC against each OOD validation set (the 'validation' group of data.ood_sets; never a
+test set).
 
 The digits and the TFDS datasets have no ID validation split, so the ID side is the test
 split, as big_vision and timm evaluate during training. The scorer is fitted on the ID
@@ -37,14 +38,17 @@ def check_config(config: ml_collections.ConfigDict, stage: str) -> None:
                     'per set: choose one that scores features or logits, e.g. msp')
 
 
-def make_eval_fn(config: ml_collections.ConfigDict, stage: str, model,
-                 mesh) -> Callable[[dict], dict]:
-  """params -> {'id_accuracy': ..., '<scorer>_auroc_<set>': ...} for `stage`'s eval_scorer."""
+def make_eval_fn(config: ml_collections.ConfigDict, stage: str, model, mesh,
+                 classifier_params: Callable[[dict], dict] = lambda params: params
+                 ) -> Callable[[dict], dict]:
+  """train params -> {'id_accuracy': ..., '<scorer>_auroc_<set>': ...} for `stage`'s
+  eval_scorer; `classifier_params` maps the stage's params to the classifier's (logit_ft)."""
   scorer = scorers.configured(scorers.get(config[stage].eval_scorer), config.evaluate.hparams)
   ood_sets = validation_sets(config)
   forward = inference.make_forward(model, mesh)
 
   def eval_fn(params):
+    params = classifier_params(params)
     extract = functools.partial(inference.extract, forward, params, config, mesh=mesh)
     id_test = extract(which='id_test')
     results = {'id_accuracy': float(metrics.accuracy(id_test['logits'], id_test['label']))}

@@ -27,7 +27,8 @@ def _main(*args, data_dir):
 def smoke_run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
   proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
-               '--config.finetune.eval_every=2', data_dir=data_dir)
+               '--config.finetune.eval_every=2', '--config.logit_ft.eval_every=4',
+               data_dir=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -75,13 +76,15 @@ def test_progress_lines_tensorboard_and_config_json(smoke_run, data_dir, tensorb
   assert '[finetune] eval step 4: id_accuracy=' in proc.stderr
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     evals = [row for row in map(json.loads, f) if row['kind'] == 'eval']
-  assert [(row['stage'], row['step']) for row in evals] == [('finetune', 2), ('finetune', 4)]
+  assert [(row['stage'], row['step']) for row in evals] == [
+      ('finetune', 2), ('finetune', 4), ('logit_ft', 4)]
   assert all(0 <= row['msp_auroc_letters'] <= 1 for row in evals)
   # config.json: the command line, and the config it resolved to.
   with open(os.path.join(workdir, 'config.json')) as f:
     assert '--config.finetune.eval_every=2' in json.load(f)['command']
   expected = digits.get_config('split,smoke')
-  expected.finetune.eval_every, expected.data.data_dir = 2, data_dir
+  expected.finetune.eval_every, expected.logit_ft.eval_every = 2, 4
+  expected.data.data_dir = data_dir
   assert run_config.load(os.path.join(workdir, 'config.json')) == expected
 
 
@@ -103,7 +106,7 @@ def test_logit_ft_flooding_umap_teacher(smoke_run, data_dir, tmp_path):
                '--config.stages=logit_ft,evaluate', '--config.evaluate.models=logit_ft',
                '--config.evaluate.scorers=msp', '--config.logit_ft.loss=um',
                '--config.logit_ft.umap=both', '--config.logit_ft.teacher_alpha=0.9',
-               data_dir=data_dir)
+               '--config.logit_ft.eval_every=4', data_dir=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(workdir / 'metrics.jsonl') as f:
     logged = [json.loads(line) for line in f]
@@ -111,7 +114,9 @@ def test_logit_ft_flooding_umap_teacher(smoke_run, data_dir, tmp_path):
   gamma, = [m['gamma'] for m in logged if m['step'] == 0]
   with open(workdir / 'logit_ft_gamma.json') as f:
     assert json.load(f)['gamma'] == gamma > 0
-  assert all(0 <= m['flooded'] <= 1 for m in logged if m['step'] > 0)
+  assert all(0 <= m['flooded'] <= 1 for m in logged if m['step'] > 0 and m['kind'] == 'train')
+  # Evaluated with the UMAP-masked weights, as the evaluate stage scores them.
+  assert [m['step'] for m in logged if m['kind'] == 'eval'] == [4]
   assert os.listdir(workdir / 'ckpt' / 'logit_ft' / '4' / 'state')
   with open(workdir / 'results' / 'results.json') as f:
     assert {r['model'] for r in json.load(f)['rows']} == {'logit_ft'}
@@ -189,6 +194,10 @@ def test_one_class_runs_each_class_and_averages(tmp_path, data_dir):
      "unknown evaluate.sweep_metric 'accuracy'"),
     (['--config.evaluate.scorers=knn', '--config.evaluate.sweep_grids.knn.k=()'],
      'evaluate.sweep_grids.knn has an empty list'),
+    (['--config.finetune.eval_every=2', '--config.finetune.eval_scorer=nope'],
+     "finetune.eval_scorer: unknown scorer 'nope'"),
+    (['--config.logit_ft.eval_every=2', '--config.logit_ft.eval_scorer=odin'],
+     'logit_ft.eval_scorer=odin perturbs the inputs'),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, data_dir, args, message):
   workdir = tmp_path / 'workdir'
