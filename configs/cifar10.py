@@ -109,7 +109,8 @@ def paper_config(name: str, train_examples: int, ood_sets: tuple[str, ...],
       label_smoothing=0.1,     # BEiT run_class_finetuning default --smoothing 0.1
       b1=0.9, b2=0.999,        # BEiT fine-tuning AdamW
       min_lr=1e-6,             # BEiT run_class_finetuning default --min_lr 1e-6
-      log_every=100, ckpt_every=2000)
+      log_every=100, ckpt_every=2000,
+      eval_every=epochs(1, 128, train_examples))  # BEiT run_class_finetuning.py: every epoch
 
   config.logit_ft.update(
       loss='um', gamma_from='masked_model',
@@ -117,7 +118,7 @@ def paper_config(name: str, train_examples: int, ood_sets: tuple[str, ...],
       batch_size=128, num_steps=epochs(10, 128, train_examples),  # ours: a short continuation
       warmup_steps=0, lr=2e-5, layer_decay=0.9,  # as finetune
       drop_path=0.4, weight_decay=1e-8,
-      log_every=100, ckpt_every=2000)
+      log_every=100, ckpt_every=2000, eval_every=epochs(1, 128, train_examples))
 
   config.evaluate.update(
       scorers='mahalanobis_mood,msp,energy,maxlogit,vim,knn',  # MOOD's own + MOODv2's ViM
@@ -134,6 +135,7 @@ def paper_config(name: str, train_examples: int, ood_sets: tuple[str, ...],
     data.image_size, data.num_workers = 16, 0
     for stage in (config.pretrain, config.finetune, config.logit_ft):
       stage.update(num_steps=2, batch_size=16, warmup_steps=1, log_every=2, ckpt_every=2)
+    config.finetune.eval_every = config.logit_ft.eval_every = 0
     config.pretrain.update(min_block_patches=1, decoder_width=32, decoder_depth=1,
                            decoder_heads=2)
     config.evaluate.update(batch_size=32, plots=False, scorers='mahalanobis_mood,msp')

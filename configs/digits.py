@@ -79,6 +79,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, grad_clip=0.0,
       log_every=50, ckpt_every=100, keep_checkpoints=2,
       grad_accum_steps=1,       # > 1: the batch in that many sequential micro-batches
+      # Every eval_every steps (0: never): ID test accuracy and eval_scorer's AUROC on each
+      # validation OOD set (mood_jax/train_eval.py), in the log and TensorBoard.
+      eval_every=100, eval_scorer='msp',
   )
   # UM's loss (flooding) by default, as the paper. Recorded on the 'letters' OOD validation
   # set (seed 0; mean AUROC of msp, energy and mahalanobis_mood): um flooding 83.7 at keep
@@ -109,6 +112,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       grad_clip=0.0,
       log_every=50, ckpt_every=100, keep_checkpoints=2,
       grad_accum_steps=1,       # > 1: the batch in that many sequential micro-batches
+      eval_every=100, eval_scorer='msp',  # as finetune's
   )
   config.evaluate = dict(
       models='auto',            # 'auto' (every trained classifier) or a list of pretrain
@@ -158,6 +162,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     for stage in (config.pretrain, config.finetune, config.logit_ft):
       stage.num_steps, stage.batch_size, stage.warmup_steps = 4, 16, 1
       stage.log_every, stage.ckpt_every = 2, 2
+    config.finetune.eval_every = config.logit_ft.eval_every = 0
     config.evaluate.batch_size = 64
     config.evaluate.plots = False
   return config

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import checkpoint, metrics_log, parallel
+from mood_jax import checkpoint, metrics_log, parallel, progress
 from mood_jax.errors import UserError
 
 # loss_fn(params, batch, rng) -> (loss, aux metrics)
@@ -30,6 +30,10 @@ class TrainState:
   opt_state: Any
 
 
+# The stages that train, in the order they run (see pipeline.py).
+TRAINING_STAGES = ('pretrain', 'finetune', 'logit_ft')
+
+
 def checkpoint_dir(workdir: str, stage: str) -> str:
   return os.path.join(workdir, 'ckpt', stage)
 
@@ -41,6 +45,14 @@ def final_step(workdir: str, stage: str) -> int | None:
     return None
   with checkpoint.manager(path) as mngr:
     return mngr.latest_step()
+
+
+def _later_images(config: ml_collections.ConfigDict, workdir: str, stage: str) -> int:
+  """Images still to train on in the selected training stages after `stage`, for the ETA."""
+  later = TRAINING_STAGES[TRAINING_STAGES.index(stage) + 1:]
+  selected = [name.strip() for name in config.stages.split(',')]
+  return sum((config[name].num_steps - (final_step(workdir, name) or 0)) * config[name].batch_size
+             for name in later if name in selected)
 
 
 def placed(shapes, mesh, rules=()):
@@ -216,7 +228,8 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
           rng: jax.Array, initial_params: Callable[[], Any] | None = None,
           batch_fn: Callable[[dict], dict] | None = None,
           batch_loss: BatchLossFn | None = None,
-          keep_steps: tuple[int, ...] = ()) -> TrainState:
+          keep_steps: tuple[int, ...] = (),
+          eval_fn: Callable[[Any], dict] | None = None, eval_every: int = 0) -> TrainState:
   """Runs `cfg.num_steps` steps, resuming from the stage's latest checkpoint if any.
 
   `initial_params()` (e.g. a pretrained encoder merged into a fresh head) replaces
@@ -224,9 +237,11 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
   derived inputs to each global batch (e.g. a frozen teacher's logits) before the step;
   `batch_loss` maps the batch's mean loss to the objective (see `make_train_step`).
   Checkpoints of `keep_steps` are kept beside the latest `cfg.keep_checkpoints`.
-  Logged metrics are means over the steps since the previous log line. On a preemption
-  notice it saves at the end of the current step and raises `Preempted`.
+  Logged metrics are means over the steps since the previous log line. `eval_fn(params)`
+  runs every `eval_every` steps and at the last, its metrics logged as kind 'eval'. On a
+  preemption notice it saves at the end of the current step and raises `Preempted`.
   """
+  clock = progress.Clock(cfg.num_steps, cfg.batch_size, _later_images(config, workdir, stage))
   init, abstract, shardings = abstract_state(init_params, tx, mesh, config.sharding_rules)
   mngr = checkpoint.manager(checkpoint_dir(workdir, stage), cfg, keep_steps)
   try:
@@ -244,7 +259,8 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
     start = int(state.step)
     tick, tick_step = time.perf_counter(), start
     window, window_steps = None, 0
-    with _PreemptionNotice(mngr) as preemption:
+    with (_PreemptionNotice(mngr) as preemption,
+          metrics_log.Writer(workdir, stage, first_step=start + 1) as writer):
       for step in range(start + 1, cfg.num_steps + 1):
         batch = parallel.global_batch(next(data_iter), mesh)
         if batch_fn is not None:
@@ -257,6 +273,7 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
           logging.info('[%s] first step, compilation included: %.1fs', stage,
                        time.perf_counter() - tick)
           tick, tick_step = time.perf_counter(), step
+          clock.compiled(step)
         preempted = preemption.reached(step)
         must_save = preempted or step % cfg.ckpt_every == 0 or step == cfg.num_steps
         if step % cfg.log_every == 0 or must_save:  # every save is checked for finite values
@@ -267,7 +284,13 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
             metrics['images_per_s'] = cfg.batch_size * (step - tick_step) / (now - tick)
           metrics['lr'] = float(lr_schedule(step - 1))
           tick, tick_step = now, step
-          metrics_log.write(workdir, stage, step, metrics)
+          writer.write(step, metrics, progress=clock.line(step))
+        if eval_fn is not None and (step % eval_every == 0 or step == cfg.num_steps):
+          eval_start = time.perf_counter()
+          writer.write(step, eval_fn(state.params), kind='eval')
+          spent = time.perf_counter() - eval_start
+          tick += spent  # not training time: out of images/s and the ETA's speed
+          clock.exclude(spent)
         if must_save:
           _check_state_finite(stage, step, state)
           checkpoint.save(mngr, step, state, data_iter, config)
@@ -275,6 +298,7 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
           mngr.wait_until_finished()
           logging.warning('[%s] preempted: saved step %d in %s', stage, step, mngr.directory)
           raise Preempted(f'{stage} preempted at step {step}; its checkpoint is saved')
+    logging.info('[%s] done: %s', stage, clock.summary(cfg.num_steps - start, jax.device_count()))
   finally:  # an async save still in flight would be lost on exit
     mngr.wait_until_finished()
     mngr.close()

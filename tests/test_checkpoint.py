@@ -150,7 +150,8 @@ def reference(tmp_path_factory, data_dir, env):
 
 
 @pytest.mark.parametrize('kill_when', ['after_step_8', 'while_saving_step_15'])
-def test_kill_and_rerun_gives_identical_params(kill_when, reference, data_dir, env, tmp_path):
+def test_kill_and_rerun_gives_identical_params(kill_when, reference, data_dir, env, tmp_path,
+                                               tensorboard_steps):
   workdir = str(tmp_path / 'workdir')
   proc = _start(workdir, data_dir, env)
   if kill_when == 'after_step_8':
@@ -163,6 +164,11 @@ def test_kill_and_rerun_gives_identical_params(kill_when, reference, data_dir, e
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   _assert_same_params(workdir, reference)
   _assert_same_losses(workdir, reference)
+  # The steps logged after the resumed checkpoint are logged once, not twice.
+  every_step = list(range(1, NUM_STEPS + 1))
+  assert [m['step'] for m in _logged(workdir)] == every_step
+  assert tensorboard_steps(os.path.join(workdir, 'tensorboard', 'pretrain'))[
+      'train/loss'] == every_step
 
 
 def test_sigterm_saves_and_exits_with_preempted_status(reference, data_dir, env, tmp_path):

@@ -96,6 +96,17 @@ def get(name: str) -> Scorer:
   return _REGISTRY[name]
 
 
+def configured(scorer: Scorer, hparams) -> Scorer:
+  """`scorer` with the values `hparams` (a config's evaluate.hparams) sets for it."""
+  overrides = hparams.get(scorer.name)
+  return scorer.with_hparams(**overrides.to_dict()) if overrides else scorer
+
+
+def needs_train_stats(scorer: Scorer) -> bool:
+  """Whether `fit` reads the ID training set (else it ignores its inputs: msp, energy, ...)."""
+  return scorer.fit is not _no_stats
+
+
 def names() -> list[str]:
   return sorted(_REGISTRY)
 

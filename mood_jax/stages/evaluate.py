@@ -67,12 +67,6 @@ def hparams_config() -> ml_collections.ConfigDict:
       for scorer in scorers.resolve('all') if scorer.hparams})
 
 
-def configured(scorer: scorers.Scorer, cfg) -> scorers.Scorer:
-  """`scorer` with the hparams `evaluate.hparams` sets for it."""
-  overrides = cfg.hparams.get(scorer.name)
-  return scorer.with_hparams(**overrides.to_dict()) if overrides else scorer
-
-
 def _names(spec: str) -> list[str]:
   return [name.strip() for name in spec.split(',') if name.strip()]
 
@@ -107,7 +101,8 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
     raise UserError(f'unknown evaluate.id_train_augment {cfg.id_train_augment!r}: valid choices '
                     f'are {", ".join(map(str, input_pipeline.AUGMENT_CHOICES))}')
   try:
-    selected = {scorer.name: configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)}
+    selected = {scorer.name: scorers.configured(scorer, cfg.hparams)
+                for scorer in scorers.resolve(cfg.scorers)}
   except (KeyError, ValueError) as e:
     raise UserError(f'evaluate: {e.args[0]}') from None
   for name in _names(cfg.fit_on_id_validation):
@@ -184,7 +179,7 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.evaluate
   groups = input_pipeline.ood_groups(config.data)
-  selected = [configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)]
+  selected = [scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
   rows, id_accuracy, all_scores, used_hparams, sweeps = [], {}, {}, {}, {}
   trained_with = {}  # model -> one line on its training, for the report
@@ -235,6 +230,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
                                  scores=all_scores, hparams=used_hparams, sweeps=sweeps,
                                  models=trained_with)
     if cfg.plots:
-      report.plot_scores(results_dir, all_scores)
+      report.plot_scores(results_dir, all_scores, groups)
     print(table)
     logging.info('[evaluate] results in %s', results_dir)

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from mood_jax import convert, optim, parallel, train_loop
+from mood_jax import convert, optim, parallel, train_eval, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -183,4 +183,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
                    data_iter=iter(data), mesh=mesh,
                    rng=jax.random.fold_in(jax.random.key(config.seed), 2),
                    initial_params=None if cfg.init_from == 'scratch' else initial_params,
-                   keep_steps=kept_steps(config))
+                   keep_steps=kept_steps(config),
+                   eval_fn=train_eval.make_eval_fn(config, NAME, model, mesh)
+                   if cfg.eval_every > 0 else None, eval_every=cfg.eval_every)

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import checkpoint, inference, metrics_log, optim, train_loop
+from mood_jax import checkpoint, inference, metrics_log, optim, train_eval, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import weight_mask
@@ -229,7 +229,8 @@ def _gamma(config, workdir, model, finetuned, mesh) -> float:
     with open(path + '.tmp', 'w') as f:
       json.dump(record, f, indent=2)
     os.replace(path + '.tmp', path)
-  metrics_log.write(workdir, NAME, 0, {'gamma': gamma})
+  with metrics_log.Writer(workdir, NAME, first_step=0) as writer:
+    writer.write(0, {'gamma': gamma})
   return gamma
 
 
@@ -265,12 +266,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
 
   data = input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
                                       seed=config.seed, augment=cfg.augment)
+  eval_fn = None
+  if cfg.eval_every > 0:
+    eval_fn = train_eval.make_eval_fn(config, NAME, model, mesh, _effective_params(cfg))
   train_loop.train(NAME, cfg, config, workdir, init_params=init_params,
                    loss_fn=make_loss_fn(model, cfg, gamma), tx=tx, lr_schedule=schedule,
                    data_iter=iter(data), mesh=mesh,
                    rng=jax.random.fold_in(jax.random.key(config.seed), 5),
                    initial_params=initial_params, batch_fn=batch_fn,
-                   batch_loss=make_batch_loss(cfg, gamma))
+                   batch_loss=make_batch_loss(cfg, gamma), eval_fn=eval_fn,
+                   eval_every=cfg.eval_every)
+
+
+def _effective_params(cfg: ml_collections.ConfigDict):
+  """Jitted stage params -> the classifier's params (classifier_params)."""
+  return jax.jit(functools.partial(classifier_params, umap_keep_ratio=cfg.umap_keep_ratio))
 
 
 def describe(workdir: str) -> str:
@@ -302,5 +312,4 @@ def trained_classifier(config, workdir: str, mesh):
   model, init_params, tx, _ = setup(config)
   params = train_loop.restore_params(workdir, NAME, init_params, tx, mesh,
                                      config.sharding_rules)
-  return model, jax.jit(functools.partial(
-      classifier_params, umap_keep_ratio=config.logit_ft.umap_keep_ratio))(params)
+  return model, _effective_params(config.logit_ft)(params)
