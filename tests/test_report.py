@@ -48,7 +48,8 @@ def test_write_results_files(tmp_path):
                                              'scores.npz']  # no temporary files left
   with open(os.path.join(results_dir, 'results.json')) as f:
     document = json.load(f)
-  assert set(document) == {'conventions', 'id_accuracy', 'rows', 'hparams', 'sweeps'}
+  assert set(document) == {'conventions', 'id_accuracy', 'rows', 'hparams', 'sweeps',
+                           'models'}
   assert 'OOD positive' in document['conventions']['fpr95']
   assert 'ID positive' in document['conventions']['fpr95_id']
   assert document['id_accuracy'] == {'finetune': 0.9712}
@@ -73,6 +74,10 @@ def test_markdown_table_has_every_row_in_percent():
   assert '| pretrain | mahalanobis_mood | svhn | 95.00 | 5.00 | 95.00 | 25.00 |' in table
   assert 'ID accuracy: finetune 97.12%' in table
   assert 'OpenOOD' in table
+  assert 'Models:' not in table  # only when a model says how it was trained
+  table = report.markdown_table(report.summarize(ROWS), {'finetune': 0.9712},
+                                models={'logit_ft': 'loss=um (flooding)'})
+  assert 'Models:\n- logit_ft: loss=um (flooding)\n' in table
 
 
 def test_plot_scores_writes_histogram_and_roc_per_model_and_scorer(tmp_path):
