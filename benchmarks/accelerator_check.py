@@ -25,8 +25,9 @@ after each part, so a window that closes early keeps what was measured. Parts, i
               visible device), its wall time per stage, and its results against the CPU
               reference of the same code: ID accuracy and every metric the rows carry.
 
---smoke runs every part at tiny sizes on CPU, with 2 fake devices for data parallelism:
-tests/test_accelerator_check.py runs it, so that the script works when a GPU appears.
+--smoke runs every part at tiny sizes on CPU, with 2 fake devices for data parallelism (the
+digits job: its smoke config, finetune and evaluate only): tests/test_accelerator_check.py
+runs it, so that the script works when a GPU appears.
 
 Reference. A GPU run's results differ from a CPU run's by float rounding (TF32 matmuls,
 other reduction orders), which 1,200 training steps amplify much as a change of seed does;
@@ -36,8 +37,8 @@ listed. The reference is a CPU run of the same code, written from its results.js
   python -m mood_jax.main --config=configs/digits.py --workdir=/tmp/digits_cpu
   python -m benchmarks.accelerator_check --write_reference=/tmp/digits_cpu
 
-It records the config argument and a digest of the code (mood_jax/, configs/): a reference of
-another config is not compared, one of other code is compared under a warning.
+It records the job's config flags and a digest of the code (mood_jax/, configs/): a reference
+of other flags is not compared, one of other code is compared under a warning.
 """
 
 import argparse
@@ -51,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import numpy as np
 
@@ -63,11 +65,14 @@ SIZES = {
     'gpu': dict(train=dict(variant='B/16', image_size=224, batch_size=128, data='imagenet2012',
                            dtype='bfloat16'),
                 steps=20, warmup=3, bank=50_000, queries=10_000, dim=768, repeats=5,
-                digits_config='configs/digits.py'),
+                digits_flags='--config=configs/digits.py'),
+    # float32: XLA:CPU compiles the bfloat16 step ~1.5x slower, and the code path is the same
     'smoke': dict(train=dict(variant='mu/8', image_size=16, batch_size=8, data='cifar10',
-                             dtype='bfloat16'),
+                             dtype='float32'),
                   steps=2, warmup=1, bank=512, queries=128, dim=32, repeats=1,
-                  digits_config='configs/digits.py:smoke'),
+                  # two stages: the job's plumbing, not its every stage, is rehearsed
+                  digits_flags='--config=configs/digits.py:smoke --config.stages=finetune,'
+                               'evaluate --config.finetune.init_from=scratch'),
 }
 SMOKE_DEVICES = 2
 # Largest |GPU - CPU| accepted per metric (values in [0, 1]); any AUROC-named metric takes
@@ -252,7 +257,7 @@ def _scoring_part(smoke: bool, scratch: str, log: str) -> dict:
 def _digits_part(sizes: dict, args, workdir: str, log: str) -> dict:
   """The main job as a user runs it, timed per stage from its log's stage-start lines as
   they arrive, then its results against the reference."""
-  command = [sys.executable, '-m', 'mood_jax.main', f'--config={sizes["digits_config"]}',
+  command = [sys.executable, '-m', 'mood_jax.main', *sizes['digits_flags'].split(),
              f'--workdir={workdir}']
   if args.data_dir:
     command.append(f'--config.data.data_dir={args.data_dir}')
@@ -279,19 +284,19 @@ def _digits_part(sizes: dict, args, workdir: str, log: str) -> dict:
           'id_accuracy': results['id_accuracy'], 'rows': results['rows']}
   if not marks:
     part['note'] = 'no stage-start lines in the log: per-stage times unknown'
-  part['comparison'] = _against_reference(args.reference, sizes['digits_config'], results)
+  part['comparison'] = _against_reference(args.reference, sizes['digits_flags'], results)
   return part
 
 
-def _against_reference(path: str, config: str, results: dict) -> dict:
+def _against_reference(path: str, flags: str, results: dict) -> dict:
   if not os.path.exists(path):
     return {'compared': False, 'why': f'no reference at {path}: write one from a CPU run with '
                                       '--write_reference (see the module docstring)'}
   with open(path) as f:
     reference = json.load(f)
-  if reference['config'] != config:
-    return {'compared': False, 'why': f'the reference at {path} is of {reference["config"]}, '
-                                      f'this run of {config}'}
+  if reference['flags'] != flags:
+    return {'compared': False, 'why': f'the reference at {path} is of `{reference["flags"]}`, '
+                                      f'this run of `{flags}`'}
   comparison = compare(reference, results)
   digest = code_digest()
   comparison.update(compared=True, reference=path, reference_commit=reference.get('commit'),
@@ -373,14 +378,14 @@ def _commit() -> str | None:
   return git.stdout.strip() or None
 
 
-def write_reference(workdir: str, config: str, path: str) -> dict:
+def write_reference(workdir: str, flags: str, path: str) -> dict:
   results_path = os.path.join(workdir, 'results', 'results.json')
   if not os.path.exists(results_path):
     raise UserError(f'no {results_path}: run the main job on CPU into {workdir} first '
-                    f'(python -m mood_jax.main --config={config} --workdir={workdir})')
+                    f'(python -m mood_jax.main {flags} --workdir={workdir})')
   with open(results_path) as f:
     results = json.load(f)
-  reference = {'config': config, 'code_digest': code_digest(), 'commit': _commit(),
+  reference = {'flags': flags, 'code_digest': code_digest(), 'commit': _commit(),
                'written': datetime.datetime.now(datetime.timezone.utc).isoformat('T', 'seconds'),
                'from': results_path, 'id_accuracy': results['id_accuracy'], 'rows': results['rows']}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -552,6 +557,10 @@ def check(args) -> dict:
       report['parts'][part] = runs[part]()
     except ChildFailed as e:  # the other parts may still work: a short window is not wasted
       report['errors'][part] = str(e)
+    except Exception as e:  # noqa: BLE001 (likewise; the traceback goes to the log)
+      with open(log, 'a') as f:
+        traceback.print_exc(file=f)
+      report['errors'][part] = f'{type(e).__name__}: {e} (traceback in {log})'
     report['part_s'][part] = time.perf_counter() - start
     print(f'{part}: {"failed: " + report["errors"][part] if part in report["errors"] else "done"}'
           f' in {report["part_s"][part]:.0f} s', flush=True)
@@ -578,10 +587,10 @@ def main() -> None:
                       help='A new directory for the digits job (default: a temporary one).')
   parser.add_argument('--write_reference', metavar='WORKDIR', default=None,
                       help='Write --reference from WORKDIR/results/results.json, a CPU run of '
-                      '--digits_config, and stop.')
-  parser.add_argument('--digits_config', default=None,
-                      help='With --write_reference: the config WORKDIR ran (default: '
-                      'configs/digits.py, or its :smoke with --smoke).')
+                      '--digits_flags, and stop.')
+  parser.add_argument('--digits_flags', default=None,
+                      help='With --write_reference: the config flags WORKDIR ran with '
+                      '(default: the check\'s own, with or without --smoke).')
   parser.add_argument('--child', choices=('probe', 'train_step', 'scoring'), help=argparse.SUPPRESS)
   parser.add_argument('--step', choices=STEPS, help=argparse.SUPPRESS)
   parser.add_argument('--scores', help=argparse.SUPPRESS)
@@ -595,7 +604,7 @@ def main() -> None:
     return
   try:
     if args.write_reference:
-      write_reference(args.write_reference, args.digits_config or sizes['digits_config'],
+      write_reference(args.write_reference, args.digits_flags or sizes['digits_flags'],
                       args.reference)
       print(f'wrote {args.reference}')
       return

@@ -12,7 +12,7 @@ import pytest
 from benchmarks import accelerator_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE_CONFIG = accelerator_check.SIZES['smoke']['digits_config']
+SMOKE_FLAGS = accelerator_check.SIZES['smoke']['digits_flags']
 
 
 def _check(*args, env):
@@ -47,7 +47,7 @@ def test_the_rehearsal_runs_every_part(smoke):
   for row in report['parts']['scoring']['device']['results'].values():
     assert row['median_s'] > 0 and row['max_abs_diff_to_cpu'] < 1e-4
   digits = report['parts']['digits']
-  assert list(digits['stage_s']) == ['pretrain', 'finetune', 'logit_ft', 'evaluate']
+  assert list(digits['stage_s']) == ['finetune', 'evaluate']
   assert all(seconds > 0 for seconds in digits['stage_s'].values())
   assert not digits['comparison']['compared'] and 'no reference' in digits['comparison']['why']
   summary = (out / 'check.md').read_text()
@@ -62,9 +62,9 @@ def test_a_reference_from_a_cpu_run_flags_exactly_what_differs(smoke, env, tmp_p
   with open(out / 'digits' / 'results' / 'results.json') as f:
     results = json.load(f)
   reference = json.loads(path.read_text())
-  assert reference['rows'] == results['rows'] and reference['config'] == SMOKE_CONFIG
+  assert reference['rows'] == results['rows'] and reference['flags'] == SMOKE_FLAGS
 
-  same = accelerator_check._against_reference(str(path), SMOKE_CONFIG, results)
+  same = accelerator_check._against_reference(str(path), SMOKE_FLAGS, results)
   assert same['compared'] and same['same_code'] and same['within_tolerance']
   assert same['by_metric']['auroc']['compared'] == len(results['rows'])
 
@@ -89,8 +89,8 @@ def test_a_reference_from_a_cpu_run_flags_exactly_what_differs(smoke, env, tmp_p
   assert f'| {first["model"]} | {first["scorer"]} | {first["ood_set"]} | auroc |' in summary
   assert '1 values beyond tolerance' in summary and 'not compared: aupr_old' in summary
 
-  other = accelerator_check._against_reference(str(path), 'configs/digits.py', results)
-  assert not other['compared'] and SMOKE_CONFIG in other['why']
+  other = accelerator_check._against_reference(str(path), '--config=configs/digits.py', results)
+  assert not other['compared'] and SMOKE_FLAGS in other['why']
 
 
 @pytest.mark.parametrize('args, message', [
