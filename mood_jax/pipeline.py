@@ -6,7 +6,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import dry_run, one_class, parallel, train_loop
+from mood_jax import config_checks, dry_run, one_class, parallel, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -18,48 +18,38 @@ STAGES = {stage.NAME: stage for stage in (pretrain, finetune, logit_ft, evaluate
 TRAINING_STAGES = ('pretrain', 'finetune', 'logit_ft')
 
 
-def _choice(what: str, value: str, valid) -> None:
-  if value not in valid:
-    raise UserError(f'unknown {what} {value!r}: valid choices are {", ".join(valid)}')
-
-
 def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
   names = [s.strip() for s in config.stages.split(',') if s.strip()]
+  if not names:
+    config_checks.fail('stages', config.stages, 'selects no stage', 'finetune,evaluate')
   for name in names:
-    _choice('stage', name, list(STAGES))
+    config_checks.choice('stage', name, list(STAGES))
   return [name for name in STAGES if name in names]
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """Checks that need no data or compilation, so a bad run fails before touching anything."""
+  """Every field the selected stages read, checked before any data is read or anything
+  compiled or written; each owner module checks its own fields."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'workdir {workdir!r} is an existing file: pass a directory path')
   stages = selected_stages(config)
   depth = vit.parse_variant(config.model.variant)['depth']
-  _choice('model.posemb', config.model.posemb, ['learn', 'sincos2d', 'none'])
-  _choice('model.pool', config.model.pool, ['mean', 'cls'])
-  _choice('model.dtype', config.model.dtype, list(vit.DTYPES))
+  input_pipeline.check_config(config.data)
+  vit.check_config(config.model, config.data.image_size)
+  mesh = parallel.make_mesh(config.mesh)
   for stage in TRAINING_STAGES:
     if stage not in stages:
       continue
-    if config[stage].grad_accum_steps < 1:
-      raise UserError(f'{stage}.grad_accum_steps={config[stage].grad_accum_steps}: use 1 (no '
-                      'accumulation) or more')
+    cfg = config[stage]
+    config_checks.training_stage(stage, cfg)
+    parallel.check_batch_size(cfg.batch_size // cfg.grad_accum_steps, mesh,
+                              f'{stage}.batch_size / grad_accum_steps')
     # A bool in digits.py and a string in the real-data configs: compared, not type-checked.
-    if config[stage].augment not in input_pipeline.AUGMENT_CHOICES:
-      raise UserError(f'unknown {stage}.augment {config[stage].augment!r}: valid choices are '
-                      f'{", ".join(map(str, input_pipeline.AUGMENT_CHOICES))}')
-  _choice('model.qkv_bias', config.model.qkv_bias, ['qkv', 'qv', 'none'])
-  _choice('model.rel_pos_bias', config.model.rel_pos_bias, ['none', 'block', 'shared'])
+    config_checks.choice(f'{stage}.augment', cfg.augment, input_pipeline.AUGMENT_CHOICES)
   if 'pretrain' in stages:
-    _choice('pretrain.scheme', config.pretrain.scheme, ['random', 'blockwise'])
-    if config.pretrain.scheme == 'random' and config.model.rel_pos_bias != 'none':
-      raise UserError('model.rel_pos_bias needs every patch in the encoder, which MAE-style '
-                      'random masking drops: use --config.pretrain.scheme=blockwise')
+    pretrain.check_config(config)
   if 'finetune' in stages:
-    if not os.path.isdir(config.finetune.init_from):  # a converted checkpoint (convert.py)
-      _choice('finetune.init_from', config.finetune.init_from,
-              ['pretrain', 'scratch', 'a directory written by `python -m mood_jax.convert`'])
+    finetune.check_config(config)
   try:  # the data module's own checks: dataset name, classes, OOD set names
     groups = input_pipeline.ood_groups(config.data)
     num_classes = input_pipeline.num_classes(config.data)
@@ -74,6 +64,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   if 'evaluate' in stages:
     if not groups:
       raise UserError('no OOD sets to evaluate: set --config.data.ood_sets')
+    config_checks.at_least('evaluate.batch_size', config.evaluate.batch_size, 1, 256)
+    parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
     evaluate.check_config(config, groups)
   return stages
 
@@ -84,16 +76,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   stages = validate(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
-  for stage in TRAINING_STAGES:
-    if stage in stages:
-      cfg = config[stage]
-      if cfg.batch_size % cfg.grad_accum_steps:
-        raise UserError(f'{stage}.batch_size={cfg.batch_size} does not split into '
-                        f'{stage}.grad_accum_steps={cfg.grad_accum_steps} equal micro-batches: '
-                        'use a divisor of the batch size')
-      parallel.check_batch_size(cfg.batch_size // cfg.grad_accum_steps, mesh,
-                                f'{stage}.batch_size / grad_accum_steps')
-  parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
   if config.dry_run:
     print(dry_run.table(dry_run.compile_steps(config, stages, mesh), mesh))
     return

@@ -165,6 +165,9 @@ def test_one_class_runs_each_class_and_averages(tmp_path, data_dir):
      "unknown evaluate.sweep_metric 'accuracy'"),
     (['--config.evaluate.scorers=knn', '--config.evaluate.sweep_grids.knn.k=()'],
      'evaluate.sweep_grids.knn has an empty list'),
+    # More of them in test_validation.py, in-process.
+    (['--config.pretrain.mask_ratio=1.5'], 'pretrain.mask_ratio=1.5 must be inside (0, 1)'),
+    (['--config.stages='], "stages='' selects no stage"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, data_dir, args, message):
   workdir = tmp_path / 'workdir'

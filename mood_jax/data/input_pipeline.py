@@ -7,6 +7,7 @@ sorted ID classes; -1 for OOD) and, for evaluation, 'valid' bool [b].
 """
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mood_jax import config_checks
 from mood_jax.data import embedded, folder, sources
 from mood_jax.data.randaugment import RandAugment
 from mood_jax.data.transforms import (Decode, Normalize, RandomErasing, RandomResizedCrop,
@@ -57,6 +59,28 @@ def default_data_config() -> ml_collections.ConfigDict:
       random_erasing=0.0,      # train random-erasing probability (BEiT fine-tune: 0.25)
       eval_crop_fraction=0.875,  # eval: shorter side to image_size / this, centre crop
   ))
+
+
+def check_config(data_cfg) -> None:
+  """`config.data`'s ranges; the dataset, class and OOD set names are checked where they
+  are looked up (`ood_groups`, `num_classes`)."""
+  check = config_checks
+  check.at_least('data.image_size', data_cfg.image_size, 1, 24)
+  check.inside('data.std', data_cfg.std, 0, math.inf, 0.5)
+  check.at_least('data.ood_examples_per_set', data_cfg.ood_examples_per_set, 1, 500)
+  check.at_least('data.num_workers', data_cfg.num_workers, 0, 0)
+  check.inside('data.test_fraction', data_cfg.test_fraction, 0, 1, 0.3)
+  check.inside('data.eval_crop_fraction', data_cfg.eval_crop_fraction, 0, 1, 0.875,
+               closed='high')
+  for name, example in (('hflip', 0.5), ('random_erasing', 0.25)):
+    check.inside(f'data.{name}', data_cfg[name], 0, 1, example, closed='both')
+  check.at_least('data.randaugment_ops', data_cfg.randaugment_ops, 0, 2)
+  check.inside('data.randaugment_magnitude', data_cfg.randaugment_magnitude, 0, 10, 9.0,
+               closed='both')
+  low, high = (tuple(data_cfg.crop_scale) + (None, None))[:2]
+  if len(data_cfg.crop_scale) != 2 or not 0 < low <= high <= 1:
+    check.fail('data.crop_scale', tuple(data_cfg.crop_scale), 'must be (low, high) with '
+               '0 < low <= high <= 1', "'(0.08,1.0)'")
 
 
 # --- Which TFDS dataset, config and split holds what. ---
@@ -341,8 +365,6 @@ def train_transforms(data_cfg, augment: bool | str = True) -> list[grain.transfo
                                                                     grain.transforms.RandomMap]:
   """augment: True, all configured augmentations; 'crop', the random crop and flip only (MIM
   pretraining, as BEiT's); False, the eval transforms."""
-  if augment not in AUGMENT_CHOICES:
-    raise UserError(f'augment={augment!r}: valid choices are {AUGMENT_CHOICES}')
   if not augment:
     return eval_transforms(data_cfg)
   normalize = Normalize(data_cfg.mean, data_cfg.std)

@@ -12,13 +12,20 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from mood_jax import convert, optim, parallel, train_loop
+from mood_jax import config_checks, convert, optim, parallel, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
 from mood_jax.stages import pretrain
 
 NAME = 'finetune'
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """This stage's config errors, before anything runs."""
+  if not os.path.isdir(config.finetune.init_from):  # a converted checkpoint (convert.py)
+    config_checks.choice('finetune.init_from', config.finetune.init_from,
+                         ['pretrain', 'scratch', 'a directory written by `python -m mood_jax.convert`'])
 
 
 def classifier(config: ml_collections.ConfigDict, drop_path: float):
