@@ -64,6 +64,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter=No
   return mngr.restore(step, args=ocp.args.Composite(**items)).state
 
 
+def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The config (a nested dict) saved with checkpoint `step`."""
+  return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
 def saved_abstract_state(mngr: ocp.CheckpointManager, step: int, sharding):
   """The saved state's shapes and dtypes (a nested dict), every array placed by `sharding`."""
   saved = mngr.item_metadata(step)['state'].tree

@@ -1,12 +1,14 @@
 """The stage list and `run(config, workdir)`: validate everything first, then run stages in order."""
 
+import contextlib
 import os
 
 import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import config_checks, dry_run, one_class, parallel, train_loop
+from mood_jax import (changed_settings, config_checks, dry_run, one_class, parallel, train_loop,
+                      workdir_lock)
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -70,37 +72,46 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   return stages
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run(config: ml_collections.ConfigDict, workdir: str,
+        allow_changed_settings: bool = False) -> None:
+  """Runs the selected stages in `workdir`, which no other run may hold (workdir_lock);
+  `allow_changed_settings`: go on from checkpoints made under other settings
+  (changed_settings.py)."""
   if config.one_class_each:
-    run_one_class_each(config, workdir)
+    run_one_class_each(config, workdir, allow_changed_settings)
     return
   stages = validate(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   if config.dry_run:
     print(dry_run.table(dry_run.compile_steps(config, stages, mesh), mesh))
     return
-  os.makedirs(workdir, exist_ok=True)
-  input_pipeline.prepare(config.data)
-  for name in stages:
-    if name in TRAINING_STAGES and train_loop.final_step(workdir, name) == config[name].num_steps:
-      logging.info('[%s] skipped: its final checkpoint (step %d) is already in %s', name,
-                   config[name].num_steps, train_loop.checkpoint_dir(workdir, name))
-      continue
-    logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
-                 dict(mesh.shape))
-    STAGES[name].run(config, workdir, mesh)
+  with workdir_lock.held(workdir):
+    changed_settings.check(config, workdir, [s for s in stages if s in TRAINING_STAGES],
+                           allow_changed_settings)
+    input_pipeline.prepare(config.data)
+    for name in stages:
+      if name in TRAINING_STAGES and train_loop.final_step(workdir, name) == config[name].num_steps:
+        logging.info('[%s] skipped: its final checkpoint (step %d) is already in %s', name,
+                     config[name].num_steps, train_loop.checkpoint_dir(workdir, name))
+        continue
+      logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
+                   dict(mesh.shape))
+      STAGES[name].run(config, workdir, mesh)
 
 
-def run_one_class_each(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run_one_class_each(config: ml_collections.ConfigDict, workdir: str,
+                       allow_changed_settings: bool = False) -> None:
   """`run` once per class as the only ID class, then the mean over classes (one_class.py)."""
   if len(input_pipeline.all_classes(config.data)) < 2:
     raise UserError('one_class_each needs a dataset of two or more classes')
   configs = one_class.class_configs(config)
   for label, class_config in configs.items():  # every run's config is checked before any runs
     validate(class_config, one_class.class_workdir(workdir, label))
-  for label, class_config in configs.items():
-    logging.info('[one-class] class %s of %s', label, list(configs))
-    run(class_config, one_class.class_workdir(workdir, label))
-  if not config.dry_run and jax.process_index() == 0:
-    table = one_class.write_mean(workdir, list(configs))
-    print(f'Mean over the one-class runs of classes {", ".join(map(str, configs))}:\n{table}')
+  # A dry run writes nothing, the workdir included.
+  with contextlib.nullcontext() if config.dry_run else workdir_lock.held(workdir):
+    for label, class_config in configs.items():
+      logging.info('[one-class] class %s of %s', label, list(configs))
+      run(class_config, one_class.class_workdir(workdir, label), allow_changed_settings)
+    if not config.dry_run and jax.process_index() == 0:
+      table = one_class.write_mean(workdir, list(configs))
+      print(f'Mean over the one-class runs of classes {", ".join(map(str, configs))}:\n{table}')
