@@ -37,12 +37,15 @@ _ABANDONED_READS = ('Future exception was never retrieved', 'Task exception was 
 class QuietLibraries(std_logging.Filter):
   """INFO lines from mood_jax only (orbax alone logs ~30 per checkpoint save), and not
   tfds's warning on every read of a dataset whose config is made from ours, nor asyncio's
-  for abandoned reads."""
+  for abandoned reads, nor orbax's tracebacks of a failed save (a full disk: four, ~100
+  lines each), whose error reaches `main` anyway, which reports it in one line."""
   package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
   def filter(self, record) -> bool:
     if record.pathname.startswith(self.package_dir):
       return True
+    if record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname:
+      return False
     return (record.levelno >= std_logging.WARNING and not record.getMessage().startswith(
         ('Using custom data configuration', *_ABANDONED_READS)))
 
