@@ -24,12 +24,13 @@ RECORD_FILE = 'changed_settings.json'
 
 # What a training stage computes depends on its own config section and on these shared
 # fields, less the ones below. model.remat changes memory, not the result; the data fields
-# are read by evaluate only, or say where and how fast data is read. mesh and
+# are read by evaluate only, or say where and how fast data is read (eval_crop_fraction is
+# not among them: logit_ft's gamma reads ID train through the eval transforms). mesh and
 # sharding_rules are not compared either: they change placement, and the result only up to
 # float rounding (README "Meshes and sharding").
 _SHARED = ('seed', 'model.', 'data.')
 _PASS = ('model.remat', 'data.data_dir', 'data.num_workers', 'data.ood_sets',
-         'data.validation_ood_sets', 'data.ood_examples_per_set', 'data.eval_crop_fraction')
+         'data.validation_ood_sets', 'data.ood_examples_per_set')
 _STAGE_PASS = ('log_every', 'ckpt_every', 'keep_checkpoints')
 
 
@@ -38,8 +39,8 @@ def _flat(tree: dict, prefix: str = '') -> dict:
   for key, value in tree.items():
     if isinstance(value, dict):
       flat.update(_flat(value, f'{prefix}{key}.'))
-    else:  # JSON has no tuples: compare sequences as lists
-      flat[f'{prefix}{key}'] = list(value) if isinstance(value, (tuple, list)) else value
+    else:
+      flat[f'{prefix}{key}'] = value
   return flat
 
 
@@ -51,8 +52,9 @@ def _computes(field: str, stage: str) -> bool:
 
 
 def differences(saved: dict, current: dict, stage: str) -> list[str]:
-  """'field: saved -> current' for each field that changes what `stage` computes."""
-  saved, current = _flat(saved), _flat(current)
+  """'field: saved -> current' for each field that changes what `stage` computes; `current`
+  goes through JSON as the saved config did (tuples become lists)."""
+  saved, current = _flat(saved), _flat(json.loads(json.dumps(current)))
   return [f'{field}: {saved.get(field, "(unset)")!r} -> {current.get(field, "(unset)")!r}'
           for field in sorted(set(saved) | set(current))
           if _computes(field, stage) and saved.get(field) != current.get(field)]

@@ -48,7 +48,8 @@ def test_write_results_files(tmp_path):
                                              'scores.npz']  # no temporary files left
   with open(os.path.join(results_dir, 'results.json')) as f:
     document = json.load(f)
-  assert set(document) == {'conventions', 'id_accuracy', 'rows', 'hparams', 'sweeps'}
+  assert set(document) == {'conventions', 'id_accuracy', 'rows', 'hparams', 'sweeps',
+                           'changed_settings'}
   assert 'OOD positive' in document['conventions']['fpr95']
   assert 'ID positive' in document['conventions']['fpr95_id']
   assert document['id_accuracy'] == {'finetune': 0.9712}

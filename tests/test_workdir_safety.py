@@ -3,6 +3,7 @@ file-system faults and damaged data: the parts that need no training run (test_c
 the ones through the command line on a trained workdir)."""
 
 import errno
+import json
 import logging
 import os
 import re
@@ -50,7 +51,7 @@ def test_a_second_process_is_refused_with_the_holders_name(tmp_path, caplog):
 
 
 def test_only_fields_that_change_a_stage_stop_it():
-  saved = digits.get_config('smoke').to_dict()
+  saved = json.loads(json.dumps(digits.get_config('smoke').to_dict()))  # as checkpoints hold it
   config = digits.get_config('smoke')
   config.evaluate.scorers = 'msp'      # evaluation only
   config.finetune.log_every = 1        # logging only
