@@ -164,8 +164,11 @@ def _check_state_finite(stage: str, step: int, state: TrainState) -> None:
 PREEMPTED_EXIT_CODE = 42
 
 
-class Preempted(Exception):
-  """The run stopped on a preemption notice or Ctrl-C, whatever could be saved saved."""
+class Preempted(BaseException):
+  """The run stopped on a preemption notice or Ctrl-C, whatever could be saved saved.
+
+  A BaseException, as KeyboardInterrupt: a signal that arrives while, e.g., a checkpoint is
+  read must not be taken for a damaged file by an `except Exception`."""
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
@@ -177,10 +180,10 @@ def stop_signals() -> tuple[signal.Signals, ...]:
 class _PreemptionNotice:
   """Tells at each step whether the run is being preempted.
 
-  Single-process runs catch SIGTERM themselves (the handler only sets a flag), and every
-  run catches SIGINT so. With several processes, JAX's distributed runtime handles SIGTERM
-  and agrees on a step at which every process saves: orbax's `reached_preemption`, so no
-  handler is installed over it.
+  Single-process runs catch SIGTERM and SIGINT themselves (the handler only sets a flag).
+  With several processes, JAX's distributed runtime handles SIGTERM and agrees on a step at
+  which every process saves: orbax's `reached_preemption`, so no handler is installed over
+  it; SIGINT stops them at once (`main.stop`), since a save on one process alone would hang.
   """
 
   def __init__(self, mngr):
@@ -189,8 +192,9 @@ class _PreemptionNotice:
     self._previous_handlers = {}
 
   def __enter__(self):
-    self._previous_handlers = {sig: signal.signal(sig, self._on_signal)
-                               for sig in stop_signals()}
+    if jax.process_count() == 1:
+      self._previous_handlers = {sig: signal.signal(sig, self._on_signal)
+                                 for sig in stop_signals()}
     return self
 
   def __exit__(self, *exc_info):

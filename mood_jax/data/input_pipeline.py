@@ -6,7 +6,6 @@ of numpy arrays: 'image' float32 [b, S, S, C] normalised, 'label' int32 [b] (ind
 sorted ID classes; -1 for OOD) and, for evaluation, 'valid' bool [b].
 """
 
-import collections.abc
 import contextlib
 import dataclasses
 import fcntl
@@ -69,23 +68,22 @@ def default_data_config() -> ml_collections.ConfigDict:
 def check_config(data_cfg) -> None:
   """`config.data`'s ranges; the dataset, class and OOD set names are checked where they
   are looked up (`ood_groups`, `num_classes`)."""
-  check = config_checks
-  check.at_least('data.image_size', data_cfg.image_size, 1, 24)
-  check.inside('data.std', data_cfg.std, 0, math.inf, 0.5)
-  check.at_least('data.ood_examples_per_set', data_cfg.ood_examples_per_set, 1, 500)
-  check.at_least('data.num_workers', data_cfg.num_workers, 0, 0)
-  check.inside('data.test_fraction', data_cfg.test_fraction, 0, 1, 0.3)
-  check.inside('data.eval_crop_fraction', data_cfg.eval_crop_fraction, 0, 1, 0.875,
-               closed='high')
+  config_checks.at_least('data.image_size', data_cfg.image_size, 1, 24)
+  config_checks.inside('data.std', data_cfg.std, 0, math.inf, 0.5)
+  config_checks.at_least('data.ood_examples_per_set', data_cfg.ood_examples_per_set, 1, 500)
+  config_checks.at_least('data.num_workers', data_cfg.num_workers, 0, 0)
+  config_checks.inside('data.test_fraction', data_cfg.test_fraction, 0, 1, 0.3)
+  config_checks.inside('data.eval_crop_fraction', data_cfg.eval_crop_fraction, 0, 1, 0.875,
+                       closed='high')
   for name, example in (('hflip', 0.5), ('random_erasing', 0.25)):
-    check.inside(f'data.{name}', data_cfg[name], 0, 1, example, closed='both')
-  check.at_least('data.randaugment_ops', data_cfg.randaugment_ops, 0, 2)
-  check.inside('data.randaugment_magnitude', data_cfg.randaugment_magnitude, 0, 10, 9.0,
-               closed='both')
+    config_checks.inside(f'data.{name}', data_cfg[name], 0, 1, example, closed='both')
+  config_checks.at_least('data.randaugment_ops', data_cfg.randaugment_ops, 0, 2)
+  config_checks.inside('data.randaugment_magnitude', data_cfg.randaugment_magnitude, 0, 10,
+                       9.0, closed='both')
   low, high = (tuple(data_cfg.crop_scale) + (None, None))[:2]
   if len(data_cfg.crop_scale) != 2 or not 0 < low <= high <= 1:
-    check.fail('data.crop_scale', tuple(data_cfg.crop_scale), 'must be (low, high) with '
-               '0 < low <= high <= 1', "'(0.08,1.0)'")
+    config_checks.fail('data.crop_scale', tuple(data_cfg.crop_scale),
+                       'must be (low, high) with 0 < low <= high <= 1', "'(0.08,1.0)'")
 
 
 # --- Which TFDS dataset, config and split holds what. ---
@@ -133,7 +131,7 @@ def _location(data_cfg, which: str) -> tuple[str, tfds.core.BuilderConfig | None
   return *_far_ood_dataset(data_cfg), which
 
 
-class _ReportDamage(collections.abc.Sequence):
+class _ReportDamage(Sequence):
   """A TFDS data source whose unreadable records (a damaged or truncated file) raise a
   UserError naming the set, the record and the directory to rebuild, not array_record's or
   PIL's error, which name neither."""
