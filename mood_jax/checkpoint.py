@@ -68,7 +68,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter=No
 
 
 def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
-  """The config the run that saved `step` had."""
+  """The config (a nested dict) saved with checkpoint `step`."""
   return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 

@@ -1,14 +1,16 @@
 """Command line: python -m mood_jax.main --config=configs/digits.py --workdir=DIR [--config.x=y]."""
 
+import errno
 import logging as std_logging
 import os
+import signal
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mood_jax import host_malloc, parallel, pipeline, train_loop
+from mood_jax import checkpoint, host_malloc, parallel, pipeline, train_loop
 from mood_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
@@ -20,8 +22,12 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for a multi-process run.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes - 1.')
+_ALLOW_CHANGED_SETTINGS = flags.DEFINE_bool(
+    'allow_changed_settings', False, 'Go on from checkpoints in the workdir made under other '
+    'settings (results.json records it) instead of stopping.')
 
 
+_GRAIN_NOTE = '\n--------------------\nFor simplicity, Grain'
 # A damaged checkpoint (which the training loop reports and skips) fails to restore at its
 # first unreadable array; the reads orbax left running then fail too, into its closed event
 # loop, one error each, hundreds in all.
@@ -31,12 +37,15 @@ _ABANDONED_READS = ('Future exception was never retrieved', 'Task exception was 
 class QuietLibraries(std_logging.Filter):
   """INFO lines from mood_jax only (orbax alone logs ~30 per checkpoint save), and not
   tfds's warning on every read of a dataset whose config is made from ours, nor asyncio's
-  for abandoned reads."""
+  for abandoned reads, nor orbax's tracebacks of a failed save (a full disk: four, ~100
+  lines each), whose error reaches `main` anyway, which reports it in one line."""
   package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
   def filter(self, record) -> bool:
     if record.pathname.startswith(self.package_dir):
       return True
+    if record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname:
+      return False
     return (record.levelno >= std_logging.WARNING and not record.getMessage().startswith(
         ('Using custom data configuration', *_ABANDONED_READS)))
 
@@ -46,6 +55,40 @@ def quiet_abandoned_reads(unraisable) -> None:
   error = unraisable.exc_value
   if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
     sys.__unraisablehook__(unraisable)
+
+
+def stop(signum, frame) -> None:
+  """Outside a training loop (which saves first), a stop signal ends the run at once: it is
+  restartable from its checkpoints, prepared data and results, all written atomically."""
+  del frame
+  raise train_loop.Preempted(f'stopped by {signal.Signals(signum).name}')
+
+
+# The environment, not the program: one line with the path and the fix, no traceback.
+_FILE_SYSTEM_HINTS = {
+    errno.EROFS: 'the file system is read-only: use a writable directory',
+    errno.EACCES: 'permission denied: use a directory you can write, or fix its permissions',
+    errno.EPERM: 'permission denied: use a directory you can write, or fix its permissions',
+    errno.ENOSPC: 'the disk is full: free space and rerun the same command; it resumes',
+    errno.EDQUOT: 'the disk quota is used up: free space and rerun the same command; it resumes',
+    errno.ENOTDIR: 'a file stands where a directory is needed: use another path',
+    errno.EEXIST: 'a file stands where a directory is needed: use another path',
+    errno.ENOENT: 'it does not exist: check the path',
+    errno.EIO: 'the device reports an I/O error: check the disk, then rerun',
+}
+
+
+def file_system_error(error: BaseException) -> str | None:
+  """One line for a file-system error (also one that orbax or tensorstore wrap into their own
+  exception types, naming the cause only in text), or None for any other error."""
+  if isinstance(error, OSError) and error.errno in _FILE_SYSTEM_HINTS:
+    path = f' {error.filename}' if error.filename else ''
+    return f'{os.strerror(error.errno)}:{path}: {_FILE_SYSTEM_HINTS[error.errno]}'
+  text = str(error)
+  for code in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+    if os.strerror(code) in text:
+      return f'{checkpoint.error_line(error)}: {_FILE_SYSTEM_HINTS[code]}'
+  return None
 
 
 def parse_flags(argv):
@@ -77,16 +120,25 @@ def main(argv) -> None:
     if jax.default_backend() == 'cpu' and not host_malloc.caching_malloc():
       logging.info('running on CPU with the C library\'s malloc: preloading tcmalloc makes '
                    'the training steps about 1.2x faster (README, "CPU training")')
+  for sig in train_loop.stop_signals():
+    signal.signal(sig, stop)
   try:
-    pipeline.run(config, _WORKDIR.value)
+    pipeline.run(config, _WORKDIR.value, _ALLOW_CHANGED_SETTINGS.value)
   except UserError as e:
     logging.flush()
-    sys.exit(f'error: {e}')
+    # Grain appends a note on its filtered traceback to errors raised under its iterators.
+    sys.exit(f'error: {str(e).split(_GRAIN_NOTE)[0]}')
   except train_loop.Preempted as e:
     logging.warning('%s: rerun the same command to resume (exit status %d)', e,
                     train_loop.PREEMPTED_EXIT_CODE)
     logging.flush()
     sys.exit(train_loop.PREEMPTED_EXIT_CODE)
+  except Exception as e:  # pylint: disable=broad-except
+    line = file_system_error(e)
+    if line is None:
+      raise  # a bug of ours: its traceback helps
+    logging.flush()
+    sys.exit(f'error: {line}')
 
 
 if __name__ == '__main__':

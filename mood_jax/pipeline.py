@@ -1,12 +1,14 @@
 """The stage list and `run(config, workdir)`: validate everything first, then run stages in order."""
 
+import contextlib
 import os
 
 import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import dry_run, one_class, parallel, run_config, train_eval, train_loop
+from mood_jax import (changed_settings, config_checks, dry_run, one_class, parallel, run_config,
+                      train_eval, train_loop, workdir_lock)
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -18,46 +20,39 @@ STAGES = {stage.NAME: stage for stage in (pretrain, finetune, logit_ft, evaluate
 TRAINING_STAGES = train_loop.TRAINING_STAGES
 
 
-def _choice(what: str, value: str, valid) -> None:
-  if value not in valid:
-    raise UserError(f'unknown {what} {value!r}: valid choices are {", ".join(valid)}')
-
-
 def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
   names = [s.strip() for s in config.stages.split(',') if s.strip()]
+  if not names:
+    config_checks.fail('stages', config.stages, 'selects no stage', 'finetune,evaluate')
   for name in names:
-    _choice('stage', name, list(STAGES))
+    config_checks.choice('stage', name, list(STAGES))
   return [name for name in STAGES if name in names]
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """Checks that need no data or compilation, so a bad run fails before touching anything."""
+  """Every field the selected stages read, checked before any data is read or anything
+  compiled or written; each owner module checks its own fields."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'workdir {workdir!r} is an existing file: pass a directory path')
   stages = selected_stages(config)
   depth = vit.parse_variant(config.model.variant)['depth']
-  _choice('model.posemb', config.model.posemb, ['learn', 'sincos2d', 'none'])
-  _choice('model.pool', config.model.pool, ['mean', 'cls'])
-  _choice('model.dtype', config.model.dtype, list(vit.DTYPES))
+  input_pipeline.check_config(config.data)
+  vit.check_config(config.model, config.data.image_size)
+  mesh = parallel.make_mesh(config.mesh)
   for stage in TRAINING_STAGES:
     if stage not in stages:
       continue
-    if config[stage].grad_accum_steps < 1:
-      raise UserError(f'{stage}.grad_accum_steps={config[stage].grad_accum_steps}: use 1 (no '
-                      'accumulation) or more')
+    cfg = config[stage]
+    config_checks.training_stage(stage, cfg)
+    parallel.check_batch_size(cfg.batch_size // cfg.grad_accum_steps, mesh,
+                              f'{stage}.batch_size / grad_accum_steps')
     # A bool in digits.py and a string in the real-data configs: compared, not type-checked.
-    if config[stage].augment not in input_pipeline.AUGMENT_CHOICES:
-      raise UserError(f'unknown {stage}.augment {config[stage].augment!r}: valid choices are '
-                      f'{", ".join(map(str, input_pipeline.AUGMENT_CHOICES))}')
-  _choice('model.qkv_bias', config.model.qkv_bias, ['qkv', 'qv', 'none'])
-  _choice('model.rel_pos_bias', config.model.rel_pos_bias, ['none', 'block', 'shared'])
+    config_checks.choice(f'{stage}.augment', cfg.augment, input_pipeline.AUGMENT_CHOICES)
   if 'pretrain' in stages:
-    _choice('pretrain.scheme', config.pretrain.scheme, ['random', 'blockwise'])
-    if config.pretrain.scheme == 'random' and config.model.rel_pos_bias != 'none':
-      raise UserError('model.rel_pos_bias needs every patch in the encoder, which MAE-style '
-                      'random masking drops: use --config.pretrain.scheme=blockwise')
+    pretrain.check_config(config)
   if 'finetune' in stages:
     train_eval.check_config(config, 'finetune')
+    finetune.check_config(config)
   try:  # the data module's own checks: dataset name, classes, OOD set names
     groups = input_pipeline.ood_groups(config.data)
     num_classes = input_pipeline.num_classes(config.data)
@@ -75,60 +70,58 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   if 'evaluate' in stages:
     if not groups:
       raise UserError('no OOD sets to evaluate: set --config.data.ood_sets')
+    config_checks.at_least('evaluate.batch_size', config.evaluate.batch_size, 1, 256)
+    parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
     evaluate.check_config(config, groups)
-  uses_converted = ('finetune' in stages and config.finetune.init_from not in (
-      'pretrain', 'scratch')) or (
-      'evaluate' in stages and 'converted' in config.evaluate.models.split(','))
-  if uses_converted and not config.dry_run:  # a dry run reads no weights
+  if ('evaluate' in stages and 'converted' in config.evaluate.models.split(',')
+      and not config.dry_run):  # a dry run reads no weights
     finetune.check_converted(config)
   return stages
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run(config: ml_collections.ConfigDict, workdir: str,
+        allow_changed_settings: bool = False) -> None:
+  """Runs the selected stages in `workdir`, which no other run may hold (workdir_lock);
+  `allow_changed_settings`: go on from checkpoints made under other settings
+  (changed_settings.py)."""
   if config.one_class_each:
-    run_one_class_each(config, workdir)
+    run_one_class_each(config, workdir, allow_changed_settings)
     return
   stages = validate(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
-  for stage in TRAINING_STAGES:
-    if stage in stages:
-      cfg = config[stage]
-      if cfg.batch_size % cfg.grad_accum_steps:
-        raise UserError(f'{stage}.batch_size={cfg.batch_size} does not split into '
-                        f'{stage}.grad_accum_steps={cfg.grad_accum_steps} equal micro-batches: '
-                        'use a divisor of the batch size')
-      parallel.check_batch_size(cfg.batch_size // cfg.grad_accum_steps, mesh,
-                                f'{stage}.batch_size / grad_accum_steps')
-  parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
   if config.dry_run:
     print(dry_run.table(dry_run.compile_steps(config, stages, mesh), mesh))
     return
-  os.makedirs(workdir, exist_ok=True)
-  run_config.write(workdir, config)
-  input_pipeline.prepare(config.data)
-  for name in stages:
-    if name in TRAINING_STAGES and train_loop.final_step(workdir, name) == config[name].num_steps:
-      logging.info('[%s] skipped: its final checkpoint (step %d) is already in %s', name,
-                   config[name].num_steps, train_loop.checkpoint_dir(workdir, name))
-      continue
-    logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
-                 dict(mesh.shape))
-    STAGES[name].run(config, workdir, mesh)
+  with workdir_lock.held(workdir):
+    changed_settings.check(config, workdir, [s for s in stages if s in TRAINING_STAGES],
+                           allow_changed_settings)
+    run_config.write(workdir, config)  # after the check: a refused run leaves the last record
+    input_pipeline.prepare(config.data)
+    for name in stages:
+      if name in TRAINING_STAGES and train_loop.final_step(workdir, name) == config[name].num_steps:
+        logging.info('[%s] skipped: its final checkpoint (step %d) is already in %s', name,
+                     config[name].num_steps, train_loop.checkpoint_dir(workdir, name))
+        continue
+      logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
+                   dict(mesh.shape))
+      STAGES[name].run(config, workdir, mesh)
 
 
-def run_one_class_each(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run_one_class_each(config: ml_collections.ConfigDict, workdir: str,
+                       allow_changed_settings: bool = False) -> None:
   """`run` once per class as the only ID class, then the mean over classes (one_class.py)."""
   if len(input_pipeline.all_classes(config.data)) < 2:
     raise UserError('one_class_each needs a dataset of two or more classes')
   configs = one_class.class_configs(config)
   for label, class_config in configs.items():  # every run's config is checked before any runs
     validate(class_config, one_class.class_workdir(workdir, label))
-  if not config.dry_run:  # each class's run writes its own config.json too
-    os.makedirs(workdir, exist_ok=True)
-    run_config.write(workdir, config)
-  for label, class_config in configs.items():
-    logging.info('[one-class] class %s of %s', label, list(configs))
-    run(class_config, one_class.class_workdir(workdir, label))
-  if not config.dry_run and jax.process_index() == 0:
-    table = one_class.write_mean(workdir, list(configs))
-    print(f'Mean over the one-class runs of classes {", ".join(map(str, configs))}:\n{table}')
+  # A dry run writes nothing, the workdir included.
+  with contextlib.nullcontext() if config.dry_run else workdir_lock.held(workdir):
+    if not config.dry_run:  # each class's run writes its own config.json too
+      run_config.write(workdir, config)
+    for label, class_config in configs.items():
+      logging.info('[one-class] class %s of %s', label, list(configs))
+      run(class_config, one_class.class_workdir(workdir, label), allow_changed_settings)
+    if not config.dry_run and jax.process_index() == 0:
+      table = one_class.write_mean(workdir, list(configs))
+      print(f'Mean over the one-class runs of classes {", ".join(map(str, configs))}:\n{table}')

@@ -187,39 +187,50 @@ def _check_state_finite(stage: str, step: int, state: TrainState) -> None:
 PREEMPTED_EXIT_CODE = 42
 
 
-class Preempted(Exception):
-  """A training stage stopped on a preemption notice, its checkpoint saved."""
+class Preempted(BaseException):
+  """The run stopped on a preemption notice or Ctrl-C, whatever could be saved saved.
+
+  A BaseException, as KeyboardInterrupt: a signal that arrives while, e.g., a checkpoint is
+  read must not be taken for a damaged file by an `except Exception`."""
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+  """The signals a run stops on with PREEMPTED_EXIT_CODE: SIGINT (Ctrl-C), and SIGTERM
+  unless JAX's distributed runtime handles it (several processes; see below)."""
+  return (signal.SIGINT,) + ((signal.SIGTERM,) if jax.process_count() == 1 else ())
 
 
 class _PreemptionNotice:
   """Tells at each step whether the run is being preempted.
 
-  Single-process runs catch SIGTERM themselves (the handler only sets a flag). With several
-  processes, JAX's distributed runtime handles SIGTERM and agrees on a step at which every
-  process saves: orbax's `reached_preemption`, so no handler is installed over it.
+  Single-process runs catch SIGTERM and SIGINT themselves (the handler only sets a flag).
+  With several processes, JAX's distributed runtime handles SIGTERM and agrees on a step at
+  which every process saves: orbax's `reached_preemption`, so no handler is installed over
+  it; SIGINT stops them at once (`main.stop`), since a save on one process alone would hang.
   """
 
   def __init__(self, mngr):
     self._mngr = mngr
-    self._sigterm = False
-    self._previous_handler = None
+    self._signalled = False
+    self._previous_handlers = {}
 
   def __enter__(self):
     if jax.process_count() == 1:
-      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._previous_handlers = {sig: signal.signal(sig, self._on_signal)
+                                 for sig in stop_signals()}
     return self
 
   def __exit__(self, *exc_info):
-    if jax.process_count() == 1:  # None: the previous handler was not set from Python
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous_handler is None
-                    else self._previous_handler)
+    for sig, handler in self._previous_handlers.items():
+      # None: the previous handler was not set from Python
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
-  def _on_sigterm(self, signum, frame):
+  def _on_signal(self, signum, frame):
     del signum, frame
-    self._sigterm = True
+    self._signalled = True
 
   def reached(self, step: int) -> bool:
-    return self._sigterm or self._mngr.reached_preemption(step)
+    return self._signalled or self._mngr.reached_preemption(step)
 
 
 def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,

@@ -171,17 +171,21 @@ def test_kill_and_rerun_gives_identical_params(kill_when, reference, data_dir, e
       'train/loss'] == every_step
 
 
-def test_sigterm_saves_and_exits_with_preempted_status(reference, data_dir, env, tmp_path):
+@pytest.mark.parametrize('stop', [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C
+def test_stop_signal_saves_and_exits_with_preempted_status(reference, data_dir, env, tmp_path,
+                                                           stop):
   workdir = str(tmp_path / 'workdir')
   proc = _start(workdir, data_dir, env)
   _wait_until(proc, lambda: any(m['step'] >= 3 for m in _logged(workdir)))
   seen = max(m['step'] for m in _logged(workdir))
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(stop)
   assert proc.wait(timeout=120) == train_loop.PREEMPTED_EXIT_CODE
   with open(os.path.join(workdir, 'output.txt')) as f:
     saved = int(re.search(r'preempted: saved step (\d+)', f.read()).group(1))
   assert seen <= saved < NUM_STEPS and _steps(workdir)[-1] == saved
   assert max(m['step'] for m in _logged(workdir)) == saved  # it stopped there
+  if stop == signal.SIGINT:
+    return  # the same save as SIGTERM's, whose rerun follows
   rerun = _run(workdir, data_dir, env)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f'resuming from step {saved}' in rerun.stderr

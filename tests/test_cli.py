@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from mood_jax import host_malloc, run_config
+from mood_jax import host_malloc, run_config, train_loop, workdir_lock
 from mood_jax.ood import scorers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,6 +211,9 @@ def test_one_class_runs_each_class_and_averages(tmp_path, data_dir):
      "finetune.eval_scorer: unknown scorer 'nope'"),
     (['--config.logit_ft.eval_every=2', '--config.logit_ft.eval_scorer=odin'],
      'logit_ft.eval_scorer=odin perturbs the inputs'),
+    # More of them in test_validation.py, in-process.
+    (['--config.pretrain.mask_ratio=1.5'], 'pretrain.mask_ratio=1.5 must be inside (0, 1)'),
+    (['--config.stages='], "stages='' selects no stage"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, data_dir, args, message):
   workdir = tmp_path / 'workdir'
@@ -229,3 +233,70 @@ def test_workdir_that_is_a_file_is_refused_and_kept(tmp_path, data_dir):
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr
   assert 'is an existing file' in proc.stderr
   assert path.read_text() == 'precious'
+
+
+def _trained_copy(smoke_run, tmp_path):
+  workdir = tmp_path / 'workdir'
+  shutil.copytree(smoke_run[0], workdir, ignore=shutil.ignore_patterns('results'))
+  return workdir
+
+
+def _error_line(proc) -> str:
+  assert proc.returncode not in (0, train_loop.PREEMPTED_EXIT_CODE) and 'Traceback' not in proc.stderr
+  lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  return lines[0]
+
+
+def test_changed_settings_stop_the_run_unless_allowed_and_then_are_recorded(smoke_run, data_dir,
+                                                                           tmp_path):
+  workdir = _trained_copy(smoke_run, tmp_path)
+  args = ['--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
+          '--config.finetune.lr=0.01', '--config.stages=finetune,evaluate',
+          '--config.evaluate.models=finetune', '--config.evaluate.scorers=msp']
+  line = _error_line(_main(*args, data_dir=data_dir))
+  assert (f'the checkpoints in {workdir} were made under other settings (finetune: '
+          "finetune.lr: 0.002 -> 0.01)") in line and '--allow_changed_settings' in line
+  assert not (workdir / 'results').exists()
+  proc = _main(*args, '--allow_changed_settings', data_dir=data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '[finetune] skipped' in proc.stderr
+  with open(workdir / 'results' / 'results.json') as f:
+    assert json.load(f)['changed_settings'] == {'finetune': ['finetune.lr: 0.002 -> 0.01']}
+
+
+def test_a_held_workdir_is_refused_at_once(smoke_run, data_dir, tmp_path):
+  workdir = _trained_copy(smoke_run, tmp_path)
+  before = sorted(p.name for p in workdir.rglob('*'))
+  with workdir_lock.held(str(workdir)):
+    line = _error_line(_main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
+                             data_dir=data_dir))
+  assert f'workdir {workdir} is in use by another run (host ' in line
+  assert f'pid {os.getpid()}, started ' in line
+  assert sorted(p.name for p in workdir.rglob('*')) == before
+
+
+def test_sigterm_during_evaluate_exits_for_a_rerun(smoke_run, data_dir, tmp_path):
+  workdir = _trained_copy(smoke_run, tmp_path)
+  cmd = [sys.executable, '-m', 'mood_jax.main', '--config=configs/digits.py:split,smoke',
+         f'--workdir={workdir}', '--config.stages=evaluate', f'--config.data.data_dir={data_dir}']
+  proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+  for line in proc.stderr:
+    if '[evaluate] starting' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  stderr = proc.stderr.read()
+  assert proc.wait(timeout=120) == train_loop.PREEMPTED_EXIT_CODE, stderr[-2000:]
+  assert 'stopped by SIGTERM: rerun the same command to resume' in stderr
+  assert 'Traceback' not in stderr
+  assert (workdir / workdir_lock.LOCK_FILE).read_text() == ''  # released
+
+
+def test_a_file_in_the_workdir_path_is_one_line(tmp_path, data_dir):
+  (tmp_path / 'notes').write_text('precious')
+  workdir = tmp_path / 'notes' / 'workdir'
+  line = _error_line(_main('--config=configs/digits.py:smoke', f'--workdir={workdir}',
+                           data_dir=data_dir))
+  assert line == (f'error: Not a directory: {workdir}: a file stands where a directory is '
+                  'needed: use another path')
+  assert (tmp_path / 'notes').read_text() == 'precious'

@@ -6,8 +6,13 @@ of numpy arrays: 'image' float32 [b, S, S, C] normalised, 'label' int32 [b] (ind
 sorted ID classes; -1 for OOD) and, for evaluation, 'valid' bool [b].
 """
 
+import contextlib
 import dataclasses
+import fcntl
+import glob
+import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 
@@ -18,6 +23,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mood_jax import checkpoint, config_checks
 from mood_jax.data import embedded, folder, sources
 from mood_jax.data.randaugment import RandAugment
 from mood_jax.data.transforms import (ColorJitter, Decode, Normalize, RandomErasing,
@@ -62,6 +68,27 @@ def default_data_config() -> ml_collections.ConfigDict:
       # dataset's head: MOODv1/datasets.py build_dataset with --class_idx).
       head_all_classes=False,
   ))
+
+
+def check_config(data_cfg) -> None:
+  """`config.data`'s ranges; the dataset, class and OOD set names are checked where they
+  are looked up (`ood_groups`, `num_classes`)."""
+  config_checks.at_least('data.image_size', data_cfg.image_size, 1, 24)
+  config_checks.inside('data.std', data_cfg.std, 0, math.inf, 0.5)
+  config_checks.at_least('data.ood_examples_per_set', data_cfg.ood_examples_per_set, 1, 500)
+  config_checks.at_least('data.num_workers', data_cfg.num_workers, 0, 0)
+  config_checks.inside('data.test_fraction', data_cfg.test_fraction, 0, 1, 0.3)
+  config_checks.inside('data.eval_crop_fraction', data_cfg.eval_crop_fraction, 0, 1, 0.875,
+                       closed='high')
+  for name, example in (('hflip', 0.5), ('random_erasing', 0.25)):
+    config_checks.inside(f'data.{name}', data_cfg[name], 0, 1, example, closed='both')
+  config_checks.at_least('data.randaugment_ops', data_cfg.randaugment_ops, 0, 2)
+  config_checks.inside('data.randaugment_magnitude', data_cfg.randaugment_magnitude, 0, 10,
+                       9.0, closed='both')
+  low, high = (tuple(data_cfg.crop_scale) + (None, None))[:2]
+  if len(data_cfg.crop_scale) != 2 or not 0 < low <= high <= 1:
+    config_checks.fail('data.crop_scale', tuple(data_cfg.crop_scale),
+                       'must be (low, high) with 0 < low <= high <= 1', "'(0.08,1.0)'")
 
 
 # --- Which TFDS dataset, config and split holds what. ---
@@ -109,13 +136,36 @@ def _location(data_cfg, which: str) -> tuple[str, tfds.core.BuilderConfig | None
   return *_far_ood_dataset(data_cfg), which
 
 
+class _ReportDamage(Sequence):
+  """A TFDS data source whose unreadable records (a damaged or truncated file) raise a
+  UserError naming the set, the record and the directory to rebuild, not array_record's or
+  PIL's error, which name neither."""
+
+  def __init__(self, source, which: str, rebuild: str):
+    self._source, self._which, self._rebuild = source, which, rebuild
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    try:
+      return self._source[index]
+    except Exception as e:  # array_record, riegeli and PIL raise many types
+      directory = self._source.dataset_info.data_dir
+      raise UserError(f'{self._which}: record {index} in {directory} cannot be read '
+                      f'({checkpoint.error_line(e)}): its files are damaged. Move {directory} '
+                      f'aside and {self._rebuild}') from None
+
+
 def _data_source(data_cfg, which: str, **kwargs) -> Sequence[dict]:
   name, config, split = _location(data_cfg, which)
   if not _embedded(data_cfg):  # images stay encoded: `transforms.Decode` reads them
     kwargs = dict(kwargs, decoders={'image': tfds.decode.SkipDecoding()})
   # download=False: reading never writes; `prepare` does.
-  return tfds.data_source(name, split=split, data_dir=_data_dir(data_cfg), download=False,
-                          builder_kwargs={'config': config} if config else {}, **kwargs)
+  source = tfds.data_source(name, split=split, data_dir=_data_dir(data_cfg), download=False,
+                            builder_kwargs={'config': config} if config else {}, **kwargs)
+  return _ReportDamage(source, which, 'rerun: it is rebuilt' if _embedded(data_cfg) else
+                       'prepare it again (README, "Real datasets")')
 
 
 # --- Classes and OOD sets. ---
@@ -250,10 +300,29 @@ def prepare(data_cfg) -> None:
     if builder.is_prepared():
       logging.info('Found %s in %s', builder.info.full_name, builder.data_dir)
       continue
-    start = time.perf_counter()
-    builder.download_and_prepare()
-    logging.info('Built %s in %s (%.1f s)', builder.info.full_name, builder.data_dir,
-                 time.perf_counter() - start)
+    with _preparing(os.path.dirname(builder.data_dir)):
+      if builder.is_prepared():  # by the run that held the lock
+        continue
+      start = time.perf_counter()
+      builder.download_and_prepare()
+      logging.info('Built %s in %s (%.1f s)', builder.info.full_name, builder.data_dir,
+                   time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _preparing(config_dir: str):
+  """Holds the lock on preparing one builder config (other runs wait) and removes what a
+  killed preparation left. TFDS builds in `incomplete.*` beside the version directory and
+  renames it when done, so no run reads a partial dataset; a kill -9 leaves that directory
+  behind (any other stop removes it), and only while holding this lock is it known to be
+  no live preparation's."""
+  os.makedirs(config_dir, exist_ok=True)
+  with open(os.path.join(config_dir, '.prepare.lock'), 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+    for leftover in glob.glob(os.path.join(config_dir, 'incomplete.*')):
+      logging.warning('removing %s, left by a preparation that was killed', leftover)
+      shutil.rmtree(leftover)
+    yield
 
 
 # --- Record-level maps (image transforms are in `transforms`). ---
@@ -352,8 +421,6 @@ def train_transforms(data_cfg, augment: bool | str = True) -> list[grain.transfo
                                                                     grain.transforms.RandomMap]:
   """augment: True, all configured augmentations; 'crop', colour jitter (data.color_jitter),
   random crop and flip (MIM pretraining, as BEiT's); False, the eval transforms."""
-  if augment not in AUGMENT_CHOICES:
-    raise UserError(f'augment={augment!r}: valid choices are {AUGMENT_CHOICES}')
   if not augment:
     return eval_transforms(data_cfg)
   normalize = Normalize(data_cfg.mean, data_cfg.std)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mood_jax import config_checks
 from mood_jax.errors import UserError
 
 # name -> (width, depth, mlp_dim, num_heads). `mu` is a micro size for CPU runs.
@@ -46,6 +47,21 @@ def parse_variant(variant: str) -> dict:
   width, depth, mlp_dim, num_heads = VARIANTS[name]
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
               patch_size=int(patch))
+
+
+def check_config(model_cfg, image_size: int) -> None:
+  """`config.model`'s errors, before anything runs."""
+  patch = parse_variant(model_cfg.variant)['patch_size']
+  if patch < 1 or image_size % patch:
+    # Flax's strided patch embedding would drop the last rows and columns without a word.
+    config_checks.fail('model.variant', model_cfg.variant, f'has a patch size that does not '
+                       f'divide data.image_size={image_size}', 'mu/4')
+  for field, valid in (('posemb', ('learn', 'sincos2d', 'none')), ('pool', ('mean', 'cls')),
+                       ('dtype', tuple(DTYPES)), ('qkv_bias', ('qkv', 'qv', 'none')),
+                       ('rel_pos_bias', ('none', 'block', 'shared'))):
+    config_checks.choice(f'model.{field}', model_cfg[field], valid)
+  if model_cfg.get('layer_scale') is not None:
+    config_checks.at_least('model.layer_scale', model_cfg.layer_scale, 0, 0.1)
 
 
 def sincos_posemb_2d(grid: int, width: int) -> np.ndarray:

@@ -158,7 +158,7 @@ def markdown_table(rows: list[dict], id_accuracy: dict[str, float],
       *_hparams_lines(hparams or {}, sweeps or {}), _CONVENTIONS_LINE, ''])
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+def write_atomically(path: str, data: bytes) -> None:
   directory = os.path.dirname(path)
   fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp_')  # same filesystem
   try:
@@ -190,32 +190,36 @@ def _npz_bytes(scores: dict) -> bytes:
 
 def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, float],
                   scores: dict | None = None, hparams: dict | None = None,
-                  sweeps: dict | None = None, models: dict | None = None) -> str:
+                  sweeps: dict | None = None, models: dict | None = None,
+                  changed_settings: dict | None = None) -> str:
   """Writes results.{json,csv,md} (and scores.npz if `scores`); returns the Markdown.
 
   `scores` is {model: {scorer: {'id': [N], ood_set: [M], ...}}}, stored under keys
   'model/scorer/set' so metrics can be recomputed without re-extracting features.
   `hparams` is {model: {scorer: the hparams it ran with}} and `sweeps` {model: {scorer:
-  how they were chosen}} (see stages/evaluate.py), both kept in results.json, as is
-  `models`, {model: one line on how it was trained}.
+  how they were chosen}} (see stages/evaluate.py), both kept in results.json, as are
+  `models`, {model: one line on how it was trained}, and `changed_settings` {stage: its
+  fields that differ}, of the stages that ran under other settings than the rest
+  (mood_jax/changed_settings.py).
   """
   os.makedirs(results_dir, exist_ok=True)
   document = {'conventions': CONVENTIONS, 'id_accuracy': id_accuracy, 'rows': rows,
-              'hparams': hparams or {}, 'sweeps': sweeps or {}, 'models': models or {}}
+              'hparams': hparams or {}, 'sweeps': sweeps or {}, 'models': models or {},
+              'changed_settings': changed_settings or {}}
   table = markdown_table(rows, id_accuracy, hparams, sweeps, models)
   outputs = {'results.json': json.dumps(document, indent=2) + '\n',
              'results.csv': _csv_text(rows), 'results.md': table}
   for name, text in outputs.items():
-    _write_atomically(os.path.join(results_dir, name), text.encode())
+    write_atomically(os.path.join(results_dir, name), text.encode())
   if scores is not None:
-    _write_atomically(os.path.join(results_dir, 'scores.npz'), _npz_bytes(scores))
+    write_atomically(os.path.join(results_dir, 'scores.npz'), _npz_bytes(scores))
   return table
 
 
 def _save_figure(figure: Figure, path: str) -> None:
   buffer = io.BytesIO()
   figure.savefig(buffer, format='png', dpi=100)
-  _write_atomically(path, buffer.getvalue())
+  write_atomically(path, buffer.getvalue())
 
 
 def _histograms(by_set: dict) -> tuple[np.ndarray, dict, bool]:

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from mood_jax import inference, train_loop
+from mood_jax import changed_settings, inference, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, report, scorers, sweep
@@ -228,7 +228,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
     results_dir = os.path.join(workdir, 'results')
     table = report.write_results(results_dir, report.summarize(rows), id_accuracy,
                                  scores=all_scores, hparams=used_hparams, sweeps=sweeps,
-                                 models=trained_with)
+                                 models=trained_with,
+                                 changed_settings=changed_settings.load(workdir))
     if cfg.plots:
       report.plot_scores(results_dir, all_scores, groups)
     print(table)

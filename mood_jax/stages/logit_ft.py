@@ -64,7 +64,7 @@ def check_config(config: ml_collections.ConfigDict, depth: int) -> None:
                       f'{", ".join(valid)}')
   for field, low, high in (('weight_keep_ratio', 0, 1), ('umap_keep_ratio', 0, 1),
                            ('teacher_alpha', 0, 1), ('sample_mask_ratio', 0, 1),
-                           ('gamma_quantile', 0, 1), ('label_smoothing', 0, 1)):
+                           ('gamma_quantile', 0, 1)):
     if not low <= cfg[field] <= high:
       raise UserError(f'logit_ft.{field}={cfg[field]} is outside [{low}, {high}]')
   if cfg.weight_keep_ratio == 0 or cfg.umap_keep_ratio == 0 or cfg.sample_mask_ratio == 1:

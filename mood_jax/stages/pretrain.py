@@ -4,11 +4,32 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mood_jax import optim, train_loop
+from mood_jax import config_checks, optim, train_loop
 from mood_jax.data import input_pipeline
+from mood_jax.errors import UserError
 from mood_jax.models import masking, mim, vit
 
 NAME = 'pretrain'
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """This stage's config errors, before anything runs (after vit.check_config)."""
+  cfg = config.pretrain
+  config_checks.choice('pretrain.scheme', cfg.scheme, ['random', 'blockwise'])
+  if cfg.scheme == 'random' and config.model.rel_pos_bias != 'none':
+    raise UserError('model.rel_pos_bias needs every patch in the encoder, which MAE-style '
+                    'random masking drops: use --config.pretrain.scheme=blockwise')
+  config_checks.inside('pretrain.mask_ratio', cfg.mask_ratio, 0, 1, 0.75)
+  num_patches = (config.data.image_size // vit.parse_variant(config.model.variant)['patch_size'])**2
+  num_masked = int(round(num_patches * cfg.mask_ratio))  # as masking.batch_masks rounds
+  if not 1 <= num_masked < num_patches:  # no target, or no visible patch
+    config_checks.fail('pretrain.mask_ratio', cfg.mask_ratio, f'masks {num_masked} of the '
+                       f'{num_patches} patches: mask at least one and keep at least one', 0.75)
+  if cfg.scheme == 'blockwise':  # smaller blocks than this would never be drawn
+    config_checks.inside('pretrain.min_block_patches', cfg.min_block_patches, 1, num_masked,
+                         min(4, num_masked), closed='both')
+  for name, example in (('decoder_width', 64), ('decoder_depth', 2), ('decoder_heads', 4)):
+    config_checks.at_least(f'pretrain.{name}', cfg[name], 1, example)
 
 
 def setup(config: ml_collections.ConfigDict):

@@ -1,0 +1,109 @@
+"""Settings changed under a workdir: the run's config against the one saved with each
+training stage's checkpoints.
+
+A stage that is skipped (finished) or resumed keeps what it computed under the saved
+settings, so a field that changes what the stage computes stops the run, listing each such
+field, unless `--allow_changed_settings` is given: then the run goes on, and
+WORKDIR/changed_settings.json (and results.json) record which stages ran under which other
+settings. Fields that change only evaluation, logging, checkpoint cadence, placement or
+speed pass.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+from mood_jax import checkpoint, train_loop
+from mood_jax.errors import UserError
+from mood_jax.ood import report
+
+RECORD_FILE = 'changed_settings.json'
+
+# What a training stage computes depends on its own config section and on these shared
+# fields, less the ones below. model.remat changes memory, not the result; the data fields
+# are read by evaluate only, or say where and how fast data is read (eval_crop_fraction is
+# not among them: logit_ft's gamma reads ID train through the eval transforms). mesh and
+# sharding_rules are not compared either: they change placement, and the result only up to
+# float rounding (README "Meshes and sharding").
+_SHARED = ('seed', 'model.', 'data.')
+_PASS = ('model.remat', 'data.data_dir', 'data.num_workers', 'data.ood_sets',
+         'data.validation_ood_sets', 'data.ood_examples_per_set')
+_STAGE_PASS = ('log_every', 'ckpt_every', 'keep_checkpoints')
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _computes(field: str, stage: str) -> bool:
+  """Whether `field` changes what training stage `stage` computes."""
+  if field.startswith(f'{stage}.'):
+    return field.split('.', 1)[1] not in _STAGE_PASS
+  return field not in _PASS and any(field == s or field.startswith(s) for s in _SHARED)
+
+
+def differences(saved: dict, current: dict, stage: str) -> list[str]:
+  """'field: saved -> current' for each field that changes what `stage` computes; `current`
+  goes through JSON as the saved config did (tuples become lists)."""
+  saved, current = _flat(saved), _flat(json.loads(json.dumps(current)))
+  return [f'{field}: {saved.get(field, "(unset)")!r} -> {current.get(field, "(unset)")!r}'
+          for field in sorted(set(saved) | set(current))
+          if _computes(field, stage) and saved.get(field) != current.get(field)]
+
+
+def _saved_config(workdir: str, stage: str) -> dict | None:
+  """The config saved with the stage's latest checkpoint; None if none or unreadable (the
+  stage's resume handles an unreadable one)."""
+  step = train_loop.final_step(workdir, stage)
+  if step is None:
+    return None
+  with checkpoint.manager(train_loop.checkpoint_dir(workdir, stage)) as mngr:
+    try:
+      return checkpoint.saved_config(mngr, step)
+    except Exception:  # orbax and json raise many types for a damaged file
+      return None
+
+
+def load(workdir: str) -> dict:
+  """{stage: [differences]} of the stages that ran under other settings, or {}."""
+  path = os.path.join(workdir, RECORD_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def check(config: ml_collections.ConfigDict, workdir: str, stages: list[str],
+          allow: bool) -> None:
+  """UserError if one of the training `stages` has checkpoints saved under settings that
+  change what it computes; with `allow`, logs and records them instead."""
+  changed = {}
+  for stage in stages:
+    saved = _saved_config(workdir, stage)
+    if saved is not None:
+      diff = differences(saved, config.to_dict(), stage)
+      if diff:
+        changed[stage] = diff
+  if not changed:
+    return
+  listing = '; '.join(f'{stage}: {", ".join(diff)}' for stage, diff in changed.items())
+  if not allow:
+    raise UserError(
+        f'the checkpoints in {workdir} were made under other settings ({listing}): rerun with '
+        'the saved settings, use a new workdir, or pass --allow_changed_settings to go on '
+        'from them (results.json then records it)')
+  logging.warning('going on from checkpoints made under other settings (%s); recorded in %s',
+                  listing, os.path.join(workdir, RECORD_FILE))
+  if jax.process_index() == 0:
+    record = {**load(workdir), **changed}
+    report.write_atomically(os.path.join(workdir, RECORD_FILE),
+                            (json.dumps(record, indent=2) + '\n').encode())
