@@ -127,6 +127,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       sweep_id_fraction=0.2,    # of ID train, held out of the fit as ID validation
       batch_size=256,
       plots=True,
+      # WORKDIR/detector/, for `python -m mood_jax.score` and mood_jax.detector.Detector:
+      # one model with its scorers ('auto': the best pair on the validation OOD sets by
+      # sweep_metric), and OOD thresholds at these ID true-positive rates.
+      detector=dict(write=True, model='auto', scorers='auto', tprs=(0.95,)),
   )
 
   if 'split' in options:

@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 
 PREFIX = 'folder:'
 SPLIT = 'test'
-_IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -68,7 +68,7 @@ def list_files(source: str) -> list[str]:
   """The image files of a folder (recursively, sorted), or the paths listed in a text file."""
   if os.path.isdir(source):
     return sorted(os.path.join(root, name) for root, _, names in os.walk(source)
-                  for name in names if name.lower().endswith(_IMAGE_SUFFIXES))
+                  for name in names if name.lower().endswith(IMAGE_SUFFIXES))
   if os.path.isfile(source):
     base = os.path.dirname(os.path.abspath(source))
     with open(source) as f:

@@ -38,9 +38,10 @@ class Decode(grain.transforms.MapWithIndex):
 
 
 def _resized(image: np.ndarray, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
-  """The (left, top, right, bottom) box of `image`, resized to [size, size]."""
-  pil = PIL.Image.fromarray(image)
-  return np.asarray(pil.resize((size, size), _BICUBIC, box=box))
+  """The (left, top, right, bottom) box of `image`, resized to [size, size]; a grayscale
+  [H, W, 1] image stays [size, size, 1] (PIL reads it as [H, W])."""
+  pil = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  return np.asarray(pil.resize((size, size), _BICUBIC, box=box)).reshape(size, size, -1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from mood_jax import inference, train_loop
+from mood_jax import detector, inference, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, report, scorers, sweep
@@ -80,6 +80,7 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
     selected = {scorer.name: configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)}
   except (KeyError, ValueError) as e:
     raise UserError(f'evaluate: {e.args[0]}') from None
+  detector.check_config(cfg)
   to_sweep = swept_names(cfg, list(selected.values()))
   if not to_sweep:
     return
@@ -152,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   groups = input_pipeline.ood_groups(config.data)
   selected = [configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
-  rows, id_accuracy, all_scores, used_hparams, sweeps = [], {}, {}, {}, {}
+  rows, id_accuracy, all_scores, used_hparams, sweeps, fitted = [], {}, {}, {}, {}, {}
   for model_name in model_names(cfg.models, workdir):
     model, params, has_head = MODELS[model_name](config, workdir, mesh)
     extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
@@ -163,6 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
                                                        sets['id_test']['label']))
     head = params['head'] if has_head else None
     all_scores[model_name], used_hparams[model_name], sweeps[model_name] = {}, {}, {}
+    fitted[model_name] = {}
     for scorer in selected:
       if scorer.needs_logits and not has_head:
         logging.info('[evaluate] %s: skipping %s (no trained classifier head)', model_name,
@@ -183,11 +185,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
                 for name, s in queries.items()}
       by_set['id'] = by_set.pop('id_test')
       all_scores[model_name][scorer.name] = by_set
+      fitted[model_name][scorer.name] = (scorer, stats)
       used_hparams[model_name][scorer.name] = dict(scorer.hparams)
       for ood_set, group in groups.items():
         values = metrics.ood_metrics(by_set['id'], by_set[ood_set])
         rows.append({'model': model_name, 'scorer': scorer.name, 'ood_set': ood_set,
                      'ood_group': group, **{k: float(v) for k, v in values.items()}})
+  if cfg.detector.write:  # every process: the params' save is collective
+    detector.write_from_run(
+        os.path.join(workdir, 'detector'), config, rows, fitted,
+        {model: {name: by_set['id'] for name, by_set in by_scorer.items()}
+         for model, by_scorer in all_scores.items()},
+        lambda model: MODELS[model](config, workdir, mesh)[1], replace=True)
   if jax.process_index() == 0:
     results_dir = os.path.join(workdir, 'results')
     table = report.write_results(results_dir, report.summarize(rows), id_accuracy,
