@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 
 from configs import digits
+from mood_jax import export, score
 from mood_jax.data import input_pipeline
 from mood_jax.detector import Detector
 
@@ -40,12 +41,20 @@ def trained(tmp_path_factory, data_dir, env):
 
 
 @pytest.fixture(scope='module')
-def exported(trained, tmp_path_factory, env):
+def exported(trained, tmp_path_factory):
   out = str(tmp_path_factory.mktemp('export') / 'detector')
-  proc = _run('mood_jax.export', f'--workdir={trained}', f'--out={out}', '--model=finetune',
-              f'--scorers={",".join(SCORERS)}', '--tprs=0.95,0.8', env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  export.main([f'--workdir={trained}', f'--out={out}', '--model=finetune',
+               f'--scorers={",".join(SCORERS)}', '--tprs=0.95,0.8'])
   return out
+
+
+def _error(main, argv) -> str:
+  """The one-line message a CLI `main` exits with."""
+  with pytest.raises(SystemExit) as exit_info:
+    main(argv)
+  message = str(exit_info.value.code)
+  assert message.startswith('error: ') and '\n' not in message, message
+  return message
 
 
 def _uint8_images(data_dir, which):
@@ -146,47 +155,46 @@ def test_other_sizes_and_channels_follow_the_stated_rule(exported, pngs):
   assert 'central 16 px square' in detector.meta['preprocessing']['rule']
 
 
-def test_score_cli_skips_broken_files_and_writes_jsonl(exported, pngs, env, tmp_path):
+def test_score_cli_skips_broken_files_and_writes_jsonl(exported, pngs, tmp_path, capsys):
   _, written = pngs
   broken = tmp_path / 'broken.png'
   broken.write_bytes(b'not an image')
   listed = tmp_path / 'list.txt'
   listed.write_text(f'{written["id_test"][1][0]}\nmissing.png\n')
   out = tmp_path / 'scores.jsonl'
-  proc = _run('mood_jax.score', f'--detector={exported}', f'--out={out}', str(broken),
-              str(listed), str(tmp_path / 'nothing*.png'), env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f'unreadable: {broken}:' in proc.stderr
-  assert f'unreadable: {tmp_path / "missing.png"}:' in proc.stderr
-  assert 'skipped: ' in proc.stderr and 'no file matches it as a glob' in proc.stderr
+  score.main([f'--detector={exported}', f'--out={out}', str(broken), str(listed),
+              str(tmp_path / 'nothing*.png')])
+  stderr = capsys.readouterr().err
+  assert f'unreadable: {broken}:' in stderr
+  assert f'unreadable: {tmp_path / "missing.png"}:' in stderr
+  assert 'skipped: ' in stderr and 'no file matches it as a glob' in stderr
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [row['path'] for row in rows] == [written['id_test'][1][0]]
   assert isinstance(rows[0]['ood_msp_tpr95'], bool)
 
 
 @pytest.mark.parametrize('case', ['empty_folder', 'only_broken', 'not_a_detector'])
-def test_score_cli_bad_input_is_one_line_and_nonzero(exported, env, tmp_path, case):
+def test_score_cli_bad_input_is_one_line_and_nonzero(exported, tmp_path, case):
   folder = tmp_path / 'images'
   folder.mkdir()
   detector = exported
-  if case == 'only_broken':
+  if case != 'empty_folder':
     (folder / 'a.png').write_bytes(b'broken')
   if case == 'not_a_detector':
-    (folder / 'a.png').write_bytes(b'broken')
     detector = str(tmp_path)
   out = tmp_path / 'out.csv'
-  proc = _run('mood_jax.score', f'--detector={detector}', f'--out={out}', str(folder), env=env)
-  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
-  assert len(errors) == 1, proc.stderr[-2000:]
+  message = _error(score.main, [f'--detector={detector}', f'--out={out}', str(folder)])
   assert {'empty_folder': 'no image files', 'only_broken': 'could be read as an image',
-          'not_a_detector': 'is not a detector directory'}[case] in errors[0]
+          'not_a_detector': 'is not a detector directory'}[case] in message
   assert not out.exists()
 
 
-def test_export_never_overwrites(trained, exported, env):
+def test_export_never_overwrites(trained, exported):
   before = sorted(os.listdir(exported))
-  proc = _run('mood_jax.export', f'--workdir={trained}', f'--out={exported}', env=env)
-  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
-  assert 'already exists' in proc.stderr.splitlines()[-1]
+  assert 'already exists' in _error(export.main, [f'--workdir={trained}', f'--out={exported}'])
   assert sorted(os.listdir(exported)) == before
+
+
+def test_export_needs_a_finished_run(tmp_path):
+  assert 'no finished training stage' in _error(
+      export.main, [f'--workdir={tmp_path}', f'--out={tmp_path / "detector"}'])
