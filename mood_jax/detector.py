@@ -43,7 +43,6 @@ ARRAYS_DIR = 'arrays'
 # The ID images thresholds are set on must be ones the network never trained on; none of our
 # datasets has an ID validation split apart from the training images, so it is the ID test split.
 THRESHOLD_SPLIT = 'id_test'
-_MODES = {1: 'L', 3: 'RGB'}
 
 
 def tpr_name(tpr: float) -> str:
@@ -228,24 +227,17 @@ def _check_directory(directory: str) -> dict:
   return meta
 
 
-def _converted(pil: PIL.Image.Image, channels: int) -> np.ndarray:
-  """uint8 [H, W, channels] by PIL's conversion (RGB -> L is ITU-R 601-2 luma; RGBA drops
-  alpha)."""
-  decoded = np.asarray(pil.convert(_MODES[channels]))
-  return decoded[..., None] if channels == 1 else decoded
-
-
 def read_image(path: str, channels: int) -> np.ndarray:
   """uint8 [H, W, channels] of an image file; OSError/ValueError if it does not decode."""
   with PIL.Image.open(path) as image:
-    return _converted(image, channels)
+    return transforms.converted(image, channels)
 
 
 def _as_channels(image: np.ndarray, channels: int) -> np.ndarray:
   if image.shape[-1] == channels:
     return image
-  return _converted(PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image),
-                    channels)
+  return transforms.converted(
+      PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), channels)
 
 
 @dataclasses.dataclass(frozen=True)

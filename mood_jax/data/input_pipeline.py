@@ -66,8 +66,14 @@ def _data_dir(data_cfg) -> str:
 
 
 def _check_name(data_cfg) -> None:
-  if data_cfg.name not in _DATASET_NAMES:
-    raise ValueError(f'unknown data.name {data_cfg.name!r}; valid: {list(_DATASET_NAMES)}')
+  if data_cfg.name not in _DATASET_NAMES and not data_cfg.name.startswith(folder.PREFIX):
+    raise ValueError(f'unknown data.name {data_cfg.name!r}; valid: {list(_DATASET_NAMES)} or '
+                     f'{folder.PREFIX}NAME (a labelled image folder built by '
+                     '`python -m mood_jax.data.folder --labelled`)')
+
+
+def _is_folder(name: str) -> bool:
+  return name.startswith(folder.PREFIX)
 
 
 def _embedded(data_cfg) -> bool:
@@ -96,17 +102,24 @@ def _location(data_cfg, which: str) -> tuple[str, tfds.core.BuilderConfig | None
     return sources.location(data_cfg.name, which)
   if which in _ID_SPLITS:
     return *_id_dataset(data_cfg), _ID_SPLITS[which]
-  if which not in OOD_SETS:
+  if which not in OOD_SETS and not _is_folder(which):
     raise ValueError(f'unknown eval set {which!r}; valid: {list(_ID_SPLITS) + list(OOD_SETS)}')
   _check_ood_set(data_cfg, which)
+  if _is_folder(which):
+    return sources.ood_location(data_cfg.name, which)
   if which in NEAR_OOD_SETS:
     return *_id_dataset(data_cfg), 'test'
   return *_far_ood_dataset(data_cfg), which
 
 
+def _encoded(data_cfg, which: str) -> bool:
+  """Stored as image files' bytes (real datasets, folders), decoded by `transforms.Decode`."""
+  return not _embedded(data_cfg) or _is_folder(which)
+
+
 def _data_source(data_cfg, which: str, **kwargs) -> Sequence[dict]:
   name, config, split = _location(data_cfg, which)
-  if not _embedded(data_cfg):  # images stay encoded: `transforms.Decode` reads them
+  if _encoded(data_cfg, which):  # images stay encoded: `transforms.Decode` reads them
     kwargs = dict(kwargs, decoders={'image': tfds.decode.SkipDecoding()})
   # download=False: reading never writes; `prepare` does.
   return tfds.data_source(name, split=split, data_dir=_data_dir(data_cfg), download=False,
@@ -120,6 +133,9 @@ def _label_key(data_cfg) -> str:
 
 
 def _label_feature(data_cfg) -> tfds.features.ClassLabel:
+  if _is_folder(data_cfg.name):  # its classes are in the dataset, not in a builder's code
+    return tfds.features.ClassLabel(names=folder.class_names(
+        data_cfg.name[len(folder.PREFIX):], _data_dir(data_cfg)))
   features = sources.features(data_cfg.name)
   feature = features[data_cfg.label_key] if data_cfg.label_key in features else None
   if not isinstance(feature, tfds.features.ClassLabel):
@@ -178,8 +194,9 @@ def _check_ood_set(data_cfg, name: str) -> None:
   if not _embedded(data_cfg):
     if name != _heldout_set(data_cfg):
       sources.ood_location(data_cfg.name, name)
-  elif name not in OOD_SETS:
-    raise ValueError(f'unknown OOD set {name!r}; valid: {list(OOD_SETS)}')
+  elif name not in OOD_SETS and not _is_folder(name):
+    raise ValueError(f'unknown OOD set {name!r}; valid: {list(OOD_SETS)} or {folder.PREFIX}NAME '
+                     '(an image folder built by `python -m mood_jax.data.folder`)')
   if name == _heldout_set(data_cfg) and len(_id_classes(data_cfg)) == len(_all_classes(data_cfg)):
     raise ValueError(f'{name!r} is the test images of classes outside id_classes, but '
                      'id_classes covers all classes: choose a subset, or drop it from ood_sets')
@@ -207,21 +224,26 @@ def ood_groups(data_cfg) -> dict[str, str]:
 
 def _check_prepared(data_cfg) -> None:
   """Real datasets are never downloaded here: each must be in data_dir as ArrayRecord already."""
-  data_dir = _data_dir(data_cfg)
   for which in dict.fromkeys(('id_train', 'id_test', *data_cfg.ood_sets)):
-    name, config, _ = _location(data_cfg, which)
-    builder = (folder.builder(config.name, data_dir) if config else
-               tfds.builder(name, data_dir=data_dir, file_format='array_record'))
-    what = which if config else name
-    if not builder.is_prepared():
-      command = (folder.prepare_command(config.name, data_dir) if config else
-                 sources.prepare_command(name, data_dir))
-      raise UserError(f'{what} is not prepared in {data_dir}: run {command}')
-    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-      raise UserError(
-          f'{what} in {builder.data_dir} is {builder.info.file_format.value}, which grain cannot '
-          f'read: run `tfds convert_format --dataset_version_dir={builder.data_dir} '
-          '--out_file_format=array_record` (it adds ArrayRecord files beside the others)')
+    _check_prepared_set(data_cfg, which)
+
+
+def _check_prepared_set(data_cfg, which: str) -> None:
+  """UserError unless the dataset that holds `which` is in data_dir, as ArrayRecord."""
+  data_dir = _data_dir(data_cfg)
+  name, config, _ = _location(data_cfg, which)
+  builder = (folder.builder(config.name, data_dir) if config else
+             tfds.builder(name, data_dir=data_dir, file_format='array_record'))
+  what = f'{folder.PREFIX}{config.name}' if config else name
+  if not builder.is_prepared():
+    command = (folder.prepare_command(config.name, data_dir, which in _ID_SPLITS) if config
+               else sources.prepare_command(name, data_dir))
+    raise UserError(f'{what} is not prepared in {data_dir}: run {command}')
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise UserError(
+        f'{what} in {builder.data_dir} is {builder.info.file_format.value}, which grain cannot '
+        f'read: run `tfds convert_format --dataset_version_dir={builder.data_dir} '
+        '--out_file_format=array_record` (it adds ArrayRecord files beside the others)')
 
 
 def prepare(data_cfg) -> None:
@@ -232,6 +254,9 @@ def prepare(data_cfg) -> None:
   if not _embedded(data_cfg):
     _check_prepared(data_cfg)
     return
+  for name in data_cfg.ood_sets:  # image folders are built by `mood_jax.data.folder` only
+    if _is_folder(name):
+      _check_prepared_set(data_cfg, name)
   datasets = [_id_dataset(data_cfg)]
   if set(ood_groups(data_cfg).values()) - {'near'}:  # far and validation sets
     datasets.append(_far_ood_dataset(data_cfg))
@@ -321,10 +346,14 @@ def _examples(data_cfg, which: str) -> grain.MapDataset:
     records = records.map(ToIdLabel(_id_classes(data_cfg), _label_key(data_cfg)))
   else:  # another dataset's labels mean nothing here: all of its examples are OOD (-1)
     records = records.map(ToIdLabel(()))
-  if _embedded(data_cfg):  # tfds decodes these
+  if not _encoded(data_cfg, which):  # tfds decodes these
     return records
   name, _, split = _location(data_cfg, which)
-  return records.map_with_index(Decode(f'{which} ({name}, split {split})'))
+  records = records.map_with_index(Decode(f'{which} ({name}, split {split})',
+                                          num_channels(data_cfg)))
+  if _embedded(data_cfg):  # a folder beside sets made at image_size: the detector's rule
+    records = records.map(ResizeCenterCrop(data_cfg.image_size, 1.0))
+  return records
 
 
 def eval_transforms(data_cfg) -> list[grain.transforms.Map]:
