@@ -161,6 +161,9 @@ def test_labelled_folder_as_id_data_trains_and_evaluates(labelled, data_dir, env
     results = json.load(f)
   assert {row['ood_set'] for row in results['rows']} >= {'folder:noise'}
   assert set(results['id_accuracy']) == {'finetune'}
+  with np.load(workdir / 'results' / 'scores.npz') as npz:  # folder sets' ids: file names
+    assert sorted(npz['ids/folder:noise']) == sorted(f'{i}.png' for i in range(12))
+    assert sorted(npz['ids/id']) == sorted(folder.file_names('shapes', data_dir, 'test'))
   with open(workdir / 'detector' / 'detector.json') as f:
     preprocessing = json.load(f)['preprocessing']
   assert preprocessing['channels'] == 3 and preprocessing['image_size'] == 16

@@ -101,6 +101,14 @@ def test_export_writes_what_evaluate_wrote(trained, exported):
       np.testing.assert_allclose(from_export['thresholds'][scorer][tpr], value, rtol=1e-6)
 
 
+def test_scores_npz_carries_each_examples_split_index(trained):
+  with np.load(os.path.join(trained, 'results', 'scores.npz')) as npz:
+    for which in ('id', OOD_SET):
+      ids = npz[f'ids/{which}']
+      assert ids.dtype.kind == 'i' and len(ids) == len(npz[f'{MODEL}/msp/{which}'])
+      np.testing.assert_array_equal(ids, np.arange(len(ids)))  # every digit is ID: all kept
+
+
 def test_thresholds_accept_their_true_positive_rate_of_id_test(trained):
   detector = Detector.load(os.path.join(trained, 'detector'))
   with np.load(os.path.join(trained, 'results', 'scores.npz')) as npz:

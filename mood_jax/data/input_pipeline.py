@@ -277,23 +277,26 @@ def prepare(data_cfg) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Read(grain.transforms.Map):
+  """Record `index` of `source`; with `with_index`, the index too (the example's id)."""
   source: Sequence[dict]
+  with_index: bool = False
 
   def map(self, index):
-    return self.source[index]
+    return {**self.source[index], 'index': index} if self.with_index else self.source[index]
 
 
 @dataclasses.dataclass(frozen=True)
 class ToIdLabel(grain.transforms.Map):
-  """Keeps image and label (from feature `key`); the label becomes its index among
-  `id_classes`, or -1 (OOD)."""
+  """Keeps image, label (from feature `key`) and the split index if there is one; the label
+  becomes its index among `id_classes`, or -1 (OOD)."""
   id_classes: tuple[int, ...]
   key: str = 'label'
 
   def map(self, record):
     label = int(record[self.key])
     index = self.id_classes.index(label) if label in self.id_classes else -1
-    return {'image': record['image'], 'label': np.int32(index)}
+    split_index = {'index': np.int32(record['index'])} if 'index' in record else {}
+    return {'image': record['image'], 'label': np.int32(index), **split_index}
 
 
 # --- Datasets. ---
@@ -331,14 +334,16 @@ def _has_id_labels(data_cfg, which: str) -> bool:
   return _embedded(data_cfg) or which in _ID_SPLITS or which == _heldout_set(data_cfg)
 
 
-def _examples(data_cfg, which: str) -> grain.MapDataset:
-  """`which` as {'image': uint8 [H, W, C], 'label': int32 ID class index or -1}."""
+def _examples(data_cfg, which: str, *, with_index: bool = False) -> grain.MapDataset:
+  """`which` as {'image': uint8 [H, W, C], 'label': int32 ID class index or -1}, and with
+  `with_index` 'index': int32 the example's index in its TFDS split."""
   source = _data_source(data_cfg, which)
   kept = _kept_labels(data_cfg, which)
-  if kept is None:
+  if kept is None and not with_index:
     records = grain.MapDataset.source(source)
   else:
-    records = grain.MapDataset.source(_kept_indices(data_cfg, which, kept)).map(_Read(source))
+    indices = range(len(source)) if kept is None else _kept_indices(data_cfg, which, kept)
+    records = grain.MapDataset.source(indices).map(_Read(source, with_index))
   if not len(records):
     raise UserError(f'{which} of {data_cfg.name} has no examples: check data.id_classes and '
                     f'the dataset in {_data_dir(data_cfg)}')
@@ -462,7 +467,17 @@ def eval_batches(examples: grain.MapDataset, *, global_batch_size: int,
 
 def eval_dataset(data_cfg, which: str, *,
                  global_batch_size: int) -> tuple[grain.IterDataset, int]:
-  """Batches of 'id_train', 'id_test' or an OOD set, and the number of real examples in it."""
-  examples = apply(_examples(data_cfg, which), eval_transforms(data_cfg))
+  """Batches of 'id_train', 'id_test' or an OOD set (with each example's split 'index'), and
+  the number of real examples in it."""
+  examples = apply(_examples(data_cfg, which, with_index=True), eval_transforms(data_cfg))
   batches = eval_batches(examples, global_batch_size=global_batch_size)
   return _in_workers(batches, data_cfg.num_workers), len(examples)
+
+
+def example_ids(data_cfg, which: str, indices) -> np.ndarray:
+  """Each example's id, from its split `indices`: its file name (relative to the source
+  folder) in an image folder, else the index itself."""
+  _, config, split = _location(data_cfg, which)
+  names = (folder.file_names(config.name, _data_dir(data_cfg), split)
+           if isinstance(config, folder.FolderConfig) else None)
+  return np.asarray([names[i] for i in indices]) if names else np.asarray(indices)

@@ -159,6 +159,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
     extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
     forward = inference.make_forward(model, mesh)
     sets = {name: extract(forward, which=name) for name in ('id_train', 'id_test', *groups)}
+    ids = {'id' if name == 'id_test' else name:
+           input_pipeline.example_ids(config.data, name, s['index'])
+           for name, s in sets.items() if name != 'id_train'}
     if has_head:
       id_accuracy[model_name] = float(metrics.accuracy(sets['id_test']['logits'],
                                                        sets['id_test']['label']))
@@ -200,7 +203,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   if jax.process_index() == 0:
     results_dir = os.path.join(workdir, 'results')
     table = report.write_results(results_dir, report.summarize(rows), id_accuracy,
-                                 scores=all_scores, hparams=used_hparams, sweeps=sweeps)
+                                 scores=all_scores, hparams=used_hparams, sweeps=sweeps,
+                                 ids=ids)
     if cfg.plots:
       report.plot_scores(results_dir, all_scores)
     print(table)
