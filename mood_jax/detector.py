@@ -292,7 +292,7 @@ class Detector:
     return self.prepare(read_image(path, self.channels))
 
   @functools.cached_property
-  def _forwards(self) -> dict:
+  def forwards(self) -> dict:
     """A jitted forward pass per scorer: ODIN's moves the inputs first, the rest share one."""
     plain = inference.make_forward(self.model, self.mesh)
     std = self.meta['preprocessing']['std']
@@ -306,20 +306,21 @@ class Detector:
     devices = int(np.prod([self.mesh.shape[a] for a in parallel.batch_axes(self.mesh)]))
     return -(-self.meta['batch_size'] // devices) * devices
 
-  def _normalize(self, images: np.ndarray) -> np.ndarray:
+  def normalize(self, images: np.ndarray) -> np.ndarray:
+    """uint8 images -> the network's float32 input: (x / 255 - mean) / std."""
     pre = self.meta['preprocessing']
     return transforms.Normalize(pre['mean'], pre['std']).map({'image': images})['image']
 
   def features_and_logits(self, images: np.ndarray, scorer: str) -> tuple[np.ndarray, ...]:
     """(features, logits) of prepared uint8 images [N, S, S, C], in fixed-shape batches."""
-    forward, size = self._forwards[scorer], self.batch_size
+    forward, size = self.forwards[scorer], self.batch_size
     parts = []
     for start in range(0, len(images), size):
       batch = images[start:start + size]
       padded = np.zeros((size, *batch.shape[1:]), np.uint8)
       padded[:len(batch)] = batch
       features, logits = forward(self.params, parallel.global_batch(
-          {'image': self._normalize(padded)}, self.mesh)['image'])
+          {'image': self.normalize(padded)}, self.mesh)['image'])
       parts.append((features, logits, len(batch)))
     return tuple(np.concatenate([np.asarray(p[i])[:p[2]] for p in parts]) for i in (0, 1))
 
@@ -327,7 +328,7 @@ class Detector:
     """Scores and decisions of uint8 images already [N, S, S, channels] (see `prepare`)."""
     scores, cache = {}, {}
     for scorer in self.scorers:
-      key = self._forwards[scorer.name]
+      key = self.forwards[scorer.name]
       if key not in cache:
         cache[key] = self.features_and_logits(images, scorer.name)
       features, logits = cache[key]
