@@ -52,6 +52,7 @@ def tpr_name(tpr: float) -> str:
 def thresholds(id_scores: np.ndarray, tprs) -> dict[str, float]:
   """{'tpr95': t, ...}: the highest t with at least `tpr` of `id_scores` >= t."""
   ranked = np.sort(np.asarray(id_scores, np.float64))
+  # The epsilon keeps (1 - 0.9) * 30 = 2.999999999999999 from flooring to 2.
   return {tpr_name(tpr): float(ranked[int(np.floor((1 - tpr) * len(ranked) + 1e-9))])
           for tpr in tprs}
 

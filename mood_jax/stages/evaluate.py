@@ -194,12 +194,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
         values = metrics.ood_metrics(by_set['id'], by_set[ood_set])
         rows.append({'model': model_name, 'scorer': scorer.name, 'ood_set': ood_set,
                      'ood_group': group, **{k: float(v) for k, v in values.items()}})
-  if cfg.detector.write:  # every process: the params' save is collective
-    detector.write_from_run(
-        os.path.join(workdir, 'detector'), config, rows, fitted,
-        {model: {name: by_set['id'] for name, by_set in by_scorer.items()}
-         for model, by_scorer in all_scores.items()},
-        lambda model: MODELS[model](config, workdir, mesh)[1], replace=True)
   if jax.process_index() == 0:
     results_dir = os.path.join(workdir, 'results')
     table = report.write_results(results_dir, report.summarize(rows), id_accuracy,
@@ -209,3 +203,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
       report.plot_scores(results_dir, all_scores)
     print(table)
     logging.info('[evaluate] results in %s', results_dir)
+  if cfg.detector.write:  # after the results, so they are kept if this fails; every
+    # process, as the params' save is collective
+    detector.write_from_run(
+        os.path.join(workdir, 'detector'), config, rows, fitted,
+        {model: {name: by_set['id'] for name, by_set in by_scorer.items()}
+         for model, by_scorer in all_scores.items()},
+        lambda model: MODELS[model](config, workdir, mesh)[1], replace=True)
