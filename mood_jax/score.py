@@ -59,16 +59,21 @@ def _read(detector: Detector, path: str):
 def score_files(detector: Detector, files: list[str], *, log=print):
   """(rows, {path: why} for the files that do not decode): every file once, in order.
 
-  Files are decoded on a thread pool (PIL releases the GIL while decoding) a few batches
-  ahead of the network.
+  Files are decoded on a thread pool (PIL releases the GIL while decoding), the next few
+  batches while the network scores these.
   """
   rows, unreadable = [], {}
   step = _BATCHES_PER_STEP * detector.batch_size
+  chunks = [files[first:first + step] for first in range(0, len(files), step)]
   start = last_report = time.perf_counter()
+  done = 0
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    for first in range(0, len(files), step):
-      names = files[first:first + step]
-      decoded = list(pool.map(lambda path: _read(detector, path), names))
+    def decode(names):
+      return [pool.submit(_read, detector, path) for path in names]
+    pending = decode(chunks[0]) if chunks else []
+    for k, names in enumerate(chunks):
+      decoded = [future.result() for future in pending]
+      pending = decode(chunks[k + 1]) if k + 1 < len(chunks) else []
       unreadable.update({path: why for path, (_, why) in zip(names, decoded) if why})
       good = [(path, image) for path, (image, _) in zip(names, decoded) if image is not None]
       if good:
@@ -77,7 +82,7 @@ def score_files(detector: Detector, files: list[str], *, log=print):
           rows.append({'path': path,
                        **{name: float(s[i]) for name, s in result.scores.items()},
                        **{name: bool(d[i]) for name, d in result.ood.items()}})
-      done, now = first + len(names), time.perf_counter()
+      done, now = done + len(names), time.perf_counter()
       if now - last_report > _PROGRESS_EVERY_S and done < len(files):
         rate = done / (now - start)
         log(f'{done}/{len(files)} images, {rate:.1f} images/s, ETA '

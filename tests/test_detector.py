@@ -4,6 +4,7 @@ Detector API give evaluate's own scores of the same images, and bad input is one
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -179,6 +180,18 @@ def test_score_cli_skips_broken_files_and_writes_jsonl(exported, pngs, tmp_path,
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [row['path'] for row in rows] == [written['id_test'][1][0]]
   assert isinstance(rows[0]['ood_msp_tpr95'], bool)
+
+
+def test_long_inputs_show_progress_with_rate_and_eta(exported, pngs, monkeypatch):
+  _, written = pngs
+  monkeypatch.setattr(score, '_BATCHES_PER_STEP', 1)  # a step of one batch: 64 images
+  monkeypatch.setattr(score, '_PROGRESS_EVERY_S', 0.)
+  lines = []
+  rows, _ = score.score_files(Detector.load(exported), written['id_test'][1] * 6,
+                              log=lines.append)
+  assert len(rows) == 144
+  assert [line.split(' images,')[0] for line in lines] == ['64/144', '128/144']
+  assert all(re.fullmatch(r'\d+/144 images, [\d.]+ images/s, ETA \d+ s', line) for line in lines)
 
 
 @pytest.mark.parametrize('case', ['empty_folder', 'only_broken', 'not_a_detector'])
