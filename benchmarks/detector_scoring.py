@@ -67,14 +67,18 @@ def write_pngs(folder: str, count: int) -> list[str]:
   return paths
 
 
-def median_seconds(fn, repeats: int) -> float:
-  fn()  # warm-up: compilation, caches
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def median_seconds(fns: dict, repeats: int) -> dict[str, float]:
+  """{name: median seconds of fn()}, after a warm-up (compilation, caches); the functions
+  run in turn in each repeat, so that a slow spell of a shared machine hits them alike."""
+  for fn in fns.values():
     fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -94,7 +98,7 @@ def main() -> None:
       def decode():
         return np.stack(list(pool.map(detector.read, paths)))
       prepared = decode()
-      seconds = {'decode': median_seconds(decode, args.repeats)}
+      seconds = median_seconds({'decode': decode}, args.repeats)
     forward, size = detector.forwards[detector.scorers[0].name], detector.batch_size
     batches = []
     for start in range(0, len(prepared), size):
@@ -107,10 +111,10 @@ def main() -> None:
                          ['image']) for b in batches]
       jax.block_until_ready(outputs)
 
-    seconds['forward'] = median_seconds(bare_forward, args.repeats)
-    seconds['scored'] = median_seconds(lambda: detector.score_prepared(prepared), args.repeats)
-    seconds['files'] = median_seconds(lambda: score_cli.score_files(detector, paths, log=print),
-                                      args.repeats)
+    seconds.update(median_seconds({
+        'forward': bare_forward,
+        'scored': lambda: detector.score_prepared(prepared),
+        'files': lambda: score_cli.score_files(detector, paths, log=print)}, args.repeats))
   rates = {name: args.images / s for name, s in seconds.items()}
   result = {
       'images': args.images, 'repeats': args.repeats, 'batch_size': detector.batch_size,
