@@ -71,7 +71,12 @@ class MoodFolder(tfds.core.GeneratorBasedBuilder):
         yield i, {'image': f.read(), 'label': label}
 
 
-def builder(name: str, data_dir: str, **config) -> MoodFolder:
+def builder(name: str, data_dir: str, files: tuple[str, ...] = (), **config) -> MoodFolder:
+  """The builder of `folder:name`; to build it, `files` (an unlabelled set: split 'test',
+  label -1, names relative to their common folder) or FolderConfig's fields."""
+  if files:
+    config = dict(config, splits={SPLIT: tuple((path, -1) for path in files)},
+                  root=os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files]))
   return MoodFolder(config=FolderConfig(name=name, **config), data_dir=data_dir,
                     file_format='array_record')
 
@@ -173,26 +178,23 @@ def build(name: str, source: str, data_dir: str, *, labelled: bool = False,
                      '(datasets are never overwritten)')
   if labelled and not 0 < test_fraction < 1:
     raise ValueError(f'--test_fraction={test_fraction} must be inside (0, 1)')
-  if labelled:
-    listed, root = list_labelled(source)
-  else:
-    root = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    listed = [(path, None) for path in list_files(source)]
+  listed, root = (list_labelled(source) if labelled else
+                  ([(path, None) for path in list_files(source)], None))
   bad = unreadable(path for path, _ in listed)
   good = [(path, label) for path, label in listed if path not in bad]
   if not good:
     raise ValueError(f'no readable images in {source!r} ({len(bad)} unreadable)')
+  classes = sorted({label for _, label in good}) if labelled else []
   if labelled:
-    classes = sorted({label for _, label in good})
     indexed = [(path, classes.index(label)) for path, label in good]
     is_test = split_per_class([label for _, label in indexed], test_fraction)
-    splits = {TRAIN_SPLIT: tuple(e for e, test in zip(indexed, is_test) if not test),
-              SPLIT: tuple(e for e, test in zip(indexed, is_test) if test)}
+    made = builder(name, data_dir, class_names=tuple(classes), root=os.path.abspath(root),
+                   splits={TRAIN_SPLIT: tuple(e for e, t in zip(indexed, is_test) if not t),
+                           SPLIT: tuple(e for e, t in zip(indexed, is_test) if t)})
   else:
-    classes, splits = [], {SPLIT: tuple((path, -1) for path, _ in good)}
+    made = builder(name, data_dir, tuple(path for path, _ in good))
   start = time.perf_counter()
-  builder(name, data_dir, splits=splits, class_names=tuple(classes),
-          root=os.path.abspath(root)).download_and_prepare()
+  made.download_and_prepare()
   logging.info('Built %s%s (%d images%s) in %s (%.1f s)', PREFIX, name, len(good),
                f', {len(classes)} classes' if classes else '', data_dir,
                time.perf_counter() - start)
