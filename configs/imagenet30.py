@@ -1,6 +1,7 @@
 """MOOD on ImageNet-30 (ID) with BEiT-L/16 at 224 px; recipe as configs/cifar10.py.
 
   --config=configs/imagenet30.py          the paper's recipe (needs the datasets prepared, README)
+  --config=configs/imagenet30.py:from_scratch  our pixel-target MIM pretraining instead (cifar10.py)
   --config=configs/imagenet30.py:smoke    a seconds-long CPU run for tests (TFDS mock data)
 
 ImageNet-30 is Hendrycks et al. 2019's ("Using self-supervised learning can improve model
@@ -38,7 +39,7 @@ OOD_SETS = ('stanford_dogs', 'places365_small', 'oxford_flowers102', 'oxford_iii
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  opts = _cifar10['options'](arg, ('smoke',), 'configs/imagenet30.py')
-  config = _cifar10['paper_config']('imagenet2012', TRAIN_EXAMPLES, OOD_SETS, 'smoke' in opts)
+  opts = _cifar10['options'](arg, _cifar10['PRESETS'], 'configs/imagenet30.py')
+  config = _cifar10['paper_config']('imagenet2012', TRAIN_EXAMPLES, OOD_SETS, opts)
   config.data.id_classes = tuple(CLASSES.values())
   return config

@@ -21,15 +21,18 @@ from absl import logging
 from mood_jax.errors import UserError
 
 
-def manager(directory: str,
-            cfg: ml_collections.ConfigDict | None = None) -> ocp.CheckpointManager:
+def manager(directory: str, cfg: ml_collections.ConfigDict | None = None,
+            keep_steps: tuple[int, ...] = ()) -> ocp.CheckpointManager:
   """The manager of a stage's checkpoints: one that saves, with a stage config `cfg`
-  (its `keep_checkpoints`), or one to read with (orbax's read_only logs warnings)."""
+  (its latest `keep_checkpoints` kept, and those of `keep_steps`), or one to read with
+  (orbax's read_only logs warnings)."""
   if cfg is None:
     options = ocp.CheckpointManagerOptions(create=False)
   else:
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(cfg.keep_checkpoints),
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(cfg.keep_checkpoints), policies.CustomSteps(keep_steps)]),
         cleanup_tmp_directories=True)  # unfinished saves of a killed run
   return ocp.CheckpointManager(
       os.path.abspath(directory), options=options,
@@ -62,6 +65,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter=No
   if data_iter is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   return mngr.restore(step, args=ocp.args.Composite(**items)).state
+
+
+def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The config the run that saved `step` had."""
+  return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
 def saved_abstract_state(mngr: ocp.CheckpointManager, step: int, sharding):

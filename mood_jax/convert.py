@@ -1,7 +1,7 @@
 """Public ViT/BEiT weights (timm or Hugging Face state dicts) as a checkpoint to fine-tune.
 
   python -m mood_jax.convert --src model.safetensors --variant B/16 --out DIR \\
-      [--image-size 224] [--keep-head | --drop-head]
+      [--image-size 224] [--keep-head | --drop-head] [--rel-pos-per-block]
 
 reads a timm `vit_*` / `beit_*` / `beitv2_*` state dict (`.safetensors`, or a PyTorch
 `.pth`/`.pt`/`.bin` loaded with `weights_only`, never running code from the file) and
@@ -11,6 +11,8 @@ writes DIR: an orbax checkpoint of our param tree and the model options to run i
 The architecture options (q/v biases, LayerScale, relative position bias, absolute
 position embedding, pooling) are read off the names in the file; the variant gives the
 sizes. Position embeddings and relative position tables are resampled to the image size.
+`--rel-pos-per-block` gives every block its own copy of a BEiT pretraining checkpoint's
+shared relative position table, as MOOD does before fine-tuning.
 Every name and shape must fit the variant: the error lists the file's unmatched names,
 the model's missing params and the shape conflicts, so nothing loads partially. Left out
 by design: the head unless --keep-head (fine-tuning trains a fresh one), BEiT
@@ -71,6 +73,22 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   return {name: np.asarray(value, np.float32) for name, value in state.items()}
 
 
+_SHARED_TABLE = 'rel_pos_bias.relative_position_bias_table'
+
+
+def expand_shared_rel_pos(state: dict) -> dict:
+  """`state` with its shared relative position table copied into every block, so that each
+  block fine-tunes its own (MOOD: MOODv1/utils.py set_checkpoint_for_finetune, as BEiT's
+  run_class_finetuning.py); a state without a shared table is returned as is."""
+  if _SHARED_TABLE not in state:
+    return state
+  depth = len({name.split('.')[1] for name in state if name.startswith('blocks.')})
+  expanded = {name: value for name, value in state.items() if name != _SHARED_TABLE}
+  for block in range(depth):
+    expanded[f'blocks.{block}.attn.relative_position_bias_table'] = state[_SHARED_TABLE].copy()
+  return expanded
+
+
 def model_options(state: dict) -> dict:
   """The encoder and pooling options that the names in a timm state dict imply."""
   names = set(state)
@@ -79,7 +97,7 @@ def model_options(state: dict) -> dict:
       posemb='learn' if 'pos_embed' in names else 'none',
       qkv_bias='qv' if has(r'attn\.q_bias$') else 'qkv' if has(r'attn\.qkv\.bias$') else 'none',
       layer_scale=1.0 if has(r'(gamma_1|ls1\.gamma)$') else None,  # the file sets the values
-      rel_pos_bias=('shared' if 'rel_pos_bias.relative_position_bias_table' in names else
+      rel_pos_bias=('shared' if _SHARED_TABLE in names else
                     'block' if has(r'attn\.relative_position_bias_table$') else 'none'),
       pool='mean' if 'fc_norm.weight' in names else 'cls',
   )
@@ -108,8 +126,7 @@ def _our_name(name: str) -> tuple[str, str] | None:
         'cls_token': 'encoder/cls', 'pos_embed': 'encoder/pos_embedding',
         'patch_embed.proj.weight': 'encoder/patch_embed/kernel',
         'patch_embed.proj.bias': 'encoder/patch_embed/bias',
-        'rel_pos_bias.relative_position_bias_table':
-            'encoder/rel_pos_bias/relative_position_bias_table',
+        _SHARED_TABLE: 'encoder/rel_pos_bias/relative_position_bias_table',
         'norm.weight': 'norm/scale', 'norm.bias': 'norm/bias',
         'fc_norm.weight': 'fc_norm/scale', 'fc_norm.bias': 'fc_norm/bias',
         'head.weight': 'head/kernel', 'head.bias': 'head/bias',
@@ -250,10 +267,14 @@ def main(argv=None) -> None:
   head.add_argument('--keep-head', dest='keep_head', action='store_true',
                     help='keep the classifier head (fine-tuning trains a fresh one anyway)')
   head.add_argument('--drop-head', dest='keep_head', action='store_false', help='(default)')
+  parser.add_argument('--rel-pos-per-block', action='store_true',
+                      help='copy a shared relative position table into every block (MOOD)')
   args = parser.parse_args(argv)
   try:
-    params, options = convert(read_state_dict(args.src), args.variant, args.image_size,
-                              args.keep_head)
+    state = read_state_dict(args.src)
+    if args.rel_pos_per_block:
+      state = expand_shared_rel_pos(state)
+    params, options = convert(state, args.variant, args.image_size, args.keep_head)
     save(args.out, params, args.variant, options)
   except UserError as e:
     sys.exit(f'error: {e}')

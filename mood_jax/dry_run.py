@@ -21,19 +21,21 @@ _GIB = 2.0**30
 
 
 def _training_parts(name: str, config: ml_collections.ConfigDict):
-  """(model, init_params, optimizer, loss_fn, extra batch fields) of a training stage."""
+  """(model, init_params, optimizer, loss_fn, extra batch fields, batch_loss) of a training
+  stage."""
   if name == 'pretrain':
     model, init_params, tx, _ = pretrain.setup(config)
-    return model, init_params, tx, pretrain.make_loss_fn(model, config.pretrain), {}
+    return model, init_params, tx, pretrain.make_loss_fn(model, config.pretrain), {}, None
   if name == 'finetune':
     model, init_params, tx, _ = finetune.setup(config)
-    return model, init_params, tx, finetune.make_loss_fn(model, config.finetune), {}
+    return model, init_params, tx, finetune.make_loss_fn(model, config.finetune), {}, None
   cfg = config.logit_ft
   model, init_params, tx, _ = logit_ft.setup(config)
   gamma = 1.0 if cfg.loss == 'um' else None  # a value only: the shapes are what compile
   extra = ({'teacher_logits': (input_pipeline.num_classes(config.data),)}
            if cfg.teacher_alpha < 1 else {})
-  return model, init_params, tx, logit_ft.make_loss_fn(model, cfg, gamma), extra
+  return (model, init_params, tx, logit_ft.make_loss_fn(model, cfg, gamma), extra,
+          logit_ft.make_batch_loss(cfg, gamma))
 
 
 def _images(config, batch_size: int, mesh) -> jax.ShapeDtypeStruct:
@@ -51,10 +53,10 @@ def _lower(name: str, config: ml_collections.ConfigDict, mesh) -> tuple[jax.stag
     forward = inference.make_forward(model, mesh)
     return forward.lower(params, _images(config, batch_size, mesh)), batch_size
   cfg = config[name]
-  model, init_params, tx, loss_fn, extra = _training_parts(name, config)
+  model, init_params, tx, loss_fn, extra, batch_loss = _training_parts(name, config)
   _, state, shardings = train_loop.abstract_state(init_params, tx, mesh, config.sharding_rules)
   step = train_loop.make_train_step(loss_fn, tx, jax.random.key(0), shardings, mesh,
-                                    cfg.grad_accum_steps)
+                                    cfg.grad_accum_steps, batch_loss)
   batch_size, sharding = cfg.batch_size, parallel.batch_sharding(mesh)
   batch = {'image': _images(config, batch_size, mesh),
            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding),

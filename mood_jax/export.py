@@ -54,7 +54,9 @@ def fit_chosen(config, workdir: str, mesh, model_name: str, hparams: dict):
   model, params, has_head = evaluate.MODELS[model_name](config, workdir, mesh)
   extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
   plain = inference.make_forward(model, mesh)
-  train, test = extract(plain, which='id_train'), extract(plain, which='id_test')
+  cfg = config.evaluate
+  id_train = extract(plain, which='id_train', augment=cfg.id_train_augment)
+  test = extract(plain, which='id_test')
   fitted, id_scores = {}, {}
   for name, values in hparams.items():
     scorer = scorers.get(name).with_hparams(**values)
@@ -63,6 +65,7 @@ def fit_chosen(config, workdir: str, mesh, model_name: str, hparams: dict):
       moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
       queries = extract(inference.make_forward(model, mesh, input_perturbation=moved),
                         which='id_test')
+    train = evaluate.fit_rows(name, cfg, id_train, config.seed)
     stats = scorers.fit(scorer, train['features'], train['logits'], train['label'],
                         params['head'] if has_head else None, mesh=mesh)
     fitted[name] = (scorer, stats)
@@ -74,6 +77,10 @@ def fit_chosen(config, workdir: str, mesh, model_name: str, hparams: dict):
 def export(workdir: str, out: str, *, model: str = 'auto', scorer_names: str = 'auto',
            tprs: tuple[float, ...] = (0.95,), data_dir: str | None = None) -> None:
   config = saved_config(workdir)
+  # Runs saved before these fields existed ran as their defaults do.
+  for field, default in (('id_train_augment', False), ('fit_on_id_validation', '')):
+    if field not in config.evaluate:
+      config.evaluate[field] = default
   config.evaluate.detector = dict(write=True, model=model, scorers=scorer_names, tprs=tprs)
   if data_dir:
     config.data.data_dir = data_dir

@@ -31,12 +31,13 @@ def make_forward(model, mesh, input_perturbation=None):
                  out_shardings=parallel.batch_sharding(mesh))
 
 
-def extract(forward, params, config, which: str, mesh) -> dict:
+def extract(forward, params, config, which: str, mesh, augment: bool | str = False) -> dict:
   """Features, logits, labels and split indices of one data set as host numpy arrays,
-  padding dropped."""
+  padding dropped; `augment` as input_pipeline.eval_dataset's."""
   start = time.perf_counter()
   dataset, num_examples = input_pipeline.eval_dataset(
-      config.data, which, global_batch_size=config.evaluate.batch_size)
+      config.data, which, global_batch_size=config.evaluate.batch_size, augment=augment,
+      seed=config.seed)
   parts = []
   for batch in dataset:
     batch = parallel.global_batch(batch, mesh)

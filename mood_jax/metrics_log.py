@@ -1,17 +1,90 @@
-"""Training metrics: a log line and a row in WORKDIR/metrics.jsonl (process 0 only)."""
+"""Training metrics: a log line, a row in WORKDIR/metrics.jsonl and TensorBoard scalars in
+WORKDIR/tensorboard/<stage>/ (process 0 only).
+
+metrics.jsonl is the record; the TensorBoard files are a view of it. A stage that resumes from
+a checkpoint drops the rows it logged after that checkpoint (it logs those steps again) and
+rewrites its TensorBoard run from the rows kept, so every step appears once in both. The
+writer is tensorboardX: it writes TensorBoard's event files without TensorFlow.
+"""
 
 import json
 import os
+import shutil
+import tempfile
 
 import jax
+import tensorboardX
 from absl import logging
 
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+KINDS = ('train', 'eval')  # a row's kind, and its TensorBoard tag prefix: 'train/loss'
 
-def write(workdir: str, stage: str, step: int, metrics: dict) -> None:
-  if jax.process_index() != 0:
-    return
-  values = {k: float(v) for k, v in metrics.items()}
-  logging.info('[%s] step %d: %s', stage, step,
-               ', '.join(f'{k}={v:.4g}' for k, v in values.items()))
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-    f.write(json.dumps({'stage': stage, 'step': step, **values}) + '\n')
+
+def read(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:  # a line cut off by a kill has no newline: skipped
+    return [json.loads(line) for line in f if line.endswith('\n')]
+
+
+def _write_rows(workdir: str, rows: list[dict]) -> None:
+  """Replaces metrics.jsonl by `rows` in one rename, so a crash keeps the old or the new file."""
+  fd, tmp_path = tempfile.mkstemp(dir=workdir, prefix='.tmp_metrics_')
+  with os.fdopen(fd, 'w') as f:
+    f.writelines(json.dumps(row) + '\n' for row in rows)
+  os.chmod(tmp_path, 0o644)
+  os.replace(tmp_path, os.path.join(workdir, METRICS_FILE))
+
+
+def _add_scalars(writer: tensorboardX.SummaryWriter, row: dict) -> None:
+  kind = row.get('kind', 'train')  # rows from before 'kind' existed are training rows
+  for name, value in row.items():
+    if name not in ('stage', 'kind', 'step'):
+      writer.add_scalar(f'{kind}/{name}', value, row['step'])
+
+
+class Writer:
+  """One stage's metrics from `first_step` on: its rows from that step on are dropped first
+  (a resumed stage logs the steps after its checkpoint again)."""
+
+  def __init__(self, workdir: str, stage: str, first_step: int):
+    self._workdir, self._stage = workdir, stage
+    self._tensorboard = None
+    if jax.process_index() != 0:
+      return
+    rows = read(workdir)
+    kept = [row for row in rows if row['stage'] != stage or row['step'] < first_step]
+    if len(kept) != len(rows):
+      logging.info('[%s] dropped %d metrics rows of step %d on, which it logs again', stage,
+                   len(rows) - len(kept), first_step)
+      _write_rows(workdir, kept)
+    run_dir = os.path.join(workdir, TENSORBOARD_DIR, stage)
+    shutil.rmtree(run_dir, ignore_errors=True)  # rebuilt from metrics.jsonl just below
+    self._tensorboard = tensorboardX.SummaryWriter(run_dir, flush_secs=30)
+    for row in kept:
+      if row['stage'] == stage:
+        _add_scalars(self._tensorboard, row)
+
+  def write(self, step: int, metrics: dict, kind: str = 'train', progress: str = '') -> None:
+    """Logs `metrics` of `step`; `progress` (e.g. 'step 4/10 (40%), ETA ...') leads the line."""
+    if self._tensorboard is None:
+      return
+    values = {k: float(v) for k, v in metrics.items()}
+    logging.info('[%s] %s%s: %s', self._stage, '' if kind == 'train' else f'{kind} ',
+                 progress or f'step {step}', ', '.join(f'{k}={v:.4g}' for k, v in values.items()))
+    row = {'stage': self._stage, 'kind': kind, 'step': step, **values}
+    with open(os.path.join(self._workdir, METRICS_FILE), 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    _add_scalars(self._tensorboard, row)
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()

@@ -1,4 +1,5 @@
-"""Optimizers from config: AdamW, warmup + cosine, layer-wise lr decay, no decay on 1-D params."""
+"""Optimizers from config: AdamW (or momentum SGD), warmup + cosine, layer-wise lr decay, no
+AdamW decay on 1-D params."""
 
 import re
 from typing import Callable
@@ -6,6 +7,8 @@ from typing import Callable
 import jax
 import ml_collections
 import optax
+
+from mood_jax.errors import UserError
 
 # Parameters that are embeddings rather than weights: never weight-decayed (BEiT/MAE).
 _EMBEDDINGS = ('cls', 'pos_embedding', 'mask_token')
@@ -41,16 +44,29 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=max(cfg.num_steps, cfg.warmup_steps + 1), end_value=cfg.min_lr)
 
 
+def _base_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """`cfg.optimizer` (default 'adamw'): AdamW, decay off for biases and norms (BEiT's), or
+  'sgd': momentum SGD with L2 weight decay on every param added to the gradient, as
+  torch.optim.SGD in Unleashing Mask's utils/net_utils.py `get_optimizer`."""
+  name = cfg.get('optimizer', 'adamw')
+  if name == 'adamw':
+    return optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
+                       weight_decay=cfg.weight_decay, mask=decay_mask)
+  if name == 'sgd':
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                       optax.sgd(make_schedule(cfg), momentum=cfg.momentum))
+  raise UserError(f"unknown optimizer {name!r}: use 'adamw' or 'sgd'")
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, depth: int) -> optax.GradientTransformation:
-  """AdamW whose update is scaled per layer by layer_decay ** (depth + 1 - layer id).
+  """The stage's optimizer, its update scaled per layer by layer_decay ** (depth + 1 - id).
 
   Scaling the whole AdamW update equals scaling the lr of that parameter group,
   weight-decay term included, which is what BEiT's param groups do.
   """
   tx = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
-      optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
-                  weight_decay=cfg.weight_decay, mask=decay_mask),
+      _base_optimizer(cfg),
   )
   if cfg.get('layer_decay', 1.0) == 1.0:
     return tx

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import dry_run, one_class, parallel, train_loop
+from mood_jax import dry_run, one_class, parallel, run_config, train_eval, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -15,7 +15,7 @@ from mood_jax.stages import evaluate, finetune, logit_ft, pretrain
 # Canonical order; a stage module has NAME and run(config, workdir, mesh). Training
 # stages checkpoint under WORKDIR/ckpt/NAME and are skipped once their last step is saved.
 STAGES = {stage.NAME: stage for stage in (pretrain, finetune, logit_ft, evaluate)}
-TRAINING_STAGES = ('pretrain', 'finetune', 'logit_ft')
+TRAINING_STAGES = train_loop.TRAINING_STAGES
 
 
 def _choice(what: str, value: str, valid) -> None:
@@ -57,9 +57,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       raise UserError('model.rel_pos_bias needs every patch in the encoder, which MAE-style '
                       'random masking drops: use --config.pretrain.scheme=blockwise')
   if 'finetune' in stages:
-    if not os.path.isdir(config.finetune.init_from):  # a converted checkpoint (convert.py)
-      _choice('finetune.init_from', config.finetune.init_from,
-              ['pretrain', 'scratch', 'a directory written by `python -m mood_jax.convert`'])
+    train_eval.check_config(config, 'finetune')
   try:  # the data module's own checks: dataset name, classes, OOD set names
     groups = input_pipeline.ood_groups(config.data)
     num_classes = input_pipeline.num_classes(config.data)
@@ -67,14 +65,22 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     raise UserError(str(e)) from None
   if 'logit_ft' in stages:
     logit_ft.check_config(config, depth)
+    train_eval.check_config(config, 'logit_ft')
   if ('finetune' in stages or 'logit_ft' in stages) and num_classes < 2:
     raise UserError('one-class ID data has no labels to fine-tune on: drop finetune and '
                     'logit_ft from --config.stages and evaluate the pretrain encoder '
-                    '(--config.evaluate.models=pretrain), as configs/digits.py:oneclass=C does')
+                    '(--config.evaluate.models=pretrain), as configs/digits.py:oneclass=C does, '
+                    'or give the head every class of the dataset, as MOOD does '
+                    '(--config.data.head_all_classes=True)')
   if 'evaluate' in stages:
     if not groups:
       raise UserError('no OOD sets to evaluate: set --config.data.ood_sets')
     evaluate.check_config(config, groups)
+  uses_converted = ('finetune' in stages and config.finetune.init_from not in (
+      'pretrain', 'scratch')) or (
+      'evaluate' in stages and 'converted' in config.evaluate.models.split(','))
+  if uses_converted and not config.dry_run:  # a dry run reads no weights
+    finetune.check_converted(config)
   return stages
 
 
@@ -98,6 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     print(dry_run.table(dry_run.compile_steps(config, stages, mesh), mesh))
     return
   os.makedirs(workdir, exist_ok=True)
+  run_config.write(workdir, config)
   input_pipeline.prepare(config.data)
   for name in stages:
     if name in TRAINING_STAGES and train_loop.final_step(workdir, name) == config[name].num_steps:
@@ -116,6 +123,9 @@ def run_one_class_each(config: ml_collections.ConfigDict, workdir: str) -> None:
   configs = one_class.class_configs(config)
   for label, class_config in configs.items():  # every run's config is checked before any runs
     validate(class_config, one_class.class_workdir(workdir, label))
+  if not config.dry_run:  # each class's run writes its own config.json too
+    os.makedirs(workdir, exist_ok=True)
+    run_config.write(workdir, config)
   for label, class_config in configs.items():
     logging.info('[one-class] class %s of %s', label, list(configs))
     run(class_config, one_class.class_workdir(workdir, label))

@@ -14,11 +14,13 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import checkpoint, metrics_log, parallel
+from mood_jax import checkpoint, metrics_log, parallel, progress
 from mood_jax.errors import UserError
 
 # loss_fn(params, batch, rng) -> (loss, aux metrics)
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+# batch_loss(mean loss of the whole batch) -> (objective, aux metrics), e.g. flooding
+BatchLossFn = Callable[[jax.Array], tuple[jax.Array, dict]]
 
 
 @flax.struct.dataclass
@@ -26,6 +28,10 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+
+
+# The stages that train, in the order they run (see pipeline.py).
+TRAINING_STAGES = ('pretrain', 'finetune', 'logit_ft')
 
 
 def checkpoint_dir(workdir: str, stage: str) -> str:
@@ -39,6 +45,14 @@ def final_step(workdir: str, stage: str) -> int | None:
     return None
   with checkpoint.manager(path) as mngr:
     return mngr.latest_step()
+
+
+def _later_images(config: ml_collections.ConfigDict, workdir: str, stage: str) -> int:
+  """Images still to train on in the selected training stages after `stage`, for the ETA."""
+  later = TRAINING_STAGES[TRAINING_STAGES.index(stage) + 1:]
+  selected = [name.strip() for name in config.stages.split(',')]
+  return sum((config[name].num_steps - (final_step(workdir, name) or 0)) * config[name].batch_size
+             for name in later if name in selected)
 
 
 def placed(shapes, mesh, rules=()):
@@ -96,12 +110,21 @@ def accumulated(grad_fn, num_micro: int, mesh):
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, rng: jax.Array,
-                    state_shardings, mesh, grad_accum_steps: int = 1):
+                    state_shardings, mesh, grad_accum_steps: int = 1,
+                    batch_loss: BatchLossFn | None = None):
+  """The jitted step. `batch_loss`, if given, is applied to the whole batch's mean loss,
+  after accumulation: by the chain rule its derivative there scales the accumulated
+  gradient, so a non-linear objective of the batch mean (flooding) is the same for any
+  `grad_accum_steps`."""
   grad_fn = accumulated(jax.value_and_grad(loss_fn, has_aux=True), grad_accum_steps, mesh)
 
   def train_step(state: TrainState, batch: dict):
     step_rng = jax.random.fold_in(rng, state.step)  # resumable: no RNG state to checkpoint
     (loss, aux), grads = grad_fn(state.params, batch, step_rng)
+    if batch_loss is not None:
+      (loss, batch_aux), slope = jax.value_and_grad(batch_loss, has_aux=True)(loss)
+      grads = jax.tree.map(lambda g: g * slope.astype(g.dtype), grads)
+      aux = {**aux, **batch_aux}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           opt_state=opt_state)
@@ -203,17 +226,24 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
           workdir: str, *, init_params: Callable[[], Any], loss_fn: LossFn,
           tx: optax.GradientTransformation, lr_schedule: optax.Schedule, data_iter, mesh,
           rng: jax.Array, initial_params: Callable[[], Any] | None = None,
-          batch_fn: Callable[[dict], dict] | None = None) -> TrainState:
+          batch_fn: Callable[[dict], dict] | None = None,
+          batch_loss: BatchLossFn | None = None,
+          keep_steps: tuple[int, ...] = (),
+          eval_fn: Callable[[Any], dict] | None = None, eval_every: int = 0) -> TrainState:
   """Runs `cfg.num_steps` steps, resuming from the stage's latest checkpoint if any.
 
   `initial_params()` (e.g. a pretrained encoder merged into a fresh head) replaces
   `init_params()` for a fresh start; it is not called when resuming. `batch_fn` adds
-  derived inputs to each global batch (e.g. a frozen teacher's logits) before the step.
-  Logged metrics are means over the steps since the previous log line. On a preemption
-  notice it saves at the end of the current step and raises `Preempted`.
+  derived inputs to each global batch (e.g. a frozen teacher's logits) before the step;
+  `batch_loss` maps the batch's mean loss to the objective (see `make_train_step`).
+  Checkpoints of `keep_steps` are kept beside the latest `cfg.keep_checkpoints`.
+  Logged metrics are means over the steps since the previous log line. `eval_fn(params)`
+  runs every `eval_every` steps and at the last, its metrics logged as kind 'eval'. On a
+  preemption notice it saves at the end of the current step and raises `Preempted`.
   """
+  clock = progress.Clock(cfg.num_steps, cfg.batch_size, _later_images(config, workdir, stage))
   init, abstract, shardings = abstract_state(init_params, tx, mesh, config.sharding_rules)
-  mngr = checkpoint.manager(checkpoint_dir(workdir, stage), cfg)
+  mngr = checkpoint.manager(checkpoint_dir(workdir, stage), cfg, keep_steps)
   try:
     state = checkpoint.restore_latest(mngr, abstract, data_iter)
     if state is not None:
@@ -225,11 +255,12 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
       state = jax.jit(init, out_shardings=shardings)()
 
     train_step = make_train_step(loss_fn, tx, rng, shardings, mesh,
-                                 cfg.grad_accum_steps)
+                                 cfg.grad_accum_steps, batch_loss)
     start = int(state.step)
     tick, tick_step = time.perf_counter(), start
     window, window_steps = None, 0
-    with _PreemptionNotice(mngr) as preemption:
+    with (_PreemptionNotice(mngr) as preemption,
+          metrics_log.Writer(workdir, stage, first_step=start + 1) as writer):
       for step in range(start + 1, cfg.num_steps + 1):
         batch = parallel.global_batch(next(data_iter), mesh)
         if batch_fn is not None:
@@ -242,6 +273,7 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
           logging.info('[%s] first step, compilation included: %.1fs', stage,
                        time.perf_counter() - tick)
           tick, tick_step = time.perf_counter(), step
+          clock.compiled(step)
         preempted = preemption.reached(step)
         must_save = preempted or step % cfg.ckpt_every == 0 or step == cfg.num_steps
         if step % cfg.log_every == 0 or must_save:  # every save is checked for finite values
@@ -252,7 +284,13 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
             metrics['images_per_s'] = cfg.batch_size * (step - tick_step) / (now - tick)
           metrics['lr'] = float(lr_schedule(step - 1))
           tick, tick_step = now, step
-          metrics_log.write(workdir, stage, step, metrics)
+          writer.write(step, metrics, progress=clock.line(step))
+        if eval_fn is not None and (step % eval_every == 0 or step == cfg.num_steps):
+          eval_start = time.perf_counter()
+          writer.write(step, eval_fn(state.params), kind='eval')
+          spent = time.perf_counter() - eval_start
+          tick += spent  # not training time: out of images/s and the ETA's speed
+          clock.exclude(spent)
         if must_save:
           _check_state_finite(stage, step, state)
           checkpoint.save(mngr, step, state, data_iter, config)
@@ -260,21 +298,27 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
           mngr.wait_until_finished()
           logging.warning('[%s] preempted: saved step %d in %s', stage, step, mngr.directory)
           raise Preempted(f'{stage} preempted at step {step}; its checkpoint is saved')
+    logging.info('[%s] done: %s', stage, clock.summary(cfg.num_steps - start, jax.device_count()))
   finally:  # an async save still in flight would be lost on exit
     mngr.wait_until_finished()
     mngr.close()
   return state
 
 
-def _restore_final(workdir: str, stage: str, abstract: Callable):
-  """The final checkpoint of a finished earlier stage; `abstract(mngr, step)` gives the
-  shapes and shardings to restore it into."""
+def _restore_final(workdir: str, stage: str, abstract: Callable, step: int | None = None):
+  """The final (or the given `step`'s) checkpoint of a finished earlier stage;
+  `abstract(mngr, step)` gives the shapes and shardings to restore it into."""
   path = checkpoint_dir(workdir, stage)
-  step = final_step(workdir, stage)
-  if step is None:
+  final = final_step(workdir, stage)
+  if final is None:
     raise UserError(f'no {stage} checkpoint in {path}: '
                     f'run the {stage} stage first (add it to --config.stages)')
+  step = final if step is None else step
   with checkpoint.manager(path) as mngr:
+    if step not in mngr.all_steps():
+      raise UserError(f'no {stage} checkpoint of step {step} in {path} (kept: '
+                      f'{sorted(mngr.all_steps())}): choose a kept step, or rerun {stage} in a '
+                      'fresh workdir with the step set, so that it is kept')
     try:
       return checkpoint.restore(mngr, step, abstract(mngr, step))
     except Exception as e:  # orbax, tensorstore and json raise many types for a damaged file
@@ -286,11 +330,11 @@ def _restore_final(workdir: str, stage: str, abstract: Callable):
 
 
 def restore_params(workdir: str, stage: str, init_params: Callable[[], Any],
-                   tx: optax.GradientTransformation, mesh, rules=()):
-  """Params of a finished earlier stage (e.g. finetune for logit_ft), placed by `mesh`; their
-  shapes must be those of the current config's model."""
+                   tx: optax.GradientTransformation, mesh, rules=(), step: int | None = None):
+  """Params of a finished earlier stage (e.g. finetune for logit_ft), placed by `mesh`, at
+  its final step or `step`; their shapes must be those of the current config's model."""
   _, abstract, _ = abstract_state(init_params, tx, mesh, rules)
-  return _restore_final(workdir, stage, lambda mngr, step: abstract).params
+  return _restore_final(workdir, stage, lambda mngr, step: abstract, step).params
 
 
 def saved_params(workdir: str, stage: str, mesh, rules=()) -> dict:

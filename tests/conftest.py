@@ -30,3 +30,17 @@ def env(tmp_path_factory):
   return {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
           'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+def _tensorboard_steps(run_dir: str) -> dict[str, list[int]]:
+  from tensorboard.backend.event_processing import event_accumulator
+  accumulator = event_accumulator.EventAccumulator(run_dir)
+  accumulator.Reload()
+  return {tag: [event.step for event in accumulator.Scalars(tag)]
+          for tag in accumulator.Tags()['scalars']}
+
+
+@pytest.fixture(scope='session')
+def tensorboard_steps():
+  """run dir -> {tag: logged steps}, read by TensorBoard's own event reader."""
+  return _tensorboard_steps

@@ -14,7 +14,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
@@ -147,7 +150,8 @@ def reference(tmp_path_factory, data_dir, env):
 
 
 @pytest.mark.parametrize('kill_when', ['after_step_8', 'while_saving_step_15'])
-def test_kill_and_rerun_gives_identical_params(kill_when, reference, data_dir, env, tmp_path):
+def test_kill_and_rerun_gives_identical_params(kill_when, reference, data_dir, env, tmp_path,
+                                               tensorboard_steps):
   workdir = str(tmp_path / 'workdir')
   proc = _start(workdir, data_dir, env)
   if kill_when == 'after_step_8':
@@ -160,6 +164,11 @@ def test_kill_and_rerun_gives_identical_params(kill_when, reference, data_dir, e
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   _assert_same_params(workdir, reference)
   _assert_same_losses(workdir, reference)
+  # The steps logged after the resumed checkpoint are logged once, not twice.
+  every_step = list(range(1, NUM_STEPS + 1))
+  assert [m['step'] for m in _logged(workdir)] == every_step
+  assert tensorboard_steps(os.path.join(workdir, 'tensorboard', 'pretrain'))[
+      'train/loss'] == every_step
 
 
 def test_sigterm_saves_and_exits_with_preempted_status(reference, data_dir, env, tmp_path):
@@ -237,6 +246,29 @@ def test_non_finite_state_is_never_saved():
                                 opt_state=())
   with pytest.raises(UserError, match=r"non-finite values in \.params\['w'\] after step 5"):
     train_loop._check_state_finite('pretrain', 5, state)
+
+
+def test_kept_steps_outlive_keep_checkpoints_and_others_are_named_missing(tmp_path):
+  """finetune keeps logit_ft.init_step's checkpoint beside its latest `keep_checkpoints`;
+  asking for a step that is gone is an error listing the kept ones."""
+  config = ml_collections.ConfigDict({'logit_ft': {'init_step': 2}})
+  cfg = ml_collections.ConfigDict({'keep_checkpoints': 1})
+  init_params = lambda: {'w': jnp.zeros(3)}
+  tx = optax.sgd(0.1)
+  directory = train_loop.checkpoint_dir(str(tmp_path), finetune.NAME)
+  with checkpoint.manager(directory, cfg, finetune.kept_steps(config)) as mngr:
+    for step in range(1, 5):
+      params = {'w': jnp.full(3, float(step))}
+      state = train_loop.TrainState(jnp.int32(step), params, tx.init(params))
+      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mngr.wait_until_finished()
+    assert list(mngr.all_steps()) == [2, 4]
+  mesh = parallel.make_mesh((('data', -1),))
+  restored = train_loop.restore_params(str(tmp_path), finetune.NAME, init_params, tx, mesh,
+                                       step=2)
+  np.testing.assert_array_equal(restored['w'], 2.)
+  with pytest.raises(UserError, match=r'no finetune checkpoint of step 3 .*kept: \[2, 4\]'):
+    train_loop.restore_params(str(tmp_path), finetune.NAME, init_params, tx, mesh, step=3)
 
 
 def test_finetune_resamples_pretrain_position_embedding(reference, data_dir, env, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from mood_jax import host_malloc
+from mood_jax import host_malloc, run_config
 from mood_jax.ood import scorers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,7 @@ def _main(*args, data_dir):
 def smoke_run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
   proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
+               '--config.finetune.eval_every=2', '--config.logit_ft.eval_every=4',
                data_dir=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
@@ -55,10 +57,38 @@ def test_end_to_end_writes_results(smoke_run):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     logged = [json.loads(line) for line in f]
   assert {m['stage'] for m in logged} == {'pretrain', 'finetune', 'logit_ft'}
-  steps = [m for m in logged if m['step'] > 0]
+  steps = [m for m in logged if m['step'] > 0 and m['kind'] == 'train']
   assert all({'loss', 'lr', 'images_per_s'} <= set(m) for m in steps)
-  # The default logit_ft loss drops the 10% most mask-sensitive samples: 2 of 16.
-  assert all(m['masked_fraction'] == 0.125 for m in steps if m['stage'] == 'logit_ft')
+  # The default logit_ft loss is UM's flooding, and the report says so.
+  assert all(0 <= m['flooded'] <= 1 for m in steps if m['stage'] == 'logit_ft')
+  assert results['models']['logit_ft'].startswith("loss=um (UM's flooding")
+  with open(os.path.join(workdir, 'results', 'results.md')) as f:
+    assert '- logit_ft: loss=um' in f.read()
+
+
+def test_progress_lines_tensorboard_and_config_json(smoke_run, data_dir, tensorboard_steps):
+  workdir, proc = smoke_run
+  for stage in ('pretrain', 'finetune', 'logit_ft'):  # totals are the config's: 4 steps
+    assert re.search(rf'\[{stage}\] step 2/4 \(50%\), ETA \w+, run ETA \w+: ', proc.stderr)
+    assert re.search(rf'\[{stage}\] done: 4 steps in \w+, [\d.e-]+ device-hours on 1 '
+                     'devices', proc.stderr)
+    assert tensorboard_steps(os.path.join(workdir, 'tensorboard', stage))['train/loss'] == [2, 4]
+  # Evaluation during fine-tuning: ID accuracy and msp's AUROC on the validation set.
+  finetune = tensorboard_steps(os.path.join(workdir, 'tensorboard', 'finetune'))
+  assert finetune['eval/id_accuracy'] == finetune['eval/msp_auroc_letters'] == [2, 4]
+  assert '[finetune] eval step 4: id_accuracy=' in proc.stderr
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = [row for row in map(json.loads, f) if row['kind'] == 'eval']
+  assert [(row['stage'], row['step']) for row in evals] == [
+      ('finetune', 2), ('finetune', 4), ('logit_ft', 4)]
+  assert all(0 <= row['msp_auroc_letters'] <= 1 for row in evals)
+  # config.json: the command line, and the config it resolved to.
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert '--config.finetune.eval_every=2' in json.load(f)['command']
+  expected = digits.get_config('split,smoke')
+  expected.finetune.eval_every, expected.logit_ft.eval_every = 2, 4
+  expected.data.data_dir = data_dir
+  assert run_config.load(os.path.join(workdir, 'config.json')) == expected
 
 
 def test_finished_stages_are_skipped(smoke_run, data_dir):
@@ -71,26 +101,34 @@ def test_finished_stages_are_skipped(smoke_run, data_dir):
 
 
 def test_logit_ft_flooding_umap_teacher(smoke_run, data_dir, tmp_path):
-  """UM's flooding with UMAP scores + weights and logits-based targets, together."""
+  """UM's flooding with UMAP scores + weights and logits-based targets, together, from an
+  earlier finetune checkpoint."""
   workdir = tmp_path / 'workdir'
   shutil.copytree(smoke_run[0], workdir,
                   ignore=shutil.ignore_patterns('logit_ft*', 'results', 'metrics.jsonl'))
   proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
                '--config.stages=logit_ft,evaluate', '--config.evaluate.models=logit_ft',
-               '--config.evaluate.scorers=msp', '--config.logit_ft.loss=um',
+               '--config.evaluate.scorers=msp', '--config.logit_ft.init_step=2',
                '--config.logit_ft.umap=both', '--config.logit_ft.teacher_alpha=0.9',
-               data_dir=data_dir)
+               '--config.logit_ft.eval_every=4', data_dir=data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(workdir / 'metrics.jsonl') as f:
     logged = [json.loads(line) for line in f]
   # The UM constraint is explicit: gamma is logged and saved, flooding is tracked.
   gamma, = [m['gamma'] for m in logged if m['step'] == 0]
   with open(workdir / 'logit_ft_gamma.json') as f:
-    assert json.load(f)['gamma'] == gamma > 0
-  assert all(0 <= m['flooded'] <= 1 for m in logged if m['step'] > 0)
+    record = json.load(f)
+  assert record['gamma'] == gamma > 0 and record['finetune_step'] == 2
+  assert 'starting from the finetune checkpoint of step 2' in proc.stderr
+  assert all(0 <= m['flooded'] <= 1 for m in logged if m['step'] > 0 and m['kind'] == 'train')
+  # Evaluated with the UMAP-masked weights, as the evaluate stage scores them.
+  assert [m['step'] for m in logged if m['kind'] == 'eval'] == [4]
   assert os.listdir(workdir / 'ckpt' / 'logit_ft' / '4' / 'state')
   with open(workdir / 'results' / 'results.json') as f:
-    assert {r['model'] for r in json.load(f)['rows']} == {'logit_ft'}
+    results = json.load(f)
+  assert {r['model'] for r in results['rows']} == {'logit_ft'}
+  assert 'from finetune step 2' in results['models']['logit_ft']
+  assert 'umap=both' in results['models']['logit_ft']
 
 
 def test_evaluate_only_runs_every_scorer_with_hparams_chosen_on_validation(smoke_run, data_dir,
@@ -152,6 +190,7 @@ def test_one_class_runs_each_class_and_averages(tmp_path, data_dir):
     (['--config.stages=finetune', '--config.data.id_classes=(3,)'], 'one-class'),
     (['--config.logit_ft.loss=flood'], "unknown logit_ft.loss 'flood'"),
     (['--config.logit_ft.weight_keep_ratio=1.5'], 'weight_keep_ratio=1.5 is outside'),
+    (['--config.logit_ft.init_step=3'], 'logit_ft.init_step=3 is not a step finetune saves'),
     (['--config.model.rel_pos_bias=shared'], 'use --config.pretrain.scheme=blockwise'),
     (['--config.model.qkv_bias=kv'], "unknown model.qkv_bias 'kv'"),
     (['--config.finetune.grad_accum_steps=3'],
@@ -161,10 +200,16 @@ def test_one_class_runs_each_class_and_averages(tmp_path, data_dir):
     (['--config.evaluate.scorers=knn', '--config.evaluate.sweep=react'],
      "names 'react', which evaluate.scorers does not select"),
     (['--config.evaluate.scorers=odin', '--config.evaluate.sweep=odin'], 'odin is not swept'),
+    (['--config.evaluate.scorers=msp', '--config.evaluate.fit_on_id_validation=react'],
+     "fit_on_id_validation names 'react', which evaluate.scorers does not select"),
     (['--config.evaluate.scorers=knn', '--config.evaluate.sweep_metric=accuracy'],
      "unknown evaluate.sweep_metric 'accuracy'"),
     (['--config.evaluate.scorers=knn', '--config.evaluate.sweep_grids.knn.k=()'],
      'evaluate.sweep_grids.knn has an empty list'),
+    (['--config.finetune.eval_every=2', '--config.finetune.eval_scorer=nope'],
+     "finetune.eval_scorer: unknown scorer 'nope'"),
+    (['--config.logit_ft.eval_every=2', '--config.logit_ft.eval_scorer=odin'],
+     'logit_ft.eval_scorer=odin perturbs the inputs'),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, data_dir, args, message):
   workdir = tmp_path / 'workdir'

@@ -116,6 +116,20 @@ def test_converted_forward_equals_timm(name, size):
   np.testing.assert_allclose(logits, timm_logits.numpy(), atol=1e-4, rtol=0)
 
 
+def test_shared_table_expanded_per_block_equals_timm():
+  """MOOD's fine-tuning start from a pt22k checkpoint: each block its own copy of the
+  shared relative position table, the same forward as timm's shared-table model."""
+  model = _random_timm('beit_relpos_shared', 32)
+  state = convert.expand_shared_rel_pos(_state(model))
+  params, options = convert.convert(state, 't/8', keep_head=True)
+  assert options['rel_pos_bias'] == 'block' and 'rel_pos_bias' not in params['encoder']
+  images = torch.randn(2, 3, 32, 32)
+  with torch.no_grad():
+    timm_features = model.forward_head(model.forward_features(images), pre_logits=True)
+  _, features = _ours(params, options, 't/8', images.numpy())
+  np.testing.assert_allclose(features, timm_features.numpy(), atol=1e-4, rtol=0)
+
+
 def test_pth_and_safetensors_files_read_the_same(tmp_path):
   from safetensors.torch import save_file
   model = _random_timm('vit_mean', 32)

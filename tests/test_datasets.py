@@ -20,7 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.features import image_feature
 
-from mood_jax import pipeline
+from mood_jax import convert, pipeline
 from mood_jax.data import input_pipeline, randaugment, transforms
 from mood_jax.errors import UserError
 
@@ -47,20 +47,114 @@ def _config(name, arg='smoke'):
   return runpy.run_path(os.path.join(ROOT, 'configs', f'{name}.py'))['get_config'](arg)
 
 
-# ImageNet leaves out logit_ft, which CIFAR-10 runs, to save its ~20 s (the suite's budget).
-@pytest.mark.parametrize('name,stages', [
-    ('cifar10', 'pretrain,finetune,logit_ft,evaluate'),
-    ('imagenet', 'pretrain,finetune,evaluate'),
+def _public_beit(path, release: str) -> None:
+  """A random BEiT of the smoke size (mu/8 at 16 px), saved as BEiT's release saves its .pth
+  ({'model': state dict}) under the public checkpoints' exact parameter names: pt22k with one
+  shared relative position table, a final norm, the MIM mask token and visual-token head;
+  pt22k_ft1k with per-block tables, fc_norm and the 1000-class head."""
+  import torch
+  import test_convert  # timm, behind its torchvision stand-in
+  torch.manual_seed(0)
+  pretraining = release.endswith('_pt22k')
+  beit = test_convert.Beit(
+      img_size=16, patch_size=8, embed_dim=96, depth=6, num_heads=3, init_values=0.1,
+      use_abs_pos_emb=False, use_shared_rel_pos_bias=pretraining,
+      use_rel_pos_bias=not pretraining, global_pool='token' if pretraining else 'avg',
+      num_classes=0 if pretraining else 1000)
+  state = dict(beit.state_dict())
+  if pretraining:
+    state.update(mask_token=torch.zeros(1, 1, 96), **{'lm_head.weight': torch.zeros(64, 96),
+                                                      'lm_head.bias': torch.zeros(64)})
+  torch.save({'model': state}, path)
+
+
+@pytest.fixture(scope='module')
+def converted(tmp_path_factory):
+  """release -> its converted dir, made by the command that the missing-checkpoint error
+  names (with --src pointing at the random stand-in)."""
+  root = tmp_path_factory.mktemp('weights')
+  dirs = {}
+  for config_name in ('cifar10', 'imagenet'):
+    config = _config(config_name)
+    config.finetune.init_from = str(root / os.path.basename(config.finetune.init_from))
+    with pytest.raises(UserError) as error, _mock_tfds():
+      pipeline.validate(config, str(root / 'unused'))
+    command = str(error.value).split('`')[1].split()
+    src = command[command.index('--src') + 1]
+    _public_beit(root / src, src.removesuffix('.pth'))
+    command[command.index('--src') + 1] = str(root / src)
+    assert command[:3] == ['python', '-m', 'mood_jax.convert'], command
+    convert.main(command[3:])
+    dirs[src.removesuffix('.pth')] = config.finetune.init_from
+  return dirs
+
+
+def _from_converted(config, converted):
+  config.finetune.init_from = converted[os.path.basename(config.finetune.init_from)]
+  return config
+
+
+def test_missing_converted_checkpoint_names_it_where_it_is_and_the_command(tmp_path):
+  config = _config('cifar10', '')
+  config.finetune.init_from = str(tmp_path / 'pt22k')
+  with pytest.raises(UserError) as error, _mock_tfds():
+    pipeline.validate(config, str(tmp_path / 'work'))
+  url = 'https://github.com/addf400/files/releases/download/v1.0/beit_large_patch16_224_pt22k.pth'
+  assert str(error.value) == (
+      f'no converted checkpoint at {tmp_path / "pt22k"}: download beit_large_patch16_224_pt22k.pth '
+      f'from {url} and convert it with `python -m mood_jax.convert --src '
+      'beit_large_patch16_224_pt22k.pth --variant L/16 --image-size 224 --rel-pos-per-block '
+      f'--out {tmp_path / "pt22k"}`')
+  assert not (tmp_path / 'work').exists()
+
+
+# Each paper config's default: MOOD's stages from BEiT's public weights, converted. CIFAR-100
+# and ImageNet-30 run CIFAR-10's stages (test_other_configs_validate_and_read_every_set).
+@pytest.mark.parametrize('name,arg,models,scorers', [
+    ('cifar10', 'smoke', {'finetune'}, {'mahalanobis_mood', 'msp'}),
+    ('imagenet', 'smoke', {'converted'}, {'mahalanobis_mood', 'msp'}),  # its released head
+    ('cifar10_oneclass', 'class=3,smoke', {'converted'}, {'mahalanobis_mood'}),
 ])
-def test_smoke_config_runs_the_pipeline(name, stages, tmp_path):
-  config = _config(name)
-  config.stages = stages
+def test_paper_config_default_runs_moods_stages(name, arg, models, scorers, converted, tmp_path):
+  config = _from_converted(_config(name, arg), converted)
+  with _mock_tfds():
+    pipeline.run(config, str(tmp_path))
+  with open(tmp_path / 'results' / 'results.json') as f:
+    results = json.load(f)
+  assert {r['model'] for r in results['rows']} == models
+  assert {r['scorer'] for r in results['rows']} == scorers
+  assert {r['ood_set'] for r in results['rows']} >= set(config.data.ood_sets)
+  assert not (tmp_path / 'ckpt' / 'pretrain').exists()
+
+
+def test_one_class_fine_tune_keeps_the_datasets_head(converted, tmp_path):
+  """MOOD's one-class fine-tune: the one class keeps its label among CIFAR-10's ten logits,
+  so the cross-entropy is not identically zero (a one-way head's is)."""
+  config = _from_converted(_config('cifar10_oneclass', 'class=3,finetune,smoke'), converted)
+  assert config.stages == 'finetune,evaluate' and config.evaluate.models == 'finetune'
+  config.stages = 'finetune'  # scoring a fine-tuned model: the cifar10 test above
+  with _mock_tfds():
+    assert input_pipeline.num_classes(config.data) == 10
+    labels = next(iter(input_pipeline.train_dataset(config.data, global_batch_size=8, seed=0)))
+    assert set(labels['label']) == {3}
+    pipeline.run(config, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    losses = [row['loss'] for row in map(json.loads, f) if row.get('stage') == 'finetune']
+  assert losses and all(loss > 0.1 for loss in losses)
+
+
+def test_from_scratch_preset_pretrains_then_fine_tunes(tmp_path):
+  """Our pixel-target MIM instead of the public weights; cifar10_um adds UM's logit_ft (SGD),
+  so one run covers both."""
+  config = _config('cifar10_um', 'from_scratch,smoke')
+  assert config.stages == 'pretrain,finetune,logit_ft,evaluate'
+  assert config.finetune.init_from == 'pretrain'
   with _mock_tfds():
     pipeline.run(config, str(tmp_path))
   with open(tmp_path / 'results' / 'results.json') as f:
     rows = json.load(f)['rows']
   assert {r['ood_set'] for r in rows} >= set(config.data.ood_sets)
-  assert {r['model'] for r in rows} == {'finetune', 'logit_ft'} & set(stages.split(','))
+  assert {r['model'] for r in rows} == {'finetune', 'logit_ft'}
 
 
 # Stanford Dogs and Oxford Pets are left out: mock data draws their boxes with min > max.
@@ -70,8 +164,8 @@ def test_smoke_config_runs_the_pipeline(name, stages, tmp_path):
     ('cifar10_oneclass', 'superclass=4,smoke', ()),
     ('imagenet30', 'smoke', ('stanford_dogs', 'oxford_iiit_pet')),
 ])
-def test_other_configs_validate_and_read_every_set(name, arg, skip, tmp_path):
-  config = _config(name, arg)
+def test_other_configs_validate_and_read_every_set(name, arg, skip, converted, tmp_path):
+  config = _from_converted(_config(name, arg), converted)
   data = config.data
   with _mock_tfds():
     stages = pipeline.validate(config, str(tmp_path))
@@ -87,8 +181,7 @@ def test_other_configs_validate_and_read_every_set(name, arg, skip, tmp_path):
   assert input_pipeline.num_channels(data) == 3
   if name == 'imagenet30':  # the 30 synsets, named by TFDS label name, become indices
     assert input_pipeline.num_classes(data) == 30
-  if name == 'cifar10_oneclass':
-    assert stages == ['pretrain', 'evaluate']
+  assert stages == (['evaluate'] if name == 'cifar10_oneclass' else ['finetune', 'evaluate'])
 
 
 def _labels(name, split, key):
@@ -167,8 +260,16 @@ def test_missing_dataset_names_dataset_dir_and_command(tmp_path):
     input_pipeline.prepare(data)
   message = str(error.value)
   assert '\n' not in message
-  assert message.startswith(f'cifar10 is not prepared in {tmp_path}: run `tfds build cifar10 '
-                            f'--data_dir={tmp_path} --file_format=array_record`')
+  assert message == (f'cifar10 is not prepared in {tmp_path}: run '
+                     f'`python -m mood_jax.data.prepare cifar10 --data_dir={tmp_path}`')
+  data.ood_sets = data.validation_ood_sets = ('openood:cifar10/val_tin',)
+  with mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared',
+                         lambda self: self.name != 'mood_folder'):
+    with pytest.raises(UserError, match=r'^openood:cifar10/val_tin is not prepared in .*: run '
+                                        r'`python -m mood_jax.data.prepare openood:cifar10/val_tin '
+                                        r".*--manual_dir=DIR` \(DIR: OpenOOD's data/ folder\)$"):
+      input_pipeline.prepare(data)
+  data.validation_ood_sets = ()
   data.ood_sets = ('folder:ninco',)
   with mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared',
                          lambda self: self.name != 'mood_folder'):
@@ -179,13 +280,14 @@ def test_missing_dataset_names_dataset_dir_and_command(tmp_path):
 
 def test_missing_dataset_through_the_cli(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'mood_jax.main', '--config=configs/imagenet.py:smoke',
+      [sys.executable, '-m', 'mood_jax.main', '--config=configs/imagenet.py:from_scratch,smoke',
        f'--workdir={tmp_path / "work"}', f'--config.data.data_dir={tmp_path}'],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert 'Traceback' not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(
-      f'error: imagenet2012 is not prepared in {tmp_path}: run `tfds build imagenet2012')
+      f'error: imagenet2012 is not prepared in {tmp_path}: run `python -m mood_jax.data.prepare '
+      f'imagenet2012 --data_dir={tmp_path} --manual_dir=DIR`')
 
 
 @pytest.mark.parametrize('overrides,message', [
@@ -231,6 +333,46 @@ def test_randaugment_is_a_function_of_its_rng():
   assert any(not np.array_equal(outs[0], out) for out in outs[2:])
 
 
+def test_id_train_bank_with_training_transforms():
+  """MOOD's ID-train bank: each example once, in order, through one seeded training draw."""
+  data = _config('cifar10').data
+  with _mock_tfds():
+    def bank(**kwargs):
+      batches, count = input_pipeline.eval_dataset(data, 'id_train', global_batch_size=8,
+                                                   **kwargs)
+      batches = list(batches)
+      return (np.concatenate([b['image'][b['valid']] for b in batches]),
+              np.concatenate([b['label'][b['valid']] for b in batches]), count)
+    plain, augmented, again, other = (bank(), bank(augment=True, seed=0),
+                                      bank(augment=True, seed=0), bank(augment=True, seed=1))
+  assert plain[2] == augmented[2] == len(augmented[0])
+  np.testing.assert_array_equal(plain[1], augmented[1])
+  np.testing.assert_array_equal(augmented[0], again[0])
+  assert not np.array_equal(plain[0], augmented[0])
+  assert not np.array_equal(augmented[0], other[0])
+
+
+def test_color_jitter_scales_brightness_contrast_saturation_within_its_strength():
+  photo = np.random.default_rng(0).integers(0, 256, (12, 10, 3)).astype(np.uint8)
+  np.testing.assert_array_equal(transforms.ColorJitter(0.0).random_map(
+      {'image': photo}, np.random.default_rng(0))['image'], photo)
+  jitter = transforms.ColorJitter(0.4)
+  out = jitter.random_map({'image': photo}, np.random.default_rng(1))['image']
+  again = jitter.random_map({'image': photo}, np.random.default_rng(1))['image']
+  assert out.shape == photo.shape and out.dtype == np.uint8
+  np.testing.assert_array_equal(out, again)
+  assert not np.array_equal(out, photo)
+  # A uniform gray image keeps its contrast and saturation: only brightness moves it, by a
+  # factor in [0.6, 1.4], and over many draws across most of that range.
+  gray = np.full((4, 4, 3), 100, np.uint8)
+  values = [jitter.random_map({'image': gray}, np.random.default_rng(i))['image']
+            for i in range(200)]
+  assert all((v == v[0, 0, 0]).all() for v in values)
+  factors = np.array([v[0, 0, 0] for v in values]) / 100
+  assert factors.min() >= 0.59 and factors.max() <= 1.41
+  assert factors.min() < 0.7 and factors.max() > 1.3
+
+
 def test_augment_choices():
   data = _config('cifar10').data
   with _mock_tfds():
@@ -239,3 +381,6 @@ def test_augment_choices():
     with pytest.raises(UserError, match=r"augment='all': valid choices are \(True, False, 'crop'\)"):
       input_pipeline.train_dataset(data, global_batch_size=4, seed=0, augment='all')
   assert crop_only['image'].shape == (4, data.image_size, data.image_size, 3)
+  crop_ops = [type(op) for op in input_pipeline.train_transforms(data, 'crop')]
+  assert crop_ops[:2] == [transforms.ColorJitter, transforms.RandomResizedCrop]  # BEiT's order
+  assert transforms.ColorJitter not in map(type, input_pipeline.train_transforms(data, True))

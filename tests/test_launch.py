@@ -1,7 +1,9 @@
 """The launch scripts: their dry-run commands, and the relaunch after a preemption."""
 
 import os
+import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -35,15 +37,40 @@ def test_tpu_vm_create_and_run_commands():
   assert create.split() == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'ood',
                             '--zone=us-central2-b', '--accelerator-type=v4-32',
                             '--version=tpu-ubuntu2204-base', '--spot']
-  run = _launch('tpu_vm.sh', '--dry-run', '--name', 'ood', 'run', 'configs/imagenet.py',
-                'gs://bucket/run', '--config.seed=1').stdout
-  assert run.startswith('gcloud compute tpus tpu-vm ssh ood --zone=us-central2-b --worker=all ')
+  run = _launch('tpu_vm.sh', '--dry-run', '--name', 'ood', '--spot', 'run', 'configs/imagenet.py',
+                'gs://bucket/run', '--config.seed=1', env={'TPU_STATE_DIR': '/state'})
+  supervisor, note, remote = run.stdout.splitlines()
+  # The supervision loop runs detached from the terminal (a new session), its log in a file.
+  assert supervisor == (f'setsid nohup {REPO}/launch/tpu_vm.sh --name ood --zone us-central2-b '
+                        '--type v4-8 --version tpu-ubuntu2204-base --max-restarts 20 --spot '
+                        'supervise configs/imagenet.py gs://bucket/run --config.seed=1 > '
+                        '/state/ood.log 2>&1 < /dev/null &')
+  assert remote.startswith('gcloud compute tpus tpu-vm ssh ood --zone=us-central2-b --worker=all ')
   # %q-quoted for the remote shell: unquote before looking for the command.
-  remote = run.replace('\\', '')
   assert ('python -m mood_jax.main --config=configs/imagenet.py --workdir=gs://bucket/run '
-          '--config.seed=1') in remote
-  setup = _launch('tpu_vm.sh', '--dry-run', 'setup').stdout.replace('\\', '')
-  assert '--worker=all' in setup and "jax[tpu]" in setup
+          '--config.seed=1') in remote.replace('\\', '')
+
+
+def test_tpu_vm_setup_installs_the_pinned_jax_and_refuses_uncommitted_changes(tmp_path):
+  with open(os.path.join(REPO, 'requirements.txt')) as f:
+    jax_version, = [line.split('==')[1].strip() for line in f if line.startswith('jax==')]
+  setup = _launch('tpu_vm.sh', '--dry-run', '--allow-dirty', 'setup').stdout.replace('\\', '')
+  assert '--worker=all' in setup and f"pip install -q 'jax[tpu]=={jax_version}' gcsfs" in setup
+  assert f'git -C {REPO} archive' in setup
+
+  # A checkout with a change that `git archive HEAD` would leave out.
+  (tmp_path / 'launch').mkdir()
+  shutil.copy(os.path.join(REPO, 'launch', 'tpu_vm.sh'), tmp_path / 'launch')
+  (tmp_path / 'requirements.txt').write_text('jax==0.0.1\n')
+  git = ['git', '-C', str(tmp_path), '-c', 'user.name=t', '-c', 'user.email=t@t']
+  subprocess.run([*git, 'init', '-q'], check=True)
+  subprocess.run([*git, 'add', '.'], check=True)
+  subprocess.run([*git, 'commit', '-qm', 'c'], check=True)
+  (tmp_path / 'requirements.txt').write_text('jax==0.0.2\n')
+  script = str(tmp_path / 'launch' / 'tpu_vm.sh')
+  refused = subprocess.run([script, '--dry-run', 'setup'], capture_output=True, text=True)
+  assert refused.returncode == 1 and refused.stdout == ''
+  assert 'uncommitted changes' in refused.stderr and 'M requirements.txt' in refused.stderr
 
 
 def test_slurm_submits_a_requeueable_job_that_runs_one_process_per_node():
@@ -81,3 +108,36 @@ def test_gpu_launcher_reruns_after_preemption_only(tmp_path):
   python, calls = _fake_python(tmp_path / 'failing', [1, 0])
   proc = _launch('gpu_single_host.sh', 'configs/digits.py', '/w', env={'PYTHON': python})
   assert proc.returncode == 1 and len(calls.read_text().splitlines()) == 1
+
+
+def test_tpu_vm_run_returns_and_leaves_a_detached_supervisor(tmp_path):
+  """`run` with a stand-in gcloud: the supervisor runs on in its own session, logs to its
+  file, and ends when worker 0's run reports success."""
+  bin_dir, calls = tmp_path / 'bin', tmp_path / 'calls'
+  bin_dir.mkdir()
+  gcloud = bin_dir / 'gcloud'
+  gcloud.write_text(f"""#!/usr/bin/env bash
+echo "$@" >> {calls}
+case "$*" in
+  *describe*) echo READY ;;
+  *run.status*) sleep 1; echo 0 ;;
+esac
+""")
+  gcloud.chmod(0o755)
+  env = {'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'TPU_STATE_DIR': str(tmp_path / 'state')}
+  proc = _launch('tpu_vm.sh', '--name', 'ood', 'run', 'configs/digits.py', 'gs://b/w', env=env)
+  assert proc.returncode == 0 and 'supervisor started' in proc.stdout
+  pid = int((tmp_path / 'state' / 'ood.pid').read_text())
+  for _ in range(100):  # until it has exec'd setsid (the run takes over a second: sleep 1)
+    if os.getsid(pid) == pid:
+      break
+    time.sleep(0.01)
+  assert os.getsid(pid) == pid != os.getsid(0)  # a session of its own: not the terminal's
+  log = tmp_path / 'state' / 'ood.log'
+  for _ in range(300):
+    if 'finished' in log.read_text():
+      break
+    time.sleep(0.1)
+  assert 'tpu_vm.sh: finished' in log.read_text()
+  assert any('--worker=all' in line and 'mood_jax.main' in line
+             for line in calls.read_text().splitlines())

@@ -71,8 +71,24 @@ def test_straight_through_gradient_reaches_the_scores():
   hard = weight_mask.topk_mask(scores['dense']['kernel'], 0.5)
   np.testing.assert_array_equal(masked['dense']['kernel'], weights['dense']['kernel'] * hard)
   np.testing.assert_array_equal(masked['dense']['bias'], weights['dense']['bias'])
-  # d/ds sum(w * m(s)) with an identity straight-through is w, masked or not.
-  np.testing.assert_array_equal(grad['dense']['kernel'], weights['dense']['kernel'])
+  # d/ds sum(w * m(|s|)), straight through to |s|, is w * sign(s), masked or not.
+  np.testing.assert_array_equal(grad['dense']['kernel'],
+                                weights['dense']['kernel'] * np.sign(scores['dense']['kernel']))
+
+
+@pytest.mark.parametrize('score', [-0.8, 0.8])
+def test_straight_through_step_grows_the_score_of_a_helpful_weight(score):
+  """Loss = -w * m: removing the weight raises the loss, so one SGD step (lr 0.1) must
+  take |s| from 0.8 to 0.9 whatever the sign of s (UM's straight-through on |s|)."""
+  weights = {'dense': {'kernel': jnp.ones((1, 1))}}
+
+  def loss(scores):
+    masked = weight_mask.apply_masks(weights, weight_mask.straight_through_masks(scores, 1.0))
+    return -jnp.sum(masked['dense']['kernel'])
+
+  scores = {'dense': {'kernel': jnp.full((1, 1), score)}}
+  stepped = scores['dense']['kernel'] - 0.1 * jax.grad(loss)(scores)['dense']['kernel']
+  np.testing.assert_allclose(np.abs(stepped), 0.9, rtol=1e-6)
 
 
 def test_random_masks_cover_every_kernel_at_the_keep_ratio():
@@ -161,3 +177,42 @@ def test_gamma_from_masked_model_matches_direct_computation(monkeypatch, smoothi
       np.quantile(losses, 0.5), rel=1e-5)
   config.logit_ft.gamma_from, config.logit_ft.gamma = 'fixed', 0.7
   assert logit_ft.estimate_gamma(config, Linear(), params, None) == 0.7
+
+
+def test_flooding_acts_on_the_whole_batch_whatever_the_accumulation():
+  """gamma lies between the two micro-batches' CEs, above their mean: the whole batch is
+  flooded (CE ascends), though flooding each micro-batch would descend on one of them. The
+  loss and the update are those of one batch for 1, 2 and 4 micro-batches."""
+  from mood_jax import parallel, train_loop
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 8))
+  params = {'w': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+  # Micro-batches are strided rows: with 2, rows 0, 2, 4, 6 and rows 1, 3, 5, 7.
+  micro_ce = [float(_ce(params['w'], x[i::2], y[i::2])) for i in range(2)]
+  mean_ce = float(_ce(params['w'], x, y))
+  gamma = mean_ce + 0.1
+  assert min(micro_ce) < gamma < max(micro_ce)
+  cfg = ml_collections.ConfigDict(dict(loss='um', beta=1.0))
+  batch_loss = logit_ft.make_batch_loss(cfg, gamma)
+
+  def loss_fn(params, batch, rng):
+    del rng
+    return _ce(params['w'], batch['image'], batch['label']), {}
+
+  tx = optax.sgd(0.5)
+  mesh = parallel.make_mesh((('data', -1),))
+  init, _, shardings = train_loop.abstract_state(lambda: params, tx, mesh)
+  results = {}
+  for micro_batches in (1, 2, 4):
+    step = train_loop.make_train_step(loss_fn, tx, jax.random.key(0), shardings, mesh,
+                                      micro_batches, batch_loss)
+    state, metrics = step(jax.jit(init, out_shardings=shardings)(), {'image': x, 'label': y})
+    results[micro_batches] = (np.asarray(state.params['w']), float(metrics['loss']),
+                              float(metrics['flooded']))
+  # By hand: the flooded loss is 2 gamma - CE and the step ascends the CE's gradient.
+  expected_w = params['w'] + 0.5 * jax.grad(_ce)(params['w'], x, y)
+  for w, loss, flooded in results.values():
+    assert flooded == 1.0
+    assert loss == pytest.approx(2 * gamma - mean_ce, rel=1e-6)
+    np.testing.assert_allclose(w, expected_w, rtol=1e-5, atol=1e-6)

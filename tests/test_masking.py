@@ -44,6 +44,45 @@ def test_blockwise_mask_respects_budget_and_reaches_it_on_average():
   assert counts.mean() >= 0.9 * 75  # BEiT's 10-tries rule rarely stops far short
 
 
+def _beit_rule_counts(num_masks, grid=(14, 14), num_masked=75, min_block=16, seed=0):
+  """Masked-patch counts of BEiT's generator rule (microsoft/unilm beit/masking_generator.py),
+  restated in NumPy: up to 10 tries per block, an area uniform between min_block and the
+  patches still to mask (either order), a log-uniform aspect in [0.3, 1/0.3]."""
+  rng = np.random.default_rng(seed)
+  height, width = grid
+  counts = []
+  for _ in range(num_masks):
+    mask = np.zeros(grid, bool)
+    while mask.sum() < num_masked:
+      budget = num_masked - mask.sum()
+      for _ in range(10):
+        area = min_block + (budget - min_block) * rng.random()
+        aspect = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3)))
+        h, w = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if h >= height or w >= width:
+          continue
+        top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        added = h * w - mask[top:top + h, left:left + w].sum()
+        if 0 < added <= budget:
+          mask[top:top + h, left:left + w] = True
+          break
+      else:
+        break
+    counts.append(mask.sum())
+  return np.array(counts)
+
+
+def test_blockwise_mask_count_distribution_follows_beits_rule():
+  """With fewer patches left than the minimum block, BEiT draws a block smaller than it,
+  which is how it reaches exactly 75 of 196 most of the time (taking the minimum instead
+  reaches it in about 44% of draws)."""
+  ours, beit = _blockwise(2000).sum(axis=1), _beit_rule_counts(2000)
+  exact_ours, exact_beit = (ours == 75).mean(), (beit == 75).mean()
+  assert exact_beit > 0.6
+  assert abs(exact_ours - exact_beit) < 0.05, (exact_ours, exact_beit)
+  assert abs(ours.mean() - beit.mean()) < 0.5, (ours.mean(), beit.mean())
+
+
 def test_blockwise_mask_is_made_of_blocks():
   for mask in _blockwise(50):
     mask = mask.reshape(14, 14)

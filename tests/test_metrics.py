@@ -1,4 +1,4 @@
-"""OOD metrics equal scikit-learn's, ties and roc_curve's dropped points included."""
+"""OOD metrics equal OpenOOD v1.5's sklearn formulas and MOOD's FPR@95, ties included."""
 
 import numpy as np
 import pytest
@@ -8,22 +8,24 @@ from mood_jax.ood import metrics
 
 
 def _sklearn_metrics(id_scores, ood_scores):
+  """OpenOOD v1.5's auc_and_fpr_recall (openood/evaluators/metrics.py) and MOOD's get_fpr
+  (MOODv1/ood_utils.py) on distances = -score, written out from their definitions."""
   scores = np.r_[id_scores, ood_scores]
   is_id = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
   fpr_ood, tpr_ood, _ = sk_metrics.roc_curve(1 - is_id, -scores)
-  fpr_id, tpr_id, _ = sk_metrics.roc_curve(is_id, scores)
+  precision_in, recall_in, _ = sk_metrics.precision_recall_curve(is_id, scores)
+  precision_out, recall_out, _ = sk_metrics.precision_recall_curve(1 - is_id, -scores)
   return {
-      'auroc': sk_metrics.roc_auc_score(is_id, scores),
-      'aupr_in': sk_metrics.average_precision_score(is_id, scores),
-      'aupr_out': sk_metrics.average_precision_score(1 - is_id, -scores),
+      'auroc': sk_metrics.auc(fpr_ood, tpr_ood),
+      'aupr_in': sk_metrics.auc(recall_in, precision_in),
+      'aupr_out': sk_metrics.auc(recall_out, precision_out),
       'fpr95': fpr_ood[np.argmax(tpr_ood >= 0.95)],
-      'fpr95_id': fpr_id[np.argmax(tpr_id >= 0.95)],
+      'fpr95_id': np.sum(-ood_scores < np.percentile(-id_scores, 95)) / len(ood_scores),
   }
 
 
-def _assert_matches_sklearn(id_scores, ood_scores):
-  # float32 first: ties are decided on the values the metric actually sees.
-  id_scores, ood_scores = np.float32(id_scores), np.float32(ood_scores)
+def _assert_matches_sklearn(id_scores, ood_scores, dtype=np.float32):
+  id_scores, ood_scores = np.asarray(id_scores, dtype), np.asarray(ood_scores, dtype)
   ours = metrics.ood_metrics(id_scores, ood_scores)
   expected = _sklearn_metrics(id_scores, ood_scores)
   assert set(ours) == set(expected)
@@ -73,8 +75,43 @@ def test_fpr95_uses_only_the_points_roc_curve_keeps():
   scores = np.arange(20)
   values = metrics.ood_metrics(scores, scores)
   assert float(values['fpr95']) == 1.0
-  assert float(values['fpr95_id']) == 1.0
   _assert_matches_sklearn(scores, scores)
+
+
+def test_fpr95_id_is_moods_strict_percentile_rule():
+  # ID 0..19: the 5th percentile is 0.95, so the OOD scores 1..19 (19 of 20) pass it.
+  assert metrics.ood_metrics(np.arange(20.), np.arange(20.))['fpr95_id'] == 0.95
+  # All equal: no OOD score is strictly above the threshold (ODIN's rule gave 1.0).
+  assert metrics.ood_metrics(np.zeros(30), np.zeros(20))['fpr95_id'] == 0.0
+  # Integer ties: ID percentile(5) of [0, 1, 1, 1] is 0.15; OOD 1s pass, 0s do not.
+  assert metrics.ood_metrics(np.array([0, 1, 1, 1]), np.array([0, 0, 1]))['fpr95_id'] == (
+      pytest.approx(1 / 3))
+
+
+@pytest.mark.parametrize('id_scores,ood_scores,aupr_in', [
+    ([1, 1], [1, 0], (1 + 2 / 3) / 2),  # average precision: 2/3
+    ([0.9, 0.9, 0.9], [0.9, 0.9, 0.9, 0.9], (1 + 3 / 7) / 2),  # average precision: 3/7
+])
+def test_aupr_is_the_trapezoid_rule_not_average_precision(id_scores, ood_scores, aupr_in):
+  """Small tied sets, worked by hand through (recall, precision) = (0, 1) and every distinct
+  threshold: there trapezoids and average precision differ most."""
+  values = metrics.ood_metrics(np.array(id_scores), np.array(ood_scores))
+  assert values['aupr_in'] == pytest.approx(aupr_in, abs=1e-6)
+  _assert_matches_sklearn(id_scores, ood_scores)
+
+
+def test_float64_scores_keep_their_precision():
+  # Around 1e8 float32 resolves steps of 8: a cast merges most of these scores into ties.
+  rng = np.random.default_rng(0)
+  id_scores, ood_scores = 1e8 + rng.normal(0.3, 1, 500), 1e8 + rng.normal(0, 1, 400)
+  _assert_matches_sklearn(id_scores, ood_scores, dtype=np.float64)
+
+
+@pytest.mark.parametrize('shape', [(3, 1), (1, 3), ()])
+def test_scores_not_shaped_n_are_an_error(shape):
+  scores = np.arange(np.prod(shape, dtype=int), dtype=np.float32).reshape(shape)
+  with pytest.raises(ValueError, match=r'ID scores have shape .*expected one score per sample'):
+    metrics.ood_metrics(scores, np.zeros(2, np.float32))
 
 
 def test_perfect_separation():
@@ -96,6 +133,7 @@ def test_accuracy():
 
 def test_all_equal_scores():
   values = metrics.ood_metrics(np.zeros(30), np.zeros(20))
+  assert values['aupr_in'] == pytest.approx(1 - (1 - 30 / 50) / 2)
   assert float(values['auroc']) == 0.5
   _assert_matches_sklearn(np.full(30, 1.5), np.full(20, 1.5))
 

@@ -59,3 +59,27 @@ def test_schedule_warms_up_then_decays():
   assert schedule(10) == pytest.approx(1.0)
   assert schedule(100) == pytest.approx(0.01)
   assert schedule(5) < schedule(10) and schedule(50) < schedule(10)
+
+
+def test_sgd_is_torch_sgd_with_l2_weight_decay_and_momentum():
+  """Two steps by hand, as torch.optim.SGD (UM's): buf = momentum * buf + g + wd * w,
+  w -= lr * buf, on every param (a bias too); constant lr (no warmup, min_lr = lr)."""
+  cfg = ml_collections.ConfigDict(dict(optimizer='sgd', lr=0.1, min_lr=0.1, warmup_steps=0,
+                                       num_steps=10, momentum=0.9, weight_decay=0.01,
+                                       grad_clip=0.0))
+  tx = optim.make_optimizer(cfg, depth=1)
+  params = {'head': {'bias': jnp.array([1., -2.])}}
+  state = tx.init(params)
+  w, buf = np.array([1., -2.]), np.zeros(2)
+  for grad in (np.array([0.5, 0.25]), np.array([-1., 2.])):
+    updates, state = tx.update({'head': {'bias': jnp.asarray(grad)}}, state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    buf = 0.9 * buf + grad + 0.01 * w
+    w = w - 0.1 * buf
+    np.testing.assert_allclose(params['head']['bias'], w, rtol=1e-6)
+
+
+def test_unknown_optimizer_is_a_user_error():
+  cfg = ml_collections.ConfigDict(dict(optimizer='lamb', grad_clip=0.0))
+  with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+    optim.make_optimizer(cfg, depth=1)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from mood_jax.ood import report
+from mood_jax.ood import metrics, report
 
 
 def _row(model, scorer, ood_set, group, auroc):
@@ -65,14 +65,52 @@ def test_write_results_files(tmp_path):
     np.testing.assert_array_equal(saved['finetune/msp/svhn'], np.arange(3.))
 
 
-def test_markdown_table_has_every_row_in_percent():
-  table = report.markdown_table(report.summarize(ROWS), {'finetune': 0.9712})
-  assert '| model | scorer | OOD set | AUROC | FPR@95 | AUPR-In | AUPR-Out |' in table
-  assert '| finetune | msp | cifar100 | 90.00 | 10.00 | 90.00 | 25.00 |' in table
-  assert '| finetune | msp | near_mean | 85.00 | 15.00 | 85.00 | 25.00 |' in table
-  assert '| pretrain | mahalanobis_mood | svhn | 95.00 | 5.00 | 95.00 | 25.00 |' in table
-  assert 'ID accuracy: finetune 97.12%' in table
-  assert 'OpenOOD' in table
+def _table(text: str, title: str) -> list[list[str]]:
+  """The cells of the Markdown table that follows `title` in `text`."""
+  lines = text[text.index(title):].splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith('|'))
+  rows = []
+  for line in lines[start + 2:]:
+    if not line.startswith('|'):
+      return rows
+    rows.append([cell.strip() for cell in line.strip('|').split('|')])
+  return rows
+
+
+def test_headline_has_one_row_per_model_and_scorer_with_group_means():
+  rows = [*ROWS, _row('finetune', 'msp', 'letters', 'validation', 0.6),
+          _row('finetune', 'energy', 'svhn', 'far', 0.97)]
+  text = report.markdown_table(report.summarize(rows), {'finetune': 0.9712})
+  assert text.startswith('## Headline')
+  header = text[text.index('| model'):].splitlines()[0]
+  assert header == ('| model | scorer | near AUROC | near FPR@95 | far AUROC | far FPR@95 | '
+                    'ID acc. | validation AUROC |')
+  assert _table(text, '## Headline') == [
+      ['finetune', 'msp', '85.00', '15.00', '99.00', '1.00', '97.12', '60.00'],
+      ['pretrain', 'mahalanobis_mood', '', '', '95.00', '5.00', '', ''],
+      ['finetune', 'energy', '', '', '97.00', '3.00', '97.12', '']]
+
+
+def test_per_set_tables_group_each_set_validation_near_far():
+  rows = [*ROWS, _row('finetune', 'msp', 'letters', 'validation', 0.6)]
+  text = report.markdown_table(report.summarize(rows), {'finetune': 0.9712})
+  table = _table(text, '### finetune / msp')
+  assert [cells[:2] for cells in table] == [
+      ['validation', 'letters'], ['near', 'cifar100'], ['near', 'tin'], ['near', '**mean**'],
+      ['far', 'svhn'], ['far', '**mean**']]
+  # Every metric the rows carry is a column, in percent: none is left out by a fixed list.
+  assert table[1] == ['near', 'cifar100', '90.00', '10.00', '50.00', '90.00', '25.00']
+  assert _table(text, '### pretrain / mahalanobis_mood') == [
+      ['far', 'svhn', '95.00', '5.00', '50.00', '95.00', '25.00'],
+      ['far', '**mean**', '95.00', '5.00', '50.00', '95.00', '25.00']]
+  renamed = [{**{k: v for k, v in row.items() if k != 'aupr_in'}, 'aupr_id': 0.5}
+             for row in ROWS]
+  assert '| group | OOD set | AUROC | FPR@95 | FPR@95 (ID+) | AUPR-Out | aupr_id |' in (
+      report.markdown_table(renamed, {}))
+  sorted_keys = [dict(sorted(row.items())) for row in ROWS]  # as jitted metrics come back
+  assert '| group | OOD set | AUROC | FPR@95 | FPR@95 (ID+) | AUPR-In | AUPR-Out |' in (
+      report.markdown_table(sorted_keys, {}))
+  assert 'OpenOOD' in text
 
 
 def test_plot_scores_writes_histogram_and_roc_per_model_and_scorer(tmp_path):
@@ -80,7 +118,7 @@ def test_plot_scores_writes_histogram_and_roc_per_model_and_scorer(tmp_path):
   by_set = {'id': rng.normal(1, 1, 100), 'svhn': rng.normal(0, 1, 80),
             'tin': rng.normal(0.5, 1, 60)}
   scores = {'finetune': {'msp': by_set, 'energy': by_set}}
-  paths = report.plot_scores(str(tmp_path), scores)
+  paths = report.plot_scores(str(tmp_path), scores, {'svhn': 'far', 'tin': 'near'})
   expected = {f'finetune_{scorer}_{kind}.png' for scorer in ('msp', 'energy')
               for kind in ('hist', 'roc')}
   assert {os.path.basename(p) for p in paths} == expected
@@ -93,11 +131,40 @@ def test_plot_scores_writes_histogram_and_roc_per_model_and_scorer(tmp_path):
 def test_histogram_bins_distance_scores_on_a_log_axis_so_id_and_ood_both_show():
   rng = np.random.default_rng(0)
   distances = {'id': -rng.uniform(30, 300, 200), 'far': -rng.uniform(1e3, 1e4, 200)}
-  axes = report._histogram_figure('mahalanobis', distances).axes[0]
-  assert axes.get_xscale() == 'symlog'
+  _, heights, symlog = report._histograms(distances)
+  assert symlog
   # Every set fills several bars, and each set's bars sum to one (fractions of the set).
-  for bars in axes.containers:
-    heights = np.array([bar.get_height() for bar in bars])
-    assert (heights > 0).sum() >= 5 and np.isclose(heights.sum(), 1)
+  for bars in heights.values():
+    assert (bars > 0).sum() >= 5 and np.isclose(bars.sum(), 1)
+  assert report._histogram_figure('mahalanobis', distances).axes[0].get_xscale() == 'symlog'
   logits = {'id': rng.normal(1, 1, 100), 'far': rng.normal(0, 1, 80)}
-  assert report._histogram_figure('msp', logits).axes[0].get_xscale() == 'linear'
+  assert not report._histograms(logits)[2]
+
+
+def test_histogram_draws_id_filled_and_a_panel_per_group_when_sets_crowd():
+  rng = np.random.default_rng(0)
+  by_set = {'id': rng.normal(1, 1, 100), **{f'far{i}': rng.normal(0, 1, 50) for i in range(4)},
+            'near0': rng.normal(0.5, 1, 50), 'letters': rng.normal(0, 1, 50)}
+  groups = {'near0': 'near', 'letters': 'validation', **{f'far{i}': 'far' for i in range(4)}}
+  figure = report._histogram_figure('msp', by_set, groups)
+  assert [axes.get_title() for axes in figure.axes] == [
+      'msp: validation', 'msp: near', 'msp: far']
+  for axes in figure.axes:
+    id_patch = axes.patches[0]
+    assert id_patch.get_label() == 'ID (test)' and id_patch.get_fill()
+    assert not any(patch.get_fill() for patch in axes.patches[1:])
+  assert [patch.get_label() for patch in figure.axes[2].patches[1:]] == [
+      'far0', 'far1', 'far2', 'far3']
+  few = {name: by_set[name] for name in ('id', 'far0', 'near0')}
+  assert len(report._histogram_figure('msp', few, groups).axes) == 1  # not crowded
+
+
+def test_roc_marks_the_fpr95_point_of_each_set():
+  rng = np.random.default_rng(0)
+  by_set = {'id': rng.normal(2, 1, 400), 'svhn': rng.normal(0, 1, 300)}
+  axes = report._roc_figure('msp', by_set).axes[0]
+  fpr95 = float(metrics.ood_metrics(by_set['id'], by_set['svhn'])['fpr95'])
+  markers = [line for line in axes.lines if line.get_marker() == 'o']
+  assert len(markers) == 1
+  assert markers[0].get_xydata().tolist() == [[0.05, pytest.approx(1 - fpr95)]]
+  assert f'FPR@95 {100 * fpr95:.2f}' in axes.get_legend().get_texts()[0].get_text()

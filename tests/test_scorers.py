@@ -388,6 +388,46 @@ def test_rank_deficient_banks_give_finite_scores():
     assert np.isfinite(_fit_score(name, train, query, head)).all(), name
 
 
+def test_low_variance_id_direction_is_kept_as_openood_keeps_it():
+  """One ID direction (rotated off the axes) with 7.8e-9 of the largest variance, and an OOD
+  set shifted only along it: OpenOOD's float64 MDS (sklearn's pinvh) separates them fully;
+  a float32 covariance with a 1e-6 cutoff dropped the direction (AUROC 0.509)."""
+  from sklearn import covariance as sk_covariance
+  from mood_jax.ood import metrics
+  rng = np.random.default_rng(0)
+  dim, std_small = 8, np.sqrt(7.8e-9)
+  rotation, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+  scales = np.r_[np.ones(dim - 1), std_small]
+  labels = rng.integers(0, 2, 3000)
+  class_means = rng.normal(size=(2, dim))
+
+  def draw(n, shift):
+    z = rng.normal(size=(n, dim)) * scales
+    z[:, -1] += shift
+    return (z @ rotation.T).astype(np.float32)
+
+  train = draw(3000, 0.) + (class_means[labels] @ rotation.T).astype(np.float32)
+  query_labels = rng.integers(0, 2, 500)
+  query_means = (class_means[query_labels] @ rotation.T).astype(np.float32)
+  id_query, ood_query = draw(500, 0.) + query_means, draw(500, 6 * std_small) + query_means
+  # OpenOOD's MDS (openood/postprocessors/mds_postprocessor.py): class means, then
+  # EmpiricalCovariance(assume_centered=False) of the class-centred features.
+  means = np.stack([train[labels == c].mean(0) for c in (0, 1)])
+  precision = sk_covariance.EmpiricalCovariance(assume_centered=False).fit(
+      train - means[labels]).precision_
+
+  def openood_score(x):
+    centered = np.float64(x)[:, None] - means[None]
+    return -np.einsum('ncd,de,nce->nc', centered, precision, centered).min(-1)
+
+  reference = metrics.ood_metrics(openood_score(id_query), openood_score(ood_query))['auroc']
+  assert reference > 0.99
+  scorer = scorers.get('mahalanobis')
+  stats = scorers.fit(scorer, train, None, labels, None)
+  ours = [scorers.score(scorer, stats, x, None) for x in (id_query, ood_query)]
+  assert metrics.ood_metrics(*ours)['auroc'] == pytest.approx(reference, abs=0.01)
+
+
 def test_mahalanobis_handles_one_class(data):
   # One-class runs: every label the same class, whatever its id.
   train = {**data['train'], 'label': np.full(400, 3)}
@@ -450,6 +490,17 @@ def test_user_registered_scorer_is_usable_by_name(monkeypatch):
   np.testing.assert_allclose(scorers.score(found, stats, features, None), [10., 2.])
   with pytest.raises(ValueError, match='already registered'):
     scorers.register(scorer)
+
+
+def test_scorer_returning_keepdims_is_an_error_naming_it(monkeypatch):
+  monkeypatch.setattr(scorers, '_REGISTRY', dict(scorers._REGISTRY))
+  scorer = scorers.register(scorers.Scorer(
+      name='test_keepdims_norm', fit=lambda features, logits, labels, head: {},
+      score=lambda stats, features, logits: jnp.linalg.norm(features, axis=-1, keepdims=True),
+      needs_logits=False))
+  features = np.array([[3., 4.], [0., 1.], [1., 0.]], np.float32)
+  with pytest.raises(ValueError, match=r"'test_keepdims_norm' returned scores of shape \(2, 1\)"):
+    scorers.score(scorer, {}, features, None, chunk_size=2)
 
 
 # --- 8 devices ------------------------------------------------------------------------------

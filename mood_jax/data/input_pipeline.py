@@ -20,8 +20,8 @@ import tensorflow_datasets as tfds
 
 from mood_jax.data import embedded, folder, sources
 from mood_jax.data.randaugment import RandAugment
-from mood_jax.data.transforms import (Decode, Normalize, RandomErasing, RandomResizedCrop,
-                                      RandomTranslate, ResizeCenterCrop)
+from mood_jax.data.transforms import (ColorJitter, Decode, Normalize, RandomErasing,
+                                      RandomResizedCrop, RandomTranslate, ResizeCenterCrop)
 from mood_jax.errors import UserError
 
 NEAR_OOD_SETS = ('digits_heldout',)
@@ -55,7 +55,12 @@ def default_data_config() -> ml_collections.ConfigDict:
       randaugment_ops=0,       # train RandAugment operations per image; 0: off (BEiT: 2)
       randaugment_magnitude=9.0,  # of 10 (BEiT fine-tune: 'rand-m9-mstd0.5-inc1')
       random_erasing=0.0,      # train random-erasing probability (BEiT fine-tune: 0.25)
+      color_jitter=0.0,        # augment='crop' only: ColorJitter strength (BEiT pretraining: 0.4)
       eval_crop_fraction=0.875,  # eval: shorter side to image_size / this, centre crop
+      # True: the classifier has a logit for every class of the dataset and ID labels keep
+      # their index, so one ID class can be fine-tuned (MOOD's one-class fine-tune keeps the
+      # dataset's head: MOODv1/datasets.py build_dataset with --class_idx).
+      head_all_classes=False,
   ))
 
 
@@ -178,8 +183,13 @@ def _id_classes(data_cfg) -> tuple[int, ...]:
   return tuple(sorted(asked))
 
 
+def _head_classes(data_cfg) -> tuple[int, ...]:
+  """The classes the classifier has a logit for, in logit order."""
+  return tuple(_all_classes(data_cfg)) if data_cfg.head_all_classes else _id_classes(data_cfg)
+
+
 def num_classes(data_cfg) -> int:
-  return len(_id_classes(data_cfg))
+  return len(_head_classes(data_cfg))
 
 
 def num_channels(data_cfg) -> int:
@@ -234,16 +244,16 @@ def _check_prepared_set(data_cfg, which: str) -> None:
   name, config, _ = _location(data_cfg, which)
   builder = (folder.builder(config.name, data_dir) if config else
              tfds.builder(name, data_dir=data_dir, file_format='array_record'))
-  what = f'{folder.PREFIX}{config.name}' if config else name
+  labelled = config is not None and which in _ID_SPLITS  # data.name='folder:NAME'
+  what = f'{folder.PREFIX}{config.name}' if labelled else which if config else name
   if not builder.is_prepared():
-    command = (folder.prepare_command(config.name, data_dir, which in _ID_SPLITS) if config
-               else sources.prepare_command(name, data_dir))
+    command = (f'`{folder.prepare_command(config.name, data_dir, labelled=True)}`' if labelled
+               else sources.prepare_command(what, data_dir))
     raise UserError(f'{what} is not prepared in {data_dir}: run {command}')
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise UserError(
         f'{what} in {builder.data_dir} is {builder.info.file_format.value}, which grain cannot '
-        f'read: run `tfds convert_format --dataset_version_dir={builder.data_dir} '
-        '--out_file_format=array_record` (it adds ArrayRecord files beside the others)')
+        f'read: prepare it in another data dir with {sources.prepare_command(what, "DIR")}')
 
 
 def prepare(data_cfg) -> None:
@@ -287,14 +297,16 @@ class _Read(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class ToIdLabel(grain.transforms.Map):
-  """Keeps image, label (from feature `key`) and the split index if there is one; the label
-  becomes its index among `id_classes`, or -1 (OOD)."""
+  """Keeps image, label (from feature `key`) and the split index if there is one; an ID
+  label becomes its index among `head_classes` (default: `id_classes`), any other -1 (OOD)."""
   id_classes: tuple[int, ...]
   key: str = 'label'
+  head_classes: tuple[int, ...] = ()
 
   def map(self, record):
     label = int(record[self.key])
-    index = self.id_classes.index(label) if label in self.id_classes else -1
+    index = (self.head_classes or self.id_classes).index(label) if (
+        label in self.id_classes) else -1
     split_index = {'index': np.int32(record['index'])} if 'index' in record else {}
     return {'image': record['image'], 'label': np.int32(index), **split_index}
 
@@ -348,7 +360,8 @@ def _examples(data_cfg, which: str, *, with_index: bool = False) -> grain.MapDat
     raise UserError(f'{which} of {data_cfg.name} has no examples: check data.id_classes and '
                     f'the dataset in {_data_dir(data_cfg)}')
   if _has_id_labels(data_cfg, which):
-    records = records.map(ToIdLabel(_id_classes(data_cfg), _label_key(data_cfg)))
+    records = records.map(ToIdLabel(_id_classes(data_cfg), _label_key(data_cfg),
+                                    _head_classes(data_cfg)))
   else:  # another dataset's labels mean nothing here: all of its examples are OOD (-1)
     records = records.map(ToIdLabel(()))
   if not _encoded(data_cfg, which):  # tfds decodes these
@@ -373,8 +386,8 @@ AUGMENT_CHOICES = (True, False, 'crop')
 
 def train_transforms(data_cfg, augment: bool | str = True) -> list[grain.transforms.Map |
                                                                     grain.transforms.RandomMap]:
-  """augment: True, all configured augmentations; 'crop', the random crop and flip only (MIM
-  pretraining, as BEiT's); False, the eval transforms."""
+  """augment: True, all configured augmentations; 'crop', colour jitter (data.color_jitter),
+  random crop and flip (MIM pretraining, as BEiT's); False, the eval transforms."""
   if augment not in AUGMENT_CHOICES:
     raise UserError(f'augment={augment!r}: valid choices are {AUGMENT_CHOICES}')
   if not augment:
@@ -384,7 +397,9 @@ def train_transforms(data_cfg, augment: bool | str = True) -> list[grain.transfo
     # 2 px at 32 px, in proportion at other sizes.
     return [RandomTranslate(pad=max(1, round(data_cfg.image_size / 16))), normalize]
   full = augment is True
-  return [RandomResizedCrop(data_cfg.image_size, tuple(data_cfg.crop_scale), flip=data_cfg.hflip),
+  jitter = augment == 'crop' and data_cfg.color_jitter
+  return [*([ColorJitter(data_cfg.color_jitter)] if jitter else []),
+          RandomResizedCrop(data_cfg.image_size, tuple(data_cfg.crop_scale), flip=data_cfg.hflip),
           *([RandAugment(data_cfg.randaugment_ops, data_cfg.randaugment_magnitude)]
             if full and data_cfg.randaugment_ops else []),
           normalize,
@@ -465,11 +480,14 @@ def eval_batches(examples: grain.MapDataset, *, global_batch_size: int,
   return _batched(shard, local_batch_size)
 
 
-def eval_dataset(data_cfg, which: str, *,
-                 global_batch_size: int) -> tuple[grain.IterDataset, int]:
+def eval_dataset(data_cfg, which: str, *, global_batch_size: int, augment: bool | str = False,
+                 seed: int = 0) -> tuple[grain.IterDataset, int]:
   """Batches of 'id_train', 'id_test' or an OOD set (with each example's split 'index'), and
-  the number of real examples in it."""
-  examples = apply(_examples(data_cfg, which, with_index=True), eval_transforms(data_cfg))
+  the number of real examples in it: each example once, in order, with the eval transforms
+  or, if `augment`, one draw of the training ones (`train_transforms`; MOOD's ID-train
+  feature bank)."""
+  ops = train_transforms(data_cfg, augment) if augment else eval_transforms(data_cfg)
+  examples = apply(_examples(data_cfg, which, with_index=True).seed(seed), ops)
   batches = eval_batches(examples, global_batch_size=global_batch_size)
   return _in_workers(batches, data_cfg.num_workers), len(examples)
 

@@ -5,13 +5,15 @@ ID data (`data.name`) is one of ID_DATASETS, or 'folder:NAME' built by
   a TFDS name in TFDS_SPLITS      its eval split, every label -1
   '<data.name>_heldout'           ID test split, classes outside data.id_classes (one-class, splits)
   'folder:NAME'                   built by `python -m mood_jax.data.folder --name=NAME ...`
+  'openood:BENCHMARK/LIST'        an OpenOOD v1.5 benchmark list (`openood`)
+`prepare_command` says how to make each one (`python -m mood_jax.data.prepare`, or `folder`).
 """
 
 import functools
 
 import tensorflow_datasets as tfds
 
-from mood_jax.data import folder
+from mood_jax.data import folder, openood, prepare
 
 # TFDS name -> (train split, eval split). Places365 and ImageNet have no labelled test split.
 TFDS_SPLITS = {
@@ -30,22 +32,23 @@ TFDS_SPLITS = {
 ID_DATASETS = ('cifar10', 'cifar100', 'imagenet2012')
 HELDOUT_SUFFIX = '_heldout'
 
-# OpenOOD v1.5's near-OOD sets per ID dataset (its far sets are the rest); OpenOOD's TinyImageNet,
-# SSB-hard and NINCO ship as image folders.
+# OpenOOD v1.5's near-OOD sets per ID dataset when built by hand as folders or from TFDS (the
+# rest are far); its own lists, 'openood:...', carry their group (`openood.BENCHMARKS`).
 NEAR_OOD = {
     'cifar10': ('cifar100', 'folder:tin'),
     'cifar100': ('cifar10', 'folder:tin'),
     'imagenet2012': ('folder:ssb_hard', 'folder:ninco'),
 }
 
-# How to make each dataset available in DATA_DIR; ImageNet needs its archives by hand first.
-_MANUAL = {'imagenet2012': ' after placing ILSVRC2012_img_{train,val}.tar in '
-                           'DATA_DIR/downloads/manual'}
-
-
-def prepare_command(tfds_name: str, data_dir: str) -> str:
-  return (f'`tfds build {tfds_name} --data_dir={data_dir} --file_format=array_record`'
-          + _MANUAL.get(tfds_name, '').replace('DATA_DIR', data_dir))
+def prepare_command(which: str, data_dir: str) -> str:
+  """How to make TFDS dataset or OOD set `which` available in data_dir."""
+  if which.startswith(folder.PREFIX):
+    return f'`{folder.prepare_command(which[len(folder.PREFIX):], data_dir)}`'
+  if which in prepare.SOURCES or which.startswith(openood.PREFIX):
+    return prepare.command(which, data_dir)
+  # stanford_dogs, oxford_iiit_pet (ImageNet-30's): TFDS's builders, which need TensorFlow.
+  return (f'`tfds build {which} --data_dir={data_dir} --file_format=array_record` on a machine '
+          'with TensorFlow, and copy the folder here')
 
 
 @functools.cache  # asked for often; builders read ImageNet's class list from a file
@@ -74,14 +77,18 @@ def ood_location(id_name: str, which: str) -> tuple[str, folder.FolderConfig | N
   """`location` of an OOD set from another dataset: a folder or another TFDS dataset."""
   if which.startswith(folder.PREFIX):
     return 'mood_folder', folder.FolderConfig(name=which[len(folder.PREFIX):]), folder.SPLIT
+  if which.startswith(openood.PREFIX):  # stored as a folder dataset by `prepare`
+    return 'mood_folder', folder.FolderConfig(name=openood.folder_name(which)), folder.SPLIT
   if which in TFDS_SPLITS and which != id_name:
     return which, None, TFDS_SPLITS[which][1]
   valid = [heldout_set(id_name)] + [n for n in TFDS_SPLITS if n != id_name]
   raise ValueError(f'unknown OOD set {which!r} for data.name={id_name!r}: valid: {valid} or '
-                   f'{folder.PREFIX}NAME (an image folder built by `python -m mood_jax.data.folder`)')
+                   f'{folder.PREFIX}NAME (an image folder: `python -m mood_jax.data.folder`) or '
+                   f'{openood.PREFIX}BENCHMARK/LIST (an OpenOOD v1.5 list)')
 
 
 def ood_group(id_name: str, which: str, validation_sets) -> str:
   if which in validation_sets:
     return 'validation'
-  return 'near' if which in NEAR_OOD.get(id_name, ()) + (heldout_set(id_name),) else 'far'
+  near = NEAR_OOD.get(id_name, ()) + (heldout_set(id_name),)
+  return openood.group(id_name, which) or ('near' if which in near else 'far')

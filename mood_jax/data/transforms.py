@@ -12,6 +12,7 @@ import math
 import grain
 import numpy as np
 import PIL.Image
+import PIL.ImageEnhance
 
 from mood_jax.errors import UserError
 
@@ -67,6 +68,26 @@ class ResizeCenterCrop(grain.transforms.Map):
     side = min(height, width) * self.crop_fraction
     top, left = (height - side) / 2, (width - side) / 2
     return {**example, 'image': _resized(image, self.size, (left, top, left + side, top + side))}
+
+
+# torchvision's ColorJitter adjusts a PIL image with these enhancers (its functional_pil.py).
+_JITTERS = (PIL.ImageEnhance.Brightness, PIL.ImageEnhance.Contrast, PIL.ImageEnhance.Color)
+
+
+@dataclasses.dataclass(frozen=True)
+class ColorJitter(grain.transforms.RandomMap):
+  """Brightness, contrast and saturation, each scaled by a factor uniform in
+  [1 - strength, 1 + strength], in a random order: torchvision's ColorJitter(s, s, s), which
+  BEiT's pretraining applies first (microsoft/unilm beit/datasets.py DataAugmentationForBEiT).
+  By hand: grain has no colour ops, and torchvision is not a dependency."""
+  strength: float
+
+  def random_map(self, example, rng: np.random.Generator):
+    image = PIL.Image.fromarray(example['image'])
+    for jitter in rng.permutation(len(_JITTERS)):
+      factor = rng.uniform(max(0.0, 1 - self.strength), 1 + self.strength)
+      image = _JITTERS[jitter](image).enhance(factor)
+    return {**example, 'image': np.asarray(image)}
 
 
 @dataclasses.dataclass(frozen=True)

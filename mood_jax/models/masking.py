@@ -30,8 +30,10 @@ def blockwise_mask(key, grid: tuple[int, int], num_masked: int, min_block: int,
                    max_tries: int = 10):
   """BEiT blockwise masking: rectangles until `num_masked` patches are covered.
 
-  Follows BEiT's generator: each try draws an area in [min_block, remaining]
-  and a log-uniform aspect ratio; a rectangle that fits inside the grid and adds
+  Follows BEiT's generator (microsoft/unilm beit/masking_generator.py): each try
+  draws an area uniformly between min_block and the patches still to mask (below
+  min_block once fewer remain, as Python's random.uniform(a, b) with b < a does
+  there) and a log-uniform aspect ratio; a rectangle that fits inside the grid and adds
   between 1 and `remaining` new patches is accepted. After `max_tries`
   consecutive failures it stops, so the count is <= num_masked. Returns a [H*W]
   bool mask.
@@ -46,7 +48,7 @@ def blockwise_mask(key, grid: tuple[int, int], num_masked: int, min_block: int,
     mask, count, failures, key = state
     key, k_area, k_aspect, k_top, k_left = jax.random.split(key, 5)
     budget = jnp.minimum(num_masked - count, max_block)
-    area = jax.random.uniform(k_area, minval=min_block, maxval=jnp.maximum(budget, min_block))
+    area = min_block + (budget - min_block) * jax.random.uniform(k_area)
     aspect = jnp.exp(jax.random.uniform(k_aspect, minval=log_lo, maxval=log_hi))
     h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
     w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)

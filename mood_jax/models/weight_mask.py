@@ -4,8 +4,8 @@ A mask tree holds one array per masked kernel, at the kernel's path; every other
 parameter passes through unchanged. Two kinds:
 - `random_masks`: a fixed random fraction of each kernel zeroed, the "masked copy" whose
   loss estimates UM's constraint gamma;
-- `straight_through_masks`: UMAP's learned masks, top-k of |scores| forward and an
-  identity gradient to the scores backward.
+- `straight_through_masks`: UMAP's learned masks, top-k of |scores| forward and, backward,
+  the mask's gradient passed straight through to |scores| (so to the scores times their sign).
 """
 
 import functools
@@ -40,21 +40,24 @@ def topk_mask(scores: jax.Array, keep_ratio: float) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def straight_through_topk(scores: jax.Array, keep_ratio: float) -> jax.Array:
-  """`topk_mask` forward; backward, the gradient passes to the scores unchanged.
+  """`topk_mask` forward; backward, the gradient passes straight through to |scores|.
 
-  A custom VJP rather than `hard + s - stop_gradient(s)`, whose forward is off by a
-  rounding error wherever (hard + s) - s != hard in floating point.
+  UM ranks and differentiates |s| (Unleashing-Mask utils/conv_type.py: `GetSubnet` gets
+  `scores.abs()`, and its backward returns g unchanged), so the gradient reaching s is
+  g * sign(s): a weight that helps gains |s| whatever the sign of its score. A custom VJP
+  rather than `hard + |s| - stop_gradient(|s|)`, whose forward is off by a rounding error
+  wherever (hard + |s|) - |s| != hard in floating point.
   """
   return topk_mask(scores, keep_ratio)
 
 
 def _straight_through_fwd(scores, keep_ratio):
-  return topk_mask(scores, keep_ratio), None
+  return topk_mask(scores, keep_ratio), jnp.sign(scores)
 
 
-def _straight_through_bwd(keep_ratio, residuals, grad):
-  del keep_ratio, residuals
-  return (grad,)
+def _straight_through_bwd(keep_ratio, sign, grad):
+  del keep_ratio
+  return (grad * sign,)
 
 
 straight_through_topk.defvjp(_straight_through_fwd, _straight_through_bwd)

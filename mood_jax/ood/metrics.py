@@ -1,8 +1,18 @@
-"""OOD detection metrics, equal to scikit-learn's (ties included), from one sort.
+"""OOD detection metrics as OpenOOD v1.5 and MOOD compute them, ties included.
 
-Scores are "higher = more in-distribution". AUROC and AUPR-In take ID as positive, AUPR-Out
-takes OOD as positive (on -score). `fpr95` is OpenOOD v1.5's: ID flagged OOD when 95% of OOD
-are caught; `fpr95_id` is the older ODIN/MOOD one: OOD accepted when 95% of ID are accepted.
+Scores are "higher = more in-distribution". AUROC, AUPR-In, AUPR-Out and `fpr95` are
+OpenOOD v1.5's (openood/evaluators/metrics.py, `auc_and_fpr_recall`): AUROC is
+`auc(roc_curve)`, AUPR-In (ID positive, ranked by score) and AUPR-Out (OOD positive, by
+-score) are `auc(recall, precision)` of `precision_recall_curve`, the trapezoid rule through
+every distinct threshold and the (recall 0, precision 1) end, not average precision; `fpr95`
+is the fraction of ID flagged OOD at the first `roc_curve` point (OOD positive) that catches
+95% of OOD. `fpr95_id` is MOOD's (MOODv1/ood_utils.py, `get_fpr`, on distances = -score):
+the fraction of OOD scoring strictly above the 5th percentile (NumPy's, linear) of the ID
+scores, i.e. OOD accepted when 95% of ID are.
+
+The curves depend on the scores only through their order and ties, which are taken on the
+host in the scores' own precision (float64 stays float64); the curves then run jitted on
+integer ranks.
 """
 
 import jax
@@ -47,17 +57,23 @@ def _auroc(curve):
   return area / (2. * num_pos * num_neg)
 
 
-def _average_precision(curve):
-  """sum over thresholds of (recall step) * precision, as `average_precision_score`."""
+def _trapezoid_aupr(curve):
+  """sklearn `auc(recall, precision)` of `precision_recall_curve`: trapezoids between
+  consecutive distinct thresholds, the first from (recall 0, precision 1)."""
   num_pos = curve['tps'][-1]
-  num_predicted = jnp.arange(1, curve['tps'].shape[0] + 1)
-  tps_step = curve['tps'] - curve['prev_tps']
-  precision = curve['tps'] / num_predicted
-  return jnp.sum(jnp.where(curve['is_end'], tps_step * precision, 0.)) / num_pos
+  tps = curve['tps'].astype(jnp.float32)
+  precision = tps / jnp.arange(1, tps.shape[0] + 1)
+  prev_count = curve['prev_tps'] + curve['prev_fps']
+  prev_precision = jnp.where(prev_count == 0, 1.,
+                             curve['prev_tps'] / jnp.maximum(prev_count, 1))
+  recall_step = (curve['tps'] - curve['prev_tps']).astype(jnp.float32)
+  area = jnp.sum(jnp.where(curve['is_end'], recall_step * (precision + prev_precision), 0.))
+  return area / (2. * num_pos)
 
 
 def _fpr_at_95_tpr(curve):
-  """`fpr[argmax(tpr >= 0.95)]` on `roc_curve`'s output, intermediate points dropped.
+  """`fpr[argmax(tpr >= 0.95)]` on `roc_curve`'s output (as OpenOOD's `auc_and_fpr_recall`),
+  intermediate points dropped.
 
   roc_curve keeps a point if it is the first or last, or if its step differs from
   the next one in fps or in tps (nonzero second difference).
@@ -74,38 +90,49 @@ def _fpr_at_95_tpr(curve):
   return fps[jnp.argmax(is_kept & reaches_95)] / fps[-1]
 
 
-def ood_metrics(id_scores: jax.Array, ood_scores: jax.Array) -> dict[str, jax.Array]:
-  """AUROC, AUPR-In, AUPR-Out, FPR@95 (OpenOOD) and FPR@95 (ID-positive) as scalars.
+def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
+  """AUROC, AUPR-In, AUPR-Out, FPR@95 (OpenOOD) and FPR@95 (MOOD's, ID-positive).
 
-  Raises ValueError for an empty set (every metric needs both classes) and for NaN or
-  infinite scores (a sort would rank them silently).
+  Raises ValueError for scores not shaped [N] (one per sample), for an empty set (every
+  metric needs both classes) and for NaN or infinite scores (a sort would rank them
+  silently).
   """
+  id_scores, ood_scores = np.asarray(id_scores), np.asarray(ood_scores)
   for name, scores in (('ID', id_scores), ('OOD', ood_scores)):
-    if np.size(scores) == 0:
+    if scores.ndim != 1:
+      raise ValueError(f'ood_metrics: the {name} scores have shape {scores.shape}; expected '
+                       'one score per sample, shape [N] (squeeze a trailing axis)')
+    if scores.size == 0:
       raise ValueError(f'ood_metrics: the {name} set is empty; every metric needs ID and '
                        'OOD scores')
-    num_bad = int(np.size(scores) - np.count_nonzero(np.isfinite(scores)))
+    num_bad = int(scores.size - np.count_nonzero(np.isfinite(scores)))
     if num_bad:
-      raise ValueError(f'ood_metrics: {num_bad} of {np.size(scores)} {name} scores are not '
+      raise ValueError(f'ood_metrics: {num_bad} of {scores.size} {name} scores are not '
                        'finite (NaN or inf)')
-  return _ood_metrics(id_scores, ood_scores)
+  # Dense ranks in the input's precision: a float32 cast would merge or reorder close
+  # float64 scores (e.g. around 1e8) before JAX sees them.
+  _, ranks = np.unique(np.concatenate([id_scores, ood_scores]), return_inverse=True)
+  ranks = ranks.astype(np.int32)
+  values = jax.device_get(_curve_metrics(ranks[:id_scores.size], ranks[id_scores.size:]))
+  # MOOD's get_fpr on distances (-score): OOD with a distance below the ID's 95th percentile.
+  fpr95_id = np.mean(-ood_scores < np.percentile(-id_scores, 95))
+  return {**{name: float(value) for name, value in values.items()}, 'fpr95_id': float(fpr95_id)}
 
 
 @jax.jit
-def _ood_metrics(id_scores, ood_scores):
-  scores = jnp.concatenate([id_scores, ood_scores])
-  is_id = jnp.concatenate([jnp.ones(id_scores.shape, jnp.int32),
-                           jnp.zeros(ood_scores.shape, jnp.int32)])
+def _curve_metrics(id_ranks, ood_ranks):
+  scores = jnp.concatenate([id_ranks, ood_ranks])
+  is_id = jnp.concatenate([jnp.ones(id_ranks.shape, jnp.int32),
+                           jnp.zeros(ood_ranks.shape, jnp.int32)])
   ascending, is_id = lax.sort((scores, is_id), num_keys=1)
   # Ascending order ranks OOD-positive (-score) curves; its reverse ranks ID-positive ones.
   ood_positive = _curve(ascending, 1 - is_id)
   id_positive = _curve(ascending[::-1], is_id[::-1])
   return {
       'auroc': _auroc(id_positive),
-      'aupr_in': _average_precision(id_positive),
-      'aupr_out': _average_precision(ood_positive),
+      'aupr_in': _trapezoid_aupr(id_positive),
+      'aupr_out': _trapezoid_aupr(ood_positive),
       'fpr95': _fpr_at_95_tpr(ood_positive),
-      'fpr95_id': _fpr_at_95_tpr(id_positive),
   }
 
 

@@ -14,32 +14,41 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn import metrics as sk_metrics
 
+from mood_jax.ood import metrics
+
 METRICS = ('auroc', 'fpr95', 'fpr95_id', 'aupr_in', 'aupr_out')
 FIELDS = ('model', 'scorer', 'ood_set', 'ood_group', *METRICS)
 GROUPS = ('near', 'far')
 CONVENTIONS = {
     'score': 'higher score = more in-distribution',
     'auroc': 'area under the ROC curve, ties as sklearn roc_auc_score',
-    'aupr_in': 'average precision, ID positive, ranked by score',
-    'aupr_out': 'average precision, OOD positive, ranked by -score',
+    'aupr_in': 'OpenOOD v1.5 AUPR-In: trapezoid area under the precision-recall curve, ID '
+               'positive, ranked by score',
+    'aupr_out': 'OpenOOD v1.5 AUPR-Out: trapezoid area under the precision-recall curve, OOD '
+                'positive, ranked by -score',
     'fpr95': 'OpenOOD v1.5 FPR@95 (OOD positive): fraction of ID flagged OOD at the '
              'threshold that catches 95% of OOD',
-    'fpr95_id': 'ODIN/MOOD FPR@95 (ID positive): fraction of OOD accepted at the '
-                'threshold that accepts 95% of ID',
+    'fpr95_id': 'MOOD FPR@95 (ID positive): fraction of OOD scoring strictly above the 5th '
+                'percentile (linear) of the ID scores',
 }
 _CONVENTIONS_LINE = ('Conventions: higher score = more ID; AUROC and AUPR-In take ID as '
                      'positive, AUPR-Out OOD; FPR@95 is OpenOOD v1.5\'s (ID flagged OOD '
-                     'when 95% of OOD are caught); the ID-positive fpr95_id is in '
-                     'results.json/csv.')
+                     'when 95% of OOD are caught); FPR@95 (ID+) is the ODIN/MOOD one (OOD '
+                     'accepted when 95% of ID are).')
+
+
+def _pairs(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+  """Rows by (model, scorer), in order of first appearance."""
+  by_pair = {}
+  for row in rows:
+    by_pair.setdefault((row['model'], row['scorer']), []).append(row)
+  return by_pair
 
 
 def summarize(rows: list[dict]) -> list[dict]:
   """Each (model, scorer)'s rows followed by its near-OOD and far-OOD mean rows."""
-  by_pair = {}
-  for row in rows:
-    by_pair.setdefault((row['model'], row['scorer']), []).append(row)
   summary = []
-  for (model, scorer), pair_rows in by_pair.items():
+  for (model, scorer), pair_rows in _pairs(rows).items():
     summary.extend(pair_rows)
     for group in GROUPS:
       members = [row for row in pair_rows if row['ood_group'] == group]
@@ -67,17 +76,86 @@ def _hparams_lines(hparams: dict, sweeps: dict) -> list[str]:
   return ['Scorer hyperparameters:', *lines, ''] if lines else []
 
 
+# Column titles of the metrics we know; any other metric key is titled by its own name.
+_TITLES = {'auroc': 'AUROC', 'fpr95': 'FPR@95', 'fpr95_id': 'FPR@95 (ID+)',
+           'aupr_in': 'AUPR-In', 'aupr_out': 'AUPR-Out'}
+# The headline's metrics, each a mean over a group's sets.
+HEADLINE_METRICS = ('auroc', 'fpr95')
+# Report order: the validation sets choose hyperparameters and come first, apart from the
+# test sets; any other group follows the known ones.
+GROUP_ORDER = ('validation', 'near', 'far')
+_KEYS = ('model', 'scorer', 'ood_set', 'ood_group')
+
+
+def _metric_keys(rows: list[dict]) -> list[str]:
+  """The metrics the rows carry: no fixed list, so a new metric shows up. Known ones come
+  first in _TITLES' order (jitted metrics come back in sorted key order)."""
+  keys = [key for key in rows[0] if key not in _KEYS] if rows else []
+  return [key for key in _TITLES if key in keys] + [key for key in keys if key not in _TITLES]
+
+
+def _groups(rows: list[dict]) -> list[str]:
+  present = dict.fromkeys(row['ood_group'] for row in rows)
+  return [g for g in GROUP_ORDER if g in present] + [g for g in present if g not in GROUP_ORDER]
+
+
+def _percent(value) -> str:
+  return f'{100 * value:.2f}'
+
+
+def headline_table(rows: list[dict], id_accuracy: dict[str, float]) -> list[str]:
+  """One line per model and scorer: each test group's mean of the headline metrics, the
+  model's ID accuracy (if any model has a head), then the validation sets' mean AUROC."""
+  metric_keys = [m for m in HEADLINE_METRICS if m in _metric_keys(rows)]
+  test_columns = [(g, m) for g in _groups(rows) if g != 'validation' for m in metric_keys]
+  validation_columns = [('validation', 'auroc')] if 'validation' in _groups(rows) else []
+  titles = ([f'{g} {_TITLES.get(m, m)}' for g, m in test_columns] + ['ID acc.'] * bool(id_accuracy)
+            + [f'{g} {_TITLES.get(m, m)}' for g, m in validation_columns])
+  lines = ['| model | scorer | ' + ' | '.join(titles) + ' |', '|---|---|' + '---:|' * len(titles)]
+  for (model, scorer), pair_rows in _pairs(rows).items():
+    sets = [row for row in pair_rows if not row['ood_set'].endswith('_mean')]
+
+    def means(columns):
+      return [_percent(np.mean([row[m] for row in sets if row['ood_group'] == g]))
+              if any(row['ood_group'] == g for row in sets) else '' for g, m in columns]
+
+    accuracy = [_percent(id_accuracy[model]) if model in id_accuracy else ''] * bool(id_accuracy)
+    cells = means(test_columns) + accuracy + means(validation_columns)
+    lines.append(f'| {model} | {scorer} | ' + ' | '.join(cells) + ' |')
+  return lines
+
+
+def per_set_tables(rows: list[dict]) -> list[str]:
+  """A table per model and scorer: every set and group mean, validation, near then far."""
+  metric_keys = _metric_keys(rows)
+  order = {group: i for i, group in enumerate(_groups(rows))}
+  lines = []
+  for (model, scorer), pair_rows in _pairs(rows).items():
+    lines += [f'### {model} / {scorer}', '',
+              '| group | OOD set | ' + ' | '.join(_TITLES.get(m, m) for m in metric_keys) + ' |',
+              '|---|---|' + '---:|' * len(metric_keys)]
+    for row in sorted(pair_rows, key=lambda row: order[row['ood_group']]):  # stable: sets, mean
+      name = '**mean**' if row['ood_set'].endswith('_mean') else row['ood_set']
+      lines.append(f'| {row["ood_group"]} | {name} | '
+                   + ' | '.join(_percent(row[m]) for m in metric_keys) + ' |')
+    lines.append('')
+  return lines
+
+
 def markdown_table(rows: list[dict], id_accuracy: dict[str, float],
-                   hparams: dict | None = None, sweeps: dict | None = None) -> str:
-  """Percentages with two decimals, then the ID accuracy, hparams and conventions lines."""
-  lines = ['| model | scorer | OOD set | AUROC | FPR@95 | AUPR-In | AUPR-Out |',
-           '|---|---|---|---:|---:|---:|---:|']
-  for row in rows:
-    values = ' | '.join(f'{100 * row[m]:.2f}' for m in ('auroc', 'fpr95', 'aupr_in', 'aupr_out'))
-    lines.append(f'| {row["model"]} | {row["scorer"]} | {row["ood_set"]} | {values} |')
-  accuracies = ', '.join(f'{model} {100 * acc:.2f}%' for model, acc in id_accuracy.items())
-  return '\n'.join([*lines, '', f'ID accuracy: {accuracies or "n/a (no classifier head)"}',
-                    '', *_hparams_lines(hparams or {}, sweeps or {}), _CONVENTIONS_LINE, ''])
+                   hparams: dict | None = None, sweeps: dict | None = None,
+                   models: dict | None = None) -> str:
+  """results.md: the headline table, the per-set tables, how models were trained (`models`:
+  {model: one line}), then the hparams and conventions lines; percentages with two decimals."""
+  model_lines = [f'- {model}: {line}' for model, line in (models or {}).items()]
+  return '\n'.join([
+      '## Headline', '',
+      'Each model and scorer: the mean over each group\'s OOD sets, and the ID test '
+      'accuracy. The validation sets choose scorer hyperparameters; they are not a test '
+      'result.', '', *headline_table(rows, id_accuracy), '',
+      '## Per OOD set', '', *per_set_tables(rows),
+      *(['Models:', *model_lines, ''] if model_lines else []),
+      *_hparams_lines(hparams or {}, sweeps or {}), _CONVENTIONS_LINE, ''])
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -113,19 +191,21 @@ def _npz_bytes(scores: dict, ids: dict) -> bytes:
 
 def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, float],
                   scores: dict | None = None, hparams: dict | None = None,
-                  sweeps: dict | None = None, ids: dict | None = None) -> str:
+                  sweeps: dict | None = None, models: dict | None = None,
+                  ids: dict | None = None) -> str:
   """Writes results.{json,csv,md} (and scores.npz if `scores`); returns the Markdown.
 
   `scores` is {model: {scorer: {'id': [N], ood_set: [M], ...}}}, stored under keys
   'model/scorer/set' so metrics can be recomputed without re-extracting features; `ids`
   {set: [N]} each example's id, in the same order, under 'ids/set'.
   `hparams` is {model: {scorer: the hparams it ran with}} and `sweeps` {model: {scorer:
-  how they were chosen}} (see stages/evaluate.py), both kept in results.json.
+  how they were chosen}} (see stages/evaluate.py), both kept in results.json, as is
+  `models`, {model: one line on how it was trained}.
   """
   os.makedirs(results_dir, exist_ok=True)
   document = {'conventions': CONVENTIONS, 'id_accuracy': id_accuracy, 'rows': rows,
-              'hparams': hparams or {}, 'sweeps': sweeps or {}}
-  table = markdown_table(rows, id_accuracy, hparams, sweeps)
+              'hparams': hparams or {}, 'sweeps': sweeps or {}, 'models': models or {}}
+  table = markdown_table(rows, id_accuracy, hparams, sweeps, models)
   outputs = {'results.json': json.dumps(document, indent=2) + '\n',
              'results.csv': _csv_text(rows), 'results.md': table}
   for name, text in outputs.items():
@@ -141,9 +221,8 @@ def _save_figure(figure: Figure, path: str) -> None:
   _write_atomically(path, buffer.getvalue())
 
 
-def _histogram_figure(title: str, by_set: dict) -> Figure:
-  figure = Figure(figsize=(6, 4), layout='constrained')
-  axes = figure.subplots()
+def _histograms(by_set: dict) -> tuple[np.ndarray, dict, bool]:
+  """(shared bin edges, {set: bar heights}, whether the axis is symmetric-log)."""
   # Shared bins over the central 98% of all scores, so the sets' densities compare bar for
   # bar and a long tail does not squeeze the rest into a few bars; tail values are clipped
   # into the edge bins, not dropped.
@@ -157,19 +236,46 @@ def _histogram_figure(title: str, by_set: dict) -> Figure:
     ends = np.sign([low, high]) * np.log1p(np.abs([low, high]) / near)
     edges = np.linspace(*ends, 61)
     bins = np.sign(edges) * near * np.expm1(np.abs(edges))
-    axes.set_xscale('symlog', linthresh=near)
   else:  # the clipped scores span exactly [low, high]
     bins = np.histogram_bin_edges([low, high], bins=60)
-  for dataset, values in clipped.items():
-    axes.hist(values, bins=bins, density=not symlog, alpha=0.5, label=dataset,
-              weights=np.full(len(values), 1 / len(values)) if symlog else None)
-  axes.set(title=title, ylabel='fraction of the set' if symlog else 'density',
-           xlabel='score (higher = more in-distribution; 1st-99th percentile, tails at edges)')
-  axes.legend(fontsize='small')
+  # Log-spaced bins differ in width by decades: there a bar is the fraction of its set.
+  heights = {name: np.histogram(values, bins)[0] / len(values) if symlog else
+             np.histogram(values, bins, density=True)[0] for name, values in clipped.items()}
+  return bins, heights, symlog
+
+
+# More OOD sets than this in one panel crowd it: then each OOD group gets its own panel.
+_SETS_PER_PANEL = 4
+
+
+def _histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> Figure:
+  """ID filled in grey, each OOD set a coloured outline over it; `groups` ({set: group})
+  splits crowded sets into a panel per group, validation / near / far."""
+  bins, heights, symlog = _histograms(by_set)
+  ood = [name for name in by_set if name != 'id']
+  panels = {'OOD': ood}
+  if groups and len(ood) > _SETS_PER_PANEL:
+    panels = {}
+    for group in _groups([{'ood_group': groups[name]} for name in ood]):
+      panels[group] = [name for name in ood if groups[name] == group]
+  figure = Figure(figsize=(6, 1 + 2.5 * len(panels)), layout='constrained')
+  for axes, (panel, names) in zip(figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0],
+                                  panels.items()):
+    axes.stairs(heights['id'], bins, fill=True, color='0.75', label='ID (test)')
+    for name in names:
+      axes.stairs(heights[name], bins, linewidth=1.5, label=name)
+    if symlog:
+      axes.set_xscale('symlog', linthresh=min(abs(bins[0]), abs(bins[-1])))
+    axes.set(title=f'{title}: {panel}' if len(panels) > 1 else title,
+             ylabel='fraction of the set' if symlog else 'density')
+    axes.legend(fontsize='small')
+  axes.set(xlabel='score (higher = more in-distribution; 1st-99th percentile, tails at edges)')
   return figure
 
 
 def _roc_figure(title: str, by_set: dict) -> Figure:
+  """ROC curves, ID positive; each marked at OpenOOD's FPR@95 point, where 95% of the OOD
+  set is caught (5% accepted) and FPR@95 is the share of ID rejected there."""
   figure = Figure(figsize=(5, 5), layout='constrained')
   axes = figure.subplots()
   id_scores = by_set['id']
@@ -179,19 +285,25 @@ def _roc_figure(title: str, by_set: dict) -> Figure:
     is_id = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
     scores = np.r_[id_scores, ood_scores]
     fpr, tpr, _ = sk_metrics.roc_curve(is_id, scores)
-    auroc = sk_metrics.roc_auc_score(is_id, scores)
-    axes.plot(fpr, tpr, label=f'{dataset} (AUROC {100 * auroc:.2f})')
+    values = metrics.ood_metrics(id_scores, ood_scores)
+    auroc, fpr95 = float(values['auroc']), float(values['fpr95'])
+    line, = axes.plot(fpr, tpr, label=f'{dataset} (AUROC {100 * auroc:.2f}, '
+                      f'FPR@95 {100 * fpr95:.2f})')
+    axes.plot(0.05, 1 - fpr95, 'o', color=line.get_color(), markersize=5)
+  axes.axvline(0.05, color='0.5', linestyle='--', linewidth=0.8)
   axes.plot([0, 1], [0, 1], 'k:', linewidth=0.8)
   axes.set(title=title, xlabel='OOD accepted as ID (FPR)', ylabel='ID accepted (TPR)')
-  axes.legend(loc='lower right')
+  axes.legend(loc='lower right', fontsize='small', title='dot: 95% of OOD caught',
+              title_fontsize='small')
   return figure
 
 
-def plot_scores(results_dir: str, scores: dict) -> list[str]:
+def plot_scores(results_dir: str, scores: dict, groups: dict | None = None) -> list[str]:
   """Per (model, scorer): score histograms and ROC curves (ID positive) in plots/.
 
-  `scores` is {model: {scorer: {'id': [N], ood_set: [M], ...}}}. Figures are built
-  without pyplot (Agg rendering, nothing kept open); returns the paths written.
+  `scores` is {model: {scorer: {'id': [N], ood_set: [M], ...}}}, `groups` {ood_set: group}.
+  Figures are built without pyplot (Agg rendering, nothing kept open); returns the paths
+  written.
   """
   plots_dir = os.path.join(results_dir, 'plots')
   os.makedirs(plots_dir, exist_ok=True)
@@ -199,8 +311,10 @@ def plot_scores(results_dir: str, scores: dict) -> list[str]:
   for model, by_scorer in scores.items():
     for scorer, by_set in by_scorer.items():
       by_set = {name: np.asarray(values, np.float64) for name, values in by_set.items()}
-      for kind, make_figure in (('hist', _histogram_figure), ('roc', _roc_figure)):
+      title = f'{model} / {scorer}'
+      for kind, figure in (('hist', _histogram_figure(title, by_set, groups)),
+                           ('roc', _roc_figure(title, by_set))):
         path = os.path.join(plots_dir, f'{model}_{scorer}_{kind}.png')
-        _save_figure(make_figure(f'{model} / {scorer}', by_set), path)
+        _save_figure(figure, path)
         paths.append(path)
   return paths

@@ -10,8 +10,9 @@ then stream to the device in fixed-shape chunks.
 
 Call them through the module-level `fit` and `score`: they pass the scorer's `hparams`,
 score in fixed-shape chunks (one compilation, bounded memory) and, given a mesh, split the
-large banks (knn's ID-train bank, the covariance reductions) over its batch axes, so that
-no device holds a whole bank.
+large banks (knn's ID-train bank, residual's norms) over its batch axes, so that no device
+holds a whole bank. Means and covariances are accumulated in float64 on the host instead,
+as the references do (`_host_chunks`).
 
 Hyperparameters are keyword arguments with their defaults in `Scorer.hparams`;
 `scorer.with_hparams(k=10)` is the same scorer with other values (`score` is jitted with
@@ -52,12 +53,6 @@ CHUNK_SIZE = 4096
 # Query rows per score step; knn holds QUERY_CHUNK x (bank rows / devices) similarities.
 QUERY_CHUNK = 512
 ENERGY_TEMPERATURE = 1.0
-# Pseudo-inverse cutoff, relative to the largest eigenvalue. A covariance is singular when
-# the bank has fewer rows than dims (and LayerNorm'd features always lose one direction).
-# float32 resolves eigenvalues down to ~eps * max, so 1e-6 keeps every direction it can
-# see. JAX's default (10 * D * eps) dropped real low-variance ID directions: on digits it
-# cost 1 point of noise AUROC against MOOD's float64 np.linalg.pinv, which this matches.
-PINV_RTOL = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +96,17 @@ def get(name: str) -> Scorer:
   return _REGISTRY[name]
 
 
+def configured(scorer: Scorer, hparams) -> Scorer:
+  """`scorer` with the values `hparams` (a config's evaluate.hparams) sets for it."""
+  overrides = hparams.get(scorer.name)
+  return scorer.with_hparams(**overrides.to_dict()) if overrides else scorer
+
+
+def needs_train_stats(scorer: Scorer) -> bool:
+  """Whether `fit` reads the ID training set (else it ignores its inputs: msp, energy, ...)."""
+  return scorer.fit is not _no_stats
+
+
 def names() -> list[str]:
   return sorted(_REGISTRY)
 
@@ -142,7 +148,11 @@ def score(scorer: Scorer, stats, features, logits, *, mesh=None,
       chunks = [None if rows is None else
                 _replicated(_pad_rows(np.asarray(rows[start:start + chunk_size]), chunk_size))
                 for rows in (features, logits)]
-      parts.append(scorer.score(stats, *chunks, **scorer.hparams))  # dispatch is async
+      part = scorer.score(stats, *chunks, **scorer.hparams)  # dispatch is async
+      if part.shape != (chunk_size,):  # e.g. keepdims: [N, 1] would rank as garbage
+        raise ValueError(f'scorer {scorer.name!r} returned scores of shape {part.shape} for '
+                         f'{chunk_size} inputs; a score function must return shape [N]')
+      parts.append(part)
   scores = np.concatenate([np.asarray(part) for part in parts] or [np.zeros(0)])
   return scores[:num_rows].astype(np.float32)
 
@@ -355,39 +365,43 @@ def _as_float32(features):
   return jnp.asarray(features, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=('prepare', 'num_groups'))
-def _add_group_sums(total, rows, group, num_valid, *, prepare, num_groups):
-  rows = jnp.where(_valid_rows(rows, num_valid)[:, None], prepare(rows), 0.)
-  return total + jax.ops.segment_sum(rows, group, num_segments=num_groups)
-
-
-@functools.partial(jax.jit, static_argnames='prepare')
-def _add_scatter(total, rows, group, num_valid, centers, *, prepare):
-  deviations = prepare(rows) - centers[group]
-  deviations = jnp.where(_valid_rows(rows, num_valid)[:, None], deviations, 0.)
-  return total + jnp.matmul(deviations.T, deviations, precision=_HIGHEST)
+def _host_chunks(rows, prepare, chunk_size):
+  """(start, `prepare(rows)` as float64) chunk by chunk: statistics that are inverted or
+  eigendecomposed are accumulated in float64 on the host, as the references do. OpenOOD's
+  MDS (sklearn EmpiricalCovariance, np.cov) and MOOD's ood_utils.py (np.cov,
+  np.linalg.pinv) both promote float32 features; a float32 covariance resolves eigenvalues
+  only down to ~1e-7 of the largest, and a low-variance ID direction below that is exactly
+  where an OOD set may differ (test_scorers.py has such a case). The host holds every row
+  anyway, and this is O(N D^2) flops of BLAS."""
+  for start in range(0, len(rows), chunk_size):
+    yield start, np.asarray(prepare(np.asarray(rows[start:start + chunk_size])), np.float64)
 
 
 def _group_means(rows, group, num_groups, prepare, chunk_size):
-  """Mean of `prepare(rows)` per group (0 .. num_groups - 1, each non-empty)."""
-  step = functools.partial(_add_group_sums, prepare=prepare, num_groups=num_groups)
-  sums = _fold_rows(step, np.zeros((num_groups, rows.shape[1]), np.float32), (rows, group),
-                    chunk_size)
-  return sums / np.bincount(group, minlength=num_groups)[:, None].astype(np.float32)
+  """float64 mean of `prepare(rows)` per group (0 .. num_groups - 1, each non-empty)."""
+  sums = np.zeros((num_groups, rows.shape[1]))
+  for start, chunk in _host_chunks(rows, prepare, chunk_size):
+    np.add.at(sums, group[start:start + len(chunk)], chunk)
+  return sums / np.bincount(group, minlength=num_groups)[:, None]
 
 
 def _second_moment(rows, group, centers, prepare, chunk_size):
-  """Biased covariance of `prepare(rows)` about their group's center."""
-  # Centred in the pass, not E[xx^T] - mu mu^T: that would cancel catastrophically in f32.
-  step = functools.partial(_add_scatter, prepare=prepare)
-  dim = rows.shape[1]
-  scatter = _fold_rows(step, np.zeros((dim, dim), np.float32), (rows, group), chunk_size,
-                       centers)
+  """float64 biased covariance of `prepare(rows)` about their group's center."""
+  # Centred in the pass, not E[xx^T] - mu mu^T, which cancels.
+  centers = np.asarray(centers, np.float64)
+  scatter = np.zeros((rows.shape[1],) * 2)
+  for start, chunk in _host_chunks(rows, prepare, chunk_size):
+    deviations = chunk - centers[group[start:start + len(chunk)]]
+    scatter += deviations.T @ deviations
   return scatter / len(rows)
 
 
-def _pinv(matrix):
-  return jnp.linalg.pinv(matrix, rtol=PINV_RTOL, hermitian=True)
+def _pinv(covariance: np.ndarray) -> np.ndarray:
+  """float64 pseudo-inverse at scipy.linalg.pinvh's default cutoff (eigenvalues below D *
+  float64 eps of the largest are dropped), the one OpenOOD's sklearn
+  EmpiricalCovariance.precision_ has: no NaN on a rank-deficient bank."""
+  cutoff = covariance.shape[0] * np.finfo(np.float64).eps
+  return np.linalg.pinv(covariance, rtol=cutoff, hermitian=True)
 
 
 def _fit_gaussians(features, labels, prepare, chunk_size):
@@ -397,14 +411,13 @@ def _fit_gaussians(features, labels, prepare, chunk_size):
   distances around it, where the terms are of the distances' own size.
   """
   classes, group = np.unique(labels, return_inverse=True)
-  group = group.astype(np.int32)
   means = _group_means(features, group, len(classes), prepare, chunk_size)
-  center = jnp.sum(means * np.bincount(group)[:, None], axis=0) / len(features)
+  center = np.sum(means * np.bincount(group)[:, None], axis=0) / len(features)
   precision = _pinv(_second_moment(features, group, means, prepare, chunk_size))
   offsets = means - center
-  return {'center': center, 'class_offsets': offsets, 'precision': precision,
-          'class_norms': jnp.sum(jnp.matmul(offsets, precision, precision=_HIGHEST) * offsets,
-                                 axis=-1)}
+  stats = {'center': center, 'class_offsets': offsets, 'precision': precision,
+           'class_norms': np.sum(offsets @ precision * offsets, axis=-1)}
+  return {name: jnp.asarray(value, jnp.float32) for name, value in stats.items()}
 
 
 def _class_distances(stats, features, prepare):
@@ -447,7 +460,7 @@ def fit_rmds(features, logits, labels, head, chunk_size: int = CHUNK_SIZE):
   stats = fit_mahalanobis(features, logits, labels, head, chunk_size)
   background = _second_moment(features, np.zeros(len(features), np.int32),
                               stats['center'][None], _as_float32, chunk_size)
-  return {**stats, 'background_precision': _pinv(background)}
+  return {**stats, 'background_precision': jnp.asarray(_pinv(background), jnp.float32)}
 
 
 def _rmds(stats, features, logits):
@@ -536,13 +549,13 @@ def _fit_null_space(features, head, dim, chunk_size):
   dim = principal_dim(feature_dim) if dim is None else dim
   if not 0 < dim < feature_dim:
     raise ValueError(f'principal dim {dim}: needs 0 < dim < {feature_dim} (the feature dim)')
-  kernel = jnp.asarray(head['kernel'], jnp.float32)
-  origin = -jnp.matmul(jnp.linalg.pinv(kernel.T, rtol=PINV_RTOL),
-                       jnp.asarray(head['bias'], jnp.float32), precision=_HIGHEST)
+  # In float64 with NumPy's default cutoff, as OpenOOD's vim_postprocessor.py.
+  origin = -np.linalg.pinv(np.float64(head['kernel']).T) @ np.float64(head['bias'])
   moment = _second_moment(features, np.zeros(len(features), np.int32), origin[None],
                           _as_float32, chunk_size)
-  _, eigenvectors = jnp.linalg.eigh(moment)  # ascending eigenvalues
-  return {'origin': origin, 'null_space': eigenvectors[:, :feature_dim - dim]}
+  _, eigenvectors = np.linalg.eigh(moment)  # ascending eigenvalues
+  return {'origin': jnp.asarray(origin, jnp.float32),
+          'null_space': jnp.asarray(eigenvectors[:, :feature_dim - dim], jnp.float32)}
 
 
 def _residual_norm(stats, features):
@@ -588,10 +601,10 @@ def fit_klm(features, logits, labels, head):
   OpenOOD's mean over none would be NaN)."""
   del features, labels, head
   predicted, group = np.unique(np.argmax(logits, axis=-1), return_inverse=True)
-  templates = _group_means(logits, group.astype(np.int32), len(predicted), _softmax,
-                           CHUNK_SIZE)
+  templates = _group_means(logits, group, len(predicted), _softmax, CHUNK_SIZE)
   # Floored: a probability that underflowed to 0 would make log 0 * 0 = NaN below.
-  return {'log_templates': jnp.log(jnp.maximum(templates, jnp.finfo(jnp.float32).tiny))}
+  return {'log_templates': jnp.log(jnp.maximum(jnp.asarray(templates, jnp.float32),
+                                               jnp.finfo(jnp.float32).tiny))}
 
 
 def _klm(stats, features, logits):

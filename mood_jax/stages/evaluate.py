@@ -31,6 +31,17 @@ def _pretrain_encoder(config, workdir, mesh):
   return model, finetune.params_from_pretrain(config, workdir, mesh, init_params), False
 
 
+def _converted(config, workdir, mesh):
+  """Public weights as converted (finetune.init_from), not trained here: MOOD's ImageNet-1k
+  row scores BEiT's pt22k_ft1k classifier as released, its one-class CIFAR rows the pt22k
+  encoder. The head is scored if the conversion kept it (--keep-head)."""
+  model, init_params, _, _ = finetune.setup(config)
+  pretrained, path = finetune.restore_converted(config)
+  fresh = finetune.fresh_params(config, init_params, mesh)
+  params = finetune.merge_pretrained(fresh, pretrained, source=path, with_head=True)
+  return model, params, 'head' in pretrained
+
+
 def _finetuned(config, workdir, mesh):
   model, init_params, tx, _ = finetune.setup(config)
   return model, train_loop.restore_params(
@@ -42,7 +53,8 @@ def _logit_finetuned(config, workdir, mesh):
 
 
 # model name -> (config, workdir, mesh) -> (flax model, params, has a trained head)
-MODELS = {'pretrain': _pretrain_encoder, 'finetune': _finetuned, 'logit_ft': _logit_finetuned}
+MODELS = {'pretrain': _pretrain_encoder, 'converted': _converted, 'finetune': _finetuned,
+          'logit_ft': _logit_finetuned}
 CLASSIFIERS = ('finetune', 'logit_ft')
 
 
@@ -55,17 +67,26 @@ def hparams_config() -> ml_collections.ConfigDict:
       for scorer in scorers.resolve('all') if scorer.hparams})
 
 
-def configured(scorer: scorers.Scorer, cfg) -> scorers.Scorer:
-  """`scorer` with the hparams `evaluate.hparams` sets for it."""
-  overrides = cfg.hparams.get(scorer.name)
-  return scorer.with_hparams(**overrides.to_dict()) if overrides else scorer
+def _names(spec: str) -> list[str]:
+  return [name.strip() for name in spec.split(',') if name.strip()]
 
 
 def swept_names(cfg, selected: list[scorers.Scorer]) -> list[str]:
   """`evaluate.sweep` as names: 'all' is every selected scorer that has a grid."""
   if cfg.sweep.strip() == 'all':
     return [scorer.name for scorer in selected if scorer.name in cfg.sweep_grids]
-  return [name.strip() for name in cfg.sweep.split(',') if name.strip()]
+  return _names(cfg.sweep)
+
+
+def fit_rows(scorer_name: str, cfg, id_train: dict, seed: int) -> dict:
+  """The ID rows a scorer is fitted on: ID train, or for those named in
+  `evaluate.fit_on_id_validation` its held-out `sweep_id_fraction` part. OpenOOD v1.5 fits
+  react, klm and residual on ID validation (openood/postprocessors/react_postprocessor.py,
+  kl_matching_postprocessor.py, residual_postprocessor.py: id_loader_dict['val']); we have
+  no ID validation split, and the model did train on this part."""
+  if scorer_name not in _names(cfg.fit_on_id_validation):
+    return id_train
+  return _hold_out(id_train, cfg.sweep_id_fraction, seed)[1]
 
 
 def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> None:
@@ -76,12 +97,22 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
       if name not in MODELS:
         raise UserError(f'unknown evaluate model {name!r}: valid choices are auto, '
                         f'{", ".join(MODELS)}')
+  if cfg.id_train_augment not in input_pipeline.AUGMENT_CHOICES:
+    raise UserError(f'unknown evaluate.id_train_augment {cfg.id_train_augment!r}: valid choices '
+                    f'are {", ".join(map(str, input_pipeline.AUGMENT_CHOICES))}')
   try:
-    selected = {scorer.name: configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)}
+    selected = {scorer.name: scorers.configured(scorer, cfg.hparams)
+                for scorer in scorers.resolve(cfg.scorers)}
   except (KeyError, ValueError) as e:
     raise UserError(f'evaluate: {e.args[0]}') from None
   detector.check_config(cfg)
+  for name in _names(cfg.fit_on_id_validation):
+    if name not in selected:
+      raise UserError(f'evaluate.fit_on_id_validation names {name!r}, which evaluate.scorers '
+                      'does not select')
   to_sweep = swept_names(cfg, list(selected.values()))
+  if (to_sweep or cfg.fit_on_id_validation.strip()) and not 0 < cfg.sweep_id_fraction < 1:
+    raise UserError(f'evaluate.sweep_id_fraction={cfg.sweep_id_fraction} must be inside (0, 1)')
   if not to_sweep:
     return
   if VALIDATION not in groups.values():
@@ -92,8 +123,6 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
   if cfg.sweep_metric not in (*sweep.HIGHER_IS_BETTER, *sweep.LOWER_IS_BETTER):
     raise UserError(f'unknown evaluate.sweep_metric {cfg.sweep_metric!r}: valid choices are '
                     f'{", ".join((*sweep.HIGHER_IS_BETTER, *sweep.LOWER_IS_BETTER))}')
-  if not 0 < cfg.sweep_id_fraction < 1:
-    raise UserError(f'evaluate.sweep_id_fraction={cfg.sweep_id_fraction} must be inside (0, 1)')
   for name in to_sweep:
     scorer, grid = selected.get(name), cfg.sweep_grids.get(name)
     if scorer is None:
@@ -151,14 +180,19 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.evaluate
   groups = input_pipeline.ood_groups(config.data)
-  selected = [configured(scorer, cfg) for scorer in scorers.resolve(cfg.scorers)]
+  selected = [scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
   rows, id_accuracy, all_scores, used_hparams, sweeps, fitted = [], {}, {}, {}, {}, {}
+  trained_with = {}  # model -> one line on its training, for the report
   for model_name in model_names(cfg.models, workdir):
+    if model_name == logit_ft.NAME:
+      trained_with[model_name] = logit_ft.describe(workdir)
     model, params, has_head = MODELS[model_name](config, workdir, mesh)
     extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
     forward = inference.make_forward(model, mesh)
-    sets = {name: extract(forward, which=name) for name in ('id_train', 'id_test', *groups)}
+    sets = {name: extract(forward, which=name,
+                          augment=cfg.id_train_augment if name == 'id_train' else False)
+            for name in ('id_train', 'id_test', *groups)}
     ids = {'id' if name == 'id_test' else name:
            input_pipeline.example_ids(config.data, name, s['index'])
            for name, s in sets.items() if name != 'id_train'}
@@ -181,7 +215,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
         moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
         perturbed = inference.make_forward(model, mesh, input_perturbation=moved)
         queries = {name: extract(perturbed, which=name) for name in queries}
-      train = sets['id_train']
+      train = fit_rows(scorer.name, cfg, sets['id_train'], config.seed)
+      logging.info('[evaluate] %s: %s fitted on %d ID examples', model_name, scorer.name,
+                   len(train['label']))
       stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
                           mesh=mesh)
       by_set = {name: scorers.score(scorer, stats, s['features'], s['logits'], mesh=mesh)
@@ -198,9 +234,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
     results_dir = os.path.join(workdir, 'results')
     table = report.write_results(results_dir, report.summarize(rows), id_accuracy,
                                  scores=all_scores, hparams=used_hparams, sweeps=sweeps,
-                                 ids=ids)
+                                 models=trained_with, ids=ids)
     if cfg.plots:
-      report.plot_scores(results_dir, all_scores)
+      report.plot_scores(results_dir, all_scores, groups)
     print(table)
     logging.info('[evaluate] results in %s', results_dir)
   if cfg.detector.write:  # after the results, so they are kept if this fails; every

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from mood_jax import convert, optim, parallel, train_loop
+from mood_jax import convert, optim, parallel, train_eval, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -47,15 +47,17 @@ def _resamplable(saved, fresh) -> bool:
           and saved.shape[-1] == fresh.shape[-1])
 
 
-def merge_pretrained(fresh: dict, pretrained: dict, source: str = 'pretrain') -> dict:
+def merge_pretrained(fresh: dict, pretrained: dict, source: str = 'pretrain',
+                     with_head: bool = False) -> dict:
   """Fresh classifier params with every top-level module the pretrained model shares
-  (encoder, and `norm` for CLS pooling) copied in; the head stays fresh.
+  (encoder, and `norm` for CLS pooling) copied in; the head stays fresh unless `with_head`
+  (a converted classifier scored as it is).
 
   A learned position embedding from another image size is resampled to this patch grid.
   Any other param that does not fit, and any shared one the model lacks, is a UserError
   listing them all. Pretraining-only params (the encoder's mask token) are left out.
   """
-  shared = [name for name in fresh if name != 'head' and name in pretrained]
+  shared = [name for name in fresh if (with_head or name != 'head') and name in pretrained]
   want = traverse_util.flatten_dict({name: fresh[name] for name in shared}, sep='/')
   saved = traverse_util.flatten_dict({name: pretrained[name] for name in shared}, sep='/')
   loaded = {}
@@ -80,7 +82,7 @@ def merge_pretrained(fresh: dict, pretrained: dict, source: str = 'pretrain') ->
       {**traverse_util.flatten_dict(fresh, sep='/'), **loaded}, sep='/')
 
 
-def _fresh_params(config, init_params, mesh) -> dict:
+def fresh_params(config, init_params, mesh) -> dict:
   """Freshly initialised params, created where they will live (split over 'fsdp' if so)."""
   shardings = parallel.state_shardings(jax.eval_shape(init_params), mesh, config.sharding_rules)
   return jax.jit(init_params, out_shardings=shardings)()
@@ -89,7 +91,7 @@ def _fresh_params(config, init_params, mesh) -> dict:
 def params_from_pretrain(config, workdir: str, mesh, init_params) -> dict:
   """Fresh classifier params with the pretrain checkpoint's encoder copied in."""
   pretrained = train_loop.saved_params(workdir, pretrain.NAME, mesh, config.sharding_rules)
-  return merge_pretrained(_fresh_params(config, init_params, mesh), pretrained)
+  return merge_pretrained(fresh_params(config, init_params, mesh), pretrained)
 
 
 def _builds(model_cfg, converted: dict) -> bool:
@@ -100,22 +102,46 @@ def _builds(model_cfg, converted: dict) -> bool:
              ours[name] == value for name, value in converted.items() if name != 'pool')
 
 
-def params_from_converted(config, path: str, init_params, mesh) -> dict:
-  """Fresh classifier params with a converted checkpoint's (mood_jax.convert) encoder
-  copied in; the model config must have the options it was converted for."""
-  path = os.path.abspath(path)
-  try:
-    with open(os.path.join(path, 'model.json')) as f:
-      converted = json.load(f)
-  except OSError as e:
-    raise UserError(f'finetune.init_from={path} is not a directory written by '
-                    f'`python -m mood_jax.convert`: {e}') from None
+def converted_path(config) -> str:
+  return os.path.abspath(os.path.expanduser(config.finetune.init_from))
+
+
+def check_converted(config) -> None:
+  """A missing converted checkpoint stops the run before any work, naming where the public
+  weights are and the command that converts them for this config."""
+  path, cfg = converted_path(config), config.finetune
+  if os.path.isfile(os.path.join(path, 'model.json')):
+    return
+  if not cfg.init_url:
+    raise UserError(f'finetune.init_from={path} is not a directory written by `python -m '
+                    'mood_jax.convert`: convert public weights (README "Starting from public '
+                    'weights"), or use pretrain or scratch')
+  src = os.path.basename(cfg.init_url)
+  flags = f' {cfg.init_convert_flags}' if cfg.init_convert_flags else ''
+  raise UserError(f'no converted checkpoint at {path}: download {src} from {cfg.init_url} '
+                  f'and convert it with `python -m mood_jax.convert --src {src} --variant '
+                  f'{config.model.variant} --image-size {config.data.image_size}{flags} '
+                  f'--out {path}`')
+
+
+def restore_converted(config) -> tuple[dict, str]:
+  """(params, path) of the converted checkpoint (mood_jax.convert) in finetune.init_from;
+  the model config must have the options it was converted for."""
+  path = converted_path(config)
+  check_converted(config)
+  with open(os.path.join(path, 'model.json')) as f:
+    converted = json.load(f)
   if not _builds(config.model, converted):
     raise UserError(f'{path} was converted for another model: run with '
                     f'{convert.config_flags(converted)}')
   with ocp.StandardCheckpointer() as checkpointer:
-    pretrained = checkpointer.restore(os.path.join(path, 'params'))['params']
-  return merge_pretrained(_fresh_params(config, init_params, mesh), pretrained, source=path)
+    return checkpointer.restore(os.path.join(path, 'params'))['params'], path
+
+
+def params_from_converted(config, init_params, mesh) -> dict:
+  """Fresh classifier params with the converted checkpoint's encoder copied in."""
+  pretrained, path = restore_converted(config)
+  return merge_pretrained(fresh_params(config, init_params, mesh), pretrained, source=path)
 
 
 def make_loss_fn(model, cfg: ml_collections.ConfigDict) -> train_loop.LossFn:
@@ -131,6 +157,13 @@ def make_loss_fn(model, cfg: ml_collections.ConfigDict) -> train_loop.LossFn:
   return loss_fn
 
 
+def kept_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Steps kept beyond the latest `keep_checkpoints`: the logit fine-tune's start, when it
+  is not the last (`logit_ft.init_step`)."""
+  init_step = config.logit_ft.get('init_step', -1) if 'logit_ft' in config else -1
+  return (init_step,) if init_step > 0 else ()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.finetune
   model, init_params, tx, schedule = setup(config)
@@ -139,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
     if cfg.init_from == 'pretrain':
       params = params_from_pretrain(config, workdir, mesh, init_params)
     else:
-      params = params_from_converted(config, cfg.init_from, init_params, mesh)
+      params = params_from_converted(config, init_params, mesh)
     logging.info('[%s] encoder initialised from the %s checkpoint', NAME, cfg.init_from)
     return params
 
@@ -149,4 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
                    loss_fn=make_loss_fn(model, cfg), tx=tx, lr_schedule=schedule,
                    data_iter=iter(data), mesh=mesh,
                    rng=jax.random.fold_in(jax.random.key(config.seed), 2),
-                   initial_params=None if cfg.init_from == 'scratch' else initial_params)
+                   initial_params=None if cfg.init_from == 'scratch' else initial_params,
+                   keep_steps=kept_steps(config),
+                   eval_fn=train_eval.make_eval_fn(config, NAME, model, mesh)
+                   if cfg.eval_every > 0 else None, eval_every=cfg.eval_every)

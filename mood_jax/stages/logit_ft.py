@@ -1,19 +1,29 @@
 """Stage 3: logit fine-tune under Unleashing Mask's loss constraint (UM, UMAP).
 
-Starts from the finetune checkpoint and fine-tunes on ID data so that the model forgets
-the atypical samples it memorised late in training (../shared/docs/um.md). Losses
-(`logit_ft.loss`):
-- 'um': batch-level flooding, |beta * mean CE - gamma| + gamma: below gamma the step
-  ascends CE;
-- 'sample_mask': per batch, the CE of the samples with the largest KL(full || masked
-  copy) is dropped (the masked-atypical-sample loss, per sample);
-- 'ce': no constraint; the baseline, and what UM's public README command actually runs.
+Starts from a finetune checkpoint (the last, or `init_step`: UM's CIFAR-100 runs start from
+their best one, Unleashing-Mask configs/smallscale/densenet_cifar100.yaml `pretrained`) and
+fine-tunes on ID data so that the model forgets the atypical samples it memorised late in
+training (../shared/docs/um.md). Losses (`logit_ft.loss`):
+- 'um' (the default: the paper's): flooding of the whole batch's mean CE,
+  |beta * CE - gamma| + gamma (Unleashing-Mask utils/custom_loss.py `CustomLoss`); below
+  gamma the step ascends CE. It is applied after gradient accumulation, so it is the same
+  loss for any `grad_accum_steps`.
+- 'sample_mask': our variant of a sample-masking loss from an early upload of UM's code
+  (removed, and not runnable as uploaded; um.md). Per batch, the CE of the
+  `sample_mask_ratio` samples with the largest KL(current model || a masked copy) is dropped
+  and the rest averaged. Where that code differs: it compared the trained masked subnet with
+  a fixed dense copy of the starting model, as KL(masked || full), kept the smallest-KL
+  fraction and divided the kept CEs' sum by the batch size; ours masks the current weights
+  with a fresh random mask each step, takes KL(full || masked) and divides by the kept count.
+- 'ce': no constraint; the baseline, and what UM's public configs actually run (they set
+  `criterion: CrossEntropyLoss`, which CustomLoss leaves unflooded).
 Any of them can train against logits-based targets alpha * one_hot + (1 - alpha) *
-softmax(teacher), the teacher being the finetuned model (`teacher_alpha` < 1).
+softmax(teacher), the teacher being the starting finetuned model (`teacher_alpha` < 1).
 
-For 'um', gamma is the mean CE of a masked copy of the finetuned model (`weight_keep_ratio`
-of every kernel kept at random), a quantile of its per-sample training CEs, or a fixed
-value. It is written to WORKDIR/logit_ft_gamma.json and reused on resume.
+For 'um', gamma is the mean CE of a masked copy of the starting model (`weight_keep_ratio`
+of every kernel kept at random; UM's estimate_loss.py), a quantile of its per-sample
+training CEs, or a fixed value. It is written to WORKDIR/logit_ft_gamma.json and reused on
+resume.
 
 UMAP (`umap` = 'scores' or 'both') learns a top-k mask per kernel through straight-through
 scores; the checkpoint holds {'model': weights, 'scores': scores} and the evaluated model
@@ -31,7 +41,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import inference, metrics_log, optim, train_loop
+from mood_jax import checkpoint, inference, metrics_log, optim, train_eval, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import weight_mask
@@ -60,6 +70,14 @@ def check_config(config: ml_collections.ConfigDict, depth: int) -> None:
   if cfg.weight_keep_ratio == 0 or cfg.umap_keep_ratio == 0 or cfg.sample_mask_ratio == 1:
     raise UserError('logit_ft: a keep ratio of 0 (or sample_mask_ratio of 1) leaves nothing '
                     'to train on; use a value inside (0, 1)')
+  finetune_cfg = config.finetune
+  if cfg.init_step != -1 and not (
+      1 <= cfg.init_step <= finetune_cfg.num_steps
+      and (cfg.init_step % finetune_cfg.ckpt_every == 0
+           or cfg.init_step == finetune_cfg.num_steps)):
+    raise UserError(f'logit_ft.init_step={cfg.init_step} is not a step finetune saves: use -1 '
+                    f'(its last, {finetune_cfg.num_steps}) or a multiple of '
+                    f'finetune.ckpt_every={finetune_cfg.ckpt_every} up to finetune.num_steps')
   if cfg.trainable == 'last_n_blocks' and not 1 <= cfg.last_n_blocks <= depth:
     raise UserError(f'logit_ft.last_n_blocks={cfg.last_n_blocks} must be in [1, {depth}] '
                     f'(the model has {depth} blocks)')
@@ -147,13 +165,22 @@ def make_loss_fn(model, cfg: ml_collections.ConfigDict, gamma: float | None):
                                     cfg.sample_mask_ratio)
       aux['masked_fraction'] = 1 - keep.mean()
       return jnp.sum(ce * keep) / jnp.sum(keep), aux
-    if cfg.loss == 'um':
-      loss, flooded = flooding(ce.mean(), gamma, cfg.beta)
-      aux['flooded'] = flooded.astype(jnp.float32)  # logged as the fraction of steps
-      return loss, aux
-    return ce.mean(), aux
+    return ce.mean(), aux  # 'um' floods it in `make_batch_loss`, once the batch is whole
 
   return loss_fn
+
+
+def make_batch_loss(cfg: ml_collections.ConfigDict, gamma: float | None):
+  """For 'um', flooding of the whole batch's mean CE (train_loop.make_train_step applies it
+  after accumulation); None for the other losses."""
+  if cfg.loss != 'um':
+    return None
+
+  def batch_loss(mean_ce):
+    loss, flooded = flooding(mean_ce, gamma, cfg.beta)
+    return loss, {'flooded': flooded.astype(jnp.float32)}  # logged as the fraction of steps
+
+  return batch_loss
 
 
 def per_sample_ce(model, params, config, mesh) -> np.ndarray:
@@ -196,12 +223,14 @@ def _gamma(config, workdir, model, finetuned, mesh) -> float:
   cfg = config.logit_ft
   gamma = estimate_gamma(config, model, finetuned(), mesh)
   record = {'gamma': gamma, 'gamma_from': cfg.gamma_from,
-            'weight_keep_ratio': cfg.weight_keep_ratio, 'gamma_quantile': cfg.gamma_quantile}
+            'weight_keep_ratio': cfg.weight_keep_ratio, 'gamma_quantile': cfg.gamma_quantile,
+            'finetune_step': cfg.init_step}
   if jax.process_index() == 0:
     with open(path + '.tmp', 'w') as f:
       json.dump(record, f, indent=2)
     os.replace(path + '.tmp', path)
-  metrics_log.write(workdir, NAME, 0, {'gamma': gamma})
+  with metrics_log.Writer(workdir, NAME, first_step=0) as writer:
+    writer.write(0, {'gamma': gamma})
   return gamma
 
 
@@ -210,8 +239,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   model, init_params, tx, schedule = setup(config)
   _, finetune_init, finetune_tx, _ = finetune.setup(config)
   # The finetuned params are read at most once: the start point, gamma and the teacher.
+  start_step = None if cfg.init_step == -1 else cfg.init_step
   finetuned = functools.cache(lambda: train_loop.restore_params(
-      workdir, finetune.NAME, finetune_init, finetune_tx, mesh, config.sharding_rules))
+      workdir, finetune.NAME, finetune_init, finetune_tx, mesh, config.sharding_rules,
+      step=start_step))
 
   gamma = None  # only flooding has a constraint
   if cfg.loss == 'um':
@@ -221,7 +252,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   def initial_params():
     params = jax.jit(init_params)()
     params['model'] = finetuned()
-    logging.info('[%s] starting from the finetune checkpoint', NAME)
+    logging.info('[%s] starting from the finetune checkpoint of step %s', NAME,
+                 'last' if start_step is None else start_step)
     return params
 
   batch_fn = None
@@ -234,11 +266,45 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
 
   data = input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
                                       seed=config.seed, augment=cfg.augment)
+  eval_fn = None
+  if cfg.eval_every > 0:
+    eval_fn = train_eval.make_eval_fn(config, NAME, model, mesh, _effective_params(cfg))
   train_loop.train(NAME, cfg, config, workdir, init_params=init_params,
                    loss_fn=make_loss_fn(model, cfg, gamma), tx=tx, lr_schedule=schedule,
                    data_iter=iter(data), mesh=mesh,
                    rng=jax.random.fold_in(jax.random.key(config.seed), 5),
-                   initial_params=initial_params, batch_fn=batch_fn)
+                   initial_params=initial_params, batch_fn=batch_fn,
+                   batch_loss=make_batch_loss(cfg, gamma), eval_fn=eval_fn,
+                   eval_every=cfg.eval_every)
+
+
+def _effective_params(cfg: ml_collections.ConfigDict):
+  """Jitted stage params -> the classifier's params (classifier_params)."""
+  return jax.jit(functools.partial(classifier_params, umap_keep_ratio=cfg.umap_keep_ratio))
+
+
+def describe(workdir: str) -> str:
+  """One line on what the finished run trained with, from the config saved beside its final
+  checkpoint (the evaluate stage's config may differ) and its gamma record."""
+  with checkpoint.manager(train_loop.checkpoint_dir(workdir, NAME)) as mngr:
+    cfg = checkpoint.saved_config(mngr, train_loop.final_step(workdir, NAME))[NAME]
+  loss = {'um': "UM's flooding, |{beta} * CE - gamma| + gamma",
+          'sample_mask': 'our sample_mask variant, {sample_mask_ratio} of each batch dropped',
+          'ce': 'cross-entropy, no constraint'}[cfg['loss']].format(**cfg)
+  parts = [f'loss={cfg["loss"]} ({loss})']
+  if cfg['loss'] == 'um':
+    with open(gamma_path(workdir)) as f:
+      gamma = json.load(f)
+    parts.append(f'gamma={gamma["gamma"]:.4f} from {gamma["gamma_from"]}')
+    parts.append(f'weight_keep_ratio={cfg["weight_keep_ratio"]}')
+  start = cfg.get('init_step', -1)  # absent from runs older than the field
+  start = 'last' if start == -1 else start
+  parts.append(f'from finetune step {start}, {cfg["num_steps"]} steps')
+  if cfg['umap'] != 'none':
+    parts.append(f'umap={cfg["umap"]} (keep {cfg["umap_keep_ratio"]})')
+  if cfg['teacher_alpha'] < 1:
+    parts.append(f'teacher_alpha={cfg["teacher_alpha"]}')
+  return ', '.join(parts)
 
 
 def trained_classifier(config, workdir: str, mesh):
@@ -246,5 +312,4 @@ def trained_classifier(config, workdir: str, mesh):
   model, init_params, tx, _ = setup(config)
   params = train_loop.restore_params(workdir, NAME, init_params, tx, mesh,
                                      config.sharding_rules)
-  return model, jax.jit(functools.partial(
-      classifier_params, umap_keep_ratio=config.logit_ft.umap_keep_ratio))(params)
+  return model, _effective_params(config.logit_ft)(params)

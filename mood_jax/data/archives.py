@@ -1,0 +1,193 @@
+"""The official archive formats of the real datasets, read without TensorFlow.
+
+Each reader yields TFDS examples `(key, record)` in the features of the TFDS builder of the
+same dataset, with images as encoded bytes: TFDS writes bytes without TensorFlow, but encodes
+numpy images with it (tfds image_feature._ENCODE_FN). Arrays (CIFAR, SVHN) are stored as PNG,
+losslessly; JPEGs are stored as they are in the archive (`transforms.Decode` reads them as RGB,
+CMYK included). A file that cannot be read raises UserError naming it.
+"""
+
+import contextlib
+import io
+import json
+import pickle
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import PIL.Image
+
+from mood_jax.errors import UserError
+
+Example = tuple[str, dict]
+
+
+@contextlib.contextmanager
+def _reading(path: str, what: str):
+  """Any error reading `path` becomes one line naming it: a truncated or corrupt download."""
+  try:
+    yield
+  except (OSError, EOFError, tarfile.TarError, zlib.error, pickle.UnpicklingError, KeyError,
+          ValueError) as e:
+    if isinstance(e, UserError):
+      raise
+    raise UserError(f'{path} is not a readable {what} ({type(e).__name__}: {e}): '
+                    'download it again') from None
+
+
+def png(pixels: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(pixels).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def tar_members(path: str, keep: Callable[[str], bool] = lambda name: True,
+                what: str = 'tar archive') -> Iterator[tuple[str, bytes]]:
+  """(name, bytes) of the regular files of a tar (any compression) that `keep`, in archive
+  order; streamed, so a .tar.gz is read once, front to back."""
+  with _reading(path, what), tarfile.open(path, 'r|*') as archive:
+    for member in archive:
+      if member.isfile() and keep(member.name):
+        yield member.name, archive.extractfile(member).read()
+
+
+def _tar_file(path: str, name: str, what: str) -> bytes:
+  """One member of a tar, by its name."""
+  for _, data in tar_members(path, lambda n: n == name, what):
+    return data
+  raise UserError(f'{path} has no {name}: it is not the official {what}; download it again')
+
+
+# --- CIFAR-10/100: the "python version" tarballs (pickled batches of [N, 3072] uint8). ---
+# Features and ids as tensorflow_datasets/image_classification/cifar.py (it reads the binary one).
+
+class _ArraysOnly(pickle.Unpickler):
+  """CIFAR's batches hold numpy arrays, lists, bytes and numbers only: any other global is
+  refused, so a tampered archive cannot run code as a plain `pickle.load` would let it."""
+
+  _ALLOWED = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', '_reconstruct'),
+              ('numpy._core.multiarray', '_reconstruct')}
+
+  def find_class(self, module, name):
+    if (module, name) not in self._ALLOWED:
+      raise pickle.UnpicklingError(f'{module}.{name} is not part of a CIFAR batch')
+    return super().find_class(module, name)
+
+
+def cifar(path: str, batches: tuple[str, ...], label_keys: dict[str, str],
+          key_prefix: str) -> Iterator[Example]:
+  """label_keys: TFDS feature -> pickle key (CIFAR-10 'labels'; CIFAR-100 'fine_labels',
+  'coarse_labels'). Keys and ids are TFDS's ('train_00042'), in batch order."""
+  what = 'CIFAR python tarball'
+  index = 0
+  for batch in batches:
+    raw = _tar_file(path, batch, what)
+    with _reading(path, what):
+      data = _ArraysOnly(io.BytesIO(raw), encoding='bytes').load()
+      images = data[b'data'].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+      labels = {feature: data[key.encode()] for feature, key in label_keys.items()}
+    for i, pixels in enumerate(images):
+      key = f'{key_prefix}{index:05d}'
+      index += 1
+      yield key, {'id': key, 'image': png(pixels),
+                  **{feature: int(values[i]) for feature, values in labels.items()}}
+
+
+# --- SVHN cropped digits: MATLAB files with X [32, 32, 3, N] and y [N, 1], digit 0 as 10. ---
+# As tensorflow_datasets/datasets/svhn_cropped/svhn_cropped_dataset_builder.py.
+
+def svhn(path: str, key_prefix: str) -> Iterator[Example]:
+  import scipy.io  # a dependency of scikit-learn; only this reader needs it
+  with _reading(path, 'SVHN .mat file'):
+    mat = scipy.io.loadmat(path)
+    images, labels = np.moveaxis(mat['X'], -1, 0), mat['y'].reshape(-1)
+  for i, (pixels, label) in enumerate(zip(images, labels)):
+    key = f'{key_prefix}{i:06d}'  # as TFDS's svhn_cropped
+    yield key, {'id': key, 'image': png(pixels), 'label': int(label) % 10}
+
+
+# --- ImageNet (ILSVRC2012): a train tar of per-class tars, a flat validation tar. ---
+# As tensorflow_datasets/datasets/imagenet2012/{imagenet2012_dataset_builder,imagenet_common}.py.
+
+def imagenet_train(path: str) -> Iterator[Example]:
+  what = 'ILSVRC2012 train tar (a tar of per-class tars)'
+  for class_tar, data in tar_members(path, lambda n: n.endswith('.tar'), what):
+    wnid = class_tar.rsplit('/', 1)[-1][:-len('.tar')]
+    with _reading(path, what), tarfile.open(fileobj=io.BytesIO(data)) as inner:
+      for member in inner:
+        if member.isfile():
+          name = member.name.rsplit('/', 1)[-1]
+          yield name, {'file_name': name, 'image': inner.extractfile(member).read(),
+                       'label': wnid}
+
+
+def imagenet_validation(path: str, wnids: list[str]) -> Iterator[Example]:
+  """wnids: the class of ILSVRC2012_val_00000001.JPEG, ...02.JPEG, ... in order (TFDS ships it)."""
+  what = 'ILSVRC2012 validation tar'
+  for member, image in tar_members(path, lambda n: n.endswith('.JPEG'), what):
+    name = member.rsplit('/', 1)[-1]
+    try:
+      wnid = wnids[int(name[len('ILSVRC2012_val_'):-len('.JPEG')]) - 1]
+    except (ValueError, IndexError):
+      raise UserError(f'{path}: {name} is not an ILSVRC2012 validation image name') from None
+    yield name, {'file_name': name, 'image': image, 'label': wnid}
+
+
+# --- DTD (Textures): dtd/images/<class>/<file>.jpg and dtd/labels/<split>.txt in one tarball. ---
+# As tensorflow_datasets/image_classification/dtd.py.
+
+def dtd(path: str, split_list: str) -> Iterator[Example]:
+  """split_list: e.g. 'test1', TFDS's split of DTD's first train/val/test partition."""
+  listed = _tar_file(path, f'dtd/labels/{split_list}.txt', 'DTD tarball').decode().split()
+  wanted = {f'dtd/images/{name}': name for name in listed}
+  for member, image in tar_members(path, lambda n: n in wanted, 'DTD tarball'):
+    name = wanted[member]
+    yield name, {'file_name': name, 'image': image, 'label': name.split('/')[0]}
+
+
+# --- Places365-Standard, small (256x256) images: a split tar and the file list's labels. ---
+# As tensorflow_datasets/datasets/places365_small/places365_small_dataset_builder.py.
+
+def places365(images_tar: str, filelist_tar: str, split: str) -> Iterator[Example]:
+  """split: 'val' (TFDS 'validation'). Keys and file names as TFDS's places365_small."""
+  lines = _tar_file(filelist_tar, f'places365_{split}.txt', 'Places365 file list tarball')
+  labels = dict(line.split() for line in lines.decode().splitlines() if line.strip())
+  for member, image in tar_members(images_tar, lambda n: n.endswith('.jpg'), 'Places365 tar'):
+    name = member.rsplit('/', 1)[-1]
+    if name not in labels:
+      raise UserError(f'{images_tar}: {name} is not in {filelist_tar}: use the two archives '
+                      'of the same Places365-Standard release')
+    yield member, {'image': image, 'label': int(labels[name]), 'filename': member}
+
+
+# --- Food-101 (an ImageNet-30 OOD set): food-101/images/<class>/<id>.jpg, meta/<split>.json. ---
+# As tensorflow_datasets/image_classification/food101.py (version 2.0.0: no 'id' feature).
+
+def food101(path: str, split_json: str) -> Iterator[Example]:
+  """split_json: 'train' or 'test' (TFDS 'validation'), the lists of food-101/meta/."""
+  what = 'Food-101 tarball'
+  with _reading(path, what):
+    listed = json.loads(_tar_file(path, f'food-101/meta/{split_json}.json', what))
+  wanted = {f'food-101/images/{name}.jpg': (name, label) for label, names in listed.items()
+            for name in names}
+  for member, image in tar_members(path, lambda n: n in wanted, what):
+    name, label = wanted[member]
+    yield name, {'image': image, 'label': label}  # key 'apple_pie/1005649', as TFDS's
+
+
+# --- Oxford Flowers 102 (an ImageNet-30 OOD set): jpg/image_NNNNN.jpg, labels and splits .mat. ---
+# As tensorflow_datasets/datasets/oxford_flowers102/oxford_flowers102_dataset_builder.py.
+
+def flowers102(images_tgz: str, labels_mat: str, setid_mat: str,
+               split_key: str) -> Iterator[Example]:
+  """split_key: setid.mat's 'trnid', 'valid' or 'tstid'; labels are 1-based there."""
+  import scipy.io  # as `svhn`
+  with _reading(labels_mat, 'imagelabels.mat'):
+    labels = scipy.io.loadmat(labels_mat)['labels'].reshape(-1)
+  with _reading(setid_mat, 'setid.mat'):
+    ids = scipy.io.loadmat(setid_mat)[split_key].reshape(-1)
+  wanted = {f'jpg/image_{i:05d}.jpg': int(labels[i - 1]) - 1 for i in ids}
+  for member, image in tar_members(images_tgz, lambda n: n in wanted, '102flowers.tgz'):
+    name = member.rsplit('/', 1)[-1]
+    yield name, {'image': image, 'label': wanted[member], 'file_name': name}

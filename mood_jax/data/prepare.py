@@ -1,0 +1,248 @@
+"""Prepares a real dataset as ArrayRecord from its official files, without TensorFlow.
+
+    python -m mood_jax.data.prepare NAME [--data_dir=~/tensorflow_datasets] [--manual_dir=DIR]
+
+NAME is a TFDS name the configs read (cifar10, cifar100, svhn_cropped, dtd, places365_small,
+imagenet2012, food101, oxford_flowers102) or an OpenOOD v1.5 list ('openood:cifar10/test_tin',
+see `openood`). The official files are looked for in --manual_dir (default DATA_DIR/downloads/manual) and, where they are
+public, downloaded there when absent. TFDS's own builders for these datasets need TensorFlow
+to read their files or encode their images, so this reads the archives itself (`archives`) and
+writes them through the same TFDS builder, whose dataset `tfds.data_source` then reads.
+
+TFDS writes into a temporary folder and renames it when complete, so an interrupted
+preparation leaves nothing a run would read; the next one removes the leftover and starts
+over. A prepared dataset is never overwritten.
+"""
+
+import argparse
+import glob
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+
+from absl import logging
+import tensorflow_datasets as tfds
+
+from mood_jax.data import archives, folder, openood
+from mood_jax.errors import UserError
+
+DEFAULT_DATA_DIR = '~/tensorflow_datasets'
+_DOWNLOAD_TIMEOUT_S = 30
+
+# (file name, where it is published: a URL to download it from, or how to get it).
+_CIFAR10 = ('cifar-10-python.tar.gz', 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz')
+_CIFAR100 = ('cifar-100-python.tar.gz', 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz')
+_SVHN = 'http://ufldl.stanford.edu/housenumbers/'
+_DTD = ('dtd-r1.0.1.tar.gz', 'https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz')
+_PLACES = 'http://data.csail.mit.edu/places/places365/'
+_IMAGENET = 'image-net.org/download-images, after registering'
+_FOOD101 = ('food-101.tar.gz', 'http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz')
+_FLOWERS = 'https://www.robots.ox.ac.uk/~vgg/data/flowers/102/'
+
+Fetch = Callable[[str, str], str]  # (file name, where published) -> local path
+Splits = dict[str, Iterator[archives.Example]]
+
+
+def _cifar(fetch: Fetch, archive: tuple[str, str], top: str, train: tuple[str, ...],
+           test: str, label_keys: dict[str, str]) -> Splits:
+  path = fetch(*archive)
+  return {'train': archives.cifar(path, tuple(f'{top}/{b}' for b in train), label_keys, 'train_'),
+          'test': archives.cifar(path, (f'{top}/{test}',), label_keys, 'test_')}
+
+
+def _cifar10(fetch: Fetch) -> Splits:
+  batches = tuple(f'data_batch_{i}' for i in range(1, 6))
+  return _cifar(fetch, _CIFAR10, 'cifar-10-batches-py', batches, 'test_batch', {'label': 'labels'})
+
+
+def _cifar100(fetch: Fetch) -> Splits:
+  return _cifar(fetch, _CIFAR100, 'cifar-100-python', ('train',), 'test',
+                {'label': 'fine_labels', 'coarse_label': 'coarse_labels'})
+
+
+def _svhn(fetch: Fetch) -> Splits:
+  # Not 'extra' (531k more training digits, 1.3 GB): no config reads it.
+  return {split: archives.svhn(fetch(f'{split}_32x32.mat', _SVHN + f'{split}_32x32.mat'),
+                               f'{split}_') for split in ('train', 'test')}
+
+
+def _dtd(fetch: Fetch) -> Splits:
+  path = fetch(*_DTD)
+  # TFDS's dtd: the first of DTD's ten train/val/test partitions.
+  return {'train': archives.dtd(path, 'train1'), 'validation': archives.dtd(path, 'val1'),
+          'test': archives.dtd(path, 'test1')}
+
+
+def _places365(fetch: Fetch) -> Splits:
+  # The validation split only: the one OOD sets read (train is a 24 GB download).
+  filelist = fetch('filelist_places365-standard.tar', _PLACES + 'filelist_places365-standard.tar')
+  return {'validation': archives.places365(fetch('val_256.tar', _PLACES + 'val_256.tar'),
+                                           filelist, 'val')}
+
+
+def _imagenet(fetch: Fetch) -> Splits:
+  train = fetch('ILSVRC2012_img_train.tar', _IMAGENET)
+  validation = fetch('ILSVRC2012_img_val.tar', _IMAGENET)
+  # TFDS ships the validation images' classes (the devkit's ground truth, as wnids).
+  labels_file = tfds.core.tfds_path('datasets/imagenet2012/validation_labels.txt')
+  wnids = labels_file.read_text().split()
+  return {'train': archives.imagenet_train(train),
+          'validation': archives.imagenet_validation(validation, wnids)}
+
+
+def _food101(fetch: Fetch) -> Splits:
+  path = fetch(*_FOOD101)
+  return {'train': archives.food101(path, 'train'),
+          'validation': archives.food101(path, 'test')}
+
+
+def _flowers102(fetch: Fetch) -> Splits:
+  images, labels, setid = (fetch(name, _FLOWERS + name)
+                           for name in ('102flowers.tgz', 'imagelabels.mat', 'setid.mat'))
+  return {split: archives.flowers102(images, labels, setid, key)
+          for split, key in (('train', 'trnid'), ('validation', 'valid'), ('test', 'tstid'))}
+
+
+SOURCES = {'cifar10': _cifar10, 'cifar100': _cifar100, 'svhn_cropped': _svhn, 'dtd': _dtd,
+           'places365_small': _places365, 'imagenet2012': _imagenet, 'food101': _food101,
+           'oxford_flowers102': _flowers102}
+
+
+def _download(url: str, path: str) -> None:
+  """`url` to `path` through `path.part`, renamed when complete, removed if not."""
+  part = path + '.part'
+  try:
+    with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, \
+        open(part, 'wb') as out:
+      size, done, last_log = int(response.headers.get('Content-Length') or 0), 0, 0.0
+      while chunk := response.read(1 << 20):
+        out.write(chunk)
+        done += len(chunk)
+        if time.monotonic() - last_log > 10:
+          last_log = time.monotonic()
+          logging.info('%s: %.0f of %s MB', os.path.basename(path), done / 1e6,
+                       f'{size / 1e6:.0f}' if size else '?')
+  except BaseException:
+    if os.path.exists(part):
+      os.remove(part)
+    raise
+  os.replace(part, path)
+
+
+def fetcher(manual_dir: str) -> Fetch:
+  """A `Fetch` that finds files in `manual_dir`, downloading the public ones that are absent."""
+  def fetch(name: str, published: str) -> str:
+    path = os.path.join(manual_dir, name)
+    if os.path.isfile(path):
+      return path
+    if not published.startswith(('http://', 'https://')):  # by hand only (ImageNet)
+      raise UserError(f'{name} is not in --manual_dir={manual_dir}: put it there '
+                      f'(published at {published})')
+    logging.info('Downloading %s from %s', name, published)
+    os.makedirs(manual_dir, exist_ok=True)
+    try:
+      _download(published, path)
+    except (OSError, urllib.error.URLError) as e:  # offline, refused, timed out, disk full
+      raise UserError(f'could not download {name} ({getattr(e, "reason", e)}): put it in '
+                      f'--manual_dir={manual_dir} (published at {published})') from None
+    return path
+  return fetch
+
+
+def _from_archives(name: str, data_dir: str, splits: Splits) -> tfds.core.DatasetBuilder:
+  """TFDS's builder of `name` (same features, version and folder), fed from `splits`."""
+  tfds_builder = tfds.builder_cls(name)
+
+  class FromArchives(tfds_builder, skip_registration=True):
+    code_path = None  # no download checksums to look up (TFDS would need importlib_resources)
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # the archives are read by `archives`
+      return splits
+
+  # The dataset on disk is then TFDS's own, module name included.
+  FromArchives.name, FromArchives.__module__ = tfds_builder.name, tfds_builder.__module__
+  return FromArchives(data_dir=data_dir, file_format='array_record')
+
+
+def _remove_leftovers(builder: tfds.core.DatasetBuilder) -> None:
+  """TFDS's temporary folders of this dataset version, left by an interrupted preparation."""
+  parent, version = os.path.split(str(builder.data_path))
+  pattern = os.path.join(parent, f'incomplete.*_{version}')  # tfds file_utils.incomplete_dir
+  for leftover in glob.glob(pattern):
+    logging.info('Removing %s, left by an interrupted preparation', leftover)
+    shutil.rmtree(leftover)
+
+
+def _build(builder: tfds.core.DatasetBuilder, what: str) -> None:
+  _remove_leftovers(builder)
+  start = time.perf_counter()
+  builder.download_and_prepare()  # shows a progress bar per split
+  splits = {name: info.num_examples for name, info in builder.info.splits.items()}
+  logging.info('Prepared %s in %s: %s examples (%.0f s)', what, builder.data_path, splits,
+               time.perf_counter() - start)
+
+
+def _refuse_overwrite(builder: tfds.core.DatasetBuilder, what: str, data_dir: str) -> None:
+  if builder.is_prepared():
+    raise UserError(f'{what} is already prepared in {data_dir}: datasets are never '
+                    'overwritten (delete its folder first to prepare it again)')
+
+
+def prepare(name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str | None = None) -> None:
+  data_dir = os.path.expanduser(data_dir)
+  manual_dir = os.path.expanduser(manual_dir or os.path.join(data_dir, 'downloads', 'manual'))
+  if name.startswith(openood.PREFIX):
+    folder_name = openood.folder_name(name)
+    _refuse_overwrite(folder.builder(folder_name, data_dir), name, data_dir)
+    files = openood.image_files(name, manual_dir)
+    bad = folder.unreadable(files)
+    if bad:
+      path, why = next(iter(bad.items()))
+      raise UserError(f'{len(bad)} images of {name} do not decode, e.g. {path} ({why}): '
+                      'unpack OpenOOD\'s image zips again')
+    _build(folder.builder(folder_name, data_dir, tuple(files)), name)
+    return
+  if name not in SOURCES:
+    raise UserError(f'cannot prepare {name!r}: valid: {sorted(SOURCES)} or '
+                    f'{openood.PREFIX}BENCHMARK/LIST (an OpenOOD v1.5 list, e.g. '
+                    'openood:cifar10/test_tin)')
+  _refuse_overwrite(tfds.builder(name, data_dir=data_dir), name, data_dir)
+  splits = SOURCES[name](fetcher(manual_dir))  # finds (or downloads) every file before writing
+  _build(_from_archives(name, data_dir, splits), name)
+
+
+def command(name: str, data_dir: str) -> str:
+  """The command line that prepares `name` (for error messages)."""
+  if name.startswith(openood.PREFIX):
+    flag, where = ' --manual_dir=DIR', " (DIR: OpenOOD's data/ folder)"
+  elif name == 'imagenet2012':
+    flag, where = ' --manual_dir=DIR', ' (DIR: the folder of ILSVRC2012_img_{train,val}.tar)'
+  else:  # public files: downloaded, or found in DATA_DIR/downloads/manual
+    flag, where = '', ''
+  return f'`python -m mood_jax.data.prepare {name} --data_dir={data_dir}{flag}`{where}'
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m mood_jax.data.prepare', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('name', help=f'one of {sorted(SOURCES)}, or openood:BENCHMARK/LIST')
+  parser.add_argument('--data_dir', default=DEFAULT_DATA_DIR,
+                      help="TFDS data dir: the config's data.data_dir")
+  parser.add_argument('--manual_dir', default=None,
+                      help='folder of the official files (default DATA_DIR/downloads/manual); '
+                           "for openood:..., OpenOOD's data/ folder")
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  try:
+    prepare(args.name, args.data_dir, args.manual_dir)
+  except UserError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,41 @@
+"""WORKDIR/config.json: the resolved config and the command line of the latest run in the
+workdir, written as it starts (checkpoints keep their own copy), so a user sees what ran."""
+
+import json
+import os
+import shlex
+import sys
+import tempfile
+
+import jax
+import ml_collections
+
+FILE = 'config.json'
+
+
+def write(workdir: str, config: ml_collections.ConfigDict) -> None:
+  if jax.process_index() != 0:
+    return
+  document = {'command': shlex.join(['python', '-m', 'mood_jax.main', *sys.argv[1:]]),
+              'config': config.to_dict()}
+  fd, tmp_path = tempfile.mkstemp(dir=workdir, prefix='.tmp_config_')
+  with os.fdopen(fd, 'w') as f:
+    json.dump(document, f, indent=2)
+    f.write('\n')
+  os.chmod(tmp_path, 0o644)
+  os.replace(tmp_path, os.path.join(workdir, FILE))
+
+
+def _tuples(value):
+  """JSON has lists only; every sequence in our configs is a tuple (see configs/digits.py)."""
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+  """The config a run wrote to `path` (a WORKDIR/config.json)."""
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)['config']))
