@@ -91,11 +91,11 @@ METHODS = {
 }
 
 
-def _data(args):
+def data(bank: int, queries: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
   rng = np.random.default_rng(0)
-  offset = rng.uniform(0, 2, args.dim).astype(np.float32)
-  return (rng.standard_normal((args.bank, args.dim), dtype=np.float32) + offset,
-          rng.standard_normal((args.queries, args.dim), dtype=np.float32) + offset)
+  offset = rng.uniform(0, 2, dim).astype(np.float32)
+  return (rng.standard_normal((bank, dim), dtype=np.float32) + offset,
+          rng.standard_normal((queries, dim), dtype=np.float32) + offset)
 
 
 def _peak_rss_mib():
@@ -105,21 +105,28 @@ def _peak_rss_mib():
     return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 1024
 
 
-def _child(args):
-  """Times one method; prints its numbers as JSON and saves its scores."""
-  run = METHODS[args.method]()
-  bank, queries = _data(args)
-  base_mib = _peak_rss_mib()
-  scores = np.asarray(run(bank, queries))  # warm-up: compilation, caches
+def time_run(run, bank, queries, repeats: int) -> tuple[dict, np.ndarray]:
+  """({seconds of each timed run, their median}, the scores) of a method's
+  `run(bank, queries)`: one untimed warm-up run (our compilation, caches), then `repeats`
+  timed ones."""
+  scores = np.asarray(run(bank, queries))
   times = []
-  for _ in range(args.repeats):
+  for _ in range(repeats):
     start = time.perf_counter()
     scores = np.asarray(run(bank, queries))
     times.append(time.perf_counter() - start)
+  return {'times_s': times, 'median_s': statistics.median(times)}, scores
+
+
+def _child(args):
+  """Times one method; prints its numbers as JSON and saves its scores."""
+  run = METHODS[args.method]()
+  bank, queries = data(args.bank, args.queries, args.dim)
+  base_mib = _peak_rss_mib()
+  result, scores = time_run(run, bank, queries, args.repeats)
   np.save(args.scores, scores)
   peak_mib = _peak_rss_mib()
-  print(json.dumps({'times_s': times, 'median_s': statistics.median(times),
-                    'peak_rss_mib': peak_mib, 'own_peak_rss_mib': peak_mib - base_mib}))
+  print(json.dumps({**result, 'peak_rss_mib': peak_mib, 'own_peak_rss_mib': peak_mib - base_mib}))
 
 
 def _environment():

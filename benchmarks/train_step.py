@@ -84,7 +84,7 @@ GPU_PEAK_BF16 = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12,
 TORCH_EMBEDDINGS = ('cls_token', 'pos_embed', 'mask_token')
 
 
-def _torch_and_timm():
+def torch_and_timm():
   """torch and timm, with tests/test_convert.py's inert torchvision when none is installed:
   timm imports torchvision for data transforms only, and PyPI's builds of it are CUDA ones
   that do not load beside the CPU torch (see README)."""
@@ -97,16 +97,16 @@ def _torch_and_timm():
 
 # --- Settings and FLOPs. ---
 
-def _setting(gpu: bool) -> dict:
+def setting_from_flags(gpu: bool) -> dict:
   setting = dict(SETTINGS['gpu' if gpu else 'cpu'])
   for key, flag in (('variant', _VARIANT), ('image_size', _IMAGE_SIZE),
                     ('batch_size', _BATCH_SIZE)):
     if flag.value is not None:
       setting[key] = flag.value
-  return setting
+  return {**setting, 'scan': _SCAN.value, 'remat': _REMAT.value}
 
 
-def _config(setting: dict):
+def config_for(setting: dict):
   """configs/digits.py with the setting's model, image size, batch size and dataset (for
   its channels and classes; nothing is read from it)."""
   config = digits.get_config()
@@ -115,7 +115,7 @@ def _config(setting: dict):
   config.data.image_size = setting['image_size']
   config.pretrain.batch_size = config.finetune.batch_size = setting['batch_size']
   config.model.dtype = setting['dtype']  # compute dtype; params stay float32
-  config.model.scan, config.model.remat = _SCAN.value, _REMAT.value
+  config.model.scan, config.model.remat = setting.get('scan', False), setting.get('remat', False)
   return config
 
 
@@ -125,7 +125,7 @@ def _encoder_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
   return depth * per_block
 
 
-def _train_flops_per_image(config, step: str) -> float:
+def train_flops_per_image(config, step: str) -> float:
   """Analytic training FLOPs per image, 3x the forward's (backward = 2x forward)."""
   spec = vit.parse_variant(config.model.variant)
   width, patch = spec['width'], spec['patch_size']
@@ -159,9 +159,10 @@ def _cpu_peak() -> tuple[float, str]:
           '--peak_flops for a measured one')
 
 
-def _peak_flops() -> tuple[float | None, str]:
-  if _PEAK_FLOPS.value:
-    return _PEAK_FLOPS.value, 'from --peak_flops'
+def peak_flops(override: float | None = None) -> tuple[float | None, str]:
+  """(peak FLOP/s of the default device, where the figure comes from)."""
+  if override:
+    return override, 'from --peak_flops'
   if jax.default_backend() == 'cpu':
     return _cpu_peak()
   kind = jax.devices()[0].device_kind
@@ -187,7 +188,7 @@ def _stage_step(step: str, config, mesh):
   return jax.jit(init, out_shardings=shardings)(), train_step
 
 
-def _ours(step_name: str, config, mesh, images, labels):
+def ours_step(step_name: str, config, mesh, images, labels):
   state, step = _stage_step(step_name, config, mesh)
   batch = parallel.global_batch({'image': images, 'label': labels}, mesh)
 
@@ -277,8 +278,8 @@ def _torch_mae(torch, timm, config):
   return Mae()
 
 
-def _torch(step: str, config, gpu: bool, images, labels):
-  torch, timm = _torch_and_timm()
+def torch_step(step: str, config, gpu: bool, images, labels):
+  torch, timm = torch_and_timm()
   device = 'cuda' if gpu else 'cpu'
   cfg = getattr(config, step)
   if step == 'pretrain':
@@ -310,7 +311,7 @@ def _torch(step: str, config, gpu: bool, images, labels):
 
 # --- Timing and the report. ---
 
-def _time(run_steps: dict, warmup: int, steps: int) -> dict:
+def time_steps(run_steps: dict, warmup: int, steps: int) -> dict:
   """Seconds, minor page faults and system CPU seconds of each timed step per implementation;
   they alternate step by step. A step runs until its results are ready and nothing else runs
   between steps, so the process's resource usage over a step is that step's."""
@@ -334,7 +335,7 @@ def _time(run_steps: dict, warmup: int, steps: int) -> dict:
   return timed
 
 
-def _summary(timing: dict, batch_size: int, flops_per_image: float, peak: float | None) -> dict:
+def summary(timing: dict, batch_size: int, flops_per_image: float, peak: float | None) -> dict:
   median = statistics.median(timing['step_s'])
   images_per_s = batch_size / median
   # The fastest step: what the step costs with the least interference from other load.
@@ -346,7 +347,7 @@ def _summary(timing: dict, batch_size: int, flops_per_image: float, peak: float 
 
 
 def _environment(allocator: str) -> dict:
-  torch, timm = _torch_and_timm()
+  torch, timm = torch_and_timm()
   with open('/proc/cpuinfo') as f:
     cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
                platform.processor())
@@ -376,12 +377,12 @@ def _print_table(results: dict, notes: list[str]) -> None:
 def main(argv) -> None:
   del argv
   gpu = _GPU.value or jax.default_backend() == 'gpu'
-  setting = _setting(gpu)
-  config = _config(setting)
-  torch, _ = _torch_and_timm()
+  setting = setting_from_flags(gpu)
+  config = config_for(setting)
+  torch, _ = torch_and_timm()
   if not gpu:  # its default may be below the core count; JAX's CPU client uses every core
     torch.set_num_threads(os.cpu_count())
-  peak, peak_how = _peak_flops()
+  peak, peak_how = peak_flops(_PEAK_FLOPS.value)
   allocator = host_malloc.caching_malloc() or 'libc malloc'
   notes = [f'peak FLOP/s {peak_how}',
            f'medians of {_STEPS.value} timed steps after {_WARMUP.value} warm-up ones, ours '
@@ -399,11 +400,11 @@ def main(argv) -> None:
   load_before = os.getloadavg()
   results = {}
   for step in ('pretrain', 'finetune'):
-    timing = _time({'ours': _ours(step, config, mesh, images, labels),
-                    'torch': _torch(step, config, gpu, images, labels)},
-                   _WARMUP.value, _STEPS.value)
-    flops = _train_flops_per_image(config, step)
-    results[step] = {name: _summary(row, setting['batch_size'], flops, peak)
+    timing = time_steps({'ours': ours_step(step, config, mesh, images, labels),
+                         'torch': torch_step(step, config, gpu, images, labels)},
+                        _WARMUP.value, _STEPS.value)
+    flops = train_flops_per_image(config, step)
+    results[step] = {name: summary(row, setting['batch_size'], flops, peak)
                      for name, row in timing.items()}
     results[step]['flops_per_image'] = flops
     results[step]['ratio_ours_to_torch'] = (results[step]['ours']['images_per_s']
@@ -412,8 +413,7 @@ def main(argv) -> None:
   notes.append(f'1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, '
                f'on {os.cpu_count()} cores')
   report = {'setting': {**setting, 'gpu': gpu, 'steps': _STEPS.value, 'warmup': _WARMUP.value,
-                        'mask_ratio': config.pretrain.mask_ratio, 'scan': _SCAN.value,
-                        'remat': _REMAT.value},
+                        'mask_ratio': config.pretrain.mask_ratio},
             'peak_flops': peak, 'peak_flops_how': peak_how, 'notes': notes,
             'environment': {**_environment(allocator), 'load_average_before': load_before,
                             'load_average_after': load_after},

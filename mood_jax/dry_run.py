@@ -92,6 +92,8 @@ def compile_steps(config: ml_collections.ConfigDict, stages: list[str], mesh) ->
     reports.append({'what': name, 'batch_per_device': batch_size // devices,
                     'params_and_inputs_gib': memory.argument_size_in_bytes / _GIB,
                     'outputs_gib': memory.output_size_in_bytes / _GIB,
+                    # outputs that reuse donated inputs' buffers (the train state)
+                    'aliased_gib': memory.alias_size_in_bytes / _GIB,
                     'temporaries_gib': memory.temp_size_in_bytes / _GIB,
                     'flops_per_device': counted.cost_analysis()['flops'] / mesh.size})
   return reports

@@ -48,7 +48,8 @@ def test_write_results_files(tmp_path):
                                              'scores.npz']  # no temporary files left
   with open(os.path.join(results_dir, 'results.json')) as f:
     document = json.load(f)
-  assert set(document) == {'conventions', 'id_accuracy', 'rows', 'hparams', 'sweeps'}
+  assert set(document) == {'conventions', 'id_accuracy', 'rows', 'hparams', 'sweeps',
+                           'models'}
   assert 'OOD positive' in document['conventions']['fpr95']
   assert 'ID positive' in document['conventions']['fpr95_id']
   assert document['id_accuracy'] == {'finetune': 0.9712}
@@ -111,6 +112,13 @@ def test_per_set_tables_group_each_set_validation_near_far():
   assert '| group | OOD set | AUROC | FPR@95 | FPR@95 (ID+) | AUPR-In | AUPR-Out |' in (
       report.markdown_table(sorted_keys, {}))
   assert 'OpenOOD' in text
+
+
+def test_markdown_table_says_how_models_were_trained_only_when_given():
+  assert 'Models:' not in report.markdown_table(report.summarize(ROWS), {'finetune': 0.9712})
+  table = report.markdown_table(report.summarize(ROWS), {'finetune': 0.9712},
+                                models={'logit_ft': 'loss=um (flooding)'})
+  assert 'Models:\n- logit_ft: loss=um (flooding)\n' in table
 
 
 def test_plot_scores_writes_histogram_and_roc_per_model_and_scorer(tmp_path):
