@@ -143,6 +143,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       plots=True,
       id_train_augment=False,   # True: the ID-train bank through the training transforms,
                                 # one draw per image (MOOD's eval_with_features.py)
+      # WORKDIR/detector/, for `python -m mood_jax.score` and mood_jax.detector.Detector:
+      # one model with its scorers ('auto': the best pair on the validation OOD sets by
+      # sweep_metric), and OOD thresholds at these ID true-positive rates.
+      detector=dict(write=True, model='auto', scorers='auto', tprs=(0.95,)),
   )
 
   if 'split' in options:

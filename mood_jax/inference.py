@@ -32,8 +32,8 @@ def make_forward(model, mesh, input_perturbation=None):
 
 
 def extract(forward, params, config, which: str, mesh, augment: bool | str = False) -> dict:
-  """Features, logits and labels of one data set as host numpy arrays, padding dropped;
-  `augment` as input_pipeline.eval_dataset's."""
+  """Features, logits, labels and split indices of one data set as host numpy arrays,
+  padding dropped; `augment` as input_pipeline.eval_dataset's."""
   start = time.perf_counter()
   dataset, num_examples = input_pipeline.eval_dataset(
       config.data, which, global_batch_size=config.evaluate.batch_size, augment=augment,
@@ -43,7 +43,7 @@ def extract(forward, params, config, which: str, mesh, augment: bool | str = Fal
     batch = parallel.global_batch(batch, mesh)
     features, logits = forward(params, batch['image'])
     parts.append({'features': features, 'logits': logits, 'label': batch['label'],
-                  'valid': batch['valid']})
+                  'index': batch['index'], 'valid': batch['valid']})
   # Gathered once: the scorers need the whole set (a bank or a query set) per host.
   gathered = multihost_utils.process_allgather(
       jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), tiled=True)

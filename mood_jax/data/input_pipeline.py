@@ -98,8 +98,14 @@ def _data_dir(data_cfg) -> str:
 
 
 def _check_name(data_cfg) -> None:
-  if data_cfg.name not in _DATASET_NAMES:
-    raise ValueError(f'unknown data.name {data_cfg.name!r}; valid: {list(_DATASET_NAMES)}')
+  if data_cfg.name not in _DATASET_NAMES and not data_cfg.name.startswith(folder.PREFIX):
+    raise ValueError(f'unknown data.name {data_cfg.name!r}; valid: {list(_DATASET_NAMES)} or '
+                     f'{folder.PREFIX}NAME (a labelled image folder built by '
+                     '`python -m mood_jax.data.folder --labelled`)')
+
+
+def _is_folder(name: str) -> bool:
+  return name.startswith(folder.PREFIX)
 
 
 def _embedded(data_cfg) -> bool:
@@ -128,9 +134,11 @@ def _location(data_cfg, which: str) -> tuple[str, tfds.core.BuilderConfig | None
     return sources.location(data_cfg.name, which)
   if which in _ID_SPLITS:
     return *_id_dataset(data_cfg), _ID_SPLITS[which]
-  if which not in OOD_SETS:
+  if which not in OOD_SETS and not _is_folder(which):
     raise ValueError(f'unknown eval set {which!r}; valid: {list(_ID_SPLITS) + list(OOD_SETS)}')
   _check_ood_set(data_cfg, which)
+  if _is_folder(which):
+    return sources.ood_location(data_cfg.name, which)
   if which in NEAR_OOD_SETS:
     return *_id_dataset(data_cfg), 'test'
   return *_far_ood_dataset(data_cfg), which
@@ -157,9 +165,14 @@ class _ReportDamage(Sequence):
                       f'aside and {self._rebuild}') from None
 
 
+def _encoded(data_cfg, which: str) -> bool:
+  """Stored as image files' bytes (real datasets, folders), decoded by `transforms.Decode`."""
+  return not _embedded(data_cfg) or _is_folder(which)
+
+
 def _data_source(data_cfg, which: str, **kwargs) -> Sequence[dict]:
   name, config, split = _location(data_cfg, which)
-  if not _embedded(data_cfg):  # images stay encoded: `transforms.Decode` reads them
+  if _encoded(data_cfg, which):  # images stay encoded: `transforms.Decode` reads them
     kwargs = dict(kwargs, decoders={'image': tfds.decode.SkipDecoding()})
   # download=False: reading never writes; `prepare` does.
   source = tfds.data_source(name, split=split, data_dir=_data_dir(data_cfg), download=False,
@@ -175,6 +188,9 @@ def _label_key(data_cfg) -> str:
 
 
 def _label_feature(data_cfg) -> tfds.features.ClassLabel:
+  if _is_folder(data_cfg.name):  # its classes are in the dataset, not in a builder's code
+    return tfds.features.ClassLabel(names=folder.class_names(
+        data_cfg.name[len(folder.PREFIX):], _data_dir(data_cfg)))
   features = sources.features(data_cfg.name)
   feature = features[data_cfg.label_key] if data_cfg.label_key in features else None
   if not isinstance(feature, tfds.features.ClassLabel):
@@ -238,8 +254,9 @@ def _check_ood_set(data_cfg, name: str) -> None:
   if not _embedded(data_cfg):
     if name != _heldout_set(data_cfg):
       sources.ood_location(data_cfg.name, name)
-  elif name not in OOD_SETS:
-    raise ValueError(f'unknown OOD set {name!r}; valid: {list(OOD_SETS)}')
+  elif name not in OOD_SETS and not _is_folder(name):
+    raise ValueError(f'unknown OOD set {name!r}; valid: {list(OOD_SETS)} or {folder.PREFIX}NAME '
+                     '(an image folder built by `python -m mood_jax.data.folder`)')
   if name == _heldout_set(data_cfg) and len(_id_classes(data_cfg)) == len(_all_classes(data_cfg)):
     raise ValueError(f'{name!r} is the test images of classes outside id_classes, but '
                      'id_classes covers all classes: choose a subset, or drop it from ood_sets')
@@ -267,19 +284,26 @@ def ood_groups(data_cfg) -> dict[str, str]:
 
 def _check_prepared(data_cfg) -> None:
   """Real datasets are never downloaded here: each must be in data_dir as ArrayRecord already."""
-  data_dir = _data_dir(data_cfg)
   for which in dict.fromkeys(('id_train', 'id_test', *data_cfg.ood_sets)):
-    name, config, _ = _location(data_cfg, which)
-    builder = (folder.builder(config.name, data_dir) if config else
-               tfds.builder(name, data_dir=data_dir, file_format='array_record'))
-    what = which if config else name
-    if not builder.is_prepared():
-      raise UserError(f'{what} is not prepared in {data_dir}: run '
-                      f'{sources.prepare_command(what, data_dir)}')
-    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-      raise UserError(
-          f'{what} in {builder.data_dir} is {builder.info.file_format.value}, which grain cannot '
-          f'read: prepare it in another data dir with {sources.prepare_command(what, "DIR")}')
+    _check_prepared_set(data_cfg, which)
+
+
+def _check_prepared_set(data_cfg, which: str) -> None:
+  """UserError unless the dataset that holds `which` is in data_dir, as ArrayRecord."""
+  data_dir = _data_dir(data_cfg)
+  name, config, _ = _location(data_cfg, which)
+  builder = (folder.builder(config.name, data_dir) if config else
+             tfds.builder(name, data_dir=data_dir, file_format='array_record'))
+  labelled = config is not None and which in _ID_SPLITS  # data.name='folder:NAME'
+  what = f'{folder.PREFIX}{config.name}' if labelled else which if config else name
+  if not builder.is_prepared():
+    command = (f'`{folder.prepare_command(config.name, data_dir, labelled=True)}`' if labelled
+               else sources.prepare_command(what, data_dir))
+    raise UserError(f'{what} is not prepared in {data_dir}: run {command}')
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise UserError(
+        f'{what} in {builder.data_dir} is {builder.info.file_format.value}, which grain cannot '
+        f'read: prepare it in another data dir with {sources.prepare_command(what, "DIR")}')
 
 
 def prepare(data_cfg) -> None:
@@ -290,6 +314,9 @@ def prepare(data_cfg) -> None:
   if not _embedded(data_cfg):
     _check_prepared(data_cfg)
     return
+  for name in data_cfg.ood_sets:  # image folders are built by `mood_jax.data.folder` only
+    if _is_folder(name):
+      _check_prepared_set(data_cfg, name)
   datasets = [_id_dataset(data_cfg)]
   if set(ood_groups(data_cfg).values()) - {'near'}:  # far and validation sets
     datasets.append(_far_ood_dataset(data_cfg))
@@ -329,16 +356,18 @@ def _preparing(config_dir: str):
 
 @dataclasses.dataclass(frozen=True)
 class _Read(grain.transforms.Map):
+  """Record `index` of `source`; with `with_index`, the index too (the example's id)."""
   source: Sequence[dict]
+  with_index: bool = False
 
   def map(self, index):
-    return self.source[index]
+    return {**self.source[index], 'index': index} if self.with_index else self.source[index]
 
 
 @dataclasses.dataclass(frozen=True)
 class ToIdLabel(grain.transforms.Map):
-  """Keeps image and label (from feature `key`); an ID label becomes its index among
-  `head_classes` (default: `id_classes`), any other -1 (OOD)."""
+  """Keeps image, label (from feature `key`) and the split index if there is one; an ID
+  label becomes its index among `head_classes` (default: `id_classes`), any other -1 (OOD)."""
   id_classes: tuple[int, ...]
   key: str = 'label'
   head_classes: tuple[int, ...] = ()
@@ -347,7 +376,8 @@ class ToIdLabel(grain.transforms.Map):
     label = int(record[self.key])
     index = (self.head_classes or self.id_classes).index(label) if (
         label in self.id_classes) else -1
-    return {'image': record['image'], 'label': np.int32(index)}
+    split_index = {'index': np.int32(record['index'])} if 'index' in record else {}
+    return {'image': record['image'], 'label': np.int32(index), **split_index}
 
 
 # --- Datasets. ---
@@ -385,14 +415,16 @@ def _has_id_labels(data_cfg, which: str) -> bool:
   return _embedded(data_cfg) or which in _ID_SPLITS or which == _heldout_set(data_cfg)
 
 
-def _examples(data_cfg, which: str) -> grain.MapDataset:
-  """`which` as {'image': uint8 [H, W, C], 'label': int32 ID class index or -1}."""
+def _examples(data_cfg, which: str, *, with_index: bool = False) -> grain.MapDataset:
+  """`which` as {'image': uint8 [H, W, C], 'label': int32 ID class index or -1}, and with
+  `with_index` 'index': int32 the example's index in its TFDS split."""
   source = _data_source(data_cfg, which)
   kept = _kept_labels(data_cfg, which)
-  if kept is None:
+  if kept is None and not with_index:
     records = grain.MapDataset.source(source)
   else:
-    records = grain.MapDataset.source(_kept_indices(data_cfg, which, kept)).map(_Read(source))
+    indices = range(len(source)) if kept is None else _kept_indices(data_cfg, which, kept)
+    records = grain.MapDataset.source(indices).map(_Read(source, with_index))
   if not len(records):
     raise UserError(f'{which} of {data_cfg.name} has no examples: check data.id_classes and '
                     f'the dataset in {_data_dir(data_cfg)}')
@@ -401,10 +433,14 @@ def _examples(data_cfg, which: str) -> grain.MapDataset:
                                     _head_classes(data_cfg)))
   else:  # another dataset's labels mean nothing here: all of its examples are OOD (-1)
     records = records.map(ToIdLabel(()))
-  if _embedded(data_cfg):  # tfds decodes these
+  if not _encoded(data_cfg, which):  # tfds decodes these
     return records
   name, _, split = _location(data_cfg, which)
-  return records.map_with_index(Decode(f'{which} ({name}, split {split})'))
+  records = records.map_with_index(Decode(f'{which} ({name}, split {split})',
+                                          num_channels(data_cfg)))
+  if _embedded(data_cfg):  # a folder beside sets made at image_size: the detector's rule
+    records = records.map(ResizeCenterCrop(data_cfg.image_size, 1.0))
+  return records
 
 
 def eval_transforms(data_cfg) -> list[grain.transforms.Map]:
@@ -513,10 +549,20 @@ def eval_batches(examples: grain.MapDataset, *, global_batch_size: int,
 
 def eval_dataset(data_cfg, which: str, *, global_batch_size: int, augment: bool | str = False,
                  seed: int = 0) -> tuple[grain.IterDataset, int]:
-  """Batches of 'id_train', 'id_test' or an OOD set, and the number of real examples in it:
-  each example once, in order, with the eval transforms or, if `augment`, one draw of the
-  training ones (`train_transforms`; MOOD's ID-train feature bank)."""
+  """Batches of 'id_train', 'id_test' or an OOD set (with each example's split 'index'), and
+  the number of real examples in it: each example once, in order, with the eval transforms
+  or, if `augment`, one draw of the training ones (`train_transforms`; MOOD's ID-train
+  feature bank)."""
   ops = train_transforms(data_cfg, augment) if augment else eval_transforms(data_cfg)
-  examples = apply(_examples(data_cfg, which).seed(seed), ops)
+  examples = apply(_examples(data_cfg, which, with_index=True).seed(seed), ops)
   batches = eval_batches(examples, global_batch_size=global_batch_size)
   return _in_workers(batches, data_cfg.num_workers), len(examples)
+
+
+def example_ids(data_cfg, which: str, indices) -> np.ndarray:
+  """Each example's id, from its split `indices`: its file name (relative to the source
+  folder) in an image folder, else the index itself."""
+  _, config, split = _location(data_cfg, which)
+  names = (folder.file_names(config.name, _data_dir(data_cfg), split)
+           if isinstance(config, folder.FolderConfig) else None)
+  return np.asarray([names[i] for i in indices]) if names else np.asarray(indices)

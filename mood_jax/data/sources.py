@@ -1,6 +1,7 @@
 """Real datasets: which TFDS dataset and split holds each ID split and OOD set, and how to get it.
 
-ID data (`data.name`) is one of ID_DATASETS. OOD sets (`data.ood_sets`) are named by:
+ID data (`data.name`) is one of ID_DATASETS, or 'folder:NAME' built by
+`python -m mood_jax.data.folder --labelled` (its splits 'train' and 'test'). OOD sets (`data.ood_sets`) are named by:
   a TFDS name in TFDS_SPLITS      its eval split, every label -1
   '<data.name>_heldout'           ID test split, classes outside data.id_classes (one-class, splits)
   'folder:NAME'                   built by `python -m mood_jax.data.folder --name=NAME ...`
@@ -62,12 +63,14 @@ def heldout_set(id_name: str) -> str:
 
 def location(id_name: str, which: str) -> tuple[str, folder.FolderConfig | None, str]:
   """(TFDS name, builder config or None, split) of 'id_train', 'id_test' or an OOD set."""
-  train, test = TFDS_SPLITS[id_name]
-  if which in ('id_train', 'id_test'):
-    return id_name, None, train if which == 'id_train' else test
-  if which == heldout_set(id_name):
-    return id_name, None, test
-  return ood_location(id_name, which)
+  if which not in ('id_train', 'id_test', heldout_set(id_name)):
+    return ood_location(id_name, which)
+  if id_name.startswith(folder.PREFIX):  # a labelled folder
+    name, config = 'mood_folder', folder.FolderConfig(name=id_name[len(folder.PREFIX):])
+    train, test = folder.TRAIN_SPLIT, folder.SPLIT
+  else:
+    (name, config), (train, test) = (id_name, None), TFDS_SPLITS[id_name]
+  return name, config, train if which == 'id_train' else test
 
 
 def ood_location(id_name: str, which: str) -> tuple[str, folder.FolderConfig | None, str]:

@@ -19,18 +19,26 @@ from mood_jax.errors import UserError
 _BICUBIC = PIL.Image.Resampling.BICUBIC  # BEiT's and MOOD's interpolation
 
 
+def converted(image: PIL.Image.Image, channels: int) -> np.ndarray:
+  """uint8 [H, W, channels]: RGB (3), or grayscale (1) by PIL's ITU-R 601-2 luma; alpha is
+  dropped."""
+  array = np.asarray(image.convert('RGB' if channels == 3 else 'L'))
+  return array if channels == 3 else array[..., None]
+
+
 @dataclasses.dataclass(frozen=True)
 class Decode(grain.transforms.MapWithIndex):
-  """Encoded bytes (any format PIL reads) -> uint8 RGB [H, W, 3]; grayscale becomes RGB.
+  """Encoded bytes (any format PIL reads) -> uint8 [H, W, channels] (`converted`).
 
   An image that fails to decode is reported by dataset and index instead of a PIL traceback.
   """
   dataset: str
+  channels: int = 3
 
   def map_with_index(self, index, example):
     try:
       with PIL.Image.open(io.BytesIO(example['image'])) as image:
-        rgb = np.asarray(image.convert('RGB'))
+        rgb = converted(image, self.channels)
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
       # A UserError: the command line reports it in one line, without a traceback.
       raise UserError(f'{self.dataset}: example {index} does not decode as an image ({e}); '
@@ -39,9 +47,10 @@ class Decode(grain.transforms.MapWithIndex):
 
 
 def _resized(image: np.ndarray, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
-  """The (left, top, right, bottom) box of `image`, resized to [size, size]."""
-  pil = PIL.Image.fromarray(image)
-  return np.asarray(pil.resize((size, size), _BICUBIC, box=box))
+  """The (left, top, right, bottom) box of `image`, resized to [size, size]; a grayscale
+  [H, W, 1] image stays [size, size, 1] (PIL reads it as [H, W])."""
+  pil = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  return np.asarray(pil.resize((size, size), _BICUBIC, box=box)).reshape(size, size, -1)
 
 
 @dataclasses.dataclass(frozen=True)

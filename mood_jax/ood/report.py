@@ -179,23 +179,25 @@ def _csv_text(rows: list[dict]) -> str:
   return buffer.getvalue()
 
 
-def _npz_bytes(scores: dict) -> bytes:
+def _npz_bytes(scores: dict, ids: dict) -> bytes:
   buffer = io.BytesIO()
   np.savez(buffer, **{f'{model}/{scorer}/{dataset}': np.asarray(values)
                       for model, by_scorer in scores.items()
                       for scorer, by_set in by_scorer.items()
-                      for dataset, values in by_set.items()})
+                      for dataset, values in by_set.items()},
+           **{f'ids/{dataset}': np.asarray(values) for dataset, values in ids.items()})
   return buffer.getvalue()
 
 
 def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, float],
                   scores: dict | None = None, hparams: dict | None = None,
                   sweeps: dict | None = None, models: dict | None = None,
-                  changed_settings: dict | None = None) -> str:
+                  changed_settings: dict | None = None, ids: dict | None = None) -> str:
   """Writes results.{json,csv,md} (and scores.npz if `scores`); returns the Markdown.
 
   `scores` is {model: {scorer: {'id': [N], ood_set: [M], ...}}}, stored under keys
-  'model/scorer/set' so metrics can be recomputed without re-extracting features.
+  'model/scorer/set' so metrics can be recomputed without re-extracting features; `ids`
+  {set: [N]} each example's id, in the same order, under 'ids/set'.
   `hparams` is {model: {scorer: the hparams it ran with}} and `sweeps` {model: {scorer:
   how they were chosen}} (see stages/evaluate.py), both kept in results.json, as are
   `models`, {model: one line on how it was trained}, and `changed_settings` {stage: its
@@ -212,7 +214,7 @@ def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, flo
   for name, text in outputs.items():
     write_atomically(os.path.join(results_dir, name), text.encode())
   if scores is not None:
-    write_atomically(os.path.join(results_dir, 'scores.npz'), _npz_bytes(scores))
+    write_atomically(os.path.join(results_dir, 'scores.npz'), _npz_bytes(scores, ids or {}))
   return table
 
 

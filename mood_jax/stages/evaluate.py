@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from mood_jax import changed_settings, inference, train_loop
+from mood_jax import changed_settings, detector, inference, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, report, scorers, sweep
@@ -105,6 +105,7 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
                 for scorer in scorers.resolve(cfg.scorers)}
   except (KeyError, ValueError) as e:
     raise UserError(f'evaluate: {e.args[0]}') from None
+  detector.check_config(cfg)
   for name in _names(cfg.fit_on_id_validation):
     if name not in selected:
       raise UserError(f'evaluate.fit_on_id_validation names {name!r}, which evaluate.scorers '
@@ -181,7 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   groups = input_pipeline.ood_groups(config.data)
   selected = [scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
-  rows, id_accuracy, all_scores, used_hparams, sweeps = [], {}, {}, {}, {}
+  rows, id_accuracy, all_scores, used_hparams, sweeps, fitted = [], {}, {}, {}, {}, {}
   trained_with = {}  # model -> one line on its training, for the report
   for model_name in model_names(cfg.models, workdir):
     if model_name == logit_ft.NAME:
@@ -192,11 +193,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
     sets = {name: extract(forward, which=name,
                           augment=cfg.id_train_augment if name == 'id_train' else False)
             for name in ('id_train', 'id_test', *groups)}
+    ids = {'id' if name == 'id_test' else name:
+           input_pipeline.example_ids(config.data, name, s['index'])
+           for name, s in sets.items() if name != 'id_train'}
     if has_head:
       id_accuracy[model_name] = float(metrics.accuracy(sets['id_test']['logits'],
                                                        sets['id_test']['label']))
     head = params['head'] if has_head else None
     all_scores[model_name], used_hparams[model_name], sweeps[model_name] = {}, {}, {}
+    fitted[model_name] = {}
     for scorer in selected:
       if scorer.needs_logits and not has_head:
         logging.info('[evaluate] %s: skipping %s (no trained classifier head)', model_name,
@@ -219,6 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
                 for name, s in queries.items()}
       by_set['id'] = by_set.pop('id_test')
       all_scores[model_name][scorer.name] = by_set
+      fitted[model_name][scorer.name] = (scorer, stats)
       used_hparams[model_name][scorer.name] = dict(scorer.hparams)
       for ood_set, group in groups.items():
         values = metrics.ood_metrics(by_set['id'], by_set[ood_set])
@@ -228,9 +234,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
     results_dir = os.path.join(workdir, 'results')
     table = report.write_results(results_dir, report.summarize(rows), id_accuracy,
                                  scores=all_scores, hparams=used_hparams, sweeps=sweeps,
-                                 models=trained_with,
+                                 models=trained_with, ids=ids,
                                  changed_settings=changed_settings.load(workdir))
     if cfg.plots:
       report.plot_scores(results_dir, all_scores, groups)
     print(table)
     logging.info('[evaluate] results in %s', results_dir)
+  if cfg.detector.write:  # after the results, so they are kept if this fails; every
+    # process, as the params' save is collective
+    detector.write_from_run(
+        os.path.join(workdir, 'detector'), config, rows, fitted,
+        {model: {name: by_set['id'] for name, by_set in by_scorer.items()}
+         for model, by_scorer in all_scores.items()},
+        lambda model: MODELS[model](config, workdir, mesh)[1], replace=True)

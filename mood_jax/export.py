@@ -1,0 +1,132 @@
+"""Writes a detector directory from a finished run (see mood_jax/detector.py).
+
+    python -m mood_jax.export --workdir=WORKDIR --out=DIR [--model=auto] [--scorers=auto]
+        [--tprs=0.95,0.99] [--data_dir=...]
+
+The run's config comes from its newest training checkpoint, its scores and the scorers'
+hparams from WORKDIR/results/results.json (run evaluate first). The chosen scorers are fitted
+on the ID training set again and their thresholds set on the ID test split, as evaluate does;
+an existing DIR is never overwritten.
+"""
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from mood_jax import checkpoint, detector, inference, parallel, train_loop
+from mood_jax.data import input_pipeline
+from mood_jax.errors import UserError
+from mood_jax.ood import scorers
+from mood_jax.stages import evaluate
+
+# Newest first: logit_ft's config holds every stage's settings as they were last run.
+_STAGES = ('logit_ft', 'finetune', 'pretrain')
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config saved with the newest finished stage's final checkpoint."""
+  for stage in _STAGES:
+    step = train_loop.final_step(workdir, stage)
+    if step is not None:
+      with checkpoint.manager(train_loop.checkpoint_dir(workdir, stage)) as mngr:
+        saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      return ml_collections.ConfigDict(saved.config)
+  raise UserError(f'no finished training stage in {workdir}: pass the --workdir of a run '
+                  'of python -m mood_jax.main')
+
+
+def _results(workdir: str) -> dict:
+  path = os.path.join(workdir, 'results', 'results.json')
+  if not os.path.isfile(path):
+    raise UserError(f'no {path}: run the evaluate stage first (--config.stages=evaluate)')
+  with open(path) as f:
+    return json.load(f)
+
+
+def fit_chosen(config, workdir: str, mesh, model_name: str, hparams: dict):
+  """(params, {scorer: (configured Scorer, stats)}, {scorer: ID test scores}) of one model,
+  fitted and scored as the evaluate stage does; `hparams` is {scorer: its hparams}."""
+  model, params, has_head = evaluate.MODELS[model_name](config, workdir, mesh)
+  extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
+  plain = inference.make_forward(model, mesh)
+  cfg = config.evaluate
+  id_train = extract(plain, which='id_train', augment=cfg.id_train_augment)
+  test = extract(plain, which='id_test')
+  fitted, id_scores = {}, {}
+  for name, values in hparams.items():
+    scorer = scorers.get(name).with_hparams(**values)
+    queries = test
+    if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
+      moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
+      queries = extract(inference.make_forward(model, mesh, input_perturbation=moved),
+                        which='id_test')
+    train = evaluate.fit_rows(name, cfg, id_train, config.seed)
+    stats = scorers.fit(scorer, train['features'], train['logits'], train['label'],
+                        params['head'] if has_head else None, mesh=mesh)
+    fitted[name] = (scorer, stats)
+    id_scores[name] = scorers.score(scorer, stats, queries['features'], queries['logits'],
+                                    mesh=mesh)
+  return params, fitted, id_scores
+
+
+def export(workdir: str, out: str, *, model: str = 'auto', scorer_names: str = 'auto',
+           tprs: tuple[float, ...] = (0.95,), data_dir: str | None = None) -> None:
+  config = saved_config(workdir)
+  # Runs saved before these fields existed ran as their defaults do.
+  for field, default in (('id_train_augment', False), ('fit_on_id_validation', '')):
+    if field not in config.evaluate:
+      config.evaluate[field] = default
+  config.evaluate.detector = dict(write=True, model=model, scorers=scorer_names, tprs=tprs)
+  if data_dir:
+    config.data.data_dir = data_dir
+  detector.check_tprs(tprs, '--tprs')
+  if os.path.exists(out):
+    raise UserError(f'{out} already exists: choose another --out (a detector is never '
+                    'overwritten)')
+  results = _results(workdir)
+  model_name, names, why = detector.choose(
+      results['rows'], config.evaluate, {m: list(by) for m, by in results['hparams'].items()})
+  mesh = parallel.make_mesh((('data', -1),))
+  parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
+  input_pipeline.prepare(config.data)  # checks that the ID data is still there
+  params, fitted, id_scores = fit_chosen(config, workdir, mesh, model_name,
+                                 {n: results['hparams'][model_name][n] for n in names})
+  meta = detector.metadata(
+      config, model=model_name, num_classes=input_pipeline.num_classes(config.data),
+      channels=input_pipeline.num_channels(config.data),
+      scorers=[scorer for scorer, _ in fitted.values()], id_scores=id_scores, chosen_by=why)
+  detector.save(out, meta, params, {n: stats for n, (_, stats) in fitted.items()},
+                replace=False)
+  print(f'detector: {model_name} with {", ".join(names)} ({why}) in {out}')
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m mood_jax.export', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', required=True, help='a finished run of mood_jax.main')
+  parser.add_argument('--out', required=True, help='the detector directory to write')
+  parser.add_argument('--model', default='auto', help='finetune, logit_ft, pretrain or auto')
+  parser.add_argument('--scorers', default='auto', help='comma-separated scorer names, or auto')
+  parser.add_argument('--tprs', default='0.95',
+                      help='ID true-positive rates of the thresholds, comma-separated')
+  parser.add_argument('--data_dir', default=None,
+                      help="the run's data.data_dir, if its datasets have moved")
+  args = parser.parse_args(argv)
+  try:
+    tprs = tuple(float(t) for t in args.tprs.split(','))
+  except ValueError:
+    sys.exit(f'error: --tprs={args.tprs!r}: give numbers inside (0, 1), e.g. 0.95,0.99')
+  try:
+    export(args.workdir, args.out, model=args.model, scorer_names=args.scorers, tprs=tprs,
+           data_dir=args.data_dir)
+  except UserError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  main()
