@@ -31,7 +31,8 @@ RECORD_FILE = 'changed_settings.json'
 _SHARED = ('seed', 'model.', 'data.')
 _PASS = ('model.remat', 'data.data_dir', 'data.num_workers', 'data.ood_sets',
          'data.validation_ood_sets', 'data.ood_examples_per_set')
-_STAGE_PASS = ('log_every', 'ckpt_every', 'keep_checkpoints')
+# Evaluation during training (train_eval.py) only watches: it changes no param.
+_STAGE_PASS = ('log_every', 'ckpt_every', 'keep_checkpoints', 'eval_every', 'eval_scorer')
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

@@ -52,7 +52,6 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     pretrain.check_config(config)
   if 'finetune' in stages:
     train_eval.check_config(config, 'finetune')
-    finetune.check_config(config)
   try:  # the data module's own checks: dataset name, classes, OOD set names
     groups = input_pipeline.ood_groups(config.data)
     num_classes = input_pipeline.num_classes(config.data)
@@ -73,8 +72,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     config_checks.at_least('evaluate.batch_size', config.evaluate.batch_size, 1, 256)
     parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
     evaluate.check_config(config, groups)
-  if ('evaluate' in stages and 'converted' in config.evaluate.models.split(',')
-      and not config.dry_run):  # a dry run reads no weights
+  # Last, so that a run with other errors too hears of those before a download.
+  uses_converted = ('finetune' in stages and config.finetune.init_from not in (
+      'pretrain', 'scratch')) or (
+      'evaluate' in stages and 'converted' in config.evaluate.models.split(','))
+  if uses_converted and not config.dry_run:  # a dry run reads no weights
     finetune.check_converted(config)
   return stages
 

@@ -21,13 +21,6 @@ from mood_jax.stages import pretrain
 NAME = 'finetune'
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """This stage's config errors, before anything runs: anything but pretrain or scratch in
-  init_from must be a converted checkpoint (a dry run reads no weights)."""
-  if config.finetune.init_from not in ('pretrain', 'scratch') and not config.dry_run:
-    check_converted(config)
-
-
 def classifier(config: ml_collections.ConfigDict, drop_path: float):
   """(ViT classifier, its param initialiser) for the ID classes; shared by later stages."""
   encoder = vit.encoder_from_config(config.model, drop_path=drop_path)
