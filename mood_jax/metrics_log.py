@@ -1,5 +1,6 @@
 """Training metrics: a log line, a row in WORKDIR/metrics.jsonl and TensorBoard scalars in
-WORKDIR/tensorboard/<stage>/ (process 0 only).
+WORKDIR/tensorboard/<stage>/ (process 0 only); the evaluate stage's results as scalars in
+WORKDIR/tensorboard/evaluate/.
 
 metrics.jsonl is the record; the TensorBoard files are a view of it. A stage that resumes from
 a checkpoint drops the rows it logged after that checkpoint (it logs those steps again) and
@@ -43,6 +44,24 @@ def _add_scalars(writer: tensorboardX.SummaryWriter, row: dict) -> None:
   for name, value in row.items():
     if name not in ('stage', 'kind', 'step'):
       writer.add_scalar(f'{kind}/{name}', value, row['step'])
+
+
+def write_evaluation(workdir: str, rows: list[dict], id_accuracy: dict[str, float]) -> None:
+  """The evaluate stage's metrics beside the training curves, one scalar each at step 0:
+  '<model>/<scorer>/<metric>/<OOD set>' (group means as '<group>_mean') and
+  '<model>/id_accuracy'. Each evaluate run replaces the last one's, as its results do."""
+  if jax.process_index() != 0:
+    return
+  run_dir = os.path.join(workdir, TENSORBOARD_DIR, 'evaluate')
+  shutil.rmtree(run_dir, ignore_errors=True)
+  writer = tensorboardX.SummaryWriter(run_dir)
+  for row in rows:
+    for metric, value in row.items():
+      if metric not in ('model', 'scorer', 'ood_set', 'ood_group'):
+        writer.add_scalar(f'{row["model"]}/{row["scorer"]}/{metric}/{row["ood_set"]}', value, 0)
+  for model, accuracy in id_accuracy.items():
+    writer.add_scalar(f'{model}/id_accuracy', accuracy, 0)
+  writer.close()
 
 
 class Writer:

@@ -83,6 +83,10 @@ def test_progress_lines_tensorboard_and_config_json(smoke_run, data_dir, tensorb
   assert [(row['stage'], row['step']) for row in evals] == [
       ('finetune', 2), ('finetune', 4), ('logit_ft', 4)]
   assert all(0 <= row['msp_auroc_letters'] <= 1 for row in evals)
+  # The evaluate stage's metrics beside the curves, one point each.
+  evaluated = tensorboard_steps(os.path.join(workdir, 'tensorboard', 'evaluate'))
+  assert evaluated['finetune/msp/auroc/letters'] == evaluated['logit_ft/id_accuracy'] == [0]
+  assert evaluated['logit_ft/mahalanobis_mood/fpr95/far_mean'] == [0]
   # config.json: the command line, and the config it resolved to.
   with open(os.path.join(workdir, 'config.json')) as f:
     assert '--config.finetune.eval_every=2' in json.load(f)['command']

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from mood_jax import changed_settings, detector, inference, train_loop
+from mood_jax import changed_settings, detector, inference, metrics_log, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, report, scorers, sweep
@@ -232,10 +232,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
                      'ood_group': group, **{k: float(v) for k, v in values.items()}})
   if jax.process_index() == 0:
     results_dir = os.path.join(workdir, 'results')
-    table = report.write_results(results_dir, report.summarize(rows), id_accuracy,
+    summary = report.summarize(rows)  # each set's row and each group's mean
+    table = report.write_results(results_dir, summary, id_accuracy,
                                  scores=all_scores, hparams=used_hparams, sweeps=sweeps,
                                  models=trained_with, ids=ids,
                                  changed_settings=changed_settings.load(workdir))
+    metrics_log.write_evaluation(workdir, summary, id_accuracy)
     if cfg.plots:
       report.plot_scores(results_dir, all_scores, groups)
     print(table)
