@@ -9,6 +9,11 @@ import ml_collections
 from mood_jax.errors import UserError
 
 
+def names(spec: str) -> list[str]:
+  """A comma-separated config field ('msp, energy') as its names."""
+  return [name.strip() for name in spec.split(',') if name.strip()]
+
+
 def fail(field: str, value, rule: str, example) -> None:
   raise UserError(f'{field}={value!r} {rule}: e.g. --config.{field}={example}')
 

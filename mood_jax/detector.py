@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 import PIL.Image
 from absl import logging
 
-from mood_jax import inference, parallel
+from mood_jax import config_checks, inference, parallel
 from mood_jax.data import input_pipeline, transforms
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -63,7 +63,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   """`evaluate.detector`'s errors, before anything runs."""
   det = cfg.detector
   if det.scorers != 'auto':
-    stray = set(_names(det.scorers)) - {s.name for s in scorers_lib.resolve(cfg.scorers)}
+    stray = (set(config_checks.names(det.scorers))
+             - {s.name for s in scorers_lib.resolve(cfg.scorers)})
     if stray:
       raise UserError(f'evaluate.detector.scorers names {sorted(stray)}, which '
                       'evaluate.scorers does not select: add them there, or set it to auto')
@@ -79,10 +80,6 @@ def check_tprs(tprs, what: str) -> None:
                     'e.g. 0.95')
 
 
-def _names(spec: str) -> list[str]:
-  return [name.strip() for name in spec.split(',') if name.strip()]
-
-
 def choose(rows: list[dict], cfg: ml_collections.ConfigDict,
            scored: dict[str, list[str]]) -> tuple[str, list[str], str]:
   """(model, scorers, why) that `evaluate.detector` names; 'auto' is the best on the
@@ -93,7 +90,7 @@ def choose(rows: list[dict], cfg: ml_collections.ConfigDict,
   if det.model != 'auto' and det.model not in scored:
     raise UserError(f'evaluate.detector.model={det.model!r} was not evaluated: valid: '
                     f'{list(scored)}')
-  wanted = None if det.scorers == 'auto' else _names(det.scorers)
+  wanted = None if det.scorers == 'auto' else config_checks.names(det.scorers)
   # Each candidate is a model with one scorer ('auto') or with all the named ones.
   candidates = [(model, [s] if wanted is None else wanted) for model in models
                 for s in (scored[model] if wanted is None else [None])]

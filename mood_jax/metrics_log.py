@@ -11,11 +11,12 @@ writer is tensorboardX: it writes TensorBoard's event files without TensorFlow.
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import tensorboardX
 from absl import logging
+
+from mood_jax.ood import report
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -32,11 +33,8 @@ def read(workdir: str) -> list[dict]:
 
 def _write_rows(workdir: str, rows: list[dict]) -> None:
   """Replaces metrics.jsonl by `rows` in one rename, so a crash keeps the old or the new file."""
-  fd, tmp_path = tempfile.mkstemp(dir=workdir, prefix='.tmp_metrics_')
-  with os.fdopen(fd, 'w') as f:
-    f.writelines(json.dumps(row) + '\n' for row in rows)
-  os.chmod(tmp_path, 0o644)
-  os.replace(tmp_path, os.path.join(workdir, METRICS_FILE))
+  report.write_atomically(os.path.join(workdir, METRICS_FILE),
+                          ''.join(json.dumps(row) + '\n' for row in rows).encode())
 
 
 def _add_scalars(writer: tensorboardX.SummaryWriter, row: dict) -> None:

@@ -5,10 +5,11 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 
 import jax
 import ml_collections
+
+from mood_jax.ood import report
 
 FILE = 'config.json'
 
@@ -18,12 +19,8 @@ def write(workdir: str, config: ml_collections.ConfigDict) -> None:
     return
   document = {'command': shlex.join(['python', '-m', 'mood_jax.main', *sys.argv[1:]]),
               'config': config.to_dict()}
-  fd, tmp_path = tempfile.mkstemp(dir=workdir, prefix='.tmp_config_')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(document, f, indent=2)
-    f.write('\n')
-  os.chmod(tmp_path, 0o644)
-  os.replace(tmp_path, os.path.join(workdir, FILE))
+  report.write_atomically(os.path.join(workdir, FILE),
+                          (json.dumps(document, indent=2) + '\n').encode())
 
 
 def _tuples(value):

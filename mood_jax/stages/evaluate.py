@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from mood_jax import changed_settings, detector, inference, metrics_log, train_loop
+from mood_jax import changed_settings, config_checks, detector, inference, metrics_log, train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, report, scorers, sweep
@@ -67,15 +67,11 @@ def hparams_config() -> ml_collections.ConfigDict:
       for scorer in scorers.resolve('all') if scorer.hparams})
 
 
-def _names(spec: str) -> list[str]:
-  return [name.strip() for name in spec.split(',') if name.strip()]
-
-
 def swept_names(cfg, selected: list[scorers.Scorer]) -> list[str]:
   """`evaluate.sweep` as names: 'all' is every selected scorer that has a grid."""
   if cfg.sweep.strip() == 'all':
     return [scorer.name for scorer in selected if scorer.name in cfg.sweep_grids]
-  return _names(cfg.sweep)
+  return config_checks.names(cfg.sweep)
 
 
 def fit_rows(scorer_name: str, cfg, id_train: dict, seed: int) -> dict:
@@ -84,7 +80,7 @@ def fit_rows(scorer_name: str, cfg, id_train: dict, seed: int) -> dict:
   react, klm and residual on ID validation (openood/postprocessors/react_postprocessor.py,
   kl_matching_postprocessor.py, residual_postprocessor.py: id_loader_dict['val']); we have
   no ID validation split, and the model did train on this part."""
-  if scorer_name not in _names(cfg.fit_on_id_validation):
+  if scorer_name not in config_checks.names(cfg.fit_on_id_validation):
     return id_train
   return _hold_out(id_train, cfg.sweep_id_fraction, seed)[1]
 
@@ -106,7 +102,7 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
   except (KeyError, ValueError) as e:
     raise UserError(f'evaluate: {e.args[0]}') from None
   detector.check_config(cfg)
-  for name in _names(cfg.fit_on_id_validation):
+  for name in config_checks.names(cfg.fit_on_id_validation):
     if name not in selected:
       raise UserError(f'evaluate.fit_on_id_validation names {name!r}, which evaluate.scorers '
                       'does not select')
