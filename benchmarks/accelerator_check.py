@@ -96,7 +96,7 @@ def _train_child(step: str, sizes: dict) -> dict:
   from jax.sharding import AxisType  # noqa: PLC0415
 
   from benchmarks import train_step  # noqa: PLC0415
-  from mood_jax import dry_run  # noqa: PLC0415
+  from mood_jax import dry_run, parallel  # noqa: PLC0415
   from mood_jax.data import input_pipeline  # noqa: PLC0415
 
   def mesh_of(devices):
@@ -113,8 +113,9 @@ def _train_child(step: str, sizes: dict) -> dict:
   config, one_device = train_step.config_for(setting), mesh_of(devices[:1])
   peak, peak_how = train_step.peak_flops()
   # The dry run as a user runs it, compiled for the host CPU; and XLA's plan for the device.
-  estimate, = dry_run.compile_steps(config, [step], mesh_of(jax.devices('cpu')[:1]))
-  device_plan, = dry_run.compile_steps(config, [step], one_device)
+  estimate, = dry_run.compile_steps(config, [step],
+                                    parallel.Placement(mesh_of(jax.devices('cpu')[:1])))
+  device_plan, = dry_run.compile_steps(config, [step], parallel.Placement(one_device))
   images, labels = batch(config, setting['batch_size'])
   impls, notes = {'ours': train_step.ours_step(step, config, one_device, images, labels)}, []
   try:

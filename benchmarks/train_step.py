@@ -12,7 +12,7 @@ Two steps, each in two implementations, on one fixed random batch (no input pipe
   finetune  classification with mean pooling + fc_norm, drop-path, label smoothing,
             AdamW with layer-wise lr decay
 
-  ours      the stage's own model, optimizer and loss (`setup`, `make_loss_fn`) in
+  ours      the stage's own description (`describe`: model, optimizer, loss) in
             `train_loop.make_train_step`, the state from `train_loop.abstract_state`
   torch     timm's VisionTransformer of the same shape and AdamW with the same param groups;
             the MAE masking, decoder and loss for pretraining are written below, as the
@@ -175,17 +175,10 @@ def peak_flops(override: float | None = None) -> tuple[float | None, str]:
 
 def _stage_step(step: str, config, mesh):
   """(train state, jitted step) of a stage, built as `train_loop.train` builds them."""
-  if step == 'pretrain':
-    model, init_params, tx, _ = pretrain.setup(config)
-    loss_fn = pretrain.make_loss_fn(model, config.pretrain)
-  else:
-    model, init_params, tx, _ = finetune.setup(config)
-    loss_fn = finetune.make_loss_fn(model, config.finetune)
-  init, _, shardings = train_loop.abstract_state(init_params, tx, mesh, config.sharding_rules)
-  cfg = getattr(config, step)
-  train_step = train_loop.make_train_step(loss_fn, tx, jax.random.key(config.seed), shardings,
-                                          mesh, cfg.grad_accum_steps)
-  return jax.jit(init, out_shardings=shardings)(), train_step
+  stage = {'pretrain': pretrain, 'finetune': finetune}[step].describe(config)
+  init, _, shardings = train_loop.abstract_state(stage, parallel.Placement(mesh))
+  return jax.jit(init, out_shardings=shardings)(), train_loop.make_train_step(stage, shardings,
+                                                                              mesh)
 
 
 def ours_step(step_name: str, config, mesh, images, labels):

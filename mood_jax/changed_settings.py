@@ -16,7 +16,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import checkpoint, train_loop
+from mood_jax import checkpoint
 from mood_jax.errors import UserError
 from mood_jax.ood import report
 
@@ -64,10 +64,10 @@ def differences(saved: dict, current: dict, stage: str) -> list[str]:
 def _saved_config(workdir: str, stage: str) -> dict | None:
   """The config saved with the stage's latest checkpoint; None if none or unreadable (the
   stage's resume handles an unreadable one)."""
-  step = train_loop.final_step(workdir, stage)
+  step = checkpoint.final_step(workdir, stage)
   if step is None:
     return None
-  with checkpoint.manager(train_loop.checkpoint_dir(workdir, stage)) as mngr:
+  with checkpoint.manager(checkpoint.checkpoint_dir(workdir, stage)) as mngr:
     try:
       return checkpoint.saved_config(mngr, step)
     except Exception:  # orbax and json raise many types for a damaged file

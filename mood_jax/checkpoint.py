@@ -1,4 +1,6 @@
-"""One orbax CheckpointManager per stage: train state, data-iterator state, config, topology.
+"""The workdir's checkpoints: one orbax CheckpointManager per training stage under
+WORKDIR/ckpt/<stage>, each holding train state, data-iterator state, config and topology;
+and the reads of one stage's params by another.
 
 Resuming reads the newest checkpoint that can be read. Newer ones that cannot (a truncated
 or missing file) are moved aside to `<step>.unreadable-<time>`: kept for inspection and
@@ -11,6 +13,7 @@ as wrote it; its mesh shape and device count may differ.
 
 import os
 import time
+from typing import Any, Callable
 
 import grain
 import jax
@@ -18,7 +21,12 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mood_jax import parallel
 from mood_jax.errors import UserError
+
+
+def checkpoint_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, 'ckpt', stage)
 
 
 def manager(directory: str, cfg: ml_collections.ConfigDict | None = None,
@@ -28,15 +36,18 @@ def manager(directory: str, cfg: ml_collections.ConfigDict | None = None,
   (orbax's read_only logs warnings)."""
   if cfg is None:
     options = ocp.CheckpointManagerOptions(create=False)
+    # PyTree's handler reads what the standard one wrote, and can read the params alone.
+    state_handler = ocp.PyTreeCheckpointHandler()
   else:
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(cfg.keep_checkpoints), policies.CustomSteps(keep_steps)]),
         cleanup_tmp_directories=True)  # unfinished saves of a killed run
+    state_handler = ocp.StandardCheckpointHandler()
   return ocp.CheckpointManager(
       os.path.abspath(directory), options=options,
-      item_handlers={'state': ocp.StandardCheckpointHandler(),
+      item_handlers={'state': state_handler,
                      'data': grain.checkpoint.CheckpointHandler(),
                      'config': ocp.JsonCheckpointHandler(),
                      'topology': ocp.JsonCheckpointHandler()})
@@ -135,3 +146,62 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter):
         'changed since they were written, rerun with the old one or use a new workdir; if '
         'they are damaged, move them aside to start the stage afresh')
   return None
+
+
+def final_step(workdir: str, stage: str) -> int | None:
+  """Latest saved step of a stage, or None; reads only the directory listing."""
+  path = checkpoint_dir(workdir, stage)
+  if not os.path.isdir(path):
+    return None
+  with manager(path) as mngr:
+    return mngr.latest_step()
+
+
+def _params(mngr: ocp.CheckpointManager, step: int, abstract_params):
+  """The params of checkpoint `step` alone, into `abstract_params` (shapes and shardings);
+  the optimizer state is not read."""
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={'params': abstract_params}, restore_args={'params': restore_args},
+      partial_restore=True))).state['params']
+
+
+def _read_params(workdir: str, stage: str, abstract: Callable, step: int | None):
+  """The params of a finished earlier stage at its final step or `step`;
+  `abstract(mngr, step)` gives their shapes and shardings."""
+  path = checkpoint_dir(workdir, stage)
+  final = final_step(workdir, stage)
+  if final is None:
+    raise UserError(f'no {stage} checkpoint in {path}: '
+                    f'run the {stage} stage first (add it to --config.stages)')
+  step = final if step is None else step
+  with manager(path) as mngr:
+    if step not in mngr.all_steps():
+      raise UserError(f'no {stage} checkpoint of step {step} in {path} (kept: '
+                      f'{sorted(mngr.all_steps())}): choose a kept step, or rerun {stage} in a '
+                      'fresh workdir with the step set, so that it is kept')
+    try:
+      return _params(mngr, step, abstract(mngr, step))
+    except Exception as e:  # orbax, tensorstore and json raise many types for a damaged file
+      raise UserError(
+          f'cannot restore the {stage} checkpoint {os.path.join(path, str(step))} '
+          f'({error_line(e)}). If the model config changed since {stage} ran, use '
+          f'the old one; if the checkpoint is damaged, move it aside and rerun {stage}: it '
+          'resumes from its previous checkpoint') from e
+
+
+def restore_params(workdir: str, stage: str, init_params: Callable[[], Any],
+                   placement: parallel.Placement, step: int | None = None):
+  """Params of a finished earlier stage (e.g. finetune for logit_ft) at its final step or
+  `step`, placed by `placement`; their shapes must be those `init_params` makes."""
+  abstract = placement.placed(jax.eval_shape(init_params))
+  return _read_params(workdir, stage, lambda mngr, step: abstract, step)
+
+
+def saved_params(workdir: str, stage: str, placement: parallel.Placement) -> dict:
+  """Params of a finished earlier stage as saved (shapes from the checkpoint), placed by
+  `placement`: for a hand-off that adapts them to another model."""
+  def abstract(mngr, step):
+    saved = saved_abstract_state(mngr, step, parallel.replicated(placement.mesh))['params']
+    return placement.placed(saved)
+  return _read_params(workdir, stage, abstract, None)

@@ -250,6 +250,31 @@ def save(out: str, params: dict, variant: str, options: dict) -> None:
     json.dump(dict(variant=variant, **options), f, indent=2)
 
 
+def _builds(model_cfg, converted: dict) -> bool:
+  """Whether `config.model` builds the model a checkpoint was converted for. Either pooling
+  fits, and any LayerScale init value (the checkpoint's gammas replace it)."""
+  ours = {name: model_cfg.get(name) for name in converted}
+  return all((ours[name] is None) == (value is None) if name == 'layer_scale' else
+             ours[name] == value for name, value in converted.items() if name != 'pool')
+
+
+def is_converted(path: str) -> bool:
+  """Whether `path` is a directory `save` wrote."""
+  return os.path.isfile(os.path.join(path, 'model.json'))
+
+
+def read(path: str, model_cfg) -> dict:
+  """The params `save` wrote in `path`; `model_cfg` (config.model) must have the options
+  they were converted for."""
+  with open(os.path.join(path, 'model.json')) as f:
+    converted = json.load(f)
+  if not _builds(model_cfg, converted):
+    raise UserError(f'{path} was converted for another model: run with '
+                    f'{config_flags(converted)}')
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.join(path, 'params'))['params']
+
+
 def config_flags(model: dict) -> str:
   """The --config.model.* flags that give config.model these fields."""
   return ' '.join(f'--config.model.{name}={value}' for name, value in model.items()

@@ -15,27 +15,10 @@ import numpy as np
 
 from mood_jax import inference, parallel, train_loop
 from mood_jax.data import input_pipeline
-from mood_jax.stages import finetune, logit_ft, pretrain
+from mood_jax import stages
+from mood_jax.stages import finetune
 
 _GIB = 2.0**30
-
-
-def _training_parts(name: str, config: ml_collections.ConfigDict):
-  """(model, init_params, optimizer, loss_fn, extra batch fields, batch_loss) of a training
-  stage."""
-  if name == 'pretrain':
-    model, init_params, tx, _ = pretrain.setup(config)
-    return model, init_params, tx, pretrain.make_loss_fn(model, config.pretrain), {}, None
-  if name == 'finetune':
-    model, init_params, tx, _ = finetune.setup(config)
-    return model, init_params, tx, finetune.make_loss_fn(model, config.finetune), {}, None
-  cfg = config.logit_ft
-  model, init_params, tx, _ = logit_ft.setup(config)
-  gamma = 1.0 if cfg.loss == 'um' else None  # a value only: the shapes are what compile
-  extra = ({'teacher_logits': (input_pipeline.num_classes(config.data),)}
-           if cfg.teacher_alpha < 1 else {})
-  return (model, init_params, tx, logit_ft.make_loss_fn(model, cfg, gamma), extra,
-          logit_ft.make_batch_loss(cfg, gamma))
 
 
 def _images(config, batch_size: int, mesh) -> jax.ShapeDtypeStruct:
@@ -44,24 +27,24 @@ def _images(config, batch_size: int, mesh) -> jax.ShapeDtypeStruct:
                               sharding=parallel.batch_sharding(mesh))
 
 
-def _lower(name: str, config: ml_collections.ConfigDict, mesh) -> tuple[jax.stages.Lowered, int]:
+def _lower(name: str, config: ml_collections.ConfigDict,
+           placement: parallel.Placement) -> tuple[jax.stages.Lowered, int]:
   """(the lowered step of stage `name`, its global batch size), from abstract inputs."""
+  mesh = placement.mesh
   if name == 'evaluate':
-    model, init_params, _, _ = finetune.setup(config)
-    params = train_loop.placed(jax.eval_shape(init_params), mesh, config.sharding_rules)
+    model, init_params = finetune.classifier(config, drop_path=0.0)
+    params = placement.placed(jax.eval_shape(init_params))
     batch_size = config.evaluate.batch_size
     forward = inference.make_forward(model, mesh)
     return forward.lower(params, _images(config, batch_size, mesh)), batch_size
-  cfg = config[name]
-  model, init_params, tx, loss_fn, extra, batch_loss = _training_parts(name, config)
-  _, state, shardings = train_loop.abstract_state(init_params, tx, mesh, config.sharding_rules)
-  step = train_loop.make_train_step(loss_fn, tx, jax.random.key(0), shardings, mesh,
-                                    cfg.grad_accum_steps, batch_loss)
-  batch_size, sharding = cfg.batch_size, parallel.batch_sharding(mesh)
+  stage = stages.TRAINING[name].describe(config)
+  _, state, shardings = train_loop.abstract_state(stage, placement)
+  step = train_loop.make_train_step(stage, shardings, mesh)
+  batch_size, sharding = stage.cfg.batch_size, parallel.batch_sharding(mesh)
   batch = {'image': _images(config, batch_size, mesh),
            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding),
            **{field: jax.ShapeDtypeStruct((batch_size, *shape), jnp.float32, sharding=sharding)
-              for field, shape in extra.items()}}
+              for field, shape in stage.batch_fields.items()}}
   return step.lower(state, batch), batch_size
 
 
@@ -78,16 +61,17 @@ def _unrolled(name: str, config: ml_collections.ConfigDict) -> ml_collections.Co
   return config
 
 
-def compile_steps(config: ml_collections.ConfigDict, stages: list[str], mesh) -> list[dict]:
+def compile_steps(config: ml_collections.ConfigDict, stages: list[str],
+                  placement: parallel.Placement) -> list[dict]:
   """Compiles each training stage's step and the evaluation forward; one report each.
   Memory is the compiled program's; FLOPs are the lowered program's (of the whole mesh,
   divided by its devices), counted with loops unrolled."""
-  reports = []
+  reports, mesh = [], placement.mesh
   for name in stages:
-    lowered, batch_size = _lower(name, config, mesh)
+    lowered, batch_size = _lower(name, config, placement)
     memory = lowered.compile().memory_analysis()
     unrolled = _unrolled(name, config)
-    counted = _lower(name, unrolled, mesh)[0] if unrolled else lowered
+    counted = _lower(name, unrolled, placement)[0] if unrolled else lowered
     devices = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(mesh)]))
     reports.append({'what': name, 'batch_per_device': batch_size // devices,
                     'params_and_inputs_gib': memory.argument_size_in_bytes / _GIB,

@@ -16,9 +16,8 @@ import os
 import sys
 
 import ml_collections
-import orbax.checkpoint as ocp
 
-from mood_jax import checkpoint, detector, inference, parallel, train_loop
+from mood_jax import checkpoint, detector, inference, parallel
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.ood import scorers
@@ -31,11 +30,10 @@ _STAGES = ('logit_ft', 'finetune', 'pretrain')
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config saved with the newest finished stage's final checkpoint."""
   for stage in _STAGES:
-    step = train_loop.final_step(workdir, stage)
+    step = checkpoint.final_step(workdir, stage)
     if step is not None:
-      with checkpoint.manager(train_loop.checkpoint_dir(workdir, stage)) as mngr:
-        saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-      return ml_collections.ConfigDict(saved.config)
+      with checkpoint.manager(checkpoint.checkpoint_dir(workdir, stage)) as mngr:
+        return ml_collections.ConfigDict(checkpoint.saved_config(mngr, step))
   raise UserError(f'no finished training stage in {workdir}: pass the --workdir of a run '
                   'of python -m mood_jax.main')
 
@@ -48,10 +46,12 @@ def _results(workdir: str) -> dict:
     return json.load(f)
 
 
-def fit_chosen(config, workdir: str, mesh, model_name: str, hparams: dict):
+def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: str,
+               hparams: dict):
   """(params, {scorer: (configured Scorer, stats)}, {scorer: ID test scores}) of one model,
   fitted and scored as the evaluate stage does; `hparams` is {scorer: its hparams}."""
-  model, params, has_head = evaluate.MODELS[model_name](config, workdir, mesh)
+  model, params, has_head = evaluate.MODELS[model_name](config, workdir, placement)
+  mesh = placement.mesh
   extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
   plain = inference.make_forward(model, mesh)
   cfg = config.evaluate
@@ -94,8 +94,9 @@ def export(workdir: str, out: str, *, model: str = 'auto', scorer_names: str = '
   mesh = parallel.make_mesh((('data', -1),))
   parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
   input_pipeline.prepare(config.data)  # checks that the ID data is still there
-  params, fitted, id_scores = fit_chosen(config, workdir, mesh, model_name,
-                                 {n: results['hparams'][model_name][n] for n in names})
+  params, fitted, id_scores = fit_chosen(
+      config, workdir, parallel.Placement(mesh), model_name,
+      {n: results['hparams'][model_name][n] for n in names})
   meta = detector.metadata(
       config, model=model_name, num_classes=input_pipeline.num_classes(config.data),
       channels=input_pipeline.num_channels(config.data),

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import optax
 
-from mood_jax.errors import UserError
+from mood_jax import config_checks
 
 # Parameters that are embeddings rather than weights: never weight-decayed (BEiT/MAE).
 _EMBEDDINGS = ('cls', 'pos_embedding', 'mask_token')
@@ -44,6 +44,13 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=max(cfg.num_steps, cfg.warmup_steps + 1), end_value=cfg.min_lr)
 
 
+OPTIMIZERS = ('adamw', 'sgd')
+
+
+def check_config(stage: str, cfg: ml_collections.ConfigDict) -> None:
+  config_checks.choice(f'{stage}.optimizer', cfg.get('optimizer', 'adamw'), OPTIMIZERS)
+
+
 def _base_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """`cfg.optimizer` (default 'adamw'): AdamW, decay off for biases and norms (BEiT's), or
   'sgd': momentum SGD with L2 weight decay on every param added to the gradient, as
@@ -52,10 +59,9 @@ def _base_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformat
   if name == 'adamw':
     return optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
                        weight_decay=cfg.weight_decay, mask=decay_mask)
-  if name == 'sgd':
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                       optax.sgd(make_schedule(cfg), momentum=cfg.momentum))
-  raise UserError(f"unknown optimizer {name!r}: use 'adamw' or 'sgd'")
+  config_checks.choice('optimizer', name, OPTIMIZERS)  # for callers that skipped check_config
+  return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                     optax.sgd(make_schedule(cfg), momentum=cfg.momentum))
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, depth: int) -> optax.GradientTransformation:

@@ -18,6 +18,7 @@ Evaluation gathers features, logits and labels once, to every process, after the
 (`inference.extract`): the scorers fit on a whole set (a feature bank, class statistics).
 """
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -128,6 +129,32 @@ def state_shardings(abstract_tree, mesh: Mesh, rules=()):
     name = jax.tree_util.keystr(path, simple=True, separator='/')
     return NamedSharding(mesh, param_spec(name, leaf.shape, mesh, rules))
   return jax.tree_util.tree_map_with_path(sharding, abstract_tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where arrays live: the device mesh and `config.sharding_rules`, read once and passed
+  down to whatever places params or batches."""
+  mesh: Mesh
+  rules: tuple = ()
+
+  @classmethod
+  def from_config(cls, config) -> 'Placement':
+    return cls(make_mesh(config.mesh), tuple(config.sharding_rules))
+
+  def shardings(self, abstract_tree):
+    """`state_shardings` of params or a whole train state under these rules."""
+    return state_shardings(abstract_tree, self.mesh, self.rules)
+
+  def placed(self, shapes):
+    """`shapes` (ShapeDtypeStructs) with the shardings they get here."""
+    return jax.tree.map(lambda s, sharding: s.update(sharding=sharding), shapes,
+                        self.shardings(shapes))
+
+  def create(self, init):
+    """`init()`'s pytree, created where it lives (split over 'fsdp' if so): never whole on
+    one device first."""
+    return jax.jit(init, out_shardings=self.shardings(jax.eval_shape(init)))()
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str) -> None:

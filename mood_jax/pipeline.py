@@ -7,17 +7,17 @@ import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import (changed_settings, config_checks, dry_run, one_class, parallel, run_config,
-                      train_eval, train_loop, workdir_lock)
+from mood_jax import (changed_settings, checkpoint, config_checks, dry_run, one_class, parallel,
+                      optim, run_config, workdir_lock)
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
-from mood_jax.stages import evaluate, finetune, logit_ft, pretrain
+from mood_jax import stages as all_stages
+from mood_jax.stages import finetune
 
-# Canonical order; a stage module has NAME and run(config, workdir, mesh). Training
-# stages checkpoint under WORKDIR/ckpt/NAME and are skipped once their last step is saved.
-STAGES = {stage.NAME: stage for stage in (pretrain, finetune, logit_ft, evaluate)}
-TRAINING_STAGES = train_loop.TRAINING_STAGES
+# A training stage is skipped once its last step is saved.
+STAGES = all_stages.ALL
+TRAINING_STAGES = all_stages.TRAINING
 
 
 def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
@@ -29,49 +29,37 @@ def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
   return [name for name in STAGES if name in names]
 
 
+def _check_training_stage(config: ml_collections.ConfigDict, name: str, mesh) -> None:
+  """The fields every training stage reads (the loop, the optimizer, the data)."""
+  cfg = config[name]
+  config_checks.training_stage(name, cfg)
+  optim.check_config(name, cfg)
+  parallel.check_batch_size(cfg.batch_size // cfg.grad_accum_steps, mesh,
+                            f'{name}.batch_size / grad_accum_steps')
+  # A bool in digits.py and a string in the real-data configs: compared, not type-checked.
+  config_checks.choice(f'{name}.augment', cfg.augment, input_pipeline.AUGMENT_CHOICES)
+
+
 def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """Every field the selected stages read, checked before any data is read or anything
   compiled or written; each owner module checks its own fields."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'workdir {workdir!r} is an existing file: pass a directory path')
   stages = selected_stages(config)
-  depth = vit.parse_variant(config.model.variant)['depth']
   input_pipeline.check_config(config.data)
   vit.check_config(config.model, config.data.image_size)
   mesh = parallel.make_mesh(config.mesh)
-  for stage in TRAINING_STAGES:
-    if stage not in stages:
-      continue
-    cfg = config[stage]
-    config_checks.training_stage(stage, cfg)
-    parallel.check_batch_size(cfg.batch_size // cfg.grad_accum_steps, mesh,
-                              f'{stage}.batch_size / grad_accum_steps')
-    # A bool in digits.py and a string in the real-data configs: compared, not type-checked.
-    config_checks.choice(f'{stage}.augment', cfg.augment, input_pipeline.AUGMENT_CHOICES)
-  if 'pretrain' in stages:
-    pretrain.check_config(config)
-  if 'finetune' in stages:
-    train_eval.check_config(config, 'finetune')
   try:  # the data module's own checks: dataset name, classes, OOD set names
-    groups = input_pipeline.ood_groups(config.data)
-    num_classes = input_pipeline.num_classes(config.data)
+    input_pipeline.ood_groups(config.data)
+    input_pipeline.num_classes(config.data)
   except ValueError as e:
     raise UserError(str(e)) from None
-  if 'logit_ft' in stages:
-    logit_ft.check_config(config, depth)
-    train_eval.check_config(config, 'logit_ft')
-  if ('finetune' in stages or 'logit_ft' in stages) and num_classes < 2:
-    raise UserError('one-class ID data has no labels to fine-tune on: drop finetune and '
-                    'logit_ft from --config.stages and evaluate the pretrain encoder '
-                    '(--config.evaluate.models=pretrain), as configs/digits.py:oneclass=C does, '
-                    'or give the head every class of the dataset, as MOOD does '
-                    '(--config.data.head_all_classes=True)')
+  for name in stages:
+    if name in TRAINING_STAGES:
+      _check_training_stage(config, name, mesh)
+    STAGES[name].check_config(config)
   if 'evaluate' in stages:
-    if not groups:
-      raise UserError('no OOD sets to evaluate: set --config.data.ood_sets')
-    config_checks.at_least('evaluate.batch_size', config.evaluate.batch_size, 1, 256)
     parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
-    evaluate.check_config(config, groups)
   # Last, so that a run with other errors too hears of those before a download.
   uses_converted = ('finetune' in stages and config.finetune.init_from not in (
       'pretrain', 'scratch')) or (
@@ -90,9 +78,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     run_one_class_each(config, workdir, allow_changed_settings)
     return
   stages = validate(config, workdir)
-  mesh = parallel.make_mesh(config.mesh)
+  placement = parallel.Placement.from_config(config)
   if config.dry_run:
-    print(dry_run.table(dry_run.compile_steps(config, stages, mesh), mesh))
+    print(dry_run.table(dry_run.compile_steps(config, stages, placement), placement.mesh))
     return
   with workdir_lock.held(workdir):
     changed_settings.check(config, workdir, [s for s in stages if s in TRAINING_STAGES],
@@ -100,13 +88,14 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     run_config.write(workdir, config)  # after the check: a refused run leaves the last record
     input_pipeline.prepare(config.data)
     for name in stages:
-      if name in TRAINING_STAGES and train_loop.final_step(workdir, name) == config[name].num_steps:
+      if (name in TRAINING_STAGES
+          and checkpoint.final_step(workdir, name) == config[name].num_steps):
         logging.info('[%s] skipped: its final checkpoint (step %d) is already in %s', name,
-                     config[name].num_steps, train_loop.checkpoint_dir(workdir, name))
+                     config[name].num_steps, checkpoint.checkpoint_dir(workdir, name))
         continue
       logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
-                   dict(mesh.shape))
-      STAGES[name].run(config, workdir, mesh)
+                   dict(placement.mesh.shape))
+      STAGES[name].run(config, workdir, placement)
 
 
 def run_one_class_each(config: ml_collections.ConfigDict, workdir: str,

@@ -1,7 +1,6 @@
 """The training loop every training stage shares: init or resume, jitted step, logs, checkpoints."""
 
 import math
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -15,12 +14,9 @@ import optax
 from absl import logging
 
 from mood_jax import checkpoint, metrics_log, parallel, progress
+from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
-
-# loss_fn(params, batch, rng) -> (loss, aux metrics)
-LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
-# batch_loss(mean loss of the whole batch) -> (objective, aux metrics), e.g. flooding
-BatchLossFn = Callable[[jax.Array], tuple[jax.Array, dict]]
+from mood_jax.training_stage import LossFn, TrainingStage
 
 
 @flax.struct.dataclass
@@ -30,46 +26,25 @@ class TrainState:
   opt_state: Any
 
 
-# The stages that train, in the order they run (see pipeline.py).
+# The stages that train, in the order they run (registered in mood_jax/stages/).
 TRAINING_STAGES = ('pretrain', 'finetune', 'logit_ft')
-
-
-def checkpoint_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, 'ckpt', stage)
-
-
-def final_step(workdir: str, stage: str) -> int | None:
-  """Latest saved step of a stage, or None; reads only the directory listing."""
-  path = checkpoint_dir(workdir, stage)
-  if not os.path.isdir(path):
-    return None
-  with checkpoint.manager(path) as mngr:
-    return mngr.latest_step()
 
 
 def _later_images(config: ml_collections.ConfigDict, workdir: str, stage: str) -> int:
   """Images still to train on in the selected training stages after `stage`, for the ETA."""
   later = TRAINING_STAGES[TRAINING_STAGES.index(stage) + 1:]
   selected = [name.strip() for name in config.stages.split(',')]
-  return sum((config[name].num_steps - (final_step(workdir, name) or 0)) * config[name].batch_size
-             for name in later if name in selected)
+  return sum((config[name].num_steps - (checkpoint.final_step(workdir, name) or 0))
+             * config[name].batch_size for name in later if name in selected)
 
 
-def placed(shapes, mesh, rules=()):
-  """`shapes` (ShapeDtypeStructs) with the shardings `mesh` and the sharding `rules`
-  (config.sharding_rules, see mood_jax.parallel) give them."""
-  return jax.tree.map(lambda s, sharding: s.update(sharding=sharding),
-                      shapes, parallel.state_shardings(shapes, mesh, rules))
-
-
-def abstract_state(init_params: Callable[[], Any], tx: optax.GradientTransformation, mesh,
-                   rules=()):
-  """(init, abstract state, shardings): the train state's shapes placed on `mesh`, without
-  allocating it; `jax.jit(init, out_shardings=shardings)` creates it there."""
+def abstract_state(stage: TrainingStage, placement: parallel.Placement):
+  """(init, abstract state, shardings): the stage's train state's shapes as `placement`
+  places them, without allocating it; `jax.jit(init, out_shardings=shardings)` creates it."""
   def init():
-    params = init_params()
-    return TrainState(step=np.int32(0), params=params, opt_state=tx.init(params))
-  abstract = placed(jax.eval_shape(init), mesh, rules)
+    params = stage.init_params()
+    return TrainState(step=np.int32(0), params=params, opt_state=stage.tx.init(params))
+  abstract = placement.placed(jax.eval_shape(init))
   return init, abstract, jax.tree.map(lambda s: s.sharding, abstract)
 
 
@@ -109,17 +84,28 @@ def accumulated(grad_fn, num_micro: int, mesh):
   return accumulated_grad_fn
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, rng: jax.Array,
-                    state_shardings, mesh, grad_accum_steps: int = 1,
-                    batch_loss: BatchLossFn | None = None):
-  """The jitted step. `batch_loss`, if given, is applied to the whole batch's mean loss,
-  after accumulation: by the chain rule its derivative there scales the accumulated
-  gradient, so a non-linear objective of the batch mean (flooding) is the same for any
-  `grad_accum_steps`."""
-  grad_fn = accumulated(jax.value_and_grad(loss_fn, has_aux=True), grad_accum_steps, mesh)
+def _scalar_aux(loss_fn: LossFn) -> LossFn:
+  """`loss_fn` with only the scalars of its aux: the metrics (arrays such as masks would be
+  carried through gradient accumulation and returned every step for nothing)."""
+  def scalar_loss_fn(params, batch, rng):
+    loss, aux = loss_fn(params, batch, rng)
+    return loss, {name: value for name, value in aux.items() if jnp.ndim(value) == 0}
+  return scalar_loss_fn
+
+
+def make_train_step(stage: TrainingStage, state_shardings, mesh, with_outputs: bool = False):
+  """The stage's jitted step, `state, batch -> state, metrics`. Its `batch_loss`, if any, is
+  applied to the whole batch's mean loss, after accumulation: by the chain rule its
+  derivative there scales the accumulated gradient, so a non-linear objective of the batch
+  mean (flooding) is the same for any `grad_accum_steps`. `with_outputs`: the loss's array
+  aux (e.g. masks) are returned too, for tests."""
+  loss_fn = stage.loss_fn if with_outputs else _scalar_aux(stage.loss_fn)
+  grad_fn = accumulated(jax.value_and_grad(loss_fn, has_aux=True), stage.cfg.grad_accum_steps,
+                        mesh)
+  tx, batch_loss = stage.tx, stage.batch_loss
 
   def train_step(state: TrainState, batch: dict):
-    step_rng = jax.random.fold_in(rng, state.step)  # resumable: no RNG state to checkpoint
+    step_rng = jax.random.fold_in(stage.rng, state.step)  # resumable: no RNG state to save
     (loss, aux), grads = grad_fn(state.params, batch, step_rng)
     if batch_loss is not None:
       (loss, batch_aux), slope = jax.value_and_grad(batch_loss, has_aux=True)(loss)
@@ -233,45 +219,43 @@ class _PreemptionNotice:
     return self._signalled or self._mngr.reached_preemption(step)
 
 
-def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-          workdir: str, *, init_params: Callable[[], Any], loss_fn: LossFn,
-          tx: optax.GradientTransformation, lr_schedule: optax.Schedule, data_iter, mesh,
-          rng: jax.Array, initial_params: Callable[[], Any] | None = None,
-          batch_fn: Callable[[dict], dict] | None = None,
-          batch_loss: BatchLossFn | None = None,
-          keep_steps: tuple[int, ...] = (),
-          eval_fn: Callable[[Any], dict] | None = None, eval_every: int = 0) -> TrainState:
-  """Runs `cfg.num_steps` steps, resuming from the stage's latest checkpoint if any.
+def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
+          placement: parallel.Placement, *, start_params: Callable[[], Any] | None = None,
+          batch_fn: Callable[[dict], dict] | None = None, keep_steps: tuple[int, ...] = (),
+          eval_fn: Callable[[Any], dict] | None = None) -> TrainState:
+  """Runs the stage's `num_steps` steps on ID training batches, resuming from its latest
+  checkpoint if any.
 
-  `initial_params()` (e.g. a pretrained encoder merged into a fresh head) replaces
-  `init_params()` for a fresh start; it is not called when resuming. `batch_fn` adds
-  derived inputs to each global batch (e.g. a frozen teacher's logits) before the step;
-  `batch_loss` maps the batch's mean loss to the objective (see `make_train_step`).
-  Checkpoints of `keep_steps` are kept beside the latest `cfg.keep_checkpoints`.
-  Logged metrics are means over the steps since the previous log line. `eval_fn(params)`
-  runs every `eval_every` steps and at the last, its metrics logged as kind 'eval'. On a
-  preemption notice it saves at the end of the current step and raises `Preempted`.
+  `start_params()` (e.g. a pretrained encoder merged into a fresh head) replaces
+  `stage.init_params()` for a fresh start; it is not called when resuming. `batch_fn` adds
+  the stage's `batch_fields` to each global batch (e.g. a frozen teacher's logits).
+  Checkpoints of `keep_steps` are kept beside the latest `keep_checkpoints`. Logged metrics
+  are means over the steps since the previous log line. `eval_fn(params)` runs every
+  `eval_every` steps and at the last, its metrics logged as kind 'eval'. On a preemption
+  notice it saves at the end of the current step and raises `Preempted`.
   """
-  clock = progress.Clock(cfg.num_steps, cfg.batch_size, _later_images(config, workdir, stage))
-  init, abstract, shardings = abstract_state(init_params, tx, mesh, config.sharding_rules)
-  mngr = checkpoint.manager(checkpoint_dir(workdir, stage), cfg, keep_steps)
+  name, cfg, tx, mesh = stage.name, stage.cfg, stage.tx, placement.mesh
+  data_iter = iter(input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
+                                                seed=config.seed, augment=cfg.augment))
+  clock = progress.Clock(cfg.num_steps, cfg.batch_size, _later_images(config, workdir, name))
+  init, abstract, shardings = abstract_state(stage, placement)
+  mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir, name), cfg, keep_steps)
   try:
     state = checkpoint.restore_latest(mngr, abstract, data_iter)
     if state is not None:
-      logging.info('[%s] resuming from step %d', stage, int(state.step))
-    elif initial_params is not None:
+      logging.info('[%s] resuming from step %d', name, int(state.step))
+    elif start_params is not None:
       state = jax.jit(lambda p: TrainState(np.int32(0), p, tx.init(p)),
-                      out_shardings=shardings)(initial_params())
+                      out_shardings=shardings)(start_params())
     else:
       state = jax.jit(init, out_shardings=shardings)()
 
-    train_step = make_train_step(loss_fn, tx, rng, shardings, mesh,
-                                 cfg.grad_accum_steps, batch_loss)
+    train_step = make_train_step(stage, shardings, mesh)
     start = int(state.step)
     tick, tick_step = time.perf_counter(), start
     window, window_steps = None, 0
     with (_PreemptionNotice(mngr) as preemption,
-          metrics_log.Writer(workdir, stage, first_step=start + 1) as writer):
+          metrics_log.Writer(workdir, name, first_step=start + 1) as writer):
       for step in range(start + 1, cfg.num_steps + 1):
         batch = parallel.global_batch(next(data_iter), mesh)
         if batch_fn is not None:
@@ -281,76 +265,36 @@ def train(stage: str, cfg: ml_collections.ConfigDict, config: ml_collections.Con
         window_steps += 1
         if step == start + 1:  # keep compilation out of the images/s figures
           jax.block_until_ready(state)
-          logging.info('[%s] first step, compilation included: %.1fs', stage,
+          logging.info('[%s] first step, compilation included: %.1fs', name,
                        time.perf_counter() - tick)
           tick, tick_step = time.perf_counter(), step
           clock.compiled(step)
         preempted = preemption.reached(step)
         must_save = preempted or step % cfg.ckpt_every == 0 or step == cfg.num_steps
         if step % cfg.log_every == 0 or must_save:  # every save is checked for finite values
-          metrics = _window_means(stage, window, window_steps)
+          metrics = _window_means(name, window, window_steps)
           window, window_steps = None, 0
           now = time.perf_counter()
           if step > tick_step:
             metrics['images_per_s'] = cfg.batch_size * (step - tick_step) / (now - tick)
-          metrics['lr'] = float(lr_schedule(step - 1))
+          metrics['lr'] = float(stage.lr_schedule(step - 1))
           tick, tick_step = now, step
           writer.write(step, metrics, progress=clock.line(step))
-        if eval_fn is not None and (step % eval_every == 0 or step == cfg.num_steps):
+        if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.num_steps):
           eval_start = time.perf_counter()
           writer.write(step, eval_fn(state.params), kind='eval')
           spent = time.perf_counter() - eval_start
           tick += spent  # not training time: out of images/s and the ETA's speed
           clock.exclude(spent)
         if must_save:
-          _check_state_finite(stage, step, state)
+          _check_state_finite(name, step, state)
           checkpoint.save(mngr, step, state, data_iter, config)
         if preempted:
           mngr.wait_until_finished()
-          logging.warning('[%s] preempted: saved step %d in %s', stage, step, mngr.directory)
-          raise Preempted(f'{stage} preempted at step {step}; its checkpoint is saved')
-    logging.info('[%s] done: %s', stage, clock.summary(cfg.num_steps - start, jax.device_count()))
+          logging.warning('[%s] preempted: saved step %d in %s', name, step, mngr.directory)
+          raise Preempted(f'{name} preempted at step {step}; its checkpoint is saved')
+    logging.info('[%s] done: %s', name, clock.summary(cfg.num_steps - start, jax.device_count()))
   finally:  # an async save still in flight would be lost on exit
     mngr.wait_until_finished()
     mngr.close()
   return state
-
-
-def _restore_final(workdir: str, stage: str, abstract: Callable, step: int | None = None):
-  """The final (or the given `step`'s) checkpoint of a finished earlier stage;
-  `abstract(mngr, step)` gives the shapes and shardings to restore it into."""
-  path = checkpoint_dir(workdir, stage)
-  final = final_step(workdir, stage)
-  if final is None:
-    raise UserError(f'no {stage} checkpoint in {path}: '
-                    f'run the {stage} stage first (add it to --config.stages)')
-  step = final if step is None else step
-  with checkpoint.manager(path) as mngr:
-    if step not in mngr.all_steps():
-      raise UserError(f'no {stage} checkpoint of step {step} in {path} (kept: '
-                      f'{sorted(mngr.all_steps())}): choose a kept step, or rerun {stage} in a '
-                      'fresh workdir with the step set, so that it is kept')
-    try:
-      return checkpoint.restore(mngr, step, abstract(mngr, step))
-    except Exception as e:  # orbax, tensorstore and json raise many types for a damaged file
-      raise UserError(
-          f'cannot restore the {stage} checkpoint {os.path.join(path, str(step))} '
-          f'({checkpoint.error_line(e)}). If the model config changed since {stage} ran, use '
-          f'the old one; if the checkpoint is damaged, move it aside and rerun {stage}: it '
-          'resumes from its previous checkpoint') from e
-
-
-def restore_params(workdir: str, stage: str, init_params: Callable[[], Any],
-                   tx: optax.GradientTransformation, mesh, rules=(), step: int | None = None):
-  """Params of a finished earlier stage (e.g. finetune for logit_ft), placed by `mesh`, at
-  its final step or `step`; their shapes must be those of the current config's model."""
-  _, abstract, _ = abstract_state(init_params, tx, mesh, rules)
-  return _restore_final(workdir, stage, lambda mngr, step: abstract, step).params
-
-
-def saved_params(workdir: str, stage: str, mesh, rules=()) -> dict:
-  """Params of a finished earlier stage as saved (shapes from the checkpoint), placed by
-  `mesh`: for a hand-off that adapts them to the current model."""
-  return _restore_final(workdir, stage, lambda mngr, step: placed(
-      checkpoint.saved_abstract_state(mngr, step, parallel.replicated(mesh)), mesh,
-      rules))['params']

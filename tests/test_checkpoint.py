@@ -71,7 +71,7 @@ def _wait_until(proc, condition, timeout=120):
 
 
 def _ckpt_dir(workdir):
-  return train_loop.checkpoint_dir(workdir, pretrain.NAME)
+  return checkpoint.checkpoint_dir(workdir, pretrain.NAME)
 
 
 def _steps(workdir) -> list[int]:
@@ -86,8 +86,8 @@ def _saving(workdir, step) -> bool:
 
 
 def _final_params(workdir):
-  mesh = parallel.make_mesh([('data', -1)])
-  return jax.tree.map(np.asarray, train_loop.saved_params(workdir, pretrain.NAME, mesh))
+  placement = parallel.Placement(parallel.make_mesh([('data', -1)]))
+  return jax.tree.map(np.asarray, checkpoint.saved_params(workdir, pretrain.NAME, placement))
 
 
 def _assert_same_params(workdir, reference):
@@ -132,8 +132,8 @@ def _restore_latest(workdir, data_dir):
   """`checkpoint.restore_latest` of the smoke pretrain, in this process."""
   config = _smoke_config()
   config.data.data_dir = data_dir
-  _, init_params, tx, _ = pretrain.setup(config)
-  abstract = train_loop.abstract_state(init_params, tx, parallel.make_mesh(config.mesh))[1]
+  placement = parallel.Placement.from_config(config)
+  abstract = train_loop.abstract_state(pretrain.describe(config), placement)[1]
   data = input_pipeline.train_dataset(config.data, global_batch_size=16, seed=config.seed)
   with checkpoint.manager(_ckpt_dir(workdir), config.pretrain) as mngr:
     return checkpoint.restore_latest(mngr, abstract, iter(data))
@@ -259,7 +259,7 @@ def test_kept_steps_outlive_keep_checkpoints_and_others_are_named_missing(tmp_pa
   cfg = ml_collections.ConfigDict({'keep_checkpoints': 1})
   init_params = lambda: {'w': jnp.zeros(3)}
   tx = optax.sgd(0.1)
-  directory = train_loop.checkpoint_dir(str(tmp_path), finetune.NAME)
+  directory = checkpoint.checkpoint_dir(str(tmp_path), finetune.NAME)
   with checkpoint.manager(directory, cfg, finetune.kept_steps(config)) as mngr:
     for step in range(1, 5):
       params = {'w': jnp.full(3, float(step))}
@@ -267,12 +267,12 @@ def test_kept_steps_outlive_keep_checkpoints_and_others_are_named_missing(tmp_pa
       mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     mngr.wait_until_finished()
     assert list(mngr.all_steps()) == [2, 4]
-  mesh = parallel.make_mesh((('data', -1),))
-  restored = train_loop.restore_params(str(tmp_path), finetune.NAME, init_params, tx, mesh,
+  placement = parallel.Placement(parallel.make_mesh((('data', -1),)))
+  restored = checkpoint.restore_params(str(tmp_path), finetune.NAME, init_params, placement,
                                        step=2)
   np.testing.assert_array_equal(restored['w'], 2.)
   with pytest.raises(UserError, match=r'no finetune checkpoint of step 3 .*kept: \[2, 4\]'):
-    train_loop.restore_params(str(tmp_path), finetune.NAME, init_params, tx, mesh, step=3)
+    checkpoint.restore_params(str(tmp_path), finetune.NAME, init_params, placement, step=3)
 
 
 def test_finetune_resamples_pretrain_position_embedding(reference, data_dir, env, tmp_path):
@@ -297,7 +297,7 @@ def test_hand_off_mismatch_lists_every_param_that_does_not_fit():
   pretrained = _init(mim_model, 16, masks)
   classifier = vit.Classifier(3, vit.Encoder(**small, depth=3, patch_size=4))
   with pytest.raises(UserError) as error:
-    finetune.merge_pretrained(_init(classifier, 16), pretrained)
+    vit.merge_pretrained(_init(classifier, 16), pretrained)
   message = str(error.value)
   assert 'encoder/patch_embed/kernel: model (4, 4, 1, 32), checkpoint (8, 8, 1, 32)' in message
   assert 'encoder/block2/attn/qkv/kernel: not in the checkpoint' in message
@@ -311,7 +311,7 @@ def test_hand_off_resamples_and_copies_the_encoder():
   pretrained = _init(mim.MaskedImageModel(vit.Encoder(**encoder), 'blockwise', num_channels=1),
                      8, masks)
   fresh = _init(vit.Classifier(3, vit.Encoder(**encoder), pool='cls'), 12)
-  merged = finetune.merge_pretrained(fresh, pretrained)
+  merged = vit.merge_pretrained(fresh, pretrained)
   assert merged['encoder']['pos_embedding'].shape == (1, 1 + 9, 32)
   np.testing.assert_array_equal(merged['encoder']['block0']['fc1']['kernel'],
                                 pretrained['encoder']['block0']['fc1']['kernel'])
@@ -345,13 +345,13 @@ _RESTORE_ON_FSDP_MESH = '''
 import sys
 import numpy as np
 from flax import traverse_util
-from mood_jax import parallel, train_loop
+from mood_jax import checkpoint, parallel
 from mood_jax.stages import pretrain
 sys.path.insert(0, 'configs')
 import digits
-_, init_params, tx, _ = pretrain.setup(digits.get_config('smoke'))
-mesh = parallel.make_mesh((('data', 4), ('fsdp', 2)))
-params = train_loop.restore_params(sys.argv[1], pretrain.NAME, init_params, tx, mesh)
+init_params = pretrain.describe(digits.get_config('smoke')).init_params
+placement = parallel.Placement(parallel.make_mesh((('data', 4), ('fsdp', 2))))
+params = checkpoint.restore_params(sys.argv[1], pretrain.NAME, init_params, placement)
 np.savez(sys.argv[2], spec=str(params['encoder']['block0']['fc1']['kernel'].sharding.spec),
          **traverse_util.flatten_dict(params, sep='/'))
 '''

@@ -183,7 +183,7 @@ def test_flooding_acts_on_the_whole_batch_whatever_the_accumulation():
   """gamma lies between the two micro-batches' CEs, above their mean: the whole batch is
   flooded (CE ascends), though flooding each micro-batch would descend on one of them. The
   loss and the update are those of one batch for 1, 2 and 4 micro-batches."""
-  from mood_jax import parallel, train_loop
+  from mood_jax import parallel, train_loop, training_stage
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, 8))
@@ -200,13 +200,15 @@ def test_flooding_acts_on_the_whole_batch_whatever_the_accumulation():
     del rng
     return _ce(params['w'], batch['image'], batch['label']), {}
 
-  tx = optax.sgd(0.5)
   mesh = parallel.make_mesh((('data', -1),))
-  init, _, shardings = train_loop.abstract_state(lambda: params, tx, mesh)
   results = {}
   for micro_batches in (1, 2, 4):
-    step = train_loop.make_train_step(loss_fn, tx, jax.random.key(0), shardings, mesh,
-                                      micro_batches, batch_loss)
+    stage = training_stage.TrainingStage(
+        name='logit_ft', cfg=ml_collections.ConfigDict(dict(grad_accum_steps=micro_batches)),
+        model=None, init_params=lambda: params, tx=optax.sgd(0.5), lr_schedule=None,
+        loss_fn=loss_fn, rng=jax.random.key(0), batch_loss=batch_loss)
+    init, _, shardings = train_loop.abstract_state(stage, parallel.Placement(mesh))
+    step = train_loop.make_train_step(stage, shardings, mesh)
     state, metrics = step(jax.jit(init, out_shardings=shardings)(), {'image': x, 'label': y})
     results[micro_batches] = (np.asarray(state.params['w']), float(metrics['loss']),
                               float(metrics['flooded']))

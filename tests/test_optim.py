@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mood_jax import optim
+from mood_jax.errors import UserError
 from mood_jax.models import vit
 
 
@@ -79,7 +80,8 @@ def test_sgd_is_torch_sgd_with_l2_weight_decay_and_momentum():
     np.testing.assert_allclose(params['head']['bias'], w, rtol=1e-6)
 
 
-def test_unknown_optimizer_is_a_user_error():
+def test_unknown_optimizer_is_a_user_error_before_anything_runs():
   cfg = ml_collections.ConfigDict(dict(optimizer='lamb', grad_clip=0.0))
-  with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
-    optim.make_optimizer(cfg, depth=1)
+  with pytest.raises(UserError, match="unknown finetune.optimizer 'lamb': valid choices are "
+                                      "adamw, sgd"):
+    optim.check_config('finetune', cfg)

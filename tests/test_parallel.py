@@ -24,7 +24,7 @@ sys.path.insert(0, REPO)  # as a script, for mood_jax
 from mood_jax import inference, parallel, train_loop  # noqa: E402
 from mood_jax.data import input_pipeline  # noqa: E402
 from mood_jax.errors import UserError  # noqa: E402
-from mood_jax.models import masking, mim, vit  # noqa: E402
+from mood_jax.models import vit  # noqa: E402
 from mood_jax.ood import metrics  # noqa: E402
 from mood_jax.stages import finetune, pretrain  # noqa: E402
 
@@ -59,22 +59,10 @@ def _sub_mesh(axes) -> Mesh:
 def _mim_run(mesh, config) -> dict:
   """NUM_STEPS pretrain steps on fixed batches: losses, masks, and where the params are."""
   cfg = config.pretrain
-  model, init_params, tx, _ = pretrain.setup(config)
-  grid = (config.data.image_size // model.encoder.patch_size,) * 2
-
-  def loss_fn(params, batch, rng):  # as the pretrain stage's, masks returned too
-    masks = masking.batch_masks(
-        jax.random.fold_in(rng, 0), jnp.arange(batch['image'].shape[0]), scheme=cfg.scheme,
-        grid=grid, mask_ratio=cfg.mask_ratio, min_block=cfg.min_block_patches)
-    pred = model.apply({'params': params}, batch['image'], masks, train=True,
-                       rngs={'dropout': jax.random.fold_in(rng, 1)})
-    loss = mim.mim_loss(pred, batch['image'], masks['mask'], model.encoder.patch_size,
-                        cfg.norm_pix)
-    return loss, {'mask': masks['mask']}
-
-  init, _, shardings = train_loop.abstract_state(init_params, tx, mesh)
+  stage = pretrain.describe(config)
+  init, _, shardings = train_loop.abstract_state(stage, parallel.Placement(mesh))
   state = jax.jit(init, out_shardings=shardings)()
-  step = train_loop.make_train_step(loss_fn, tx, jax.random.key(0), shardings, mesh)
+  step = train_loop.make_train_step(stage, shardings, mesh, with_outputs=True)
   images = np.random.default_rng(0).normal(
       size=(NUM_STEPS, cfg.batch_size, config.data.image_size, config.data.image_size, 1))
   losses, masks = [], []
@@ -95,8 +83,7 @@ def _eval_run(mesh, config) -> dict:
   """Metrics of a feature of a random encoder as the score (its zero-init head gives constant
   logits), id_test against one OOD set."""
   model, init_params = finetune.classifier(config, drop_path=0.0)
-  params = jax.jit(init_params, out_shardings=parallel.state_shardings(
-      jax.eval_shape(init_params), mesh))()
+  params = parallel.Placement(mesh).create(init_params)
   forward = inference.make_forward(model, mesh)
   sets = {name: inference.extract(forward, params, config, name, mesh)
           for name in ('id_test', 'uniform_noise')}

@@ -1,6 +1,8 @@
 """bfloat16 compute, remat, scan over blocks and gradient accumulation change the cost of a
 step, not its result."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,18 +115,18 @@ def test_gradient_accumulation_equals_one_big_batch():
   has no randomness; the micro-batches are strided rows of the batch)."""
   config = digits.get_config('smoke')
   config.finetune.drop_path = 0.0
-  model, init_params, _, _ = finetune.setup(config)
-  loss_fn = finetune.make_loss_fn(model, config.finetune)
-  tx = optax.sgd(1.0)  # a step that moves every param (the stage's schedule starts at 0)
+  # A step that moves every param (the stage's schedule starts at 0).
+  stage = dataclasses.replace(finetune.describe(config), tx=optax.sgd(1.0))
   mesh = parallel.make_mesh((('data', -1),))
-  init, _, shardings = train_loop.abstract_state(init_params, tx, mesh)
+  init, _, shardings = train_loop.abstract_state(stage, parallel.Placement(mesh))
   state = jax.jit(init, out_shardings=shardings)()
   batch = {'image': jax.random.normal(jax.random.key(1), (16, 16, 16, 1)),
            'label': jnp.arange(16) % 10}
   after = {}
   for micro_batches in (1, 2):
-    step = train_loop.make_train_step(loss_fn, tx, jax.random.key(0), shardings, mesh,
-                                      micro_batches)
+    config.finetune.grad_accum_steps = micro_batches
+    step = train_loop.make_train_step(dataclasses.replace(stage, cfg=config.finetune),
+                                      shardings, mesh)
     new_state = jax.tree.map(jnp.copy, state)  # the step donates its input
     for _ in range(2):  # the head starts at zero: the encoder moves from the second step
       new_state, metrics = step(new_state, batch)

@@ -10,6 +10,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+# 'blockwise': BEiT's, the encoder sees mask tokens; 'random': MAE's, it sees only the
+# visible patches (`DROPS_PATCHES`).
+SCHEMES = ('blockwise', 'random')
+DROPS_PATCHES = ('random',)
+
 
 def random_mask(key, num_patches: int, mask_ratio: float):
   """MAE masking: a uniformly random subset of exactly round(N * ratio) patches.
@@ -82,4 +87,4 @@ def batch_masks(key, example_ids, *, scheme: str, grid: tuple[int, int],
   if scheme == 'blockwise':
     num_masked = int(round(num_patches * mask_ratio))
     return {'mask': jax.vmap(lambda k: blockwise_mask(k, grid, num_masked, min_block))(keys)}
-  raise ValueError(f'unknown masking scheme {scheme!r}: use "blockwise" or "random"')
+  raise ValueError(f'unknown masking scheme {scheme!r}: use one of {SCHEMES}')

@@ -11,7 +11,7 @@ The loss counts masked patches only, against per-patch normalised pixels.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mood_jax.models import vit
+from mood_jax.models import masking, vit
 
 
 def patchify(images, patch_size: int):
@@ -82,4 +82,4 @@ class MaskedImageModel(nn.Module):
       return Decoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
                      num_patches=masks['mask'].shape[-1], patch_dim=patch_dim,
                      dtype=self.encoder.dtype, name='decoder')(tokens, masks['restore_ids'])
-    raise ValueError(f'unknown masking scheme {self.scheme!r}: use "blockwise" or "random"')
+    raise ValueError(f'unknown masking scheme {self.scheme!r}: use one of {masking.SCHEMES}')

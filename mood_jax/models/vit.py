@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from flax import traverse_util
 
 from mood_jax import config_checks
 from mood_jax.errors import UserError
@@ -35,6 +37,28 @@ VARIANTS = {
     'B': (768, 12, 3072, 12),
     'L': (1024, 24, 4096, 16),
 }
+
+
+# The valid values of the encoder's and classifier's string options, checked here and by
+# `check_config`.
+POSEMBS = ('learn', 'sincos2d', 'none')
+POOLS = ('mean', 'cls')
+QKV_BIASES = ('qkv', 'qv', 'none')
+REL_POS_BIASES = ('none', 'block', 'shared')
+
+
+def _check_choice(option: str, value: str, valid: tuple[str, ...]) -> None:
+  """For the modules used directly; a run's config was checked first (`check_config`)."""
+  if value not in valid:
+    raise ValueError(f'unknown {option} {value!r}: use one of {", ".join(valid)}')
+
+
+def check_every_patch_seen(rel_pos_bias: str) -> None:
+  """Relative position bias is a table over the whole patch grid: an encoder that sees only
+  some patches (MAE's random masking drops the rest) cannot use it."""
+  if rel_pos_bias != 'none':
+    raise UserError('model.rel_pos_bias needs every patch in the encoder, which MAE-style '
+                    'random masking drops: use --config.pretrain.scheme=blockwise')
 
 
 def parse_variant(variant: str) -> dict:
@@ -56,9 +80,8 @@ def check_config(model_cfg, image_size: int) -> None:
     # Flax's strided patch embedding would drop the last rows and columns without a word.
     config_checks.fail('model.variant', model_cfg.variant, f'has a patch size that does not '
                        f'divide data.image_size={image_size}', 'mu/4')
-  for field, valid in (('posemb', ('learn', 'sincos2d', 'none')), ('pool', ('mean', 'cls')),
-                       ('dtype', tuple(DTYPES)), ('qkv_bias', ('qkv', 'qv', 'none')),
-                       ('rel_pos_bias', ('none', 'block', 'shared'))):
+  for field, valid in (('posemb', POSEMBS), ('pool', POOLS), ('dtype', tuple(DTYPES)),
+                       ('qkv_bias', QKV_BIASES), ('rel_pos_bias', REL_POS_BIASES)):
     config_checks.choice(f'model.{field}', model_cfg[field], valid)
   if model_cfg.get('layer_scale') is not None:
     config_checks.at_least('model.layer_scale', model_cfg.layer_scale, 0, 0.1)
@@ -204,8 +227,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, bias=None):
-    if self.qkv_bias not in ('qkv', 'qv', 'none'):
-      raise ValueError(f'unknown qkv_bias {self.qkv_bias!r}: use "qkv", "qv" or "none"')
+    _check_choice('qkv_bias', self.qkv_bias, QKV_BIASES)
     width = x.shape[-1]
     head_dim = width // self.num_heads
     q, k, v = SplitHeads(3, self.num_heads, use_bias=self.qkv_bias == 'qkv', dtype=self.dtype,
@@ -299,12 +321,9 @@ class Encoder(nn.Module):
       x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
     cls = self.param('cls', nn.initializers.normal(1e-6), (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls + cls_pos, (batch, 1, self.width)), x], axis=1)
-    if self.rel_pos_bias not in ('none', 'block', 'shared'):
-      raise ValueError(f'unknown rel_pos_bias {self.rel_pos_bias!r}: use "none", "block" or '
-                       '"shared"')
-    if self.rel_pos_bias != 'none' and keep_ids is not None:
-      raise ValueError('relative position bias needs every patch: use the blockwise MIM '
-                       'scheme, not MAE\'s random one that drops patches')
+    _check_choice('rel_pos_bias', self.rel_pos_bias, REL_POS_BIASES)
+    if keep_ids is not None:
+      check_every_patch_seen(self.rel_pos_bias)
     shared = (RelativePositionBias(self.num_heads, grid_h, name='rel_pos_bias')()
               if self.rel_pos_bias == 'shared' else None)
     rates = np.linspace(0.0, self.drop_path, self.depth)  # linearly increasing, as in DeiT
@@ -351,7 +370,7 @@ class Encoder(nn.Module):
       return jnp.zeros((1, 1, self.width)), jnp.asarray(sincos_posemb_2d(grid, self.width))[None]
     if self.posemb == 'none':
       return jnp.zeros((1, 1, self.width)), jnp.zeros((1, 1, self.width))
-    raise ValueError(f'unknown posemb {self.posemb!r}: use "learn", "sincos2d" or "none"')
+    _check_choice('posemb', self.posemb, POSEMBS)
 
 
 class Classifier(nn.Module):
@@ -373,7 +392,7 @@ class Classifier(nn.Module):
     elif self.pool == 'cls':
       features = nn.LayerNorm(name='norm')(tokens)[:, 0]
     else:
-      raise ValueError(f'unknown pool {self.pool!r}: use "mean" or "cls"')
+      _check_choice('pool', self.pool, POOLS)
     logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')(features)
     return logits, {'features': features, 'pre_logits': features, 'tokens': tokens}
 
@@ -390,3 +409,46 @@ def encoder_from_config(model_cfg, drop_path: float = 0.0) -> Encoder:
                  drop_path=drop_path, dtype=DTYPES[model_cfg.get('dtype', 'float32')],
                  remat=model_cfg.get('remat', False), scan=model_cfg.get('scan', False),
                  **options)
+
+
+# --- Loading pretrained weights into a model's params. ---
+
+def _resamplable(saved, fresh) -> bool:
+  """Both learned position embeddings of square patch grids, of the same width."""
+  return (posemb_grid(saved) is not None and posemb_grid(fresh) is not None
+          and saved.shape[-1] == fresh.shape[-1])
+
+
+def merge_pretrained(fresh: dict, pretrained: dict, source: str = 'pretrain',
+                     with_head: bool = False) -> dict:
+  """Fresh classifier params with every top-level module the pretrained model shares
+  (encoder, and `norm` for CLS pooling) copied in; the head stays fresh unless `with_head`
+  (a converted classifier scored as it is).
+
+  A learned position embedding from another image size is resampled to this patch grid.
+  Any other param that does not fit, and any shared one the model lacks, is a UserError
+  listing them all. Pretraining-only params (the encoder's mask token) are left out.
+  """
+  shared = [name for name in fresh if (with_head or name != 'head') and name in pretrained]
+  want = traverse_util.flatten_dict({name: fresh[name] for name in shared}, sep='/')
+  saved = traverse_util.flatten_dict({name: pretrained[name] for name in shared}, sep='/')
+  loaded = {}
+  misfits = [f'{path}: not in the model' for path in saved
+             if path not in want and not path.endswith('mask_token')]
+  for path, value in want.items():
+    if path not in saved:
+      misfits.append(f'{path}: not in the checkpoint')
+    elif saved[path].shape == value.shape:
+      loaded[path] = saved[path]
+    elif path.endswith('pos_embedding') and _resamplable(saved[path], value):
+      old, new = posemb_grid(saved[path]), posemb_grid(value)
+      loaded[path] = resample_posemb(saved[path], new)
+      logging.info('resampled %s from %dx%d to %dx%d patches', path, old, old,
+                   new, new)
+    else:
+      misfits.append(f'{path}: model {value.shape}, checkpoint {saved[path].shape}')
+  if misfits:
+    raise UserError(f'the {source} checkpoint does not fit the model config: '
+                    f'{"; ".join(misfits)}. Use the model options it was made with')
+  return traverse_util.unflatten_dict(
+      {**traverse_util.flatten_dict(fresh, sep='/'), **loaded}, sep='/')

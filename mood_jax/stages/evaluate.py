@@ -15,7 +15,8 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from mood_jax import changed_settings, config_checks, detector, inference, metrics_log, train_loop
+from mood_jax import (changed_settings, checkpoint, config_checks, detector, inference,
+                      metrics_log)
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, report, scorers, sweep
@@ -25,34 +26,32 @@ NAME = 'evaluate'
 VALIDATION = 'validation'
 
 
-def _pretrain_encoder(config, workdir, mesh):
+def _pretrain_encoder(config, workdir, placement):
   """The MIM encoder alone: features only (its head is untrained, so no logit scorers)."""
-  model, init_params, _, _ = finetune.setup(config)
-  return model, finetune.params_from_pretrain(config, workdir, mesh, init_params), False
+  model, init_params = finetune.classifier(config, drop_path=0.0)
+  return model, finetune.params_from_pretrain(workdir, init_params, placement), False
 
 
-def _converted(config, workdir, mesh):
+def _converted(config, workdir, placement):
   """Public weights as converted (finetune.init_from), not trained here: MOOD's ImageNet-1k
   row scores BEiT's pt22k_ft1k classifier as released, its one-class CIFAR rows the pt22k
   encoder. The head is scored if the conversion kept it (--keep-head)."""
-  model, init_params, _, _ = finetune.setup(config)
-  pretrained, path = finetune.restore_converted(config)
-  fresh = finetune.fresh_params(config, init_params, mesh)
-  params = finetune.merge_pretrained(fresh, pretrained, source=path, with_head=True)
-  return model, params, 'head' in pretrained
+  model, init_params = finetune.classifier(config, drop_path=0.0)
+  params, has_head = finetune.params_from_converted(config, init_params, placement,
+                                                    with_head=True)
+  return model, params, has_head
 
 
-def _finetuned(config, workdir, mesh):
-  model, init_params, tx, _ = finetune.setup(config)
-  return model, train_loop.restore_params(
-      workdir, finetune.NAME, init_params, tx, mesh, config.sharding_rules), True
+def _finetuned(config, workdir, placement):
+  model, init_params = finetune.classifier(config, drop_path=0.0)
+  return model, checkpoint.restore_params(workdir, finetune.NAME, init_params, placement), True
 
 
-def _logit_finetuned(config, workdir, mesh):
-  return *logit_ft.trained_classifier(config, workdir, mesh), True
+def _logit_finetuned(config, workdir, placement):
+  return *logit_ft.trained_classifier(config, workdir, placement), True
 
 
-# model name -> (config, workdir, mesh) -> (flax model, params, has a trained head)
+# model name -> (config, workdir, placement) -> (flax model, params, has a trained head)
 MODELS = {'pretrain': _pretrain_encoder, 'converted': _converted, 'finetune': _finetuned,
           'logit_ft': _logit_finetuned}
 CLASSIFIERS = ('finetune', 'logit_ft')
@@ -85,9 +84,12 @@ def fit_rows(scorer_name: str, cfg, id_train: dict, seed: int) -> dict:
   return _hold_out(id_train, cfg.sweep_id_fraction, seed)[1]
 
 
-def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> None:
-  """This stage's config errors, before anything runs; `groups` as input_pipeline's."""
-  cfg = config.evaluate
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """This stage's config errors, before anything runs (after the data config's)."""
+  cfg, groups = config.evaluate, input_pipeline.ood_groups(config.data)
+  if not groups:
+    raise UserError('no OOD sets to evaluate: set --config.data.ood_sets')
+  config_checks.at_least('evaluate.batch_size', cfg.batch_size, 1, 256)
   if cfg.models != 'auto':
     for name in cfg.models.split(','):
       if name not in MODELS:
@@ -144,7 +146,7 @@ def model_names(models: str, workdir: str) -> list[str]:
   if models != 'auto':
     return models.split(',')
   return [name for name in CLASSIFIERS
-          if train_loop.final_step(workdir, name) is not None] or ['pretrain']
+          if checkpoint.final_step(workdir, name) is not None] or ['pretrain']
 
 
 def _hold_out(train: dict, fraction: float, seed: int) -> tuple[dict, dict]:
@@ -173,8 +175,8 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
   return scorer.with_hparams(**best), record
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
-  cfg = config.evaluate
+def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
+  cfg, mesh = config.evaluate, placement.mesh
   groups = input_pipeline.ood_groups(config.data)
   selected = [scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
@@ -182,8 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   trained_with = {}  # model -> one line on its training, for the report
   for model_name in model_names(cfg.models, workdir):
     if model_name == logit_ft.NAME:
-      trained_with[model_name] = logit_ft.describe(workdir)
-    model, params, has_head = MODELS[model_name](config, workdir, mesh)
+      trained_with[model_name] = logit_ft.trained_with(workdir)
+    model, params, has_head = MODELS[model_name](config, workdir, placement)
     extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
     forward = inference.make_forward(model, mesh)
     sets = {name: extract(forward, which=name,
@@ -244,4 +246,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
         os.path.join(workdir, 'detector'), config, rows, fitted,
         {model: {name: by_set['id'] for name, by_set in by_scorer.items()}
          for model, by_scorer in all_scores.items()},
-        lambda model: MODELS[model](config, workdir, mesh)[1], replace=True)
+        lambda model: MODELS[model](config, workdir, placement)[1], replace=True)

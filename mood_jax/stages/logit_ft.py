@@ -41,10 +41,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import checkpoint, inference, metrics_log, optim, train_eval, train_loop
+from mood_jax import (checkpoint, inference, metrics_log, optim, train_eval, train_loop,
+                      training_stage)
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
-from mood_jax.models import weight_mask
+from mood_jax.models import vit, weight_mask
 from mood_jax.stages import finetune
 
 NAME = 'logit_ft'
@@ -54,9 +55,9 @@ UMAP_MODES = ('none', 'scores', 'both')
 TRAINABLE = ('all', 'head', 'last_n_blocks')
 
 
-def check_config(config: ml_collections.ConfigDict, depth: int) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   """This stage's config errors, before anything runs."""
-  cfg = config.logit_ft
+  cfg, depth = config.logit_ft, vit.parse_variant(config.model.variant)['depth']
   for field, valid in (('loss', LOSSES), ('gamma_from', GAMMA_SOURCES),
                        ('umap', UMAP_MODES), ('trainable', TRAINABLE)):
     if cfg[field] not in valid:
@@ -81,6 +82,8 @@ def check_config(config: ml_collections.ConfigDict, depth: int) -> None:
   if cfg.trainable == 'last_n_blocks' and not 1 <= cfg.last_n_blocks <= depth:
     raise UserError(f'logit_ft.last_n_blocks={cfg.last_n_blocks} must be in [1, {depth}] '
                     f'(the model has {depth} blocks)')
+  train_eval.check_config(config, NAME)
+  finetune.check_labelled(config)
 
 
 def adapts_layer(path: str, cfg: ml_collections.ConfigDict, depth: int) -> bool:
@@ -91,8 +94,8 @@ def adapts_layer(path: str, cfg: ml_collections.ConfigDict, depth: int) -> bool:
   return cfg.trainable == 'last_n_blocks' and optim.layer_id(path, depth) > depth - cfg.last_n_blocks
 
 
-def setup(config: ml_collections.ConfigDict):
-  """(model, init_params, optimizer, lr schedule); params are {'model'[, 'scores']}."""
+def _init_and_tx(config: ml_collections.ConfigDict):
+  """(model, init_params, optimizer); params are {'model'[, 'scores']}."""
   cfg = config.logit_ft
   model, classifier_init = finetune.classifier(config, cfg.drop_path)
   depth = model.encoder.depth
@@ -101,7 +104,7 @@ def setup(config: ml_collections.ConfigDict):
     params = {'model': classifier_init()}
     if cfg.umap != 'none':
       params['scores'] = weight_mask.init_scores(
-          jax.random.fold_in(jax.random.key(config.seed), 3), params['model'],
+          training_stage.rng_stream(config.seed, 'logit_ft/umap_scores'), params['model'],
           lambda path: adapts_layer('/'.join(path), cfg, depth))
     return params
 
@@ -111,8 +114,7 @@ def setup(config: ml_collections.ConfigDict):
       return True
     return cfg.umap != 'scores' and adapts_layer(rest, cfg, depth)
 
-  tx = optim.train_only(optim.make_optimizer(cfg, depth), is_trainable)
-  return model, init_params, tx, optim.make_schedule(cfg)
+  return model, init_params, optim.train_only(optim.make_optimizer(cfg, depth), is_trainable)
 
 
 def classifier_params(params: dict, umap_keep_ratio: float) -> dict:
@@ -142,7 +144,7 @@ def _kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
   return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def make_loss_fn(model, cfg: ml_collections.ConfigDict, gamma: float | None):
+def _make_loss_fn(model, cfg: ml_collections.ConfigDict) -> training_stage.LossFn:
   def loss_fn(params, batch, rng):
     weights = classifier_params(params, cfg.umap_keep_ratio)
     dropout_rng, mask_rng = jax.random.split(rng)
@@ -204,7 +206,7 @@ def estimate_gamma(config, model, params, mesh) -> float:
     return float(cfg.gamma)
   if cfg.gamma_from == 'quantile':
     return float(np.quantile(per_sample_ce(model, params, config, mesh), cfg.gamma_quantile))
-  key = jax.random.fold_in(jax.random.key(config.seed), 4)
+  key = training_stage.rng_stream(config.seed, 'logit_ft/gamma_mask')
   masked = jax.jit(lambda p: weight_mask.apply_masks(
       p, weight_mask.random_masks(key, p, cfg.weight_keep_ratio)))(params)
   return float(per_sample_ce(model, masked, config, mesh).mean())
@@ -217,7 +219,7 @@ def gamma_path(workdir: str) -> str:
 def _gamma(config, workdir, model, finetuned, mesh) -> float:
   """gamma of this run: read back on resume (it is fixed at the stage's start)."""
   path = gamma_path(workdir)
-  if train_loop.final_step(workdir, NAME) is not None and os.path.exists(path):
+  if checkpoint.final_step(workdir, NAME) is not None and os.path.exists(path):
     with open(path) as f:
       return json.load(f)['gamma']
   cfg = config.logit_ft
@@ -234,48 +236,59 @@ def _gamma(config, workdir, model, finetuned, mesh) -> float:
   return gamma
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
+def describe(config: ml_collections.ConfigDict,
+             gamma: float | None = None) -> training_stage.TrainingStage:
+  """`gamma`: UM's flooding level, which the run estimates at the stage's start
+  (`estimate_gamma`); it is one constant in the step, so a description for the step's
+  shapes and cost alone (dry run, benchmarks) may leave it out."""
   cfg = config.logit_ft
-  model, init_params, tx, schedule = setup(config)
-  _, finetune_init, finetune_tx, _ = finetune.setup(config)
+  model, init_params, tx = _init_and_tx(config)
+  if cfg.loss == 'um' and gamma is None:
+    gamma = 0.0  # a placeholder: see the docstring
+  fields = ({'teacher_logits': (input_pipeline.num_classes(config.data),)}
+            if cfg.teacher_alpha < 1 else {})
+  return training_stage.TrainingStage(
+      name=NAME, cfg=cfg, model=model, init_params=init_params, tx=tx,
+      lr_schedule=optim.make_schedule(cfg), loss_fn=_make_loss_fn(model, cfg),
+      rng=training_stage.rng_stream(config.seed, 'logit_ft/step'), batch_fields=fields,
+      batch_loss=make_batch_loss(cfg, gamma))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
+  cfg = config.logit_ft
+  finetune_model, finetune_init = finetune.classifier(config, drop_path=0.0)  # eval only
   # The finetuned params are read at most once: the start point, gamma and the teacher.
   start_step = None if cfg.init_step == -1 else cfg.init_step
-  finetuned = functools.cache(lambda: train_loop.restore_params(
-      workdir, finetune.NAME, finetune_init, finetune_tx, mesh, config.sharding_rules,
-      step=start_step))
+  finetuned = functools.cache(lambda: checkpoint.restore_params(
+      workdir, finetune.NAME, finetune_init, placement, step=start_step))
 
   gamma = None  # only flooding has a constraint
   if cfg.loss == 'um':
-    gamma = _gamma(config, workdir, model, finetuned, mesh)
+    gamma = _gamma(config, workdir, finetune_model, finetuned, placement.mesh)
     logging.info('[%s] gamma %.4f (%s)', NAME, gamma, cfg.gamma_from)
+  stage = describe(config, gamma)
 
-  def initial_params():
-    params = jax.jit(init_params)()
+  def start_params():
+    params = jax.jit(stage.init_params)()
     params['model'] = finetuned()
     logging.info('[%s] starting from the finetune checkpoint of step %s', NAME,
                  'last' if start_step is None else start_step)
     return params
 
   batch_fn = None
-  if cfg.teacher_alpha < 1:
-    teacher_forward = inference.make_forward(model, mesh)  # eval mode, as a teacher is
+  if stage.batch_fields:
+    teacher_forward = inference.make_forward(finetune_model, placement.mesh)
     teacher = finetuned()
 
     def batch_fn(batch):
       return {**batch, 'teacher_logits': teacher_forward(teacher, batch['image'])[1]}
 
-  data = input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
-                                      seed=config.seed, augment=cfg.augment)
   eval_fn = None
   if cfg.eval_every > 0:
-    eval_fn = train_eval.make_eval_fn(config, NAME, model, mesh, _effective_params(cfg))
-  train_loop.train(NAME, cfg, config, workdir, init_params=init_params,
-                   loss_fn=make_loss_fn(model, cfg, gamma), tx=tx, lr_schedule=schedule,
-                   data_iter=iter(data), mesh=mesh,
-                   rng=jax.random.fold_in(jax.random.key(config.seed), 5),
-                   initial_params=initial_params, batch_fn=batch_fn,
-                   batch_loss=make_batch_loss(cfg, gamma), eval_fn=eval_fn,
-                   eval_every=cfg.eval_every)
+    eval_fn = train_eval.make_eval_fn(config, NAME, stage.model, placement.mesh,
+                                      _effective_params(cfg))
+  train_loop.train(stage, config, workdir, placement, start_params=start_params,
+                   batch_fn=batch_fn, eval_fn=eval_fn)
 
 
 def _effective_params(cfg: ml_collections.ConfigDict):
@@ -283,11 +296,11 @@ def _effective_params(cfg: ml_collections.ConfigDict):
   return jax.jit(functools.partial(classifier_params, umap_keep_ratio=cfg.umap_keep_ratio))
 
 
-def describe(workdir: str) -> str:
+def trained_with(workdir: str) -> str:
   """One line on what the finished run trained with, from the config saved beside its final
   checkpoint (the evaluate stage's config may differ) and its gamma record."""
-  with checkpoint.manager(train_loop.checkpoint_dir(workdir, NAME)) as mngr:
-    cfg = checkpoint.saved_config(mngr, train_loop.final_step(workdir, NAME))[NAME]
+  with checkpoint.manager(checkpoint.checkpoint_dir(workdir, NAME)) as mngr:
+    cfg = checkpoint.saved_config(mngr, checkpoint.final_step(workdir, NAME))[NAME]
   loss = {'um': "UM's flooding, |{beta} * CE - gamma| + gamma",
           'sample_mask': 'our sample_mask variant, {sample_mask_ratio} of each batch dropped',
           'ce': 'cross-entropy, no constraint'}[cfg['loss']].format(**cfg)
@@ -307,9 +320,8 @@ def describe(workdir: str) -> str:
   return ', '.join(parts)
 
 
-def trained_classifier(config, workdir: str, mesh):
+def trained_classifier(config, workdir: str, placement):
   """(model, effective classifier params) of a finished run, for evaluation."""
-  model, init_params, tx, _ = setup(config)
-  params = train_loop.restore_params(workdir, NAME, init_params, tx, mesh,
-                                     config.sharding_rules)
+  model, init_params, _ = _init_and_tx(config)
+  params = checkpoint.restore_params(workdir, NAME, init_params, placement)
   return model, _effective_params(config.logit_ft)(params)

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mood_jax import config_checks, optim, train_loop
+from mood_jax import config_checks, optim, train_loop, training_stage
 from mood_jax.data import input_pipeline
-from mood_jax.errors import UserError
 from mood_jax.models import masking, mim, vit
+
 
 NAME = 'pretrain'
 
@@ -15,10 +15,9 @@ NAME = 'pretrain'
 def check_config(config: ml_collections.ConfigDict) -> None:
   """This stage's config errors, before anything runs (after vit.check_config)."""
   cfg = config.pretrain
-  config_checks.choice('pretrain.scheme', cfg.scheme, ['random', 'blockwise'])
-  if cfg.scheme == 'random' and config.model.rel_pos_bias != 'none':
-    raise UserError('model.rel_pos_bias needs every patch in the encoder, which MAE-style '
-                    'random masking drops: use --config.pretrain.scheme=blockwise')
+  config_checks.choice('pretrain.scheme', cfg.scheme, masking.SCHEMES)
+  if cfg.scheme in masking.DROPS_PATCHES:
+    vit.check_every_patch_seen(config.model.rel_pos_bias)
   config_checks.inside('pretrain.mask_ratio', cfg.mask_ratio, 0, 1, 0.75)
   num_patches = (config.data.image_size // vit.parse_variant(config.model.variant)['patch_size'])**2
   num_masked = int(round(num_patches * cfg.mask_ratio))  # as masking.batch_masks rounds
@@ -32,8 +31,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     config_checks.at_least(f'pretrain.{name}', cfg[name], 1, example)
 
 
-def setup(config: ml_collections.ConfigDict):
-  """(model, init_params, optimizer, lr schedule) of this stage; shared with its consumers."""
+def _make_loss_fn(model, cfg: ml_collections.ConfigDict) -> training_stage.LossFn:
+  """Pixel reconstruction of the masked patches; aux holds the masks drawn."""
+  patch = model.encoder.patch_size
+
+  def loss_fn(params, batch, rng):
+    grid = (batch['image'].shape[1] // patch, batch['image'].shape[2] // patch)
+    # Separate streams: masks stay the same if drop-path settings change.
+    mask_rng, dropout_rng = jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1)
+    masks = masking.batch_masks(
+        mask_rng, jnp.arange(batch['image'].shape[0]), scheme=cfg.scheme, grid=grid,
+        mask_ratio=cfg.mask_ratio, min_block=cfg.min_block_patches)
+    pred = model.apply({'params': params}, batch['image'], masks, train=True,
+                       rngs={'dropout': dropout_rng})
+    loss = mim.mim_loss(pred, batch['image'], masks['mask'], patch, cfg.norm_pix)
+    return loss, {'masked_fraction': masks['mask'].mean(), 'mask': masks['mask']}
+
+  return loss_fn
+
+
+def describe(config: ml_collections.ConfigDict) -> training_stage.TrainingStage:
   cfg = config.pretrain
   size, channels = config.data.image_size, input_pipeline.num_channels(config.data)
   encoder = vit.encoder_from_config(config.model, drop_path=cfg.drop_path)
@@ -50,33 +67,12 @@ def setup(config: ml_collections.ConfigDict):
     return model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)),
                       masks)['params']
 
-  return model, init_params, optim.make_optimizer(cfg, encoder.depth), optim.make_schedule(cfg)
+  return training_stage.TrainingStage(
+      name=NAME, cfg=cfg, model=model, init_params=init_params,
+      tx=optim.make_optimizer(cfg, encoder.depth), lr_schedule=optim.make_schedule(cfg),
+      loss_fn=_make_loss_fn(model, cfg),
+      rng=training_stage.rng_stream(config.seed, 'pretrain/step'))
 
 
-def make_loss_fn(model, cfg: ml_collections.ConfigDict) -> train_loop.LossFn:
-  patch = model.encoder.patch_size
-
-  def loss_fn(params, batch, rng):
-    grid = (batch['image'].shape[1] // patch, batch['image'].shape[2] // patch)
-    # Separate streams: masks stay the same if drop-path settings change.
-    mask_rng, dropout_rng = jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1)
-    masks = masking.batch_masks(
-        mask_rng, jnp.arange(batch['image'].shape[0]), scheme=cfg.scheme, grid=grid,
-        mask_ratio=cfg.mask_ratio, min_block=cfg.min_block_patches)
-    pred = model.apply({'params': params}, batch['image'], masks, train=True,
-                       rngs={'dropout': dropout_rng})
-    loss = mim.mim_loss(pred, batch['image'], masks['mask'], patch, cfg.norm_pix)
-    return loss, {'masked_fraction': masks['mask'].mean()}
-
-  return loss_fn
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
-  cfg = config.pretrain
-  model, init_params, tx, schedule = setup(config)
-  data = input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
-                                      seed=config.seed, augment=cfg.augment)
-  train_loop.train(NAME, cfg, config, workdir, init_params=init_params,
-                   loss_fn=make_loss_fn(model, cfg), tx=tx, lr_schedule=schedule,
-                   data_iter=iter(data), mesh=mesh,
-                   rng=jax.random.fold_in(jax.random.key(config.seed), 1))
+def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
+  train_loop.train(describe(config), config, workdir, placement)
