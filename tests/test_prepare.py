@@ -1,6 +1,7 @@
 """`python -m mood_jax.data.prepare`: tiny archives in the official layouts become the datasets
 the configs read, pixel- and label-exact, without TensorFlow; interruptions, bad files are safe."""
 
+import glob
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.error
 
 import numpy as np
@@ -36,6 +38,74 @@ def _jpeg(rng, size=(20, 16)) -> bytes:
   buffer = io.BytesIO()
   PIL.Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buffer, 'JPEG')
   return buffer.getvalue()
+
+
+def _voc(width, height, *boxes) -> bytes:
+  """A PASCAL VOC annotation, as Stanford Dogs' and Oxford-IIIT Pet's: (xmin, ymin, xmax, ymax)."""
+  objects = ''.join(f'<object><name>x</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>'
+                    f'<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>'
+                    for x0, y0, x1, y1 in boxes)
+  return (f'<annotation><folder>f</folder><size><width>{width}</width><height>{height}</height>'
+          f'<depth>3</depth></size><segment>0</segment>{objects}</annotation>').encode()
+
+
+def _mat(paths) -> bytes:
+  buffer = io.BytesIO()
+  scipy.io.savemat(buffer, {'file_list': np.array([[p] for p in paths], dtype=object)})
+  return buffer.getvalue()
+
+
+def _png(pixels) -> bytes:
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(pixels).save(buffer, 'PNG')
+  return buffer.getvalue()
+
+
+def _write_stanford_dogs(manual, rng):
+  """120 breeds (TFDS's class count) with one train image each; two test images, one with
+  two dogs, one box past the image's edge; an unlisted image. -> {member: (jpeg, boxes)}"""
+  breeds = [f'n{2085620 + i:08d}-Breed_{i}' for i in range(120)]
+  train = [f'{breed}/{breed[:9]}_1.jpg' for breed in breeds]
+  test = [f'{breeds[3]}/{breeds[3][:9]}_2.jpg', f'{breeds[7]}/{breeds[7][:9]}_3.jpg']
+  unlisted = f'{breeds[0]}/{breeds[0][:9]}_9.jpg'
+  expected = {}
+  with tarfile.open(manual / 'images.tar', 'w') as images, \
+      tarfile.open(manual / 'annotation.tar', 'w') as annotation:
+    for path in train + test + [unlisted]:
+      boxes = ((2, 1, 15, 19), (0, 5, 17, 20)) if path == test[0] else ((3, 4, 10, 12),)
+      expected[f'Images/{path}'] = _jpeg(rng), boxes
+      _add(images, f'Images/{path}', expected[f'Images/{path}'][0])
+      _add(annotation, f'Annotation/{path[:-len(".jpg")]}', _voc(16, 20, *boxes))
+  with tarfile.open(manual / 'lists.tar', 'w') as lists:
+    for name, paths in (('file', train + test), ('train', train), ('test', test)):
+      _add(lists, f'{name}_list.mat', _mat(paths))
+  return expected
+
+
+def _write_oxford_iiit_pet(manual, rng):
+  """Two trainval images with head boxes, one of them an RGBA PNG that TFDS re-encodes
+  (Abyssinian_5), one test image without; trimaps of 1, 2, 3. -> {name: (image, trimap,
+  class, species, head box or None)}; images.tar.gz is a plain tar, as the official one."""
+  gradient = np.linspace(0, 255, 20 * 16 * 4).reshape(20, 16, 4).astype(np.uint8)
+  expected = {
+      'Abyssinian_1': (_jpeg(rng), 1, 1, (2, 3, 12, 17)),
+      'Abyssinian_5': (_png(gradient), 1, 1, (0, 0, 16, 20)),
+      'beagle_7': (_jpeg(rng), 5, 2, (1, 1, 8, 9)),
+      'pug_2': (_jpeg(rng), 26, 2, None)}
+  expected = {name: (image, rng.integers(1, 4, (20, 16), dtype=np.uint8), label, species, head)
+              for name, (image, label, species, head) in expected.items()}
+  with tarfile.open(manual / 'images.tar.gz', 'w') as images, \
+      tarfile.open(manual / 'annotations.tar.gz', 'w:gz') as annotations:
+    for name, (image, trimap, _, _, head) in expected.items():
+      _add(images, f'images/{name}.jpg', image)
+      _add(annotations, f'annotations/trimaps/{name}.png', _png(trimap))
+      if head:
+        _add(annotations, f'annotations/xmls/{name}.xml', _voc(16, 20, head))
+    for list_name, names in (('trainval', ('Abyssinian_1', 'Abyssinian_5', 'beagle_7')),
+                             ('test', ('pug_2',))):
+      lines = ''.join(f'{n} {expected[n][2]} {expected[n][3]} 1\n' for n in names)
+      _add(annotations, f'annotations/{list_name}.txt', lines.encode())
+  return expected
 
 
 def _cifar_batch(rng, num_classes, coarse=False):
@@ -120,6 +190,8 @@ def _write_archives(manual, rng):
   scipy.io.savemat(manual / 'setid.mat', {'trnid': np.array([[2]]), 'valid': np.array([[3]]),
                                           'tstid': np.array([[1]])})
   expected['oxford_flowers102'] = flowers
+  expected['stanford_dogs'] = _write_stanford_dogs(manual, rng)
+  expected['oxford_iiit_pet'] = _write_oxford_iiit_pet(manual, rng)
   # OpenOOD's data/ folder: a benchmark list and the images it names.
   (manual / 'benchmark_imglist' / 'cifar10').mkdir(parents=True)
   (manual / 'images_classic' / 'tin' / 'val').mkdir(parents=True)
@@ -139,7 +211,8 @@ def prepared(tmp_path_factory):
   expected = _write_archives(manual, np.random.default_rng(0))
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   for name in ('cifar10', 'cifar100', 'svhn_cropped', 'imagenet2012', 'dtd', 'places365_small',
-               'food101', 'oxford_flowers102', 'openood:cifar10/test_tin'):
+               'food101', 'oxford_flowers102', 'stanford_dogs', 'oxford_iiit_pet',
+               'openood:cifar10/test_tin'):
     prepare.prepare(name, data_dir, str(manual))
   return data_dir, manual, expected
 
@@ -226,6 +299,45 @@ def test_imagenet30_ood_sets_food101_and_flowers102(prepared):
     assert record['image'] == jpeg and record['label'] == label - 1
 
 
+def test_stanford_dogs_keeps_jpeg_bytes_breeds_and_normalised_boxes(prepared):
+  data_dir, _, expected = prepared
+  names = tfds.builder('stanford_dogs', data_dir=data_dir).info.features['label'].names
+  assert len(names) == 120 and names[3] == 'n02085623-breed_3'  # from the train list, as TFDS
+  for split, count in (('train', 120), ('test', 2)):
+    records = _records('stanford_dogs', split, data_dir)
+    assert len(records) == count  # the unlisted image is in neither
+    for record in records:
+      member = record['image/filename'].decode()
+      jpeg, boxes = expected['stanford_dogs'][member]
+      assert record['image'] == jpeg
+      assert names[record['label']] == member.split('/')[1].lower()
+      want = [[min(y0 / 20, 1), min(x0 / 16, 1), min(y1 / 20, 1), min(x1 / 16, 1)]
+              for x0, y0, x1, y1 in boxes]
+      np.testing.assert_allclose(record['objects']['bbox'], want, rtol=1e-6)
+
+
+def test_oxford_iiit_pet_keeps_images_trimaps_labels_and_head_boxes(prepared):
+  data_dir, _, expected = prepared
+  for split, want in (('train', {'Abyssinian_1', 'Abyssinian_5', 'beagle_7'}),
+                      ('test', {'pug_2'})):
+    got = {r['file_name'].decode(): r for r in _records('oxford_iiit_pet', split, data_dir)}
+    assert set(got) == {f'{name}.jpg' for name in want}
+    for name in want:
+      image, trimap, label, species, head = expected['oxford_iiit_pet'][name]
+      record = got[f'{name}.jpg']
+      assert (record['label'], record['species']) == (label - 1, species - 1)
+      # TFDS decodes the mask as its feature says: one channel, the trimap's 1, 2, 3.
+      np.testing.assert_array_equal(record['segmentation_mask'], trimap[..., None])
+      box = [head[1] / 20, head[0] / 16, head[3] / 20, head[2] / 16] if head else [0] * 4
+      np.testing.assert_allclose(record['head_bbox'], box, rtol=1e-6)
+      if name == 'Abyssinian_5':  # an RGBA PNG: a JPEG of its RGB now, as TFDS stores it
+        rgb = np.asarray(PIL.Image.open(io.BytesIO(image)))[..., :3].astype(int)
+        assert PIL.Image.open(io.BytesIO(record['image'])).format == 'JPEG'
+        assert np.abs(_pixels(record['image']).astype(int) - rgb).max() <= 8
+      else:
+        assert record['image'] == image
+
+
 def test_openood_list_becomes_an_ood_set_in_its_group(prepared):
   data_dir, manual, _ = prepared
   which = 'openood:cifar10/test_tin'
@@ -247,6 +359,24 @@ def test_smoke_config_trains_and_evaluates_on_prepared_data(prepared, tmp_path):
   pipeline.run(config, str(tmp_path))
   rows = (tmp_path / 'results' / 'results.csv').read_text()
   assert 'openood:cifar10/test_tin' in rows and 'svhn_cropped' in rows
+
+
+def test_every_dataset_a_config_reads_is_prepared_by_our_command():
+  """No config names a TFDS dataset that `prepare` cannot make (folders have their own tool)."""
+  presets = {'cifar10_oneclass': ('class=3', 'superclass=3')}
+  for path in sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))):
+    name = os.path.basename(path)[:-len('.py')]
+    for arg in presets.get(name, ('',)):
+      data = runpy.run_path(path)['get_config'](arg).data
+      if data.name == 'digits':  # embedded: built by the run itself
+        continue
+      for which in (data.name, *data.ood_sets):
+        if which.startswith(folder.PREFIX) or which.endswith(sources.HELDOUT_SUFFIX):
+          continue
+        assert which in prepare.SOURCES or which.startswith(openood.PREFIX), (name, which)
+        command = sources.prepare_command(which, 'D')
+        assert command.startswith(f'`python -m mood_jax.data.prepare {which} --data_dir=D')
+  assert set(sources.TFDS_SPLITS) <= set(prepare.SOURCES)
 
 
 def test_a_prepared_dataset_is_never_overwritten(prepared):
@@ -273,6 +403,29 @@ def test_offline_names_the_file_and_where_it_is_published(tmp_path, monkeypatch)
   assert not os.listdir(tmp_path / 'manual')  # no partial download left
   with pytest.raises(UserError, match='ILSVRC2012_img_train.tar is not in --manual_dir'):
     prepare.prepare('imagenet2012', str(tmp_path / 'tfds'), str(tmp_path / 'manual'))
+
+
+@pytest.mark.parametrize('name,files,broken', [
+    ('stanford_dogs', ('images.tar', 'annotation.tar', 'lists.tar'), 'annotation.tar'),
+    ('stanford_dogs', ('images.tar', 'annotation.tar', 'lists.tar'), 'images.tar'),
+    ('oxford_iiit_pet', ('images.tar.gz', 'annotations.tar.gz'), 'annotations.tar.gz'),
+    ('oxford_iiit_pet', ('images.tar.gz', 'annotations.tar.gz'), 'images.tar.gz')])
+def test_corrupt_imagenet30_ood_archive_names_the_file(prepared, tmp_path, name, files, broken):
+  _, manual, _ = prepared
+  (tmp_path / 'manual').mkdir()
+  for file in files:
+    data = (manual / file).read_bytes()
+    if file == broken:  # cut inside a member's data (a cut at a header reads as a shorter tar)
+      with tarfile.open(manual / file) as tar:
+        member = tar.getmembers()[len(tar.getmembers()) // 2]
+      data = data[:member.offset_data + member.size // 2] if file.endswith('.tar') else \
+          data[:len(data) // 2]
+    (tmp_path / 'manual' / file).write_bytes(data)
+  with pytest.raises(UserError) as error:
+    prepare.prepare(name, str(tmp_path / 'tfds'), str(tmp_path / 'manual'))
+  message = str(error.value)
+  assert str(tmp_path / 'manual' / broken) in message and '\n' not in message
+  assert not tfds.builder(name, data_dir=str(tmp_path / 'tfds')).is_prepared()
 
 
 def test_corrupt_archive_is_one_line_naming_the_file(prepared, tmp_path):
@@ -327,5 +480,73 @@ def test_interrupted_preparation_leaves_nothing_a_run_reads_and_a_rerun_complete
   with pytest.raises(Exception):  # what a run would read is not there
     tfds.data_source('cifar10', split='train', data_dir=data_dir, download=False)
   assert _cli(*args).returncode == 0
-  assert os.listdir(os.path.join(data_dir, 'cifar10')) == ['3.0.2']  # the leftover is gone
+  left = sorted(os.listdir(os.path.join(data_dir, 'cifar10')))
+  assert left == ['.prepare.lock', '3.0.2']  # the leftover is gone
+  assert len(_records('cifar10', 'train', data_dir)) == 5 * 10 * PER_CLASS
+
+
+# The first preparation stops half-way through CIFAR-10's train split until told to go on; the
+# second says when it asks for the lock. Both take the folder of those signals first.
+_PAUSED_MID_WRITE = """
+import os, sys, time
+from mood_jax.data import archives, prepare
+encode, count, signals = archives.png, [0], sys.argv.pop(1)
+def png_paused(pixels):
+  count[0] += 1
+  if count[0] == 30:
+    open(os.path.join(signals, 'paused'), 'w').close()
+    for _ in range(6000):  # 5 min at most: a failed test leaves no process behind for long
+      if os.path.exists(os.path.join(signals, 'go_on')):
+        break
+      time.sleep(0.05)
+  return encode(pixels)
+archives.png = png_paused
+prepare.main(sys.argv[1:])
+"""
+_SAYS_WHEN_IT_LOCKS = """
+import fcntl, os, sys
+lock, signals = fcntl.flock, sys.argv.pop(1)
+def flock(file, operation):
+  open(os.path.join(signals, 'locking'), 'w').close()
+  return lock(file, operation)
+fcntl.flock = flock
+from mood_jax.data import prepare
+prepare.main(sys.argv[1:])
+"""
+
+
+def _wait_for(path, process, timeout_s=120):
+  deadline = time.monotonic() + timeout_s
+  while not path.exists():
+    assert process.poll() is None, f'it ended before {path.name}'
+    assert time.monotonic() < deadline, f'{path.name} never came'
+    time.sleep(0.05)
+
+
+def test_two_preparations_at_once_leave_one_whole_dataset(prepared, tmp_path):
+  _, manual, _ = prepared
+  data_dir = str(tmp_path / 'tfds')
+  args = ['cifar10', f'--data_dir={data_dir}', f'--manual_dir={manual}']
+  with open(tmp_path / 'first.log', 'w') as first_log, \
+      open(tmp_path / 'second.log', 'w') as second_log:
+    first = subprocess.Popen([sys.executable, '-c', _PAUSED_MID_WRITE, str(tmp_path), *args],
+                             cwd=ROOT, stderr=first_log)
+    second = None
+    try:
+      _wait_for(tmp_path / 'paused', first)
+      second = subprocess.Popen([sys.executable, '-c', _SAYS_WHEN_IT_LOCKS, str(tmp_path), *args],
+                                cwd=ROOT, stderr=second_log)
+      _wait_for(tmp_path / 'locking', second)
+      time.sleep(1)  # were it not waiting, it would now be removing the first one's folder
+      assert second.poll() is None
+      (tmp_path / 'go_on').touch()
+      assert first.wait(timeout=120) == 0, (tmp_path / 'first.log').read_text()
+      assert second.wait(timeout=120) != 0
+    finally:
+      for process in (first, second):
+        if process and process.poll() is None:
+          process.kill()
+  assert (tmp_path / 'second.log').read_text().strip().splitlines()[-1] == (
+      f'error: cifar10 is already prepared in {data_dir}: datasets are never overwritten '
+      '(delete its folder first to prepare it again)')
   assert len(_records('cifar10', 'train', data_dir)) == 5 * 10 * PER_CLASS

@@ -10,10 +10,12 @@ CMYK included). A file that cannot be read raises UserError naming it.
 import contextlib
 import io
 import json
+import os
 import pickle
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
+from xml.etree import ElementTree
 
 import numpy as np
 import PIL.Image
@@ -29,7 +31,7 @@ def _reading(path: str, what: str):
   try:
     yield
   except (OSError, EOFError, tarfile.TarError, zlib.error, pickle.UnpicklingError, KeyError,
-          ValueError) as e:
+          ValueError, ElementTree.ParseError) as e:
     if isinstance(e, UserError):
       raise
     raise UserError(f'{path} is not a readable {what} ({type(e).__name__}: {e}): '
@@ -57,6 +59,31 @@ def _tar_file(path: str, name: str, what: str) -> bytes:
   for _, data in tar_members(path, lambda n: n == name, what):
     return data
   raise UserError(f'{path} has no {name}: it is not the official {what}; download it again')
+
+
+def _check_all_found(images_tar: str, found: int, listed: int, split_list: str) -> None:
+  """A tar cut short at a member's header, or with a damaged one, reads as a shorter tar
+  (tarfile stops there without an error): the split's list tells."""
+  if found < listed:
+    raise UserError(f'{images_tar} lacks {listed - found} of the {listed} images that '
+                    f'{split_list} lists: download it again')
+
+
+def _number(element: ElementTree.Element, path: str) -> float:
+  text = element.findtext(path)
+  if text is None:
+    raise ValueError(f'no <{path}>')
+  return float(text)
+
+
+def _voc_boxes(xml: bytes) -> list[np.ndarray]:
+  """The boxes of a PASCAL VOC annotation (Stanford Dogs', Oxford-IIIT Pet's), in document
+  order, as TFDS's BBoxFeature wants them: [ymin, xmin, ymax, xmax] over the image's size."""
+  root = ElementTree.fromstring(xml)
+  height, width = _number(root, 'size/height'), _number(root, 'size/width')
+  return [np.array([_number(box, 'ymin') / height, _number(box, 'xmin') / width,
+                    _number(box, 'ymax') / height, _number(box, 'xmax') / width])
+          for box in root.iter('bndbox')]
 
 
 # --- CIFAR-10/100: the "python version" tarballs (pickled batches of [N, 3072] uint8). ---
@@ -191,3 +218,112 @@ def flowers102(images_tgz: str, labels_mat: str, setid_mat: str,
   for member, image in tar_members(images_tgz, lambda n: n in wanted, '102flowers.tgz'):
     name = member.rsplit('/', 1)[-1]
     yield name, {'image': image, 'label': wanted[member], 'file_name': name}
+
+
+# --- Stanford Dogs (an ImageNet-30 OOD set): images.tar's Images/<wnid-breed>/<id>.jpg, ---
+# annotation.tar's Annotation/<wnid-breed>/<id> (VOC XML boxes), lists.tar's <split>_list.mat.
+# As tensorflow_datasets/datasets/stanford_dogs/stanford_dogs_dataset_builder.py.
+
+_DOG_BREEDS = 120
+
+
+def _dogs_list(lists_tar: str, split: str) -> list[str]:
+  """'n02085620-Chihuahua/n02085620_10074.jpg', ... of split 'train' or 'test'."""
+  import scipy.io  # as `svhn`
+  what = 'Stanford Dogs lists.tar'
+  mat = _tar_file(lists_tar, f'{split}_list.mat', what)
+  with _reading(lists_tar, what):
+    return [str(p) for p in np.atleast_1d(
+        scipy.io.loadmat(io.BytesIO(mat), squeeze_me=True)['file_list'])]
+
+
+def stanford_dogs_breeds(lists_tar: str) -> list[str]:
+  """The class names, which TFDS takes from the train list ('n02085620-chihuahua', sorted)."""
+  breeds = sorted({os.path.dirname(p).lower() for p in _dogs_list(lists_tar, 'train')})
+  if len(breeds) != _DOG_BREEDS:
+    raise UserError(f'{lists_tar} lists {len(breeds)} breeds, not Stanford Dogs\' '
+                    f'{_DOG_BREEDS}: it is not the official lists.tar; download it again')
+  return breeds
+
+
+def stanford_dogs(images_tar: str, annotation_tar: str, lists_tar: str,
+                  split: str) -> Iterator[Example]:
+  """split: 'train' or 'test'. Keys and file names are the images' paths in images.tar."""
+  listed = {os.path.basename(p) for p in _dogs_list(lists_tar, split)}
+  annotations = {name.rsplit('/', 1)[-1]: xml for name, xml in
+                 tar_members(annotation_tar, what='Stanford Dogs annotation.tar')}
+  found = 0
+  for member, image in tar_members(images_tar, lambda n: os.path.basename(n) in listed,
+                                   'Stanford Dogs images.tar'):
+    breed, file_name = member.split('/')[-2:]
+    stem = file_name.split('.')[0]
+    if stem not in annotations:
+      raise UserError(f'{annotation_tar} has no annotation of {member}: it is not the official '
+                      'annotation.tar; download it again')
+    with _reading(annotation_tar, f'Stanford Dogs annotation ({stem})'):
+      boxes = _voc_boxes(annotations[stem])
+    found += 1
+    yield member, {'image': image, 'image/filename': member, 'label': breed.lower(),
+                   'objects': [{'bbox': np.minimum(box, 1.0)} for box in boxes]}  # as TFDS
+  _check_all_found(images_tar, found, len(listed), f'{split}_list.mat')
+
+
+# --- Oxford-IIIT Pet (an ImageNet-30 OOD set): images.tar.gz's images/<name>.jpg, ---
+# annotations.tar.gz's annotations/{trainval,test}.txt (name class species breed), trimaps/
+# <name>.png and xmls/<name>.xml (the head's box; trainval images only). TFDS notes that both
+# are plain tars despite their name; `tar_members` reads either.
+# As tensorflow_datasets/datasets/oxford_iiit_pet/oxford_iiit_pet_dataset_builder.py.
+
+def _clean_jpeg(image: bytes) -> bytes:
+  """TFDS re-encodes the few pet images that are not clean JPEGs (a PNG, an alpha channel) with
+  TensorFlow: decoded, alpha dropped, JPEG at quality 95. Here PIL does the same, so pixels
+  match TFDS's up to the two JPEG encoders, not byte for byte."""
+  buffer = io.BytesIO()
+  with PIL.Image.open(io.BytesIO(image)) as decoded:
+    decoded.convert('RGB').save(buffer, 'JPEG', quality=95)
+  return buffer.getvalue()
+
+
+def _pet_head(xml: bytes | None) -> np.ndarray:
+  if xml is None:  # test images have none: TFDS stores an empty box
+    return np.zeros(4)
+  boxes = _voc_boxes(xml)
+  if not boxes:
+    raise ValueError('no <bndbox>')
+  return boxes[0]  # the first object's, as TFDS
+
+
+def oxford_iiit_pet(images_tar: str, annotations_tar: str, list_name: str,
+                    reencode: frozenset[str]) -> Iterator[Example]:
+  """list_name: 'trainval' (TFDS 'train') or 'test'; reencode: TFDS's names of the images that
+  it re-encodes. The trimap PNG is stored as it is (TFDS stores the file's bytes too)."""
+  what = 'Oxford-IIIT Pet annotations.tar.gz'
+  annotations = dict(tar_members(annotations_tar, lambda n: n.endswith(('.txt', '.png', '.xml')),
+                                 what))
+  if f'annotations/{list_name}.txt' not in annotations:
+    raise UserError(f'{annotations_tar} has no annotations/{list_name}.txt: it is not the '
+                    f'official {what}; download it again')
+  listed = {}
+  with _reading(annotations_tar, f'{what} ({list_name}.txt)'):
+    for line in annotations[f'annotations/{list_name}.txt'].decode().splitlines():
+      if line.strip():
+        name, label, species, _ = line.split()
+        listed[f'images/{name}.jpg'] = name, int(label) - 1, int(species) - 1  # 1-based there
+  found = 0
+  for member, image in tar_members(images_tar, lambda n: n in listed,
+                                   'Oxford-IIIT Pet images.tar.gz'):
+    name, label, species = listed[member]
+    trimap = annotations.get(f'annotations/trimaps/{name}.png')
+    if trimap is None:
+      raise UserError(f'{annotations_tar} has no annotations/trimaps/{name}.png: it is not the '
+                      f'official {what}; download it again')
+    with _reading(annotations_tar, f'{what} (xmls/{name}.xml)'):
+      head_box = _pet_head(annotations.get(f'annotations/xmls/{name}.xml'))
+    if name in reencode:
+      with _reading(images_tar, f'Oxford-IIIT Pet image ({member})'):
+        image = _clean_jpeg(image)
+    found += 1
+    yield f'{name}.jpg', {'image': image, 'label': label, 'species': species,
+                          'file_name': f'{name}.jpg', 'segmentation_mask': trimap,
+                          'head_bbox': head_box}
+  _check_all_found(images_tar, found, len(listed), f'{list_name}.txt')

@@ -6,13 +6,9 @@ of numpy arrays: 'image' float32 [b, S, S, C] normalised, 'label' int32 [b] (ind
 sorted ID classes; -1 for OOD) and, for evaluation, 'valid' bool [b].
 """
 
-import contextlib
 import dataclasses
-import fcntl
-import glob
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 
@@ -24,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mood_jax import checkpoint, config_checks
-from mood_jax.data import embedded, folder, sources
+from mood_jax.data import build_lock, embedded, folder, sources
 from mood_jax.data.randaugment import RandAugment
 from mood_jax.data.transforms import (ColorJitter, Decode, Normalize, RandomErasing,
                                       RandomResizedCrop, RandomTranslate, ResizeCenterCrop)
@@ -327,29 +323,13 @@ def prepare(data_cfg) -> None:
     if builder.is_prepared():
       logging.info('Found %s in %s', builder.info.full_name, builder.data_dir)
       continue
-    with _preparing(os.path.dirname(builder.data_dir)):
+    with build_lock.held(os.path.dirname(builder.data_dir)):
       if builder.is_prepared():  # by the run that held the lock
         continue
       start = time.perf_counter()
       builder.download_and_prepare()
       logging.info('Built %s in %s (%.1f s)', builder.info.full_name, builder.data_dir,
                    time.perf_counter() - start)
-
-
-@contextlib.contextmanager
-def _preparing(config_dir: str):
-  """Holds the lock on preparing one builder config (other runs wait) and removes what a
-  killed preparation left. TFDS builds in `incomplete.*` beside the version directory and
-  renames it when done, so no run reads a partial dataset; a kill -9 leaves that directory
-  behind (any other stop removes it), and only while holding this lock is it known to be
-  no live preparation's."""
-  os.makedirs(config_dir, exist_ok=True)
-  with open(os.path.join(config_dir, '.prepare.lock'), 'a') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
-    for leftover in glob.glob(os.path.join(config_dir, 'incomplete.*')):
-      logging.warning('removing %s, left by a preparation that was killed', leftover)
-      shutil.rmtree(leftover)
-    yield
 
 
 # --- Record-level maps (image transforms are in `transforms`). ---

@@ -3,21 +3,21 @@
     python -m mood_jax.data.prepare NAME [--data_dir=~/tensorflow_datasets] [--manual_dir=DIR]
 
 NAME is a TFDS name the configs read (cifar10, cifar100, svhn_cropped, dtd, places365_small,
-imagenet2012, food101, oxford_flowers102) or an OpenOOD v1.5 list ('openood:cifar10/test_tin',
-see `openood`). The official files are looked for in --manual_dir (default DATA_DIR/downloads/manual) and, where they are
-public, downloaded there when absent. TFDS's own builders for these datasets need TensorFlow
-to read their files or encode their images, so this reads the archives itself (`archives`) and
-writes them through the same TFDS builder, whose dataset `tfds.data_source` then reads.
+imagenet2012, food101, oxford_flowers102, stanford_dogs, oxford_iiit_pet) or an OpenOOD v1.5
+list ('openood:cifar10/test_tin', see `openood`). The official files are looked for in
+--manual_dir (default DATA_DIR/downloads/manual) and, where they are public, downloaded there
+when absent. TFDS's own builders for these datasets need TensorFlow to read their files or
+encode their images, so this reads the archives itself (`archives`) and writes them through the
+same TFDS builder, whose dataset `tfds.data_source` then reads.
 
 TFDS writes into a temporary folder and renames it when complete, so an interrupted
 preparation leaves nothing a run would read; the next one removes the leftover and starts
-over. A prepared dataset is never overwritten.
+over. One preparation of a dataset runs at a time (`build_lock`): a second waits, then finds
+it prepared. A prepared dataset is never overwritten.
 """
 
 import argparse
-import glob
 import os
-import shutil
 import sys
 import time
 import urllib.error
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from absl import logging
 import tensorflow_datasets as tfds
 
-from mood_jax.data import archives, folder, openood
+from mood_jax.data import archives, build_lock, folder, openood
 from mood_jax.errors import UserError
 
 DEFAULT_DATA_DIR = '~/tensorflow_datasets'
@@ -42,6 +42,8 @@ _PLACES = 'http://data.csail.mit.edu/places/places365/'
 _IMAGENET = 'image-net.org/download-images, after registering'
 _FOOD101 = ('food-101.tar.gz', 'http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz')
 _FLOWERS = 'https://www.robots.ox.ac.uk/~vgg/data/flowers/102/'
+_DOGS = 'http://vision.stanford.edu/aditya86/ImageNetDogs/'
+_PETS = 'https://www.robots.ox.ac.uk/~vgg/data/pets/data/'
 
 Fetch = Callable[[str, str], str]  # (file name, where published) -> local path
 Splits = dict[str, Iterator[archives.Example]]
@@ -107,9 +109,32 @@ def _flowers102(fetch: Fetch) -> Splits:
           for split, key in (('train', 'trnid'), ('validation', 'valid'), ('test', 'tstid'))}
 
 
+def _stanford_dogs(fetch: Fetch) -> Splits:
+  images, annotation, lists = (fetch(name, _DOGS + name)
+                               for name in ('images.tar', 'annotation.tar', 'lists.tar'))
+  return {split: archives.stanford_dogs(images, annotation, lists, split)
+          for split in ('train', 'test')}
+
+
+def _dog_breeds(fetch: Fetch) -> list[str]:
+  return archives.stanford_dogs_breeds(fetch('lists.tar', _DOGS + 'lists.tar'))
+
+
+def _oxford_iiit_pet(fetch: Fetch) -> Splits:
+  from tensorflow_datasets.datasets.oxford_iiit_pet import oxford_iiit_pet_dataset_builder
+  images, annotations = (fetch(name, _PETS + name)
+                         for name in ('images.tar.gz', 'annotations.tar.gz'))
+  reencode = frozenset(oxford_iiit_pet_dataset_builder._CORRUPT_SAMPLES)  # TFDS's list
+  return {'train': archives.oxford_iiit_pet(images, annotations, 'trainval', reencode),
+          'test': archives.oxford_iiit_pet(images, annotations, 'test', reencode)}
+
+
 SOURCES = {'cifar10': _cifar10, 'cifar100': _cifar100, 'svhn_cropped': _svhn, 'dtd': _dtd,
            'places365_small': _places365, 'imagenet2012': _imagenet, 'food101': _food101,
-           'oxford_flowers102': _flowers102}
+           'oxford_flowers102': _flowers102, 'stanford_dogs': _stanford_dogs,
+           'oxford_iiit_pet': _oxford_iiit_pet}
+# Datasets whose TFDS builder names its classes from the files, not in code.
+_LABEL_NAMES = {'stanford_dogs': _dog_breeds}
 
 
 def _download(url: str, path: str) -> None:
@@ -153,7 +178,8 @@ def fetcher(manual_dir: str) -> Fetch:
   return fetch
 
 
-def _from_archives(name: str, data_dir: str, splits: Splits) -> tfds.core.DatasetBuilder:
+def _from_archives(name: str, data_dir: str, splits: Splits,
+                   label_names: list[str] | None = None) -> tfds.core.DatasetBuilder:
   """TFDS's builder of `name` (same features, version and folder), fed from `splits`."""
   tfds_builder = tfds.builder_cls(name)
 
@@ -162,6 +188,8 @@ def _from_archives(name: str, data_dir: str, splits: Splits) -> tfds.core.Datase
 
     def _split_generators(self, dl_manager):
       del dl_manager  # the archives are read by `archives`
+      if label_names:  # where TFDS's own builder sets them too
+        self.info.features['label'].names = label_names
       return splits
 
   # The dataset on disk is then TFDS's own, module name included.
@@ -169,28 +197,20 @@ def _from_archives(name: str, data_dir: str, splits: Splits) -> tfds.core.Datase
   return FromArchives(data_dir=data_dir, file_format='array_record')
 
 
-def _remove_leftovers(builder: tfds.core.DatasetBuilder) -> None:
-  """TFDS's temporary folders of this dataset version, left by an interrupted preparation."""
-  parent, version = os.path.split(str(builder.data_path))
-  pattern = os.path.join(parent, f'incomplete.*_{version}')  # tfds file_utils.incomplete_dir
-  for leftover in glob.glob(pattern):
-    logging.info('Removing %s, left by an interrupted preparation', leftover)
-    shutil.rmtree(leftover)
-
-
-def _build(builder: tfds.core.DatasetBuilder, what: str) -> None:
-  _remove_leftovers(builder)
-  start = time.perf_counter()
-  builder.download_and_prepare()  # shows a progress bar per split
-  splits = {name: info.num_examples for name, info in builder.info.splits.items()}
-  logging.info('Prepared %s in %s: %s examples (%.0f s)', what, builder.data_path, splits,
-               time.perf_counter() - start)
-
-
 def _refuse_overwrite(builder: tfds.core.DatasetBuilder, what: str, data_dir: str) -> None:
   if builder.is_prepared():
     raise UserError(f'{what} is already prepared in {data_dir}: datasets are never '
                     'overwritten (delete its folder first to prepare it again)')
+
+
+def _build(builder: tfds.core.DatasetBuilder, what: str, data_dir: str) -> None:
+  with build_lock.held(os.path.dirname(str(builder.data_path))):
+    _refuse_overwrite(builder, what, data_dir)  # by a preparation that held the lock first
+    start = time.perf_counter()
+    builder.download_and_prepare()  # shows a progress bar per split
+  splits = {name: info.num_examples for name, info in builder.info.splits.items()}
+  logging.info('Prepared %s in %s: %s examples (%.0f s)', what, builder.data_path, splits,
+               time.perf_counter() - start)
 
 
 def prepare(name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str | None = None) -> None:
@@ -205,15 +225,17 @@ def prepare(name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str | None 
       path, why = next(iter(bad.items()))
       raise UserError(f'{len(bad)} images of {name} do not decode, e.g. {path} ({why}): '
                       'unpack OpenOOD\'s image zips again')
-    _build(folder.builder(folder_name, data_dir, tuple(files)), name)
+    _build(folder.builder(folder_name, data_dir, tuple(files)), name, data_dir)
     return
   if name not in SOURCES:
     raise UserError(f'cannot prepare {name!r}: valid: {sorted(SOURCES)} or '
                     f'{openood.PREFIX}BENCHMARK/LIST (an OpenOOD v1.5 list, e.g. '
                     'openood:cifar10/test_tin)')
   _refuse_overwrite(tfds.builder(name, data_dir=data_dir), name, data_dir)
-  splits = SOURCES[name](fetcher(manual_dir))  # finds (or downloads) every file before writing
-  _build(_from_archives(name, data_dir, splits), name)
+  fetch = fetcher(manual_dir)
+  splits = SOURCES[name](fetch)  # finds (or downloads) every file before writing
+  label_names = _LABEL_NAMES[name](fetch) if name in _LABEL_NAMES else None
+  _build(_from_archives(name, data_dir, splits, label_names), name, data_dir)
 
 
 def command(name: str, data_dir: str) -> str:

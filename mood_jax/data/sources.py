@@ -44,11 +44,7 @@ def prepare_command(which: str, data_dir: str) -> str:
   """How to make TFDS dataset or OOD set `which` available in data_dir."""
   if which.startswith(folder.PREFIX):
     return f'`{folder.prepare_command(which[len(folder.PREFIX):], data_dir)}`'
-  if which in prepare.SOURCES or which.startswith(openood.PREFIX):
-    return prepare.command(which, data_dir)
-  # stanford_dogs, oxford_iiit_pet (ImageNet-30's): TFDS's builders, which need TensorFlow.
-  return (f'`tfds build {which} --data_dir={data_dir} --file_format=array_record` on a machine '
-          'with TensorFlow, and copy the folder here')
+  return prepare.command(which, data_dir)  # every name in TFDS_SPLITS, or openood:...
 
 
 @functools.cache  # asked for often; builders read ImageNet's class list from a file
