@@ -52,7 +52,8 @@ def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: 
   fitted and scored as the evaluate stage does; `hparams` is {scorer: its hparams}."""
   model, params, has_head = evaluate.MODELS[model_name](config, workdir, placement)
   mesh = placement.mesh
-  extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
+  extract = functools.partial(inference.extract, params=params, data_cfg=config.data, mesh=mesh,
+                              batch_size=config.evaluate.batch_size, seed=config.seed)
   plain = inference.make_forward(model, mesh)
   cfg = config.evaluate
   id_train = extract(plain, which='id_train', augment=cfg.id_train_augment)

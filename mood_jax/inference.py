@@ -31,13 +31,14 @@ def make_forward(model, mesh, input_perturbation=None):
                  out_shardings=parallel.batch_sharding(mesh))
 
 
-def extract(forward, params, config, which: str, mesh, augment: bool | str = False) -> dict:
-  """Features, logits, labels and split indices of one data set as host numpy arrays,
-  padding dropped; `augment` as input_pipeline.eval_dataset's."""
+def extract(forward, params, data_cfg, which: str, mesh, *, batch_size: int,
+            augment: bool | str = False, seed: int = 0) -> dict:
+  """Features, logits, labels and split indices of one data set (of `config.data`) as host
+  numpy arrays, padding dropped, in global batches of `batch_size`; `augment` and `seed` as
+  input_pipeline.eval_dataset's."""
   start = time.perf_counter()
   dataset, num_examples = input_pipeline.eval_dataset(
-      config.data, which, global_batch_size=config.evaluate.batch_size, augment=augment,
-      seed=config.seed)
+      data_cfg, which, global_batch_size=batch_size, augment=augment, seed=seed)
   parts = []
   for batch in dataset:
     batch = parallel.global_batch(batch, mesh)

@@ -49,7 +49,8 @@ def make_eval_fn(config: ml_collections.ConfigDict, stage: str, model, mesh,
 
   def eval_fn(params):
     params = classifier_params(params)
-    extract = functools.partial(inference.extract, forward, params, config, mesh=mesh)
+    extract = functools.partial(inference.extract, forward, params, config.data, mesh=mesh,
+                                batch_size=config.evaluate.batch_size, seed=config.seed)
     id_test = extract(which='id_test')
     results = {'id_accuracy': float(metrics.accuracy(id_test['logits'], id_test['label']))}
     if not ood_sets:

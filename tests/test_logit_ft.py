@@ -150,15 +150,15 @@ def test_gamma_from_masked_model_matches_direct_computation(monkeypatch, smoothi
       p = variables['params']['head']
       return x @ p['kernel'] + p['bias'], {}
 
-  def fake_extract(forward, params, config, which, mesh):
+  def fake_extract(forward, params, data_cfg, which, mesh, batch_size):
     assert which == 'id_train'
     return {'logits': np.asarray(forward(params, features)[1]), 'label': labels}
 
   monkeypatch.setattr(logit_ft.inference, 'extract', fake_extract)
   monkeypatch.setattr(logit_ft.inference, 'make_forward',
                       lambda model, mesh: lambda p, x: (x, model.apply({'params': p}, x)[0]))
-  config = ml_collections.ConfigDict(dict(seed=3, logit_ft=dict(
-      gamma_from='masked_model', weight_keep_ratio=0.75, gamma_quantile=0.5, gamma=0.,
+  config = ml_collections.ConfigDict(dict(seed=3, data={}, logit_ft=dict(
+      batch_size=8, gamma_from='masked_model', weight_keep_ratio=0.75, gamma_quantile=0.5, gamma=0.,
       label_smoothing=smoothing)))
   gamma = logit_ft.estimate_gamma(config, Linear(), params, mesh=None)
 

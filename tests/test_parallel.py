@@ -85,7 +85,8 @@ def _eval_run(mesh, config) -> dict:
   model, init_params = finetune.classifier(config, drop_path=0.0)
   params = parallel.Placement(mesh).create(init_params)
   forward = inference.make_forward(model, mesh)
-  sets = {name: inference.extract(forward, params, config, name, mesh)
+  sets = {name: inference.extract(forward, params, config.data, name, mesh,
+                                 batch_size=config.evaluate.batch_size)
           for name in ('id_test', 'uniform_noise')}
   score = {name: s['features'][:, 0] for name, s in sets.items()}
   return {'count': len(sets['id_test']['label']),

@@ -186,7 +186,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     if model_name == logit_ft.NAME:
       trained_with[model_name] = logit_ft.trained_with(workdir)
     model, params, has_head = MODELS[model_name](config, workdir, placement)
-    extract = functools.partial(inference.extract, params=params, config=config, mesh=mesh)
+    extract = functools.partial(inference.extract, params=params, data_cfg=config.data,
+                                mesh=mesh, batch_size=cfg.batch_size, seed=config.seed)
     forward = inference.make_forward(model, mesh)
     sets = {name: extract(forward, which=name,
                           augment=cfg.id_train_augment if name == 'id_train' else False)

@@ -187,8 +187,10 @@ def make_batch_loss(cfg: ml_collections.ConfigDict, gamma: float | None):
 
 def per_sample_ce(model, params, config, mesh) -> np.ndarray:
   """Eval-mode cross-entropy of every ID training example (no augmentation), against the
-  stage's label-smoothed targets: gamma must be on the scale of the loss it constrains."""
-  out = inference.extract(inference.make_forward(model, mesh), params, config, 'id_train', mesh)
+  stage's label-smoothed targets: gamma must be on the scale of the loss it constrains.
+  In batches of the stage's own size (the result does not depend on it beyond rounding)."""
+  out = inference.extract(inference.make_forward(model, mesh), params, config.data, 'id_train',
+                          mesh, batch_size=config.logit_ft.batch_size)
   logits = jnp.asarray(out['logits'], jnp.float32)
   targets = optax.smooth_labels(jax.nn.one_hot(out['label'], logits.shape[-1]),
                                 config.logit_ft.label_smoothing)
