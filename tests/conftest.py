@@ -18,6 +18,27 @@ def temp_dir_under_pytests(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope='session', autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the whole run, both xdist workers and every
+  subprocess included: most of the suite's time is compiling, and many tests compile the
+  same smoke-config steps. Entries are keyed by the program and the XLA flags (8 fake
+  devices compile apart), so a hit is the program a test would have compiled."""
+  import jax  # noqa: PLC0415 (after pytest has set up: the tests configure JAX themselves)
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):  # the workers' base dirs share a parent
+    root = root.parent
+  path = str(root / 'jax_cache')
+  settings = {'jax_compilation_cache_dir': path,
+              'jax_persistent_cache_min_compile_time_secs': 0,
+              'jax_persistent_cache_min_entry_size_bytes': 0}
+  with pytest.MonkeyPatch.context() as patch:
+    for name, value in settings.items():
+      patch.setenv(name.upper(), str(value))  # subprocesses
+      jax.config.update(name, value)  # this process
+    yield
+
+
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   """A TFDS data dir per test module: its datasets are built once, by its first run."""
@@ -25,11 +46,9 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  """Subprocess environment: a compilation cache shared by the runs saves seconds each."""
-  return {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+def env():
+  """Subprocess environment (with the shared compilation cache)."""
+  return dict(os.environ)
 
 
 def _tensorboard_steps(run_dir: str) -> dict[str, list[int]]:
