@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from mood_jax import inference, parallel, train_loop
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue
 from mood_jax.stages import finetune, logit_ft, pretrain
 
 _GIB = 2.0**30
@@ -32,14 +32,14 @@ def _training_parts(name: str, config: ml_collections.ConfigDict):
   cfg = config.logit_ft
   model, init_params, tx, _ = logit_ft.setup(config)
   gamma = 1.0 if cfg.loss == 'um' else None  # a value only: the shapes are what compile
-  extra = ({'teacher_logits': (input_pipeline.num_classes(config.data),)}
+  extra = ({'teacher_logits': (catalogue.source(config.data).num_classes(),)}
            if cfg.teacher_alpha < 1 else {})
   return (model, init_params, tx, logit_ft.make_loss_fn(model, cfg, gamma), extra,
           logit_ft.make_batch_loss(cfg, gamma))
 
 
 def _images(config, batch_size: int, mesh) -> jax.ShapeDtypeStruct:
-  size, channels = config.data.image_size, input_pipeline.num_channels(config.data)
+  size, channels = config.data.image_size, catalogue.source(config.data).channels
   return jax.ShapeDtypeStruct((batch_size, size, size, channels), jnp.float32,
                               sharding=parallel.batch_sharding(mesh))
 

@@ -9,7 +9,7 @@ from absl import logging
 
 from mood_jax import (changed_settings, config_checks, dry_run, one_class, parallel, run_config,
                       train_eval, train_loop, workdir_lock)
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue, data_config
 from mood_jax.errors import UserError
 from mood_jax.models import vit
 from mood_jax.stages import evaluate, finetune, logit_ft, pretrain
@@ -36,7 +36,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     raise UserError(f'workdir {workdir!r} is an existing file: pass a directory path')
   stages = selected_stages(config)
   depth = vit.parse_variant(config.model.variant)['depth']
-  input_pipeline.check_config(config.data)
+  data_config.check_config(config.data)
   vit.check_config(config.model, config.data.image_size)
   mesh = parallel.make_mesh(config.mesh)
   for stage in TRAINING_STAGES:
@@ -47,14 +47,14 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     parallel.check_batch_size(cfg.batch_size // cfg.grad_accum_steps, mesh,
                               f'{stage}.batch_size / grad_accum_steps')
     # A bool in digits.py and a string in the real-data configs: compared, not type-checked.
-    config_checks.choice(f'{stage}.augment', cfg.augment, input_pipeline.AUGMENT_CHOICES)
+    config_checks.choice(f'{stage}.augment', cfg.augment, data_config.AUGMENT_CHOICES)
   if 'pretrain' in stages:
     pretrain.check_config(config)
   if 'finetune' in stages:
     train_eval.check_config(config, 'finetune')
   try:  # the data module's own checks: dataset name, classes, OOD set names
-    groups = input_pipeline.ood_groups(config.data)
-    num_classes = input_pipeline.num_classes(config.data)
+    groups = catalogue.source(config.data).ood_groups()
+    num_classes = catalogue.source(config.data).num_classes()
   except ValueError as e:
     raise UserError(str(e)) from None
   if 'logit_ft' in stages:
@@ -98,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     changed_settings.check(config, workdir, [s for s in stages if s in TRAINING_STAGES],
                            allow_changed_settings)
     run_config.write(workdir, config)  # after the check: a refused run leaves the last record
-    input_pipeline.prepare(config.data)
+    catalogue.source(config.data).prepare()
     for name in stages:
       if name in TRAINING_STAGES and train_loop.final_step(workdir, name) == config[name].num_steps:
         logging.info('[%s] skipped: its final checkpoint (step %d) is already in %s', name,
@@ -112,7 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 def run_one_class_each(config: ml_collections.ConfigDict, workdir: str,
                        allow_changed_settings: bool = False) -> None:
   """`run` once per class as the only ID class, then the mean over classes (one_class.py)."""
-  if len(input_pipeline.all_classes(config.data)) < 2:
+  if len(catalogue.source(config.data).all_classes()) < 2:
     raise UserError('one_class_each needs a dataset of two or more classes')
   configs = one_class.class_configs(config)
   for label, class_config in configs.items():  # every run's config is checked before any runs

@@ -16,7 +16,8 @@ from absl import logging
 from ml_collections import config_dict
 
 from mood_jax import changed_settings, config_checks, detector, inference, metrics_log, train_loop
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue, data_config
+from mood_jax.data.sources import embedded
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, report, scorers, sweep
 from mood_jax.stages import finetune, logit_ft
@@ -86,16 +87,16 @@ def fit_rows(scorer_name: str, cfg, id_train: dict, seed: int) -> dict:
 
 
 def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> None:
-  """This stage's config errors, before anything runs; `groups` as input_pipeline's."""
+  """This stage's config errors, before anything runs; `groups` as Source.ood_groups'."""
   cfg = config.evaluate
   if cfg.models != 'auto':
     for name in cfg.models.split(','):
       if name not in MODELS:
         raise UserError(f'unknown evaluate model {name!r}: valid choices are auto, '
                         f'{", ".join(MODELS)}')
-  if cfg.id_train_augment not in input_pipeline.AUGMENT_CHOICES:
+  if cfg.id_train_augment not in data_config.AUGMENT_CHOICES:
     raise UserError(f'unknown evaluate.id_train_augment {cfg.id_train_augment!r}: valid choices '
-                    f'are {", ".join(map(str, input_pipeline.AUGMENT_CHOICES))}')
+                    f'are {", ".join(map(str, data_config.AUGMENT_CHOICES))}')
   try:
     selected = {scorer.name: scorers.configured(scorer, cfg.hparams)
                 for scorer in scorers.resolve(cfg.scorers)}
@@ -113,7 +114,7 @@ def check_config(config: ml_collections.ConfigDict, groups: dict[str, str]) -> N
     return
   if VALIDATION not in groups.values():
     raise UserError(f'evaluate.sweep={cfg.sweep!r} needs an OOD validation set: add one to '
-                    f'data.ood_sets (digits: {", ".join(input_pipeline.VALIDATION_OOD_SETS)}; '
+                    f'data.ood_sets (digits: {", ".join(embedded.VALIDATION_OOD_SETS)}; '
                     'other datasets: name it in data.validation_ood_sets too), or set '
                     "--config.evaluate.sweep=''")
   if cfg.sweep_metric not in (*sweep.HIGHER_IS_BETTER, *sweep.LOWER_IS_BETTER):
@@ -175,7 +176,7 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
   cfg = config.evaluate
-  groups = input_pipeline.ood_groups(config.data)
+  groups = catalogue.source(config.data).ood_groups()
   selected = [scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
   rows, id_accuracy, all_scores, used_hparams, sweeps, fitted = [], {}, {}, {}, {}, {}
@@ -190,7 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
                           augment=cfg.id_train_augment if name == 'id_train' else False)
             for name in ('id_train', 'id_test', *groups)}
     ids = {'id' if name == 'id_test' else name:
-           input_pipeline.example_ids(config.data, name, s['index'])
+           catalogue.source(config.data).example_ids(name, s['index'])
            for name, s in sets.items() if name != 'id_train'}
     if has_head:
       id_accuracy[model_name] = float(metrics.accuracy(sets['id_test']['logits'],

@@ -13,7 +13,7 @@ from absl import logging
 from flax import traverse_util
 
 from mood_jax import convert, optim, parallel, train_eval, train_loop
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue, input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import vit
 from mood_jax.stages import pretrain
@@ -24,8 +24,9 @@ NAME = 'finetune'
 def classifier(config: ml_collections.ConfigDict, drop_path: float):
   """(ViT classifier, its param initialiser) for the ID classes; shared by later stages."""
   encoder = vit.encoder_from_config(config.model, drop_path=drop_path)
-  model = vit.Classifier(input_pipeline.num_classes(config.data), encoder, pool=config.model.pool)
-  size, channels = config.data.image_size, input_pipeline.num_channels(config.data)
+  model = vit.Classifier(catalogue.source(config.data).num_classes(), encoder,
+                         pool=config.model.pool)
+  size, channels = config.data.image_size, catalogue.source(config.data).channels
 
   def init_params():
     return model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)))['params']

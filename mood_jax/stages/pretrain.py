@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mood_jax import config_checks, optim, train_loop
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue, input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import masking, mim, vit
 
@@ -35,7 +35,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def setup(config: ml_collections.ConfigDict):
   """(model, init_params, optimizer, lr schedule) of this stage; shared with its consumers."""
   cfg = config.pretrain
-  size, channels = config.data.image_size, input_pipeline.num_channels(config.data)
+  size, channels = config.data.image_size, catalogue.source(config.data).channels
   encoder = vit.encoder_from_config(config.model, drop_path=cfg.drop_path)
   model = mim.MaskedImageModel(encoder, scheme=cfg.scheme, num_channels=channels,
                                decoder_width=cfg.decoder_width, decoder_depth=cfg.decoder_depth,
