@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.features import image_feature
 
 from mood_jax import convert, pipeline
-from mood_jax.data import catalogue, input_pipeline, randaugment, transforms
+from mood_jax.data import catalogue, data_config, input_pipeline, randaugment, transforms
 from mood_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,6 +314,19 @@ def test_ood_groups_follow_openood_and_validation_sets():
   assert catalogue.source(data).ood_groups() == {
       'cifar100': 'near', 'folder:tin': 'near', 'svhn_cropped': 'far',
       'folder:tin_val': 'validation'}
+
+
+def test_the_embedded_digits_score_a_tfds_dataset_too():
+  """Shared OOD sets are read by every source: here grayscale at the digits' size, and a
+  validation set when data.validation_ood_sets names it."""
+  data = data_config.default_data_config()
+  data.ood_sets = data.validation_ood_sets = ('svhn_cropped',)
+  with _mock_tfds():
+    assert catalogue.source(data).ood_groups() == {'svhn_cropped': 'validation'}
+    batches, count = input_pipeline.eval_dataset(data, 'svhn_cropped', global_batch_size=16)
+    batch = next(iter(batches))
+  assert count == MOCK_EXAMPLES and batch['image'].shape == (16, 24, 24, 1)
+  assert np.all(batch['label'][batch['valid']] == -1)
 
 
 @pytest.mark.parametrize('name', randaugment.OPS)
