@@ -97,16 +97,16 @@ def _train_child(step: str, sizes: dict) -> dict:
 
   from benchmarks import train_step  # noqa: PLC0415
   from mood_jax import dry_run, parallel  # noqa: PLC0415
-  from mood_jax.data import input_pipeline  # noqa: PLC0415
+  from mood_jax.data import catalogue  # noqa: PLC0415
 
   def mesh_of(devices):
     return jax.make_mesh((len(devices),), ('data',), (AxisType.Auto,), devices=devices)
 
   def batch(config, size):
     rng = np.random.default_rng(0)
-    side, channels = config.data.image_size, input_pipeline.num_channels(config.data)
+    side, channels = config.data.image_size, catalogue.source(config.data).channels
     return (rng.standard_normal((size, side, side, channels), np.float32),
-            rng.integers(0, input_pipeline.num_classes(config.data), size, dtype=np.int32))
+            rng.integers(0, catalogue.source(config.data).num_classes(), size, dtype=np.int32))
 
   setting, devices = sizes['train'], jax.devices()
   gpu = jax.default_backend() == 'gpu'

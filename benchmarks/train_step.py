@@ -56,7 +56,7 @@ from absl import app, flags
 
 from configs import digits
 from mood_jax import host_malloc, parallel, train_loop
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue
 from mood_jax.models import vit
 from mood_jax.stages import finetune, pretrain
 
@@ -130,11 +130,11 @@ def train_flops_per_image(config, step: str) -> float:
   spec = vit.parse_variant(config.model.variant)
   width, patch = spec['width'], spec['patch_size']
   patches = (config.data.image_size // patch) ** 2
-  patch_dim = patch * patch * input_pipeline.num_channels(config.data)
+  patch_dim = patch * patch * catalogue.source(config.data).channels
   embed = 2 * patches * patch_dim * width  # both implementations embed every patch
   if step == 'finetune':
     forward = (embed + _encoder_flops(patches + 1, width, spec['depth'], spec['mlp_dim'])
-               + 2 * width * input_pipeline.num_classes(config.data))
+               + 2 * width * catalogue.source(config.data).num_classes())
   else:
     cfg = config.pretrain
     visible = patches - round(patches * cfg.mask_ratio)
@@ -218,7 +218,7 @@ def _timm_vit(timm, config, drop_path: float, **kwargs):
   spec = vit.parse_variant(config.model.variant)
   return timm.models.vision_transformer.VisionTransformer(
       img_size=config.data.image_size, patch_size=spec['patch_size'],
-      in_chans=input_pipeline.num_channels(config.data), embed_dim=spec['width'],
+      in_chans=catalogue.source(config.data).channels, embed_dim=spec['width'],
       depth=spec['depth'], num_heads=spec['num_heads'],
       mlp_ratio=spec['mlp_dim'] / spec['width'], qkv_bias=True, drop_path_rate=drop_path,
       **kwargs)
@@ -230,7 +230,7 @@ def _torch_mae(torch, timm, config):
   cfg = config.pretrain
   nn = torch.nn
   encoder = _timm_vit(timm, config, cfg.drop_path, num_classes=0, global_pool='token')
-  patch, channels = encoder.patch_embed.patch_size[0], input_pipeline.num_channels(config.data)
+  patch, channels = encoder.patch_embed.patch_size[0], catalogue.source(config.data).channels
   grid = config.data.image_size // patch
   patches, width, dec = grid * grid, encoder.embed_dim, cfg.decoder_width
   num_keep = patches - round(patches * cfg.mask_ratio)
@@ -279,7 +279,7 @@ def torch_step(step: str, config, gpu: bool, images, labels):
     model = _torch_mae(torch, timm, config)
   else:
     model = _timm_vit(timm, config, cfg.drop_path,
-                      num_classes=input_pipeline.num_classes(config.data),
+                      num_classes=catalogue.source(config.data).num_classes(),
                       global_pool='avg')  # + fc_norm, as our pool='mean'
   model.to(device).train()
   depth = vit.parse_variant(config.model.variant)['depth']
@@ -386,9 +386,9 @@ def main(argv) -> None:
     notes.append('GPU setting: UNTESTED, written without a GPU')
   mesh = parallel.make_mesh(config.mesh)
   rng = np.random.default_rng(0)
-  size, channels = setting['image_size'], input_pipeline.num_channels(config.data)
+  size, channels = setting['image_size'], catalogue.source(config.data).channels
   images = rng.standard_normal((setting['batch_size'], size, size, channels), np.float32)
-  labels = rng.integers(0, input_pipeline.num_classes(config.data), setting['batch_size'],
+  labels = rng.integers(0, catalogue.source(config.data).num_classes(), setting['batch_size'],
                         dtype=np.int32)
   load_before = os.getloadavg()
   results = {}

@@ -20,7 +20,7 @@ import runpy
 
 import ml_collections
 
-from mood_jax.data import openood
+from mood_jax.data.sources import openood
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TRAIN_EXAMPLES = 50_000  # CIFAR-10 train split

@@ -14,7 +14,7 @@ import runpy
 
 import ml_collections
 
-from mood_jax.data import openood
+from mood_jax.data.sources import openood
 
 _cifar10 = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10.py'))
 TRAIN_EXAMPLES = 50_000  # CIFAR-100 train split

@@ -10,12 +10,13 @@
 import ml_collections
 from ml_collections import config_dict
 
-from mood_jax.data import input_pipeline
+from mood_jax.data import data_config
+from mood_jax.data.sources import embedded
 from mood_jax.stages import evaluate
 
-FAR_OOD = input_pipeline.FAR_OOD_SETS
+FAR_OOD = embedded.FAR_OOD_SETS
 # Scored and reported as group 'validation'; they choose scorer hparams (evaluate.sweep).
-VALIDATION_OOD = input_pipeline.VALIDATION_OOD_SETS
+VALIDATION_OOD = embedded.VALIDATION_OOD_SETS
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -40,7 +41,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.dry_run = False
   config.dry_run_devices = 0
 
-  config.data = input_pipeline.default_data_config()
+  config.data = data_config.default_data_config()
   config.data.id_classes = tuple(range(10))
   config.data.ood_sets = (*FAR_OOD, *VALIDATION_OOD)
   config.model = dict(

@@ -31,7 +31,7 @@ import PIL.Image
 from absl import logging
 
 from mood_jax import config_checks, inference, parallel
-from mood_jax.data import input_pipeline, transforms
+from mood_jax.data import catalogue, transforms
 from mood_jax.errors import UserError
 from mood_jax.models import vit
 from mood_jax.ood import scorers as scorers_lib
@@ -192,8 +192,8 @@ def write_from_run(directory: str, config: ml_collections.ConfigDict, rows: list
   """
   model, names, why = choose(rows, config.evaluate, {m: list(f) for m, f in fitted.items()})
   logging.info('[detector] %s with %s: %s', model, ', '.join(names), why)
-  meta = metadata(config, model=model, num_classes=input_pipeline.num_classes(config.data),
-                  channels=input_pipeline.num_channels(config.data),
+  meta = metadata(config, model=model, num_classes=catalogue.source(config.data).num_classes(),
+                  channels=catalogue.source(config.data).channels,
                   scorers=[fitted[model][n][0] for n in names],
                   id_scores=id_scores[model], chosen_by=why)
   save(directory, meta, load_params(model), {n: fitted[model][n][1] for n in names},

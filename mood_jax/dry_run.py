@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from mood_jax import inference, parallel, train_loop
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue
 from mood_jax import stages
 from mood_jax.stages import finetune
 
@@ -22,7 +22,7 @@ _GIB = 2.0**30
 
 
 def _images(config, batch_size: int, mesh) -> jax.ShapeDtypeStruct:
-  size, channels = config.data.image_size, input_pipeline.num_channels(config.data)
+  size, channels = config.data.image_size, catalogue.source(config.data).channels
   return jax.ShapeDtypeStruct((batch_size, size, size, channels), jnp.float32,
                               sharding=parallel.batch_sharding(mesh))
 

@@ -18,7 +18,7 @@ import sys
 import ml_collections
 
 from mood_jax import checkpoint, detector, inference, parallel
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue
 from mood_jax.errors import UserError
 from mood_jax.ood import scorers
 from mood_jax.stages import evaluate
@@ -94,13 +94,13 @@ def export(workdir: str, out: str, *, model: str = 'auto', scorer_names: str = '
       results['rows'], config.evaluate, {m: list(by) for m, by in results['hparams'].items()})
   mesh = parallel.make_mesh((('data', -1),))
   parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
-  input_pipeline.prepare(config.data)  # checks that the ID data is still there
+  catalogue.source(config.data).prepare()  # checks that the ID data is still there
   params, fitted, id_scores = fit_chosen(
       config, workdir, parallel.Placement(mesh), model_name,
       {n: results['hparams'][model_name][n] for n in names})
   meta = detector.metadata(
-      config, model=model_name, num_classes=input_pipeline.num_classes(config.data),
-      channels=input_pipeline.num_channels(config.data),
+      config, model=model_name, num_classes=catalogue.source(config.data).num_classes(),
+      channels=catalogue.source(config.data).channels,
       scorers=[scorer for scorer, _ in fitted.values()], id_scores=id_scores, chosen_by=why)
   detector.save(out, meta, params, {n: stats for n, (_, stats) in fitted.items()},
                 replace=False)

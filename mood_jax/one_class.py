@@ -12,13 +12,13 @@ import os
 import ml_collections
 import numpy as np
 
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue
 from mood_jax.ood import report
 
 
 def class_configs(config: ml_collections.ConfigDict) -> dict[int, ml_collections.ConfigDict]:
   """class -> the config of its one-class run."""
-  classes = config.data.id_classes or input_pipeline.all_classes(config.data)
+  classes = config.data.id_classes or catalogue.source(config.data).all_classes()
   configs = {}
   for label in classes:
     one = config.copy_and_resolve_references()

@@ -9,7 +9,7 @@ from absl import logging
 
 from mood_jax import (changed_settings, checkpoint, config_checks, dry_run, one_class, parallel,
                       optim, run_config, workdir_lock)
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue, data_config
 from mood_jax.errors import UserError
 from mood_jax.models import vit
 from mood_jax import stages as all_stages
@@ -37,7 +37,7 @@ def _check_training_stage(config: ml_collections.ConfigDict, name: str, mesh) ->
   parallel.check_batch_size(cfg.batch_size // cfg.grad_accum_steps, mesh,
                             f'{name}.batch_size / grad_accum_steps')
   # A bool in digits.py and a string in the real-data configs: compared, not type-checked.
-  config_checks.choice(f'{name}.augment', cfg.augment, input_pipeline.AUGMENT_CHOICES)
+  config_checks.choice(f'{name}.augment', cfg.augment, data_config.AUGMENT_CHOICES)
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -46,12 +46,12 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'workdir {workdir!r} is an existing file: pass a directory path')
   stages = selected_stages(config)
-  input_pipeline.check_config(config.data)
+  data_config.check_config(config.data)
   vit.check_config(config.model, config.data.image_size)
   mesh = parallel.make_mesh(config.mesh)
   try:  # the data module's own checks: dataset name, classes, OOD set names
-    input_pipeline.ood_groups(config.data)
-    input_pipeline.num_classes(config.data)
+    catalogue.source(config.data).ood_groups()
+    catalogue.source(config.data).num_classes()
   except ValueError as e:
     raise UserError(str(e)) from None
   for name in stages:
@@ -86,7 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     changed_settings.check(config, workdir, [s for s in stages if s in TRAINING_STAGES],
                            allow_changed_settings)
     run_config.write(workdir, config)  # after the check: a refused run leaves the last record
-    input_pipeline.prepare(config.data)
+    catalogue.source(config.data).prepare()
     for name in stages:
       if (name in TRAINING_STAGES
           and checkpoint.final_step(workdir, name) == config[name].num_steps):
@@ -101,7 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 def run_one_class_each(config: ml_collections.ConfigDict, workdir: str,
                        allow_changed_settings: bool = False) -> None:
   """`run` once per class as the only ID class, then the mean over classes (one_class.py)."""
-  if len(input_pipeline.all_classes(config.data)) < 2:
+  if len(catalogue.source(config.data).all_classes()) < 2:
     raise UserError('one_class_each needs a dataset of two or more classes')
   configs = one_class.class_configs(config)
   for label, class_config in configs.items():  # every run's config is checked before any runs

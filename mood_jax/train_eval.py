@@ -14,13 +14,13 @@ import ml_collections
 import numpy as np
 
 from mood_jax import inference
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, scorers
 
 
 def validation_sets(config: ml_collections.ConfigDict) -> list[str]:
-  return [name for name, group in input_pipeline.ood_groups(config.data).items()
+  return [name for name, group in catalogue.source(config.data).ood_groups().items()
           if group == 'validation']
 
 

@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from mood_jax.data import embedded
-from mood_jax.data import input_pipeline
-from mood_jax.data import transforms
+from mood_jax.data import catalogue, data_config, input_pipeline, transforms
+from mood_jax.data.sources import embedded
 
 IMAGE_SIZE = 16
 OOD_EXAMPLES = 40
 
 
 def _config(data_dir, **overrides):
-  cfg = input_pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.update(dict(data_dir=str(data_dir), image_size=IMAGE_SIZE,
                   ood_examples_per_set=OOD_EXAMPLES, **overrides))
   return cfg
@@ -28,7 +27,7 @@ def _config(data_dir, **overrides):
 @pytest.fixture(scope='session')
 def data_cfg(tmp_path_factory):
   cfg = _config(tmp_path_factory.mktemp('tfds'))
-  input_pipeline.prepare(cfg)
+  catalogue.source(cfg).prepare()
   return cfg
 
 
@@ -72,7 +71,7 @@ def test_digits_split_is_stratified_and_complete(data_cfg):
 
 def test_builds_are_deterministic_and_never_redone(data_cfg, tmp_path):
   again = _config(tmp_path)
-  input_pipeline.prepare(again)
+  catalogue.source(again).prepare()
   for name, config, splits in [
       ('mood_digits', embedded.DigitsConfig(image_size=IMAGE_SIZE), ['train', 'test']),
       ('mood_embedded_ood', embedded.EmbeddedOodConfig(
@@ -87,7 +86,7 @@ def test_builds_are_deterministic_and_never_redone(data_cfg, tmp_path):
       assert first == second
   files = list(pathlib.Path(again.data_dir).rglob('*.array_record*'))
   written = {f: f.stat().st_mtime_ns for f in files}
-  input_pipeline.prepare(again)
+  catalogue.source(again).prepare()
   assert {f: f.stat().st_mtime_ns for f in files} == written
 
 
@@ -98,7 +97,7 @@ def test_config_names_spell_out_settings():
 
 def test_id_classes_are_filtered_and_remapped_in_sorted_order(data_cfg):
   cfg = _config(data_cfg.data_dir, id_classes=[7, 2, 5])
-  assert input_pipeline.num_classes(cfg) == 3
+  assert catalogue.source(cfg).num_classes() == 3
   batches, count = _all_batches(cfg, 'id_test')
   labels = np.concatenate([b['label'][b['valid']] for b in batches])
   stored = collections.Counter(r['label'] for r in _digits(data_cfg, 'test'))
@@ -108,7 +107,7 @@ def test_id_classes_are_filtered_and_remapped_in_sorted_order(data_cfg):
 
 def test_all_classes_when_id_classes_empty(data_cfg):
   cfg = _config(data_cfg.data_dir, id_classes=[], ood_sets=['textures'])
-  assert input_pipeline.num_classes(cfg) == 10
+  assert catalogue.source(cfg).num_classes() == 10
   assert input_pipeline.eval_dataset(cfg, 'id_train', global_batch_size=8)[1] == 1257
 
 
@@ -218,7 +217,7 @@ def test_random_translate_shifts_within_pad():
 
 def test_ood_groups_in_config_order(data_cfg):
   cfg = _config(data_cfg.data_dir, ood_sets=['photos', 'letters', 'digits_heldout'])
-  assert input_pipeline.ood_groups(cfg) == {'photos': 'far', 'letters': 'validation',
+  assert catalogue.source(cfg).ood_groups() == {'photos': 'far', 'letters': 'validation',
                                             'digits_heldout': 'near'}
 
 
@@ -231,14 +230,16 @@ def test_validation_letters_are_digit_like_and_not_a_default_test_set(data_cfg):
   # Bright strokes on a dark ground, as the digits: the border is darker than the centre.
   border = np.concatenate([letters[:, 0], letters[:, -1], letters[:, :, 0], letters[:, :, -1]])
   assert border.mean() < letters[:, 2:-2, 2:-2].mean()
-  assert 'letters' not in input_pipeline.default_data_config().ood_sets
+  assert 'letters' not in data_config.default_data_config().ood_sets
 
 
 @pytest.mark.parametrize('overrides,call,message', [
-    (dict(ood_sets=['textures', 'nope']), input_pipeline.ood_groups, r"valid: \[.*'textures'"),
-    (dict(id_classes=[]), input_pipeline.ood_groups, 'covers all classes'),
-    (dict(id_classes=[3, 11]), input_pipeline.num_classes, r'\[11\]'),
-    (dict(name='imagenet'), input_pipeline.num_classes, r"valid: \['digits', 'cifar10'"),
+    (dict(ood_sets=['textures', 'nope']), lambda cfg: catalogue.source(cfg).ood_groups(),
+     r"valid: \[.*'textures'"),
+    (dict(id_classes=[]), lambda cfg: catalogue.source(cfg).ood_groups(), 'covers all classes'),
+    (dict(id_classes=[3, 11]), lambda cfg: catalogue.source(cfg).num_classes(), r'\[11\]'),
+    (dict(name='imagenet'), lambda cfg: catalogue.source(cfg).num_classes(),
+     r"valid: \['digits', 'cifar10'"),
     ({}, lambda cfg: input_pipeline.eval_dataset(cfg, 'nope', global_batch_size=8),
      r"valid: \['id_train', 'id_test', 'digits_heldout'"),
 ])

@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.features import image_feature
 
 from mood_jax import convert, pipeline
-from mood_jax.data import input_pipeline, randaugment, transforms
+from mood_jax.data import catalogue, data_config, input_pipeline, randaugment, transforms
 from mood_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +134,7 @@ def test_one_class_fine_tune_keeps_the_datasets_head(converted, tmp_path):
   assert config.stages == 'finetune,evaluate' and config.evaluate.models == 'finetune'
   config.stages = 'finetune'  # scoring a fine-tuned model: the cifar10 test above
   with _mock_tfds():
-    assert input_pipeline.num_classes(config.data) == 10
+    assert catalogue.source(config.data).num_classes() == 10
     labels = next(iter(input_pipeline.train_dataset(config.data, global_batch_size=8, seed=0)))
     assert set(labels['label']) == {3}
     pipeline.run(config, str(tmp_path))
@@ -169,7 +169,7 @@ def test_other_configs_validate_and_read_every_set(name, arg, skip, converted, t
   data = config.data
   with _mock_tfds():
     stages = pipeline.validate(config, str(tmp_path))
-    input_pipeline.prepare(data)
+    catalogue.source(data).prepare()
     for which in ('id_train', 'id_test', *(s for s in data.ood_sets if s not in skip)):
       batches, count = input_pipeline.eval_dataset(data, which, global_batch_size=16)
       batch = next(iter(batches))
@@ -177,10 +177,10 @@ def test_other_configs_validate_and_read_every_set(name, arg, skip, converted, t
       assert count > 0
     train = next(iter(input_pipeline.train_dataset(data, global_batch_size=8, seed=0)))
   assert train['image'].shape == (8, data.image_size, data.image_size, 3)
-  assert set(train['label']) <= set(range(input_pipeline.num_classes(data)))
-  assert input_pipeline.num_channels(data) == 3
+  assert set(train['label']) <= set(range(catalogue.source(data).num_classes()))
+  assert catalogue.source(data).channels == 3
   if name == 'imagenet30':  # the 30 synsets, named by TFDS label name, become indices
-    assert input_pipeline.num_classes(data) == 30
+    assert catalogue.source(data).num_classes() == 30
   assert stages == (['evaluate'] if name == 'cifar10_oneclass' else ['finetune', 'evaluate'])
 
 
@@ -257,7 +257,7 @@ def test_missing_dataset_names_dataset_dir_and_command(tmp_path):
   data = _config('cifar10').data
   data.data_dir = str(tmp_path)
   with pytest.raises(UserError) as error:
-    input_pipeline.prepare(data)
+    catalogue.source(data).prepare()
   message = str(error.value)
   assert '\n' not in message
   assert message == (f'cifar10 is not prepared in {tmp_path}: run '
@@ -268,14 +268,14 @@ def test_missing_dataset_names_dataset_dir_and_command(tmp_path):
     with pytest.raises(UserError, match=r'^openood:cifar10/val_tin is not prepared in .*: run '
                                         r'`python -m mood_jax.data.prepare openood:cifar10/val_tin '
                                         r".*--manual_dir=DIR` \(DIR: OpenOOD's data/ folder\)$"):
-      input_pipeline.prepare(data)
+      catalogue.source(data).prepare()
   data.validation_ood_sets = ()
   data.ood_sets = ('folder:ninco',)
   with mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared',
                          lambda self: self.name != 'mood_folder'):
     with pytest.raises(UserError, match=r'^folder:ninco is not prepared in .*mood_jax.data.folder '
                                         r'--name=ninco'):
-      input_pipeline.prepare(data)
+      catalogue.source(data).prepare()
 
 
 def test_missing_dataset_through_the_cli(tmp_path):
@@ -311,9 +311,22 @@ def test_ood_groups_follow_openood_and_validation_sets():
   data = _config('cifar10').data
   data.ood_sets = ('cifar100', 'folder:tin', 'svhn_cropped', 'folder:tin_val')
   data.validation_ood_sets = ('folder:tin_val',)
-  assert input_pipeline.ood_groups(data) == {
+  assert catalogue.source(data).ood_groups() == {
       'cifar100': 'near', 'folder:tin': 'near', 'svhn_cropped': 'far',
       'folder:tin_val': 'validation'}
+
+
+def test_the_embedded_digits_score_a_tfds_dataset_too():
+  """Shared OOD sets are read by every source: here grayscale at the digits' size, and a
+  validation set when data.validation_ood_sets names it."""
+  data = data_config.default_data_config()
+  data.ood_sets = data.validation_ood_sets = ('svhn_cropped',)
+  with _mock_tfds():
+    assert catalogue.source(data).ood_groups() == {'svhn_cropped': 'validation'}
+    batches, count = input_pipeline.eval_dataset(data, 'svhn_cropped', global_batch_size=16)
+    batch = next(iter(batches))
+  assert count == MOCK_EXAMPLES and batch['image'].shape == (16, 24, 24, 1)
+  assert np.all(batch['label'][batch['valid']] == -1)
 
 
 @pytest.mark.parametrize('name', randaugment.OPS)

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mood_jax.data import folder, input_pipeline
+from mood_jax.data import catalogue, data_config, folder, input_pipeline
 
 
 def _write_images(root):
@@ -47,7 +47,7 @@ def test_builds_and_reports_bad_files(built):
 def test_reads_back_through_grain_as_rgb(built, num_workers):
   _, data_dir, _ = built
   flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags, which absl.app would parse
-  data = input_pipeline.default_data_config()
+  data = data_config.default_data_config()
   data.update(name='cifar10', data_dir=str(data_dir), image_size=16, id_classes=(),
               ood_sets=('folder:mini',), num_workers=num_workers)
   batches, count = input_pipeline.eval_dataset(data, 'folder:mini', global_batch_size=8)
@@ -111,10 +111,10 @@ def test_labelled_folder_has_classes_and_a_split_per_class(labelled, data_dir):
   train, test = (folder.file_names('shapes', data_dir, split) for split in ('train', 'test'))
   assert sorted(train + test) == sorted(f'{c}/{i}.png' for c in classes for i in range(10))
   assert sorted(name.split('/')[0] for name in test) == sorted(classes * 3)  # 30% of each
-  data = input_pipeline.default_data_config()
+  data = data_config.default_data_config()
   data.update(name='folder:shapes', data_dir=data_dir, image_size=16, id_classes=(),
               ood_sets=('folder:noise',))
-  assert input_pipeline.num_classes(data) == 3
+  assert catalogue.source(data).num_classes() == 3
   batches, num_test = input_pipeline.eval_dataset(data, 'id_test', global_batch_size=16)
   batch = next(iter(batches))
   assert num_test == 9 and batch['image'].shape == (16, 16, 16, 3)
@@ -125,9 +125,9 @@ def test_labelled_folder_has_classes_and_a_split_per_class(labelled, data_dir):
 
 def test_folder_ood_set_with_the_embedded_digits(labelled, data_dir):
   """Grayscale at the digits' image size, by the detector's resize rule."""
-  data = input_pipeline.default_data_config()
+  data = data_config.default_data_config()
   data.update(data_dir=data_dir, image_size=12, ood_sets=('folder:noise', 'textures'))
-  assert input_pipeline.ood_groups(data) == {'folder:noise': 'far', 'textures': 'far'}
+  assert catalogue.source(data).ood_groups() == {'folder:noise': 'far', 'textures': 'far'}
   batches, count = input_pipeline.eval_dataset(data, 'folder:noise', global_batch_size=16)
   batch = next(iter(batches))
   assert count == 12 and batch['image'].shape == (16, 12, 12, 1)
@@ -135,13 +135,13 @@ def test_folder_ood_set_with_the_embedded_digits(labelled, data_dir):
 
 
 def test_labelled_folder_errors(labelled, data_dir, tmp_path):
-  data = input_pipeline.default_data_config()
+  data = data_config.default_data_config()
   data.update(name='folder:noise', data_dir=data_dir, id_classes=())
   with pytest.raises(ValueError, match='has no class labels'):
-    input_pipeline.num_classes(data)
+    catalogue.source(data).num_classes()
   data.name = 'folder:absent'
   with pytest.raises(ValueError, match='not prepared .* --labelled'):
-    input_pipeline.num_classes(data)
+    catalogue.source(data).num_classes()
   with pytest.raises(ValueError, match='no class subfolders'):
     folder.build('flat', str(labelled[0] / 'checks'), data_dir, labelled=True)
 

@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # as a script, for mood_jax
 
 from mood_jax import inference, parallel, train_loop  # noqa: E402
-from mood_jax.data import input_pipeline  # noqa: E402
+from mood_jax.data import catalogue  # noqa: E402
 from mood_jax.errors import UserError  # noqa: E402
 from mood_jax.models import vit  # noqa: E402
 from mood_jax.ood import metrics  # noqa: E402
@@ -98,7 +98,7 @@ def _eval_run(mesh, config) -> dict:
 def _script(data_dir: str) -> None:
   """Runs in the 8-device subprocess; prints {'train'|'eval': {mesh name: results}}."""
   config = _smoke_config(data_dir)
-  input_pipeline.prepare(config.data)
+  catalogue.source(config.data).prepare()
   results = {'train': {name: _mim_run(_sub_mesh(axes), config) for name, axes in MESHES},
              'eval': {name: _eval_run(_sub_mesh(axes), config)
                       for name, axes in (MESHES[0], MESHES[3], MESHES[-1])}}

@@ -21,7 +21,8 @@ import scipy.io
 import tensorflow_datasets as tfds
 
 from mood_jax import pipeline
-from mood_jax.data import folder, openood, prepare, sources
+from mood_jax.data import catalogue, data_config, folder, prepare
+from mood_jax.data.sources import ood_sets, openood
 from mood_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -258,7 +259,7 @@ def test_svhn_mat_round_trips_and_maps_10_to_digit_0(prepared):
 def test_imagenet_tars_keep_jpeg_bytes_and_wnid_labels(prepared):
   data_dir, _, expected = prepared
   train, validation = expected['imagenet2012']
-  names = sources.features('imagenet2012')['label'].names
+  names = ood_sets.features('imagenet2012')['label'].names
   wnids = tfds.core.tfds_path('datasets/imagenet2012/validation_labels.txt').read_text().split()
   got = {r['file_name'].decode(): r for r in _records('imagenet2012', 'train', data_dir)}
   assert set(got) == set(train)
@@ -272,7 +273,7 @@ def test_imagenet_tars_keep_jpeg_bytes_and_wnid_labels(prepared):
 
 def test_dtd_and_places365_keep_jpeg_bytes_and_labels(prepared):
   data_dir, _, expected = prepared
-  names = sources.features('dtd')['label'].names
+  names = ood_sets.features('dtd')['label'].names
   for split, index in (('train', 0), ('validation', 1), ('test', 2)):
     got = {r['file_name'].decode(): r for r in _records('dtd', split, data_dir)}
     assert set(got) == {n for n in expected['dtd'] if n.endswith(f'{index:04d}.jpg')}
@@ -287,7 +288,7 @@ def test_dtd_and_places365_keep_jpeg_bytes_and_labels(prepared):
 
 def test_imagenet30_ood_sets_food101_and_flowers102(prepared):
   data_dir, _, expected = prepared
-  names = sources.features('food101')['label'].names
+  names = ood_sets.features('food101')['label'].names
   for split, i in (('train', 11), ('validation', 12)):
     got = {r['image']: names[r['label']] for r in _records('food101', split, data_dir)}
     assert got == {jpeg: name.split('/')[0] for name, jpeg in expected['food101'].items()
@@ -345,9 +346,12 @@ def test_openood_list_becomes_an_ood_set_in_its_group(prepared):
   records = _records('mood_folder', folder.SPLIT, data_dir, builder_kwargs={'config': config})
   listed = openood.image_files(which, str(manual))
   assert sorted(r['image'] for r in records) == sorted(open(p, 'rb').read() for p in listed)
-  assert sources.ood_group('cifar10', which, ()) == 'near'
-  assert sources.ood_group('cifar10', 'openood:cifar10/test_mnist', ()) == 'far'
-  assert sources.ood_group('cifar10', 'openood:cifar10/val_tin', ()) == 'validation'
+  cifar10 = data_config.default_data_config()
+  cifar10.name = 'cifar10'
+  source = catalogue.source(cifar10)
+  assert source.ood_group(which) == 'near'
+  assert source.ood_group('openood:cifar10/test_mnist') == 'far'
+  assert source.ood_group('openood:cifar10/val_tin') == 'validation'
 
 
 def test_smoke_config_trains_and_evaluates_on_prepared_data(prepared, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 from configs import digits
 from mood_jax import changed_settings, main, workdir_lock
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue, input_pipeline
 from mood_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ def test_a_bug_is_not_taken_for_a_file_system_error():
 def prepared_smoke_data(tmp_path_factory):
   config = digits.get_config('smoke')
   config.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
-  input_pipeline.prepare(config.data)
+  catalogue.source(config.data).prepare()
   return config.data
 
 
@@ -130,10 +130,11 @@ def test_damaged_array_record_names_set_record_and_rebuild(prepared_smoke_data, 
 def test_preparation_removes_what_a_killed_one_left(prepared_smoke_data, tmp_path):
   data = prepared_smoke_data.copy_and_resolve_references()
   data.data_dir = str(tmp_path)
-  config_dir = os.path.join(str(tmp_path), 'mood_digits', input_pipeline._id_dataset(data)[1].name)
+  config_dir = os.path.join(str(tmp_path), 'mood_digits',
+                            catalogue.source(data).locate('id_train').config.name)
   leftover = os.path.join(config_dir, 'incomplete.1234.1.0.0')
   os.makedirs(leftover)
   with open(os.path.join(leftover, 'half.array_record'), 'w') as f:
     f.write('partial')
-  input_pipeline.prepare(data)
+  catalogue.source(data).prepare()
   assert sorted(os.listdir(config_dir)) == ['.prepare.lock', '1.0.0']

@@ -1,1 +1,1 @@
-"""Datasets and input pipelines; importing `embedded` registers its TFDS builders."""
+"""Datasets and input pipelines; importing `sources.embedded` registers its TFDS builders."""

@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator
 from absl import logging
 import tensorflow_datasets as tfds
 
-from mood_jax.data import archives, build_lock, folder, openood
+from mood_jax.data import archives, build_lock, folder
+from mood_jax.data.sources import openood
 from mood_jax.errors import UserError
 
 DEFAULT_DATA_DIR = '~/tensorflow_datasets'

@@ -17,7 +17,8 @@ from ml_collections import config_dict
 
 from mood_jax import (changed_settings, checkpoint, config_checks, detector, inference,
                       metrics_log)
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue, data_config
+from mood_jax.data.sources import embedded
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, report, scorers, sweep
 from mood_jax.stages import finetune, logit_ft
@@ -86,7 +87,7 @@ def fit_rows(scorer_name: str, cfg, id_train: dict, seed: int) -> dict:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """This stage's config errors, before anything runs (after the data config's)."""
-  cfg, groups = config.evaluate, input_pipeline.ood_groups(config.data)
+  cfg, groups = config.evaluate, catalogue.source(config.data).ood_groups()
   if not groups:
     raise UserError('no OOD sets to evaluate: set --config.data.ood_sets')
   config_checks.at_least('evaluate.batch_size', cfg.batch_size, 1, 256)
@@ -95,9 +96,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       if name not in MODELS:
         raise UserError(f'unknown evaluate model {name!r}: valid choices are auto, '
                         f'{", ".join(MODELS)}')
-  if cfg.id_train_augment not in input_pipeline.AUGMENT_CHOICES:
+  if cfg.id_train_augment not in data_config.AUGMENT_CHOICES:
     raise UserError(f'unknown evaluate.id_train_augment {cfg.id_train_augment!r}: valid choices '
-                    f'are {", ".join(map(str, input_pipeline.AUGMENT_CHOICES))}')
+                    f'are {", ".join(map(str, data_config.AUGMENT_CHOICES))}')
   try:
     selected = {scorer.name: scorers.configured(scorer, cfg.hparams)
                 for scorer in scorers.resolve(cfg.scorers)}
@@ -115,7 +116,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     return
   if VALIDATION not in groups.values():
     raise UserError(f'evaluate.sweep={cfg.sweep!r} needs an OOD validation set: add one to '
-                    f'data.ood_sets (digits: {", ".join(input_pipeline.VALIDATION_OOD_SETS)}; '
+                    f'data.ood_sets (digits: {", ".join(embedded.VALIDATION_OOD_SETS)}; '
                     'other datasets: name it in data.validation_ood_sets too), or set '
                     "--config.evaluate.sweep=''")
   if cfg.sweep_metric not in (*sweep.HIGHER_IS_BETTER, *sweep.LOWER_IS_BETTER):
@@ -177,7 +178,7 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
 
 def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
   cfg, mesh = config.evaluate, placement.mesh
-  groups = input_pipeline.ood_groups(config.data)
+  groups = catalogue.source(config.data).ood_groups()
   selected = [scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
   rows, id_accuracy, all_scores, used_hparams, sweeps, fitted = [], {}, {}, {}, {}, {}
@@ -193,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
                           augment=cfg.id_train_augment if name == 'id_train' else False)
             for name in ('id_train', 'id_test', *groups)}
     ids = {'id' if name == 'id_test' else name:
-           input_pipeline.example_ids(config.data, name, s['index'])
+           catalogue.source(config.data).example_ids(name, s['index'])
            for name, s in sets.items() if name != 'id_train'}
     if has_head:
       id_accuracy[model_name] = float(metrics.accuracy(sets['id_test']['logits'],

@@ -10,7 +10,7 @@ import optax
 from absl import logging
 
 from mood_jax import checkpoint, convert, optim, train_eval, train_loop, training_stage
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue
 from mood_jax.errors import UserError
 from mood_jax.models import vit
 from mood_jax.stages import pretrain
@@ -21,8 +21,8 @@ NAME = 'finetune'
 def classifier(config: ml_collections.ConfigDict, drop_path: float):
   """(ViT classifier, its param initialiser) for the ID classes; shared by later stages."""
   encoder = vit.encoder_from_config(config.model, drop_path=drop_path)
-  model = vit.Classifier(input_pipeline.num_classes(config.data), encoder, pool=config.model.pool)
-  size, channels = config.data.image_size, input_pipeline.num_channels(config.data)
+  model = vit.Classifier(catalogue.source(config.data).num_classes(), encoder, pool=config.model.pool)
+  size, channels = config.data.image_size, catalogue.source(config.data).channels
 
   def init_params():
     return model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)))['params']
@@ -32,7 +32,7 @@ def classifier(config: ml_collections.ConfigDict, drop_path: float):
 
 def check_labelled(config: ml_collections.ConfigDict) -> None:
   """A classifier needs two classes or more to train on (finetune, logit_ft)."""
-  if input_pipeline.num_classes(config.data) < 2:
+  if catalogue.source(config.data).num_classes() < 2:
     raise UserError('one-class ID data has no labels to fine-tune on: drop finetune and '
                     'logit_ft from --config.stages and evaluate the pretrain encoder '
                     '(--config.evaluate.models=pretrain), as configs/digits.py:oneclass=C does, '

@@ -43,7 +43,7 @@ from absl import logging
 
 from mood_jax import (checkpoint, inference, metrics_log, optim, train_eval, train_loop,
                       training_stage)
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue
 from mood_jax.errors import UserError
 from mood_jax.models import vit, weight_mask
 from mood_jax.stages import finetune
@@ -247,7 +247,7 @@ def describe(config: ml_collections.ConfigDict,
   model, init_params, tx = _init_and_tx(config)
   if cfg.loss == 'um' and gamma is None:
     gamma = 0.0  # a placeholder: see the docstring
-  fields = ({'teacher_logits': (input_pipeline.num_classes(config.data),)}
+  fields = ({'teacher_logits': (catalogue.source(config.data).num_classes(),)}
             if cfg.teacher_alpha < 1 else {})
   return training_stage.TrainingStage(
       name=NAME, cfg=cfg, model=model, init_params=init_params, tx=tx,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mood_jax import config_checks, optim, train_loop, training_stage
-from mood_jax.data import input_pipeline
+from mood_jax.data import catalogue
 from mood_jax.models import masking, mim, vit
 
 
@@ -52,7 +52,7 @@ def _make_loss_fn(model, cfg: ml_collections.ConfigDict) -> training_stage.LossF
 
 def describe(config: ml_collections.ConfigDict) -> training_stage.TrainingStage:
   cfg = config.pretrain
-  size, channels = config.data.image_size, input_pipeline.num_channels(config.data)
+  size, channels = config.data.image_size, catalogue.source(config.data).channels
   encoder = vit.encoder_from_config(config.model, drop_path=cfg.drop_path)
   model = mim.MaskedImageModel(encoder, scheme=cfg.scheme, num_channels=channels,
                                decoder_width=cfg.decoder_width, decoder_depth=cfg.decoder_depth,

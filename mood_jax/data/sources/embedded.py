@@ -1,4 +1,5 @@
-"""TFDS builders for images bundled with scikit-learn / scikit-image / Pillow: ID digits, OOD sets.
+"""The embedded data, data.name='digits': TFDS builders for images bundled with scikit-learn /
+scikit-image / Pillow (ID digits, OOD sets), and the Source that reads them.
 
 Both are grayscale uint8 [S, S, 1], PNG-encoded with PIL and meant to be written as ArrayRecord, so
 nothing on the write or read path needs TensorFlow. Every image is a function of the builder config.
@@ -18,7 +19,12 @@ import sklearn.datasets
 import sklearn.model_selection
 import tensorflow_datasets as tfds
 
+from mood_jax.data.sources import source
+from mood_jax.data.sources.location import Location
+
+NAME = 'digits'
 NUM_DIGIT_CLASSES = 10
+HELDOUT_SET = NAME + source.HELDOUT_SUFFIX  # the test digits outside data.id_classes (near)
 FAR_OOD_SETS = ('textures', 'photos', 'lfw_faces', 'uniform_noise', 'gaussian_blobs')
 # For choosing hyperparameters (gamma, keep ratios, scorer settings): never a test set.
 VALIDATION_OOD_SETS = ('letters',)
@@ -227,3 +233,32 @@ class MoodEmbeddedOod(_Bundled):
     images = _OOD_IMAGES[name](rng, config.examples_per_set, config.image_size)
     for i, image in enumerate(images):
       yield i, {'image': _png(image), 'label': -1}
+
+
+class EmbeddedSource(source.Source):
+  """The digits and the OOD sets above, each built in data_dir when first read."""
+
+  NAMES = (NAME,)
+  channels = 1
+  fixed_size = True
+  own_ood_sets = FAR_OOD_SETS + VALIDATION_OOD_SETS
+
+  def class_label(self) -> tfds.features.ClassLabel:
+    return tfds.features.ClassLabel(num_classes=NUM_DIGIT_CLASSES)
+
+  def _id_location(self, which: str) -> Location:
+    config = DigitsConfig(image_size=self.cfg.image_size, test_fraction=self.cfg.test_fraction,
+                          split_seed=self.cfg.split_seed)
+    return Location(NAME, MoodDigits.name, 'train' if which == 'id_train' else 'test', config,
+                    encoded=False, generated=True)
+
+  def _own_ood_location(self, name: str) -> Location | None:
+    if name not in self.own_ood_sets:
+      return None
+    # The builder's own seed, not split_seed: OOD sets stay fixed while ID splits vary.
+    config = EmbeddedOodConfig(image_size=self.cfg.image_size,
+                               examples_per_set=self.cfg.ood_examples_per_set)
+    return Location(name, MoodEmbeddedOod.name, name, config, encoded=False, generated=True)
+
+  def ood_group(self, name: str) -> str:
+    return 'validation' if name in VALIDATION_OOD_SETS else super().ood_group(name)
