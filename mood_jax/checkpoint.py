@@ -36,18 +36,16 @@ def manager(directory: str, cfg: ml_collections.ConfigDict | None = None,
   (orbax's read_only logs warnings)."""
   if cfg is None:
     options = ocp.CheckpointManagerOptions(create=False)
-    # PyTree's handler reads what the standard one wrote, and can read the params alone.
-    state_handler = ocp.PyTreeCheckpointHandler()
   else:
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(cfg.keep_checkpoints), policies.CustomSteps(keep_steps)]),
         cleanup_tmp_directories=True)  # unfinished saves of a killed run
-    state_handler = ocp.StandardCheckpointHandler()
   return ocp.CheckpointManager(
       os.path.abspath(directory), options=options,
-      item_handlers={'state': state_handler,
+      # The PyTree handler, not the standard one (its wrapper): it can read the params alone.
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
                      'data': grain.checkpoint.CheckpointHandler(),
                      'config': ocp.JsonCheckpointHandler(),
                      'topology': ocp.JsonCheckpointHandler()})
@@ -61,10 +59,17 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter,
          config: ml_collections.ConfigDict) -> None:
   """Async save; callers must `mngr.wait_until_finished()` before exiting."""
   mngr.save(step, force=True, args=ocp.args.Composite(  # force: the training loop decides when
-      state=ocp.args.StandardSave(state),
+      state=ocp.args.PyTreeSave(state),
       data=grain.checkpoint.CheckpointSave(data_iter),
       config=ocp.args.JsonSave(config.to_dict()),
       topology=ocp.args.JsonSave(_topology())))
+
+
+def _restore_args(abstract_tree, **options) -> ocp.args.PyTreeRestore:
+  """Restore into `abstract_tree`'s structure, shapes, dtypes and shardings."""
+  return ocp.args.PyTreeRestore(
+      item=abstract_tree,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree), **options)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
@@ -72,7 +77,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter=No
 
   With `data_iter`, its position is restored in place too.
   """
-  items = {'state': ocp.args.StandardRestore(abstract_state)}
+  items = {'state': _restore_args(abstract_state)}
   if data_iter is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   return mngr.restore(step, args=ocp.args.Composite(**items)).state
@@ -160,10 +165,8 @@ def final_step(workdir: str, stage: str) -> int | None:
 def _params(mngr: ocp.CheckpointManager, step: int, abstract_params):
   """The params of checkpoint `step` alone, into `abstract_params` (shapes and shardings);
   the optimizer state is not read."""
-  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={'params': abstract_params}, restore_args={'params': restore_args},
-      partial_restore=True))).state['params']
+  args = _restore_args({'params': abstract_params}, partial_restore=True)
+  return mngr.restore(step, args=ocp.args.Composite(state=args)).state['params']
 
 
 def _read_params(workdir: str, stage: str, abstract: Callable, step: int | None):

@@ -264,7 +264,7 @@ def test_kept_steps_outlive_keep_checkpoints_and_others_are_named_missing(tmp_pa
     for step in range(1, 5):
       params = {'w': jnp.full(3, float(step))}
       state = train_loop.TrainState(jnp.int32(step), params, tx.init(params))
-      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+      mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
     mngr.wait_until_finished()
     assert list(mngr.all_steps()) == [2, 4]
   placement = parallel.Placement(parallel.make_mesh((('data', -1),)))
