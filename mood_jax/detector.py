@@ -121,11 +121,10 @@ def choose(rows: list[dict], cfg: ml_collections.ConfigDict,
 def preprocessing(data_cfg, channels: int) -> dict:
   """How an image becomes the network's input, as the evaluate stage does it for `data_cfg`.
 
-  The embedded digits are made at image_size and evaluated as they are: other sizes get a
+  A source stored at image_size (the embedded digits) is evaluated as it is: other sizes get a
   plain resize-and-centre-crop (fraction 1). Real datasets keep their own eval crop.
   """
-  embedded = data_cfg.name == 'digits'
-  fraction = 1.0 if embedded else data_cfg.eval_crop_fraction
+  fraction = 1.0 if catalogue.source(data_cfg).fixed_size else data_cfg.eval_crop_fraction
   return {'image_size': data_cfg.image_size, 'channels': channels,
           'mean': data_cfg.mean, 'std': data_cfg.std, 'crop_fraction': fraction,
           'rule': (f'converted to {"grayscale" if channels == 1 else "RGB"} (PIL); the shorter '
