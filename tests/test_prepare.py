@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from mood_jax import pipeline
 from mood_jax.data import catalogue, data_config, folder, prepare
 from mood_jax.data.sources import ood_sets, openood
+from mood_jax.data.sources.source import HELDOUT_SUFFIX
 from mood_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -375,12 +376,12 @@ def test_every_dataset_a_config_reads_is_prepared_by_our_command():
       if data.name == 'digits':  # embedded: built by the run itself
         continue
       for which in (data.name, *data.ood_sets):
-        if which.startswith(folder.PREFIX) or which.endswith(sources.HELDOUT_SUFFIX):
+        if which.startswith(folder.PREFIX) or which.endswith(HELDOUT_SUFFIX):
           continue
         assert which in prepare.SOURCES or which.startswith(openood.PREFIX), (name, which)
-        command = sources.prepare_command(which, 'D')
+        command = ood_sets.prepare_command(which, 'D')
         assert command.startswith(f'`python -m mood_jax.data.prepare {which} --data_dir=D')
-  assert set(sources.TFDS_SPLITS) <= set(prepare.SOURCES)
+  assert set(ood_sets.TFDS_SPLITS) <= set(prepare.SOURCES)
 
 
 def test_a_prepared_dataset_is_never_overwritten(prepared):
