@@ -11,25 +11,30 @@ letters and the train images of digit 9, scored against id_val; the near-OOD tes
 test digits 5-8, the far ones textures, photos, faces, noise and blobs. Scorer hparams
 (evaluate.sweep), the ranking of cells and the recipe chosen read validation sets only.
 
-Cells (GRID):
+Cells (`grid`):
   mim  scratch (finetune only) and MAE/BEiT pretraining + the same finetune, with scratch
        controls matched to each pretraining cell in optimizer steps (pretrain + finetune)
        and, separately, in training FLOPs (XLA's count of one lowered step of each stage,
        `dry_run.step_flops`, times its steps).
   um   UM's regime: one long fine-tune without label smoothing, drop-path or augmentation,
-       until training CE is near zero ('um_base', checkpoints kept along the way), then from
+       for training CE to near zero ('um_base', checkpoints kept along the way; the document
+       says whether it got there, PREMISE_CE), then from
        its last checkpoint, for the same steps: plain CE, UM's flooding (gamma from the
        masked model), UMAP (learned masks, weights frozen), sample_mask; and UM's protocol,
        flooding vs plain CE from an earlier checkpoint (logit_ft.init_step).
 Along um_base the study records, per kept checkpoint, the clean ID-train CE and accuracy and
 the fraction of atypical samples memorised (`memorisation`).
 
+The full grid is 23 cells, about 60,000 optimizer steps over 3 seeds (more where seeds are
+added): roughly 10-15 hours on 2 CPU cores, judging by the last study's ~1 min per 100 steps.
+
 Seeds: 3 per cell; 5 for both sides of every comparison whose difference is under two seed
 standard deviations. A run whose results.json exists is kept; an interrupted one resumes
 from its checkpoints. Writes OUT/study.csv (every number, one per cell, seed and quantity),
-OUT/study.json (command, commits, wall times), OUT/plots/, and the document --doc (default
-docs/results_digits.md; OUT/results_digits.md with --smoke), generated from those two files
-alone (`render`): no number in it is typed by hand.
+OUT/study.json (command, commits, wall times, cells, comparisons, costs), and the document
+--doc (default docs/results_digits.md; OUT/results_digits.md with --smoke) with its plots in
+results_digits/ beside it. The document is generated from study.csv and study.json alone
+(`render`): no number in it is typed by hand.
 """
 
 import csv
@@ -65,6 +70,8 @@ TEST_SETS = ('near_mean', 'far_mean')
 VALIDATION = 'validation_mean'
 RANK_SCORER = 'mahalanobis_mood'
 BASE_SEEDS, EXTRA_SEEDS = (0, 1, 2), (3, 4)
+# A FLOP-matched scratch control this close (relative) to the step-matched one is that one.
+SAME_CONTROL = 0.01
 # UM's premise: a fine-tune long enough that clean training CE is near zero, below this.
 PREMISE_CE = 0.05
 TRAINING_STAGES = ('pretrain', 'finetune', 'logit_ft')
@@ -110,7 +117,7 @@ class Cell:
 class Comparison:
   cell: str
   control: str
-  matched: str   # 'unmatched', 'steps', 'flops' or 'same' (one setting changed)
+  matched: str   # 'unmatched', 'steps', 'flops' or 'same' (one setting changed, same steps)
   question: str  # 'mim' or 'um'
 
 
@@ -194,7 +201,7 @@ def training_cost(cell: Cell, smoke: bool, flops: dict) -> tuple[int, float]:
 def grid(sizes: Sizes, smoke: bool) -> tuple[list[Cell], list[Comparison], dict]:
   """The cells, the comparisons, and {cell: (optimizer steps, training FLOPs)}. Scratch
   controls are named by their steps, so a step- and a FLOP-matched control that come out
-  equal are one cell. --smoke keeps 'mae', its controls and a few um cells."""
+  equal (within SAME_CONTROL) are one cell. --smoke keeps 'mae', its controls and a few um cells."""
   mim, um = _mim_cells(sizes), _um_cells(sizes)
   scratch = mim[0].name
   if smoke:
@@ -212,7 +219,10 @@ def grid(sizes: Sizes, smoke: bool) -> tuple[list[Cell], list[Comparison], dict]
       comparisons.append(Comparison(cell.name, 'mae', 'same', 'mim'))
       continue
     steps, total_flops = costs[cell.name]
-    for matched, n in (('steps', steps), ('flops', round(total_flops / finetune_flops))):
+    flops_steps = round(total_flops / finetune_flops)
+    if abs(flops_steps - steps) <= SAME_CONTROL * steps:  # BEiT's step costs a finetune's
+      flops_steps = steps
+    for matched, n in (('steps', steps), ('flops', flops_steps)):
       control = scratch_cell(n)
       controls[control.name] = control
       costs[control.name] = (n, n * finetune_flops)
@@ -221,7 +231,7 @@ def grid(sizes: Sizes, smoke: bool) -> tuple[list[Cell], list[Comparison], dict]
       comparisons.append(Comparison(cell.name, 'mae', 'same', 'mim'))
   names = {cell.name for cell in mim + um}
   comparisons += [c for c in (
-      Comparison('um_ce', 'um_base', 'same', 'um'),
+      Comparison('um_ce', 'um_base', 'unmatched', 'um'),  # does continuing change anything
       *[Comparison(name, 'um_ce', 'steps', 'um')
         for name in ('um_flood', 'um_umap', 'um_sample_mask')],
       Comparison('um_early_flood', 'um_early_ce', 'steps', 'um'))
@@ -240,8 +250,9 @@ def workdir(out: str, cell: str, seed: int) -> str:
 
 
 def _commit() -> str:
-  return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
-                        text=True).stdout.strip() or 'unknown'
+  """HEAD's short hash, '-dirty' when the tree has uncommitted changes."""
+  return subprocess.run(['git', 'describe', '--always', '--dirty', '--abbrev=7', '--exclude=*'],
+                        cwd=REPO, capture_output=True, text=True).stdout.strip() or 'unknown'
 
 
 def run_cell(cell: Cell, seed: int, out: str, smoke: bool) -> None:
@@ -454,10 +465,10 @@ def _comparisons_table(rows, cells, comparisons) -> tuple[list[str], dict]:
 
 def verdict(test: dict) -> str:
   if test['low'] > 0:
-    return 'yes: the interval is above zero'
+    return 'yes (the interval is above zero)'
   if test['high'] < 0:
-    return 'no, it is worse: the interval is below zero'
-  return 'not distinguishable: the interval contains zero'
+    return 'no, worse (the interval is below zero)'
+  return 'not distinguishable (the interval contains zero)'
 
 
 def _answers(tests: dict, comparison_of: dict, questions) -> list[str]:
@@ -470,7 +481,7 @@ def _answers(tests: dict, comparison_of: dict, questions) -> list[str]:
     test = tests[comparison]
     lines.append(f'- {title}: {comparison.cell} vs {comparison.control}, '
                  f'{100 * test["diff"]:+.1f} points [{100 * test["low"]:+.1f}, '
-                 f'{100 * test["high"]:+.1f}]: {verdict(test)}.')
+                 f'{100 * test["high"]:+.1f}]; {verdict(test)}.')
   return [*lines, '']
 
 
@@ -532,13 +543,18 @@ def render(rows: list[dict], meta: dict) -> str:
       'images of digit 9, scored against id_val; they choose scorer hparams and rank the '
       'cells. Near-OOD test = test digits 5-8; far-OOD test = textures, photos, lfw_faces, '
       'uniform_noise, gaussian_blobs. Mean ± std over seeds (sample std), in %. '
+      f'Seeds: {len(meta["seeds"])} per cell, {len(meta["seeds"]) + len(meta["extra_seeds"])} '
+      'for both '
+      'sides of every comparison whose difference on its claim metric is under two seed '
+      'standard deviations. '
       'Training FLOPs: XLA\'s count of one lowered step of each stage '
       '(`mood_jax.dry_run.step_flops`) times its steps.', '',
       '## Does MIM help at equal compute?', '',
       *_answers(tests, comparison_of, (
           ('Equal optimizer steps', ('mae', 'steps')),
           ('Equal training FLOPs', ('mae', 'flops')),
-          ('Unmatched (scratch fine-tunes only as long as mae)', ('mae', 'unmatched')))),
+          ("Unmatched (scratch only fine-tunes, as long as mae's fine-tune)",
+           ('mae', 'unmatched')))),
       *_results_table(rows, meta, mim, model_of),
       f'Ranked on validation ({RANK_SCORER} AUROC vs id_val), best first: {", ".join(ranked)}. '
       f'The recipe chosen on validation: {ranked[0]}.', '',
@@ -548,7 +564,9 @@ def render(rows: list[dict], meta: dict) -> str:
       '![AUROC vs pretraining steps](results_digits/auroc_vs_pretraining_steps.png)', '',
       '## Does UM\'s loss help when its premise holds?', '',
       f'{premise}Atypical samples: the ID-train samples the first kept checkpoint '
-      'misclassifies (clean images); memorised: classified right at that step.', '',
+      'misclassifies (clean images), the ones a network fits last (Arpit et al. 2017, "A '
+      'closer look at memorization in deep networks"), which UM\'s loss is to make the model '
+      'forget (Unleashing-Mask README.md); memorised: classified right at that step.', '',
       *_answers(tests, comparison_of, (
           ('UM flooding vs plain CE, same checkpoint and steps', ('um_flood', 'steps')),
           ('UMAP vs plain CE', ('um_umap', 'steps')),
@@ -607,7 +625,8 @@ def main(argv) -> None:
   start = time.perf_counter()
   cells, comparisons, costs = grid(SMOKE if smoke else FULL, smoke)
   by_name = {cell.name: cell for cell in cells}
-  seeds = {cell.name: BASE_SEEDS[:2] if smoke else BASE_SEEDS for cell in cells}
+  seeds_first = BASE_SEEDS[:2] if smoke else BASE_SEEDS
+  seeds = {cell.name: seeds_first for cell in cells}
   extra = () if smoke else EXTRA_SEEDS  # the rule is tested apart: smoke runs stay few
   for round_ in range(2):
     for cell in cells:
@@ -638,7 +657,7 @@ def main(argv) -> None:
       'cells': [{'name': c.name, 'group': c.group, 'model': c.model, 'start_from': c.start_from}
                 for c in cells],
       'comparisons': [dataclasses.asdict(c) for c in comparisons],
-      'costs': costs}
+      'costs': costs, 'seeds': seeds_first, 'extra_seeds': extra}
   write_csv(os.path.join(out, 'study.csv'), rows)
   with open(os.path.join(out, 'study.json'), 'w') as f:
     json.dump(meta, f, indent=1)

@@ -152,7 +152,7 @@ def test_the_document_is_generated_from_the_csv(smoke_study):
       0.5 * mae, digits_study.values(rows, meta_control(meta, 'steps'), model='finetune',
                                      scorer='mahalanobis_mood', set='near_mean', metric='auroc'))
   assert f'{100 * steps_test["diff"]:+.1f} points' in again
-  assert 'no, it is worse' in again
+  assert 'no, worse' in again
 
 
 def meta_control(meta, matched):
