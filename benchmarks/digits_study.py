@@ -53,7 +53,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from configs import digits
-from mood_jax import checkpoint, dry_run, inference, parallel, pipeline
+from mood_jax import checkpoint, dry_run, inference, metrics_log, parallel, pipeline
 from mood_jax.stages import finetune
 
 _OUT = flags.DEFINE_string('out', 'workdir/study', 'Directory of the runs and the tables.')
@@ -318,6 +318,20 @@ def memorisation(cell: Cell, seed: int, out: str, smoke: bool) -> list[dict]:
   return rows
 
 
+def validation_curve(cell: Cell, seed: int, out: str) -> list[dict]:
+  """Per evaluation during um_base's fine-tune (train_eval): ID validation accuracy and the
+  validation sets' mean AUROC (RANK_SCORER, vs id_val), from the run's metrics.jsonl: UM's
+  finding is that OOD detection peaks before the end."""
+  rows = []
+  for row in metrics_log.read(workdir(out, cell.name, seed)):
+    if row['stage'] == 'finetune' and row.get('kind') == 'eval':
+      aurocs = [value for key, value in row.items()
+                if key.startswith(f'{RANK_SCORER}_auroc_') and key.endswith('_vs_id_val')]
+      rows.append({'step': row['step'], 'id_val_accuracy': row['id_val_accuracy'],
+                   'validation_auroc': float(np.mean(aurocs))})
+  return rows
+
+
 # --- The study's numbers: study.csv, one value per (cell, seed, quantity).
 
 CSV_FIELDS = ('cell', 'seed', 'model', 'scorer', 'set', 'metric', 'step', 'value')
@@ -496,9 +510,13 @@ def _curve_table(rows, cell: str) -> list[str]:
       x = x[~np.isnan(x)]
       line.append(_pm(x, scale, 3 if metric == 'train_ce' else 1) if len(x) else 'n/a')
     line.append(_pm(values(rows, cell, metric='atypical', step=step), 1., 0))
+    for metric in ('id_val_accuracy', 'validation_auroc'):
+      x = values(rows, cell, metric=metric, step=step)
+      line.append(_pm(x) if len(x) else 'n/a')
     lines.append(line)
   return _table(['finetune step', 'ID-train CE (clean)', 'ID-train acc', 'atypical memorised',
-                 'atypical samples'], lines)
+                 'atypical samples', 'id_val acc',
+                 f'{RANK_SCORER} validation AUROC (vs id_val)'], lines)
 
 
 def render(rows: list[dict], meta: dict) -> str:
@@ -644,6 +662,10 @@ def main(argv) -> None:
       rows += [dict(cell='um_base', seed=seed, model='finetune', scorer='', set='id_train',
                     metric=metric, step=row['step'], value=row[metric])
                for metric in ('train_ce', 'train_accuracy', 'memorised', 'atypical')]
+    for row in validation_curve(by_name['um_base'], seed, out):
+      rows += [dict(cell='um_base', seed=seed, model='finetune', scorer=RANK_SCORER,
+                    set=VALIDATION, metric=metric, step=row['step'], value=row[metric])
+               for metric in ('id_val_accuracy', 'validation_auroc')]
   runs = [json.load(open(os.path.join(workdir(out, name, seed), 'study_run.json')))
           for name in seeds for seed in seeds[name]
           if os.path.exists(os.path.join(workdir(out, name, seed), 'study_run.json'))]

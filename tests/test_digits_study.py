@@ -127,6 +127,9 @@ def test_um_variants_continue_the_same_checkpoint_and_the_curve_is_recorded(smok
   assert steps == list(range(every, sizes.long_finetune + 1, every))
   first = digits_study.values(rows, 'um_base', metric='memorised', step=steps[0])
   assert np.all(first == 0)  # atypical: what the first checkpoint gets wrong
+  # And validation AUROC (vs id_val) along the way, from evaluation during training.
+  for step in steps:
+    assert len(digits_study.values(rows, 'um_base', metric='validation_auroc', step=step)) == 2
 
 
 def test_the_document_is_generated_from_the_csv(smoke_study):
