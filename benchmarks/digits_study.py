@@ -1,220 +1,696 @@
-"""The digits ablation: does masked image modeling (and the logit fine-tune) help OOD detection?
+"""The digits study: does masked image modeling help OOD detection at equal compute, and does
+Unleashing Mask's loss help where its premise holds?
 
-  python -m benchmarks.digits_study --out=workdir/study [--seeds=0,1,2] [--cells=scratch,mae]
+  python -m benchmarks.digits_study [--out=workdir/study] [--doc=docs/results_digits.md]
+  python -m benchmarks.digits_study --smoke --out=/tmp/study_smoke   # tiny steps, a few cells
 
-Each cell is configs/digits.py:split (ID = digits 0-4; near OOD = digits 5-9; far OOD =
-textures, photos, faces, noise, blobs) with a few overrides, run once per seed in its own
-workdir, OUT/<cell>/seed<n>, scoring every model (finetune and logit_ft) with every scorer.
-Scorer hparams are chosen on the 'letters' validation set (evaluate.sweep), never on a
-reported test set. A run whose results.json exists is not rerun; an interrupted one resumes
-from its checkpoints. Then it writes:
+Every run is configs/digits.py:split,idval,nearval=9 with a cell's overrides, in its own
+workdir OUT/<cell>/seed<n>, run in this process (`pipeline.run`). ID = digits 0-4; 20% of
+each digit's ID train images are 'id_val', never trained on; the validation OOD sets are
+letters and the train images of digit 9, scored against id_val; the near-OOD test set is the
+test digits 5-8, the far ones textures, photos, faces, noise and blobs. Scorer hparams
+(evaluate.sweep), the ranking of cells and the recipe chosen read validation sets only.
 
-  OUT/study.md     mean ± std over seeds: headline scorers' near/far AUROC and FPR@95, ID
-                   accuracy; the exact command, commit and machine
-  OUT/study.csv    every (cell, model, scorer, OOD set) with mean and std of each metric
-  OUT/plots/       AUROC against pretraining length
-  OUT/best_cell/plots/, OUT/worst_cell/plots/ (study.md names the cells)
-                   score histograms and ROC curves of the best and the worst cell, ranked
-                   by MOOD's Mahalanobis AUROC (finetune model) on the letters validation
-                   set, so the recipe is chosen without looking at a test set
+Cells (`grid`):
+  mim  scratch (finetune only) and MAE/BEiT pretraining + the same finetune, with scratch
+       controls matched to each pretraining cell in optimizer steps (pretrain + finetune)
+       and, separately, in training FLOPs (XLA's count of one lowered step of each stage,
+       `dry_run.step_flops`, times its steps).
+  um   UM's regime: one long fine-tune without label smoothing, drop-path or augmentation,
+       for training CE to near zero ('um_base', checkpoints kept along the way; the document
+       says whether it got there, PREMISE_CE), then from
+       its last checkpoint, for the same steps: plain CE, UM's flooding (gamma from the
+       masked model), UMAP (learned masks, weights frozen), sample_mask; and UM's protocol,
+       flooding vs plain CE from an earlier checkpoint (logit_ft.init_step).
+Along um_base the study records, per kept checkpoint, the clean ID-train CE and accuracy and
+the fraction of atypical samples memorised (`memorisation`).
 
-The full grid is 8 cells x 3 seeds of a ~10-minute run: about 4 hours on 2 CPU cores.
+The full grid is 23 cells, about 60,000 optimizer steps over 3 seeds (more where seeds are
+added): roughly 10-15 hours on 2 CPU cores, judging by the last study's ~1 min per 100 steps.
+
+Seeds: 3 per cell; 5 for both sides of every comparison whose difference is under two seed
+standard deviations. A run whose results.json exists is kept; an interrupted one resumes
+from its checkpoints. Writes OUT/study.csv (every number, one per cell, seed and quantity),
+OUT/study.json (command, commits, wall times, cells, comparisons, costs), and the document
+--doc (default docs/results_digits.md; OUT/results_digits.md with --smoke) with its plots in
+results_digits/ beside it. The document is generated from study.csv and study.json alone
+(`render`): no number in it is typed by hand.
 """
 
 import csv
+import dataclasses
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 from matplotlib.figure import Figure
+from scipy import stats
 
-from mood_jax.ood import report
+from configs import digits
+from mood_jax import checkpoint, dry_run, inference, metrics_log, parallel, pipeline
+from mood_jax.stages import finetune
 
 _OUT = flags.DEFINE_string('out', 'workdir/study', 'Directory of the runs and the tables.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of every cell.')
-_CELLS = flags.DEFINE_list('cells', None, 'Cells to run (default: all of CELLS).')
-_PRESET = flags.DEFINE_string('preset', 'split', 'configs/digits.py argument; tests add smoke.')
+_DOC = flags.DEFINE_string('doc', None, 'The document to write (default: '
+                           'docs/results_digits.md; with --smoke, OUT/results_digits.md).')
+_SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny steps and a few cells: checks the machinery.')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# cell -> (pretraining steps, for the length plot; --config overrides). 'mae' is the digits
-# default: MAE random masking at 75% for 600 steps, mean-pooled fc_norm feature.
-CELLS = {
-    'scratch': (0, ('--config.stages=finetune,logit_ft,evaluate',
-                    '--config.finetune.init_from=scratch')),
-    'mae': (600, ()),
-    'mae_steps300': (300, ('--config.pretrain.num_steps=300',)),
-    'mae_steps1200': (1200, ('--config.pretrain.num_steps=1200',)),
-    'mae_mask50': (600, ('--config.pretrain.mask_ratio=0.5',)),
-    'mae_mask90': (600, ('--config.pretrain.mask_ratio=0.9',)),
-    'beit': (600, ('--config.pretrain.scheme=blockwise', '--config.pretrain.mask_ratio=0.4')),
-    'mae_cls': (600, ('--config.model.pool=cls',)),
-}
-LENGTH_CELLS = ('scratch', 'mae_steps300', 'mae', 'mae_steps1200')
-HEADLINE_SCORERS = ('mahalanobis_mood', 'msp', 'energy', 'knn', 'vim')
-# Cells are ranked, and a recipe chosen, on the letters validation set: never on a test set.
-BEST_BY = ('finetune', 'mahalanobis_mood', 'letters')  # model, scorer, OOD set
+PRESET = 'split,idval,nearval=9'
+SCORERS = ('mahalanobis_mood', 'msp', 'energy', 'knn', 'vim')  # the tables: the first three
+# Claims are made on these (model is each cell's `model`): test sets' group means, AUROC.
+TEST_SETS = ('near_mean', 'far_mean')
+# Ranking and every choice: the validation sets' mean AUROC (vs id_val) of MOOD's Mahalanobis.
+VALIDATION = 'validation_mean'
+RANK_SCORER = 'mahalanobis_mood'
+BASE_SEEDS, EXTRA_SEEDS = (0, 1, 2), (3, 4)
+# A FLOP-matched scratch control this close (relative) to the step-matched one is that one.
+SAME_CONTROL = 0.01
+# UM's premise: a fine-tune long enough that clean training CE is near zero, below this.
+PREMISE_CE = 0.05
+TRAINING_STAGES = ('pretrain', 'finetune', 'logit_ft')
 
 
-def run_cell(cell: str, seed: int, workdir: str, data_dir: str) -> None:
-  """One pipeline run; skipped when its results exist."""
-  if os.path.exists(os.path.join(workdir, 'results', 'results.json')):
-    print(f'{cell} seed {seed}: done before, kept')
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  finetune: int       # steps of every mim cell's fine-tune
+  pretrain: tuple     # MIM pretraining lengths; the middle one is the default 'mae'
+  long_finetune: int  # um_base's fine-tune
+  kept: int           # checkpoints along it
+  logit_ft: int       # steps of every um variant
+
+
+FULL = Sizes(finetune=400, pretrain=(300, 600, 1200), long_finetune=2000, kept=10, logit_ft=400)
+SMOKE = Sizes(finetune=4, pretrain=(2, 4, 8), long_finetune=8, kept=4, logit_ft=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  name: str
+  group: str                 # 'mim' or 'um'
+  overrides: tuple           # (config path, value) pairs on top of the preset
+  model: str = 'finetune'    # the model its claims are about
+  start_from: str = ''       # um variants: the cell whose finetune checkpoints they continue
+
+  def config(self, smoke: bool):
+    config = digits.get_config(PRESET + (',smoke' if smoke else ''))
+    # The tables' three scorers only, at smoke size: each scorer's sweep costs compiles.
+    config.evaluate.scorers = ','.join(SCORERS[:3] if smoke else SCORERS)
+    config.evaluate.plots = False
+    config.evaluate.detector.write = False
+    for path, value in self.overrides:
+      *parents, leaf = path.split('.')
+      node = config
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = value
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  cell: str
+  control: str
+  matched: str   # 'unmatched', 'steps', 'flops' or 'same' (one setting changed, same steps)
+  question: str  # 'mim' or 'um'
+
+
+def _mim_cells(sizes: Sizes) -> list[Cell]:
+  """Scratch (unmatched) and the pretraining cells; each pretraining cell changes one thing
+  from 'mae' (MAE random masking at 75%, the middle length, mean-pooled fc_norm feature)."""
+  steps = dict(zip(('short', 'default', 'long'), sizes.pretrain))
+  common = (('finetune.num_steps', sizes.finetune),)
+
+  def pretrain(name, *more, length=steps['default']):
+    return Cell(name, 'mim', (*common, ('stages', 'pretrain,finetune,evaluate'),
+                              ('pretrain.num_steps', length), *more))
+
+  return [scratch_cell(sizes.finetune),
+          pretrain('mae'),
+          pretrain(f'mae_steps{steps["short"]}', length=steps['short']),
+          pretrain(f'mae_steps{steps["long"]}', length=steps['long']),
+          pretrain('mae_mask50', ('pretrain.mask_ratio', 0.5)),
+          pretrain('mae_mask90', ('pretrain.mask_ratio', 0.9)),
+          pretrain('beit', ('pretrain.scheme', 'blockwise'), ('pretrain.mask_ratio', 0.4)),
+          pretrain('mae_cls', ('model.pool', 'cls'))]
+
+
+def scratch_cell(finetune_steps: int) -> Cell:
+  """Fine-tuned from random init for `finetune_steps` (warm-up and cosine as any finetune)."""
+  return Cell(f'scratch{finetune_steps}', 'mim', (
+      ('stages', 'finetune,evaluate'), ('finetune.init_from', 'scratch'),
+      ('finetune.num_steps', finetune_steps)))
+
+
+def _um_cells(sizes: Sizes) -> list[Cell]:
+  every = sizes.long_finetune // sizes.kept
+  # UM's premise is memorisation: nothing that keeps training CE off zero.
+  regime = (('finetune.num_steps', sizes.long_finetune), ('finetune.label_smoothing', 0.0),
+            ('finetune.drop_path', 0.0), ('finetune.augment', False),
+            ('finetune.ckpt_every', every), ('finetune.keep_checkpoints', sizes.kept + 1),
+            ('finetune.eval_every', every), ('finetune.eval_scorer', RANK_SCORER),
+            ('pretrain.num_steps', sizes.pretrain[1]))
+  base = Cell('um_base', 'um', (*regime, ('stages', 'pretrain,finetune,evaluate')))
+  continuation = (*regime, ('stages', 'logit_ft,evaluate'),
+                  ('logit_ft.num_steps', sizes.logit_ft), ('logit_ft.label_smoothing', 0.0),
+                  ('logit_ft.drop_path', 0.0), ('logit_ft.augment', False))
+  earlier = ('logit_ft.init_step', sizes.long_finetune // 2)
+
+  def variant(name, *more):
+    return Cell(name, 'um', (*continuation, *more), model='logit_ft', start_from='um_base')
+
+  return [base,
+          variant('um_ce', ('logit_ft.loss', 'ce')),
+          variant('um_flood', ('logit_ft.loss', 'um')),
+          variant('um_umap', ('logit_ft.loss', 'um'), ('logit_ft.umap', 'scores')),
+          variant('um_sample_mask', ('logit_ft.loss', 'sample_mask')),
+          variant('um_early_ce', ('logit_ft.loss', 'ce'), earlier),
+          variant('um_early_flood', ('logit_ft.loss', 'um'), earlier)]
+
+
+SMOKE_CELLS = ('mae', 'um_base', 'um_ce', 'um_flood')  # and mae's matched scratch controls
+
+
+def step_flops(cell: Cell, smoke: bool) -> dict:
+  """{stage: FLOPs of one step} of the training stages `cell` runs, from the lowered steps."""
+  config = cell.config(smoke)
+  placement = parallel.Placement.from_config(config)
+  return {stage: dry_run.step_flops(stage, config, placement)
+          for stage in config.stages.split(',') if stage in TRAINING_STAGES}
+
+
+def training_cost(cell: Cell, smoke: bool, flops: dict) -> tuple[int, float]:
+  """(optimizer steps, training FLOPs) of a cell, counting the stages it continues from;
+  `flops` is {stage: FLOPs of one step}."""
+  config = cell.config(smoke)
+  stages = [s for s in TRAINING_STAGES if s in config.stages.split(',')]
+  if cell.start_from:
+    stages = ['pretrain', 'finetune', *stages]
+  steps = {stage: config[stage].num_steps for stage in stages}
+  if cell.start_from and config.logit_ft.init_step != -1:
+    steps['finetune'] = config.logit_ft.init_step
+  return sum(steps.values()), float(sum(n * flops[stage] for stage, n in steps.items()))
+
+
+def grid(sizes: Sizes, smoke: bool) -> tuple[list[Cell], list[Comparison], dict]:
+  """The cells, the comparisons, and {cell: (optimizer steps, training FLOPs)}. Scratch
+  controls are named by their steps, so a step- and a FLOP-matched control that come out
+  equal (within SAME_CONTROL) are one cell. --smoke keeps 'mae', its controls and a few um cells."""
+  mim, um = _mim_cells(sizes), _um_cells(sizes)
+  scratch = mim[0].name
+  if smoke:
+    mim = [cell for cell in mim if cell.name in (scratch, *SMOKE_CELLS)]
+    um = [cell for cell in um if cell.name in SMOKE_CELLS]
+  flops = {cell.name: step_flops(cell, smoke) for cell in mim + um}
+  costs = {cell.name: training_cost(cell, smoke, {**flops.get(cell.start_from, {}),
+                                                  **flops[cell.name]})
+           for cell in mim + um}
+  finetune_flops = flops[scratch]['finetune']  # as every mean-pooled finetune step's
+  comparisons, controls = [], {}
+  for cell in mim[1:]:
+    comparisons.append(Comparison(cell.name, scratch, 'unmatched', 'mim'))
+    if cell.name == 'mae_cls':  # its head differs: compared with mae at equal compute
+      comparisons.append(Comparison(cell.name, 'mae', 'same', 'mim'))
+      continue
+    steps, total_flops = costs[cell.name]
+    flops_steps = round(total_flops / finetune_flops)
+    if abs(flops_steps - steps) <= SAME_CONTROL * steps:  # BEiT's step costs a finetune's
+      flops_steps = steps
+    for matched, n in (('steps', steps), ('flops', flops_steps)):
+      control = scratch_cell(n)
+      controls[control.name] = control
+      costs[control.name] = (n, n * finetune_flops)
+      comparisons.append(Comparison(cell.name, control.name, matched, 'mim'))
+    if cell.name != 'mae':
+      comparisons.append(Comparison(cell.name, 'mae', 'same', 'mim'))
+  names = {cell.name for cell in mim + um}
+  comparisons += [c for c in (
+      Comparison('um_ce', 'um_base', 'unmatched', 'um'),  # does continuing change anything
+      *[Comparison(name, 'um_ce', 'steps', 'um')
+        for name in ('um_flood', 'um_umap', 'um_sample_mask')],
+      Comparison('um_early_flood', 'um_early_ce', 'steps', 'um'))
+      if c.cell in names and c.control in names]
+  cells = mim + [cell for name, cell in controls.items() if name != scratch] + um
+  if smoke:  # the matched controls only: each run costs its compiles
+    cells = [cell for cell in cells if cell.name != scratch]
+    comparisons = [c for c in comparisons if c.control != scratch]
+  return cells, comparisons, {cell.name: costs[cell.name] for cell in cells}
+
+
+# --- Running.
+
+def workdir(out: str, cell: str, seed: int) -> str:
+  return os.path.join(out, cell, f'seed{seed}')
+
+
+def _commit() -> str:
+  """HEAD's short hash, '-dirty' when the tree has uncommitted changes."""
+  return subprocess.run(['git', 'describe', '--always', '--dirty', '--abbrev=7', '--exclude=*'],
+                        cwd=REPO, capture_output=True, text=True).stdout.strip() or 'unknown'
+
+
+def run_cell(cell: Cell, seed: int, out: str, smoke: bool) -> None:
+  """One pipeline run; kept when its results exist. A um variant starts from a copy of its
+  base cell's finetune checkpoints (same seed), so every variant continues the same model."""
+  directory = workdir(out, cell.name, seed)
+  record = os.path.join(directory, 'study_run.json')
+  if os.path.exists(os.path.join(directory, 'results', 'results.json')):
+    print(f'{cell.name} seed {seed}: done before, kept')
     return
-  os.makedirs(workdir, exist_ok=True)
-  command = [sys.executable, '-m', 'mood_jax.main', f'--config=configs/digits.py:{_PRESET.value}',
-             f'--workdir={workdir}', *CELLS[cell][1], f'--config.seed={seed}',
-             '--config.evaluate.scorers=all', '--config.evaluate.plots=False',
-             f'--config.data.data_dir={data_dir}']
+  config = cell.config(smoke)
+  config.seed = seed
+  config.data.data_dir = os.path.join(out, 'tfds')
+  if cell.start_from:
+    copied = checkpoint.checkpoint_dir(directory, 'finetune')
+    if not os.path.isdir(copied):
+      partial = copied + '.partial'
+      shutil.rmtree(partial, ignore_errors=True)
+      shutil.copytree(checkpoint.checkpoint_dir(workdir(out, cell.start_from, seed),
+                                                'finetune'), partial)
+      os.replace(partial, copied)
   start = time.perf_counter()
-  with open(os.path.join(workdir, 'log.txt'), 'a') as log:
-    subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
-  print(f'{cell} seed {seed}: {time.perf_counter() - start:.0f} s')
+  pipeline.run(config, directory)
+  with open(record, 'w') as f:
+    json.dump({'commit': _commit(), 'seconds': time.perf_counter() - start}, f)
+  print(f'{cell.name} seed {seed}: {time.perf_counter() - start:.0f} s')
 
 
-def collect(out: str, cells, seeds) -> tuple[dict, dict]:
-  """({(cell, model, scorer, ood_set): {metric: [per seed]}}, {(cell, model): [ID acc]})."""
-  metrics, accuracy = {}, {}
-  for cell in cells:
-    for seed in seeds:
-      with open(os.path.join(out, cell, f'seed{seed}', 'results', 'results.json')) as f:
-        results = json.load(f)
-      for row in results['rows']:
-        key = (cell, row['model'], row['scorer'], row['ood_set'])
-        for metric in report.METRICS:
-          metrics.setdefault(key, {}).setdefault(metric, []).append(row[metric])
-      for model, value in results['id_accuracy'].items():
-        accuracy.setdefault((cell, model), []).append(value)
-  return metrics, accuracy
+def memorisation(cell: Cell, seed: int, out: str, smoke: bool) -> list[dict]:
+  """Per kept finetune checkpoint: clean ID-train CE, accuracy, and the fraction of the
+  atypical samples classified right. Atypical: the ID-train samples the first kept
+  checkpoint misclassifies, the ones a network fits last (Arpit et al. 2017, "A closer look
+  at memorization in deep networks"), whose memorisation UM blames for the late drop in OOD
+  detection and which its loss makes the model forget (Unleashing-Mask README.md: "forget
+  those relatively atypical ID samples"). Cached in the run's memorisation.json."""
+  directory = workdir(out, cell.name, seed)
+  path = os.path.join(directory, 'memorisation.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  config = cell.config(smoke)
+  config.seed, config.data.data_dir = seed, os.path.join(out, 'tfds')
+  placement = parallel.Placement.from_config(config)
+  model, init_params = finetune.classifier(config, drop_path=0.0)
+  forward = inference.make_forward(model, placement.mesh)
+  with checkpoint.manager(checkpoint.checkpoint_dir(directory, 'finetune')) as mngr:
+    steps = sorted(mngr.all_steps())
+  rows, atypical = [], None
+  for step in steps:
+    params = checkpoint.restore_params(directory, 'finetune', init_params, placement, step)
+    train = inference.extract(forward, params, config.data, 'id_train', placement.mesh,
+                              batch_size=config.evaluate.batch_size)
+    logits, labels = train['logits'].astype(np.float64), train['label']
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    ce = np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(labels)), labels]
+    right = logits.argmax(axis=1) == labels
+    atypical = ~right if atypical is None else atypical
+    rows.append({'step': step, 'train_ce': float(ce.mean()), 'train_accuracy': float(right.mean()),
+                 'atypical': int(atypical.sum()),
+                 'memorised': float(right[atypical].mean()) if atypical.any() else float('nan')})
+  with open(path, 'w') as f:
+    json.dump(rows, f)
+  return rows
 
 
-def mean_std(values) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for one seed)."""
-  values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+def validation_curve(cell: Cell, seed: int, out: str) -> list[dict]:
+  """Per evaluation during um_base's fine-tune (train_eval): ID validation accuracy and the
+  validation sets' mean AUROC (RANK_SCORER, vs id_val), from the run's metrics.jsonl: UM's
+  finding is that OOD detection peaks before the end."""
+  rows = []
+  for row in metrics_log.read(workdir(out, cell.name, seed)):
+    if row['stage'] == 'finetune' and row.get('kind') == 'eval':
+      aurocs = [value for key, value in row.items()
+                if key.startswith(f'{RANK_SCORER}_auroc_') and key.endswith('_vs_id_val')]
+      rows.append({'step': row['step'], 'id_val_accuracy': row['id_val_accuracy'],
+                   'validation_auroc': float(np.mean(aurocs))})
+  return rows
 
 
-def _pm(values, scale: float = 100.) -> str:
-  mean, std = mean_std(values)
-  return f'{scale * mean:.1f} ± {scale * std:.1f}'
+# --- The study's numbers: study.csv, one value per (cell, seed, quantity).
+
+CSV_FIELDS = ('cell', 'seed', 'model', 'scorer', 'set', 'metric', 'step', 'value')
 
 
-def summary_table(metrics: dict, accuracy: dict, cells) -> str:
-  header = ['cell', 'model', 'ID acc', f'{BEST_BY[1]} {BEST_BY[2]} (validation) AUROC']
-  for scorer in HEADLINE_SCORERS:
-    header += [f'{scorer} near AUROC', f'{scorer} far AUROC', f'{scorer} near FPR95']
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  for cell in cells:
-    for model in ('finetune', 'logit_ft'):
-      if (cell, model) not in accuracy:
-        continue
-      values = [cell, model, _pm(accuracy[(cell, model)]),
-                _pm(metrics[(cell, model, BEST_BY[1], BEST_BY[2])]['auroc'])]
-      for scorer in HEADLINE_SCORERS:
-        near, far = metrics[(cell, model, scorer, 'near_mean')], metrics[(cell, model, scorer,
-                                                                           'far_mean')]
-        values += [_pm(near['auroc']), _pm(far['auroc']), _pm(near['fpr95'])]
-      lines.append('| ' + ' | '.join(values) + ' |')
-  return '\n'.join(lines)
+def results_rows(cell: Cell, seed: int, out: str) -> list[dict]:
+  """One run's AUROC/FPR@95 per (model, scorer, set or group mean), ID accuracy, and the
+  validation sets' mean (vs id_val) as set VALIDATION."""
+  with open(os.path.join(workdir(out, cell.name, seed), 'results', 'results.json')) as f:
+    results = json.load(f)
+  rows = []
+  for row in results['rows']:
+    for metric in ('auroc', 'fpr95'):
+      rows.append(dict(cell=cell.name, seed=seed, model=row['model'], scorer=row['scorer'],
+                       set=row['ood_set'], metric=metric, step='', value=row[metric]))
+  pairs = {(row['model'], row['scorer']) for row in results['rows']}
+  for model, scorer in sorted(pairs):
+    validation = [row['auroc'] for row in results['rows'] if row['model'] == model
+                  and row['scorer'] == scorer and row['ood_group'] == 'validation']
+    rows.append(dict(cell=cell.name, seed=seed, model=model, scorer=scorer, set=VALIDATION,
+                     metric='auroc', step='', value=float(np.mean(validation))))
+  for model, accuracy in results['id_accuracy'].items():
+    rows.append(dict(cell=cell.name, seed=seed, model=model, scorer='', set='id_test',
+                     metric='accuracy', step='', value=accuracy))
+  return rows
 
 
-def write_csv(path: str, metrics: dict) -> None:
+def write_csv(path: str, rows: list[dict]) -> None:
   with open(path, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['cell', 'model', 'scorer', 'ood_set', 'seeds',
-                     *[f'{m}_{s}' for m in report.METRICS for s in ('mean', 'std')]])
-    for key, by_metric in sorted(metrics.items()):
-      stats = [v for metric in report.METRICS for v in mean_std(by_metric[metric])]
-      writer.writerow([*key, len(by_metric['auroc']), *stats])
+    writer = csv.DictWriter(f, CSV_FIELDS, lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
 
 
-def plot_length(path: str, metrics: dict, cells) -> None:
-  """Near-, far- and validation-OOD AUROC of MOOD's Mahalanobis (finetune model) by
-  pretraining steps."""
+def read_csv(path: str) -> list[dict]:
+  with open(path, newline='') as f:
+    return [{**row, 'seed': int(row['seed']), 'value': float(row['value'])}
+            for row in csv.DictReader(f)]
+
+
+def values(rows: list[dict], cell: str, **where) -> np.ndarray:
+  """One quantity of `cell`, one value per seed, in seed order."""
+  chosen = [row for row in rows if row['cell'] == cell
+            and all(str(row[k]) == str(v) for k, v in where.items())]
+  return np.asarray([row['value'] for row in sorted(chosen, key=lambda row: row['seed'])])
+
+
+def mean_std(x) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for one seed)."""
+  x = np.asarray(x, np.float64)
+  return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
+
+
+def welch(a, b) -> dict:
+  """a - b: the difference of means, Welch's t and its degrees of freedom, and the 95%
+  interval of the difference (Welch-Satterthwaite)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  diff = float(a.mean() - b.mean())
+  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+  se = float(np.sqrt(va + vb))
+  if se == 0:
+    return {'diff': diff, 't': float('nan'), 'df': float('nan'), 'low': diff, 'high': diff}
+  df = float((va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)))
+  half = float(stats.t.ppf(0.975, df)) * se
+  return {'diff': diff, 't': diff / se, 'df': df, 'low': diff - half, 'high': diff + half}
+
+
+def claim_metric(question: str) -> tuple[str, str, str]:
+  """(scorer, set, metric) a comparison's seeds and verdict rest on: MOOD's Mahalanobis for
+  MIM (the study's original claim), energy for UM (UM's own scorer), near-OOD AUROC."""
+  return ('mahalanobis_mood' if question == 'mim' else 'energy', 'near_mean', 'auroc')
+
+
+def comparison_values(rows, cells: dict, comparison: Comparison, scorer, ood_set, metric):
+  model = cells[comparison.cell].model
+  control_model = cells[comparison.control].model
+  return (values(rows, comparison.cell, model=model, scorer=scorer, set=ood_set, metric=metric),
+          values(rows, comparison.control, model=control_model, scorer=scorer, set=ood_set,
+                 metric=metric))
+
+
+def needs_more_seeds(rows, cells: dict, comparisons) -> set[str]:
+  """The cells of every comparison whose difference is under two seed standard deviations
+  (the larger of its two sides'), and the cells those continue from."""
+  chosen = set()
+  for comparison in comparisons:
+    a, b = comparison_values(rows, cells, comparison, *claim_metric(comparison.question))
+    if abs(a.mean() - b.mean()) < 2 * max(mean_std(a)[1], mean_std(b)[1]):
+      chosen |= {comparison.cell, comparison.control}
+  return chosen | {cells[name].start_from for name in chosen if cells[name].start_from}
+
+
+# --- The document, from study.csv and study.json alone.
+
+def _pm(x, scale: float = 100., digits_: int = 1) -> str:
+  mean, std = mean_std(x)
+  return f'{scale * mean:.{digits_}f} ± {scale * std:.{digits_}f}'
+
+
+def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+  return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header),
+          *['| ' + ' | '.join(line) + ' |' for line in lines], '']
+
+
+def _cost_line(meta: dict, cell: str) -> list[str]:
+  steps, flops = meta['costs'][cell]
+  return [str(steps), f'{flops / 1e12:.4g}']
+
+
+def _results_table(rows, meta, names: list[str], model_of: dict) -> list[str]:
+  header = ['cell', 'optimizer steps', 'training TFLOPs', 'seeds', 'ID test acc',
+            f'{RANK_SCORER} validation AUROC (vs id_val)']
+  for scorer in ('mahalanobis_mood', 'msp', 'energy'):
+    header += [f'{scorer} near AUROC', f'{scorer} far AUROC']
+  lines = []
+  for name in names:
+    model = model_of[name]
+    line = [name, *_cost_line(meta, name),
+            str(len(values(rows, name, model=model, set='id_test', metric='accuracy'))),
+            _pm(values(rows, name, model=model, set='id_test', metric='accuracy')),
+            _pm(values(rows, name, model=model, scorer=RANK_SCORER, set=VALIDATION,
+                       metric='auroc'))]
+    for scorer in ('mahalanobis_mood', 'msp', 'energy'):
+      line += [_pm(values(rows, name, model=model, scorer=scorer, set=s, metric='auroc'))
+               for s in TEST_SETS]
+    lines.append(line)
+  return _table(header, lines)
+
+
+def _comparisons_table(rows, cells, comparisons) -> tuple[list[str], dict]:
+  """Each comparison's claim metric: the difference, its 95% interval and Welch's t."""
+  header = ['cell', 'control', 'matched', 'scorer, set', 'difference (points)', '95% interval',
+            'Welch t (df)', 'seeds']
+  lines, tests = [], {}
+  for comparison in comparisons:
+    scorer, ood_set, metric = claim_metric(comparison.question)
+    a, b = comparison_values(rows, cells, comparison, scorer, ood_set, metric)
+    test = tests[comparison] = welch(a, b)
+    lines.append([comparison.cell, comparison.control, comparison.matched,
+                  f'{scorer}, {ood_set} {metric.upper()}', f'{100 * test["diff"]:+.1f}',
+                  f'[{100 * test["low"]:+.1f}, {100 * test["high"]:+.1f}]',
+                  f'{test["t"]:.2f} ({test["df"]:.1f})', f'{len(a)} / {len(b)}'])
+  return _table(header, lines), tests
+
+
+def verdict(test: dict) -> str:
+  if test['low'] > 0:
+    return 'yes (the interval is above zero)'
+  if test['high'] < 0:
+    return 'no, worse (the interval is below zero)'
+  return 'not distinguishable (the interval contains zero)'
+
+
+def _answers(tests: dict, comparison_of: dict, questions) -> list[str]:
+  """A line per (title, (cell, matched)) whose comparison is in the grid."""
+  lines = []
+  for title, key in questions:
+    comparison = comparison_of.get(key)
+    if comparison is None:
+      continue
+    test = tests[comparison]
+    lines.append(f'- {title}: {comparison.cell} vs {comparison.control}, '
+                 f'{100 * test["diff"]:+.1f} points [{100 * test["low"]:+.1f}, '
+                 f'{100 * test["high"]:+.1f}]; {verdict(test)}.')
+  return [*lines, '']
+
+
+def _curve_table(rows, cell: str) -> list[str]:
+  steps = sorted({int(row['step']) for row in rows
+                  if row['cell'] == cell and row['metric'] == 'train_ce'})
+  lines = []
+  for step in steps:
+    line = [str(step)]
+    for metric, scale in (('train_ce', 1.), ('train_accuracy', 100.), ('memorised', 100.)):
+      x = values(rows, cell, metric=metric, step=step)
+      x = x[~np.isnan(x)]
+      line.append(_pm(x, scale, 3 if metric == 'train_ce' else 1) if len(x) else 'n/a')
+    line.append(_pm(values(rows, cell, metric='atypical', step=step), 1., 0))
+    for metric in ('id_val_accuracy', 'validation_auroc'):
+      x = values(rows, cell, metric=metric, step=step)
+      line.append(_pm(x) if len(x) else 'n/a')
+    lines.append(line)
+  return _table(['finetune step', 'ID-train CE (clean)', 'ID-train acc', 'atypical memorised',
+                 'atypical samples', 'id_val acc',
+                 f'{RANK_SCORER} validation AUROC (vs id_val)'], lines)
+
+
+def render(rows: list[dict], meta: dict) -> str:
+  """The document: every number from `rows` (study.csv) or `meta` (study.json)."""
+  cells = {cell['name']: Cell(cell['name'], cell['group'], (), cell['model'], cell['start_from'])
+           for cell in meta['cells']}
+  comparisons = [Comparison(**c) for c in meta['comparisons']]
+  model_of = {name: cell.model for name, cell in cells.items()}
+  mim = [name for name, cell in cells.items() if cell.group == 'mim']
+  um = [name for name, cell in cells.items() if cell.group == 'um']
+  ranked = sorted(mim, key=lambda name: -values(
+      rows, name, model=model_of[name], scorer=RANK_SCORER, set=VALIDATION, metric='auroc').mean())
+  mim_table, mim_tests = _comparisons_table(
+      rows, cells, [c for c in comparisons if c.question == 'mim'])
+  um_table, um_tests = _comparisons_table(
+      rows, cells, [c for c in comparisons if c.question == 'um'])
+  tests = {**mim_tests, **um_tests}
+  comparison_of = {(c.cell, c.matched): c for c in comparisons}
+  final = [row for row in rows if row['cell'] == 'um_base' and row['metric'] == 'train_ce']
+  last_step = max((int(row['step']) for row in final), default=None)
+  premise = ''
+  if last_step is not None:
+    ce = values(rows, 'um_base', metric='train_ce', step=last_step)
+    memorised = values(rows, 'um_base', metric='memorised', step=last_step)
+    memorised = memorised[~np.isnan(memorised)]
+    holds = 'holds' if ce.mean() < PREMISE_CE else 'does not hold: read the UM verdicts with that'
+    premise = (f'At its last step ({last_step}) um_base has a clean ID-train CE of '
+               f'{_pm(ce, 1., 3)} and has memorised '
+               f'{_pm(memorised) if len(memorised) else "n/a"}% of the atypical samples. '
+               f'UM\'s premise (clean training CE below {PREMISE_CE}) {holds}. ')
+  text = [
+      '# Digits study: MIM at equal compute, and Unleashing Mask where its premise holds', '',
+      'Generated by `benchmarks/digits_study.py` from study.csv and study.json; do not edit.',
+      '',
+      f'- **Command:** `{meta["command"]}` (a finished run is kept, so it resumes).',
+      f'- **Commits:** {", ".join(meta["commits"])}.',
+      f'- **Wall time:** {meta["runs"]} runs, {meta["run_seconds"] / 3600:.2f} h of run time '
+      f'summed; this invocation {meta["wall_seconds"] / 3600:.2f} h.',
+      f'- **Machine:** {meta["machine"]}.',
+      f'- **Setup:** `configs/digits.py:{PRESET}`: ID = digits 0-4; id_val = 20% of each '
+      "digit's ID train images, never trained on. Validation OOD = letters and the train "
+      'images of digit 9, scored against id_val; they choose scorer hparams and rank the '
+      'cells. Near-OOD test = test digits 5-8; far-OOD test = textures, photos, lfw_faces, '
+      'uniform_noise, gaussian_blobs. Mean ± std over seeds (sample std), in %. '
+      f'Seeds: {len(meta["seeds"])} per cell, {len(meta["seeds"]) + len(meta["extra_seeds"])} '
+      'for both '
+      'sides of every comparison whose difference on its claim metric is under two seed '
+      'standard deviations. '
+      'Training FLOPs: XLA\'s count of one lowered step of each stage '
+      '(`mood_jax.dry_run.step_flops`) times its steps.', '',
+      '## Does MIM help at equal compute?', '',
+      *_answers(tests, comparison_of, (
+          ('Equal optimizer steps', ('mae', 'steps')),
+          ('Equal training FLOPs', ('mae', 'flops')),
+          ("Unmatched (scratch only fine-tunes, as long as mae's fine-tune)",
+           ('mae', 'unmatched')))),
+      *_results_table(rows, meta, mim, model_of),
+      f'Ranked on validation ({RANK_SCORER} AUROC vs id_val), best first: {", ".join(ranked)}. '
+      f'The recipe chosen on validation: {ranked[0]}.', '',
+      'Each comparison on its claim metric (difference = cell − control, in AUROC points; '
+      '95% interval and t from Welch\'s test):', '',
+      *mim_table,
+      '![AUROC vs pretraining steps](results_digits/auroc_vs_pretraining_steps.png)', '',
+      '## Does UM\'s loss help when its premise holds?', '',
+      f'{premise}Atypical samples: the ID-train samples the first kept checkpoint '
+      'misclassifies (clean images), the ones a network fits last (Arpit et al. 2017, "A '
+      'closer look at memorization in deep networks"), which UM\'s loss is to make the model '
+      'forget (Unleashing-Mask README.md); memorised: classified right at that step.', '',
+      *_answers(tests, comparison_of, (
+          ('UM flooding vs plain CE, same checkpoint and steps', ('um_flood', 'steps')),
+          ('UMAP vs plain CE', ('um_umap', 'steps')),
+          ('sample_mask vs plain CE', ('um_sample_mask', 'steps')),
+          ("UM's protocol, flooding vs plain CE from an earlier checkpoint",
+           ('um_early_flood', 'steps')))),
+      *_curve_table(rows, 'um_base'),
+      '![um_base training curve](results_digits/um_base_curve.png)', '',
+      *_results_table(rows, meta, um, model_of),
+      *um_table]
+  return '\n'.join(text)
+
+
+def plot_length(path: str, rows, meta) -> None:
+  """Validation, near- and far-OOD AUROC of MOOD's Mahalanobis against total training
+  steps: the MAE length cells and the scratch cells."""
   figure = Figure(figsize=(6, 4), layout='constrained')
   axes = figure.subplots()
-  cells = [cell for cell in LENGTH_CELLS if cell in cells]
-  steps = [CELLS[cell][0] for cell in cells]
-  for group, label in (('near_mean', 'near OOD (test)'), ('far_mean', 'far OOD (test)'),
-                       (BEST_BY[2], f'{BEST_BY[2]} (validation)')):
-    stats = [mean_std(metrics[(cell, 'finetune', 'mahalanobis_mood', group)]['auroc'])
-             for cell in cells]
-    axes.errorbar(steps, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats],
-                  marker='o', capsize=3, label=label)
-  axes.set(xlabel='MIM pretraining steps (0: from scratch)', ylabel='AUROC (%)',
-           title='mahalanobis_mood, finetune model, mean ± std over seeds')
+  for prefix, marker in (('scratch', 'o'), ('mae', 's')):
+    pattern = r'scratch\d+' if prefix == 'scratch' else r'mae(_steps\d+)?'
+    names = sorted((name for name in meta['costs'] if re.fullmatch(pattern, name)),
+                   key=lambda name: meta['costs'][name][0])
+    steps = [meta['costs'][name][0] for name in names]
+    for ood_set, label in ((VALIDATION, 'validation'), ('near_mean', 'near'),
+                           ('far_mean', 'far')):
+      means = [mean_std(values(rows, name, model='finetune', scorer=RANK_SCORER, set=ood_set,
+                               metric='auroc')) for name in names]
+      axes.errorbar(steps, [100 * m for m, _ in means], yerr=[100 * s for _, s in means],
+                    marker=marker, capsize=3, label=f'{prefix} {label}')
+  axes.set(xlabel='optimizer steps (pretrain + finetune)', ylabel='AUROC (%)',
+           title=f'{RANK_SCORER}, finetune model, mean ± std over seeds')
+  axes.legend(fontsize='small')
+  figure.savefig(path, dpi=100)
+
+
+def plot_curve(path: str, rows) -> None:
+  """um_base along its fine-tune: clean ID-train CE and the memorised atypical fraction."""
+  figure = Figure(figsize=(6, 4), layout='constrained')
+  axes = figure.subplots()
+  steps = sorted({int(row['step']) for row in rows
+                  if row['cell'] == 'um_base' and row['metric'] == 'train_ce'})
+  for metric in ('train_ce', 'memorised'):
+    means = [np.nanmean(values(rows, 'um_base', metric=metric, step=step)) for step in steps]
+    axes.plot(steps, means, marker='o', label=metric)
+  axes.set(xlabel='finetune step', title='um_base, mean over seeds')
   axes.legend()
   figure.savefig(path, dpi=100)
 
 
-def ranked_cells(metrics: dict, cells) -> list[str]:
-  model, scorer, row = BEST_BY
-  return sorted(cells, key=lambda cell: mean_std(metrics[(cell, model, scorer, row)]['auroc'])[0])
-
-
-def plot_extremes(out: str, metrics: dict, cells, seed: str) -> list[str]:
-  """Score histograms and ROC curves of the worst and best cells (one seed's scores), in
-  worst_cell/ and best_cell/: fixed names, so a report of a new ranking replaces the last's."""
-  model, scorer, _ = BEST_BY
-  paths = []
-  ranked = ranked_cells(metrics, cells)
-  for label, cell in (('worst', ranked[0]), ('best', ranked[-1])):
-    with np.load(os.path.join(out, cell, f'seed{seed}', 'results', 'scores.npz')) as npz:
-      prefix = f'{model}/{scorer}/'
-      by_set = {key[len(prefix):]: npz[key] for key in npz.files if key.startswith(prefix)}
-    paths += report.plot_scores(os.path.join(out, f'{label}_cell'),
-                                {model: {scorer: by_set}})
-  return paths
-
-
-def _commit() -> str:
-  return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
-                        text=True).stdout.strip() or 'unknown'
-
-
-def write_report(out: str, cells, seeds, wall_s: float) -> str:
-  metrics, accuracy = collect(out, cells, seeds)
-  os.makedirs(os.path.join(out, 'plots'), exist_ok=True)
-  write_csv(os.path.join(out, 'study.csv'), metrics)
-  plot_length(os.path.join(out, 'plots', 'auroc_vs_pretraining_steps.png'), metrics, cells)
-  plot_extremes(out, metrics, cells, seeds[0])
-  ranked = ranked_cells(metrics, cells)
-  text = '\n'.join([
-      '# Digits ablation', '',
-      f'Command: `python -m benchmarks.digits_study --out={out} --seeds={",".join(seeds)} '
-      f'--cells={",".join(cells)} --preset={_PRESET.value}`  ',
-      f'Commit {_commit()}; {platform.processor() or platform.machine()}, {os.cpu_count()} '
-      f'cores; wall time of the runs made now: {wall_s / 60:.0f} min.', '',
-      'ID = digits 0-4; near OOD = digits 5-9; far OOD = textures, photos, lfw_faces, '
-      'uniform_noise, gaussian_blobs. Scorer hparams chosen on the letters validation set. '
-      'Mean ± std over seeds, in %.', '',
-      summary_table(metrics, accuracy, cells), '',
-      f'Cells by {BEST_BY[2]} (validation) AUROC of {BEST_BY[1]} ({BEST_BY[0]} model), worst '
-      f'to best: {", ".join(ranked)}. The recipe chosen on validation: {ranked[-1]}.', '',
-      f'Every (cell, model, scorer, OOD set): study.csv. Plots: plots/, best_cell/ '
-      f'({ranked[-1]}, seed {seeds[0]}), worst_cell/ ({ranked[0]}, seed {seeds[0]}).', ''])
-  with open(os.path.join(out, 'study.md'), 'w') as f:
-    f.write(text)
-  return text
-
-
 def main(argv) -> None:
   del argv
-  cells = _CELLS.value or list(CELLS)
-  unknown = sorted(set(cells) - set(CELLS))
-  if unknown:
-    sys.exit(f'error: unknown cells {unknown}; valid: {", ".join(CELLS)}')
+  smoke = _SMOKE.value
   out = os.path.abspath(_OUT.value)
+  doc = _DOC.value or (os.path.join(out, 'results_digits.md') if smoke else
+                       os.path.join(REPO, 'docs', 'results_digits.md'))
   start = time.perf_counter()
-  for cell in cells:
-    for seed in _SEEDS.value:
-      run_cell(cell, int(seed), os.path.join(out, cell, f'seed{seed}'),
-               os.path.join(out, 'tfds'))
-  print(write_report(out, cells, _SEEDS.value, time.perf_counter() - start))
+  cells, comparisons, costs = grid(SMOKE if smoke else FULL, smoke)
+  by_name = {cell.name: cell for cell in cells}
+  seeds_first = BASE_SEEDS[:2] if smoke else BASE_SEEDS
+  seeds = {cell.name: seeds_first for cell in cells}
+  extra = () if smoke else EXTRA_SEEDS  # the rule is tested apart: smoke runs stay few
+  for round_ in range(2):
+    for cell in cells:
+      for seed in seeds[cell.name]:
+        run_cell(cell, seed, out, smoke)
+    rows = []
+    for cell in cells:
+      for seed in seeds[cell.name]:
+        rows += results_rows(cell, seed, out)
+    if round_ == 0:
+      for name in needs_more_seeds(rows, by_name, comparisons):
+        seeds[name] = (*seeds[name], *extra)
+  for seed in seeds['um_base']:
+    for row in memorisation(by_name['um_base'], seed, out, smoke):
+      rows += [dict(cell='um_base', seed=seed, model='finetune', scorer='', set='id_train',
+                    metric=metric, step=row['step'], value=row[metric])
+               for metric in ('train_ce', 'train_accuracy', 'memorised', 'atypical')]
+    for row in validation_curve(by_name['um_base'], seed, out):
+      rows += [dict(cell='um_base', seed=seed, model='finetune', scorer=RANK_SCORER,
+                    set=VALIDATION, metric=metric, step=row['step'], value=row[metric])
+               for metric in ('id_val_accuracy', 'validation_auroc')]
+  runs = [json.load(open(os.path.join(workdir(out, name, seed), 'study_run.json')))
+          for name in seeds for seed in seeds[name]
+          if os.path.exists(os.path.join(workdir(out, name, seed), 'study_run.json'))]
+  meta = {
+      'command': 'python -m benchmarks.digits_study' + (f' --smoke --out={_OUT.value}'
+                                                        if smoke else ''),
+      'commits': sorted({run['commit'] for run in runs} | {_commit()}),
+      'runs': len(runs), 'run_seconds': sum(run['seconds'] for run in runs),
+      'wall_seconds': time.perf_counter() - start,
+      'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
+      'cells': [{'name': c.name, 'group': c.group, 'model': c.model, 'start_from': c.start_from}
+                for c in cells],
+      'comparisons': [dataclasses.asdict(c) for c in comparisons],
+      'costs': costs, 'seeds': seeds_first, 'extra_seeds': extra}
+  write_csv(os.path.join(out, 'study.csv'), rows)
+  with open(os.path.join(out, 'study.json'), 'w') as f:
+    json.dump(meta, f, indent=1)
+  plots = os.path.join(os.path.dirname(doc), 'results_digits')
+  os.makedirs(plots, exist_ok=True)
+  plot_length(os.path.join(plots, 'auroc_vs_pretraining_steps.png'), rows, meta)
+  plot_curve(os.path.join(plots, 'um_base_curve.png'), rows)
+  text = render(read_csv(os.path.join(out, 'study.csv')), meta)
+  with open(doc, 'w') as f:
+    f.write(text)
+  print(text)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,10 @@
   --config=configs/digits.py:oneclass=3 ID = digit 3 alone: MIM pretrain, then score its encoder
   --config=configs/digits.py:oneclass=all  each digit alone in turn, then the mean over digits
   --config=configs/digits.py:smoke      a seconds-long run for tests (combine: split,smoke)
+  --config=configs/digits.py:split,idval,nearval=9  no choice reads a test split: 20% of ID
+                                        train is 'id_val' (never trained on), the ID side of
+                                        every validation score; digit 9's train images are a
+                                        near-OOD validation set, digits 5-8 the near test set
 """
 
 import ml_collections
@@ -21,10 +25,13 @@ VALIDATION_OOD = embedded.VALIDATION_OOD_SETS
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   options = dict(opt.partition('=')[::2] for opt in arg.split(',') if opt)
-  unknown = set(options) - {'split', 'oneclass', 'smoke'}
+  unknown = set(options) - {'split', 'oneclass', 'smoke', 'idval', 'nearval'}
   if unknown:
     raise ValueError(f'unknown configs/digits.py options {sorted(unknown)}: '
-                     'use split, oneclass=C (or all), smoke')
+                     'use split, oneclass=C (or all), smoke, idval, nearval=C')
+  if 'nearval' in options and 'split' not in options:
+    raise ValueError('configs/digits.py option nearval=C holds out a digit outside split\'s '
+                     'ID classes 0-4: use split,nearval=C')
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.stages = 'pretrain,finetune,logit_ft,evaluate'
@@ -153,6 +160,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   if 'split' in options:
     config.data.id_classes = (0, 1, 2, 3, 4)
     config.data.ood_sets = ('digits_heldout', *FAR_OOD, *VALIDATION_OOD)
+  if 'idval' in options:
+    config.data.id_val_fraction = 0.2
+  if 'nearval' in options:
+    config.data.heldout_validation_classes = (int(options['nearval']),)
+    config.data.ood_sets = (*config.data.ood_sets, embedded.HELDOUT_VALIDATION_SET)
   if 'oneclass' in options:
     config.one_class_each = options['oneclass'] == 'all'
     config.data.id_classes = () if config.one_class_each else (int(options['oneclass']),)

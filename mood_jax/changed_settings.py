@@ -30,7 +30,8 @@ RECORD_FILE = 'changed_settings.json'
 # float rounding (README "Meshes and sharding").
 _SHARED = ('seed', 'model.', 'data.')
 _PASS = ('model.remat', 'data.data_dir', 'data.num_workers', 'data.ood_sets',
-         'data.validation_ood_sets', 'data.ood_examples_per_set')
+         'data.validation_ood_sets', 'data.ood_examples_per_set',
+         'data.heldout_validation_classes')
 # Evaluation during training (train_eval.py) only watches: it changes no param.
 _STAGE_PASS = ('log_every', 'ckpt_every', 'keep_checkpoints', 'eval_every', 'eval_scorer')
 

@@ -70,8 +70,6 @@ def compile_steps(config: ml_collections.ConfigDict, stages: list[str],
   for name in stages:
     lowered, batch_size = _lower(name, config, placement)
     memory = lowered.compile().memory_analysis()
-    unrolled = _unrolled(name, config)
-    counted = _lower(name, unrolled, placement)[0] if unrolled else lowered
     devices = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(mesh)]))
     reports.append({'what': name, 'batch_per_device': batch_size // devices,
                     'params_and_inputs_gib': memory.argument_size_in_bytes / _GIB,
@@ -79,8 +77,18 @@ def compile_steps(config: ml_collections.ConfigDict, stages: list[str],
                     # outputs that reuse donated inputs' buffers (the train state)
                     'aliased_gib': memory.alias_size_in_bytes / _GIB,
                     'temporaries_gib': memory.temp_size_in_bytes / _GIB,
-                    'flops_per_device': counted.cost_analysis()['flops'] / mesh.size})
+                    'flops_per_device': step_flops(name, config, placement, lowered)})
   return reports
+
+
+def step_flops(name: str, config: ml_collections.ConfigDict, placement: parallel.Placement,
+               lowered: jax.stages.Lowered | None = None) -> float:
+  """FLOPs of one step of training stage `name` (or 'evaluate': one eval forward) per
+  device, XLA's count on the lowered program (`lowered`, if given) with its loops unrolled."""
+  unrolled = _unrolled(name, config)
+  if unrolled or lowered is None:
+    lowered = _lower(name, unrolled or config, placement)[0]
+  return lowered.cost_analysis()['flops'] / placement.mesh.size
 
 
 def table(reports: list[dict], mesh) -> str:

@@ -56,7 +56,9 @@ def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: 
                               batch_size=config.evaluate.batch_size, seed=config.seed)
   plain = inference.make_forward(model, mesh)
   cfg = config.evaluate
-  id_train = extract(plain, which='id_train', augment=cfg.id_train_augment)
+  sets = {'id_train': extract(plain, which='id_train', augment=cfg.id_train_augment)}
+  if cfg.fit_on_id_validation.strip() and catalogue.source(config.data).has_id_val():
+    sets[evaluate.ID_VAL] = extract(plain, which=evaluate.ID_VAL)
   test = extract(plain, which='id_test')
   fitted, id_scores = {}, {}
   for name, values in hparams.items():
@@ -66,7 +68,7 @@ def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: 
       moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
       queries = extract(inference.make_forward(model, mesh, input_perturbation=moved),
                         which='id_test')
-    train = evaluate.fit_rows(name, cfg, id_train, config.seed)
+    train = evaluate.fit_rows(name, cfg, sets, config.seed)
     stats = scorers.fit(scorer, train['features'], train['logits'], train['label'],
                         params['head'] if has_head else None, mesh=mesh)
     fitted[name] = (scorer, stats)

@@ -55,7 +55,7 @@ def write_evaluation(workdir: str, rows: list[dict], id_accuracy: dict[str, floa
   writer = tensorboardX.SummaryWriter(run_dir)
   for row in rows:
     for metric, value in row.items():
-      if metric not in ('model', 'scorer', 'ood_set', 'ood_group'):
+      if metric not in report.ROW_KEYS:
         writer.add_scalar(f'{row["model"]}/{row["scorer"]}/{metric}/{row["ood_set"]}', value, 0)
   for model, accuracy in id_accuracy.items():
     writer.add_scalar(f'{model}/id_accuracy', accuracy, 0)

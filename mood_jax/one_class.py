@@ -42,7 +42,8 @@ def mean_over_classes(rows_by_class: dict) -> list[dict]:
       by_key.setdefault((row['model'], row['scorer'], row['ood_set'], row['ood_group']),
                         []).append(row)
   return [{'model': model, 'scorer': scorer, 'ood_set': ood_set, 'ood_group': group,
-           **{m: float(np.mean([row[m] for row in rows])) for m in report.METRICS}}
+           **{m: float(np.mean([row[m] for row in rows])) for m in report.METRICS},
+           **({'id_set': rows[0]['id_set']} if 'id_set' in rows[0] else {})}
           for (model, scorer, ood_set, group), rows in by_key.items()]
 
 

@@ -1,10 +1,10 @@
-"""Evaluation during fine-tuning (finetune, logit_ft): ID test accuracy, and one scorer's
-AUROC against each OOD validation set (the 'validation' group of data.ood_sets; never a
-test set).
+"""Evaluation during fine-tuning (finetune, logit_ft): ID accuracy, and one scorer's AUROC
+against each OOD validation set (the 'validation' group of data.ood_sets; never a test set).
 
-The digits and the TFDS datasets have no ID validation split, so the ID side is the test
-split, as big_vision and timm evaluate during training. The scorer is fitted on the ID
-training set when it needs stats (e.g. mahalanobis_mood), which costs a pass over it.
+The ID side is the ID validation split when there is one (data.id_val_fraction > 0): then
+nothing here reads a test split, and the keys say 'id_val'. Without one it is the test split,
+as big_vision and timm evaluate during training. The scorer is fitted on the ID training set
+when it needs stats (e.g. mahalanobis_mood), which costs a pass over it.
 """
 
 import functools
@@ -15,6 +15,7 @@ import numpy as np
 
 from mood_jax import inference
 from mood_jax.data import catalogue
+from mood_jax.data.sources import source
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, scorers
 
@@ -42,20 +43,24 @@ def make_eval_fn(config: ml_collections.ConfigDict, stage: str, model, mesh,
                  classifier_params: Callable[[dict], dict] = lambda params: params
                  ) -> Callable[[dict], dict]:
   """train params -> {'id_accuracy': ..., '<scorer>_auroc_<set>': ...} for `stage`'s
-  eval_scorer; `classifier_params` maps the stage's params to the classifier's (logit_ft)."""
+  eval_scorer ('id_val_accuracy' and '<scorer>_auroc_<set>_vs_id_val' against the ID
+  validation split); `classifier_params` maps the stage's params to the classifier's."""
   scorer = scorers.configured(scorers.get(config[stage].eval_scorer), config.evaluate.hparams)
   ood_sets = validation_sets(config)
+  with_id_val = catalogue.source(config.data).has_id_val()
+  id_set, suffix = (source.ID_VAL, '_vs_id_val') if with_id_val else ('id_test', '')
   forward = inference.make_forward(model, mesh)
 
   def eval_fn(params):
     params = classifier_params(params)
     extract = functools.partial(inference.extract, forward, params, config.data, mesh=mesh,
                                 batch_size=config.evaluate.batch_size, seed=config.seed)
-    id_test = extract(which='id_test')
-    results = {'id_accuracy': float(metrics.accuracy(id_test['logits'], id_test['label']))}
+    id_data = extract(which=id_set)
+    accuracy_key = 'id_val_accuracy' if with_id_val else 'id_accuracy'
+    results = {accuracy_key: float(metrics.accuracy(id_data['logits'], id_data['label']))}
     if not ood_sets:
       return results
-    fit_on = extract(which='id_train') if scorers.needs_train_stats(scorer) else id_test
+    fit_on = extract(which='id_train') if scorers.needs_train_stats(scorer) else id_data
     stats = scorers.fit(scorer, fit_on['features'], fit_on['logits'], fit_on['label'],
                         params['head'], mesh=mesh)
 
@@ -63,10 +68,10 @@ def make_eval_fn(config: ml_collections.ConfigDict, stage: str, model, mesh,
       return np.asarray(scorers.score(scorer, stats, data['features'], data['logits'],
                                       mesh=mesh))
 
-    id_scores = scores(id_test)
+    id_scores = scores(id_data)
     for name in ood_sets:
       auroc = metrics.ood_metrics(id_scores, scores(extract(which=name)))['auroc']
-      results[f'{scorer.name}_auroc_{name}'] = float(auroc)
+      results[f'{scorer.name}_auroc_{name}{suffix}'] = float(auroc)
     return results
 
   return eval_fn

@@ -122,6 +122,51 @@ def test_near_ood_is_exactly_the_held_out_test_digits(data_cfg):
   assert sorted(i.tobytes() for i in images) == sorted(i.tobytes() for i in held_out)
 
 
+def _indices(data_cfg, which):
+  """The split indices of every example of `which` the input pipeline reads, in order."""
+  examples = input_pipeline._examples(data_cfg, which, with_index=True)
+  return np.asarray([examples[i]['index'] for i in range(len(examples))])
+
+
+def test_id_val_is_a_seeded_stratified_part_of_id_train_that_training_never_reads(data_cfg):
+  cfg = _config(data_cfg.data_dir, id_val_fraction=0.2)
+  train, val = _indices(cfg, 'id_train'), _indices(cfg, 'id_val')
+  assert not set(train) & set(val)  # the training set (train_dataset reads 'id_train')
+  # Together, exactly the ID-class rows that training reads without an ID validation split.
+  np.testing.assert_array_equal(np.sort(np.r_[train, val]), _indices(data_cfg, 'id_train'))
+  stored = np.asarray([r['label'] for r in _digits(data_cfg, 'train')])
+  for label in range(5):  # 20% of each class, rounded
+    assert (stored[val] == label).sum() == round(0.2 * (stored == label).sum())
+  assert set(stored[val]) == set(range(5))
+  # The same rows for another source object, run or order of id_classes: a function of
+  # split_seed only.
+  again = catalogue.source(_config(data_cfg.data_dir, id_val_fraction=0.2,
+                                   id_classes=(4, 3, 2, 1, 0)))
+  np.testing.assert_array_equal(again.kept_indices('id_val'), val)
+  labels = np.concatenate([b['label'][b['valid']] for b in _all_batches(cfg, 'id_val')[0]])
+  np.testing.assert_array_equal(labels, stored[val])  # ID labels, as id_test's
+  assert catalogue.source(data_cfg).id_sets() == ('id_train', 'id_test')
+  with pytest.raises(ValueError, match='data.id_val_fraction > 0'):
+    catalogue.source(data_cfg).locate('id_val')
+
+
+def test_a_held_out_digit_is_a_near_ood_validation_set_apart_from_the_near_test_set(data_cfg):
+  cfg = _config(data_cfg.data_dir, heldout_validation_classes=(9,),
+                ood_sets=('digits_heldout', 'digits_heldout_val', 'textures'))
+  assert catalogue.source(cfg).ood_groups() == {
+      'digits_heldout': 'near', 'digits_heldout_val': 'validation', 'textures': 'far'}
+  test_labels = np.asarray([r['label'] for r in _digits(data_cfg, 'test')])
+  train_labels = np.asarray([r['label'] for r in _digits(data_cfg, 'train')])
+  assert set(test_labels[_indices(cfg, 'digits_heldout')]) == {5, 6, 7, 8}
+  validation = _indices(cfg, 'digits_heldout_val')  # train images: never a test image
+  np.testing.assert_array_equal(validation, np.flatnonzero(train_labels == 9))
+  labels = np.concatenate([b['label'][b['valid']]
+                           for b in _all_batches(cfg, 'digits_heldout_val')[0]])
+  assert np.all(labels == -1)
+  with pytest.raises(ValueError, match=r'heldout_validation_classes \[3\] must be .* outside'):
+    catalogue.source(_config(data_cfg.data_dir, heldout_validation_classes=(3,))).ood_groups()
+
+
 @pytest.mark.parametrize('count,global_batch_size,process_count', [
     (11, 4, 2),  # a partial last batch
     (5, 4, 2),   # one process has fewer real examples than a batch

@@ -1,60 +1,163 @@
-"""The ablation's bookkeeping: finished runs are kept, seeds aggregate to mean ± sample std."""
+"""The digits study: its statistics, its seed rule, and the smoke grid end to end, whose
+document must be a function of the study's CSV alone."""
 
+import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
+from scipy import stats
 
 from benchmarks import digits_study
 
-
-def _write_results(workdir, auroc: float, accuracy: float) -> None:
-  os.makedirs(os.path.join(workdir, 'results'))
-  rows = [{'model': 'finetune', 'scorer': 'msp', 'ood_set': name, 'ood_group': 'near',
-           'auroc': auroc, 'fpr95': 1 - auroc, 'fpr95_id': 0.5, 'aupr_in': 0.5,
-           'aupr_out': 0.5} for name in ('digits_heldout', 'near_mean')]
-  with open(os.path.join(workdir, 'results', 'results.json'), 'w') as f:
-    json.dump({'rows': rows, 'id_accuracy': {'finetune': accuracy}}, f)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_seeds_aggregate_to_mean_and_sample_std(tmp_path):
-  for seed, auroc in (('0', 0.8), ('1', 0.9), ('2', 1.0)):
-    _write_results(tmp_path / 'mae' / f'seed{seed}', auroc, accuracy=0.5 + 0.1 * int(seed))
-  metrics, accuracy = digits_study.collect(str(tmp_path), ['mae'], ['0', '1', '2'])
-  np.testing.assert_allclose(metrics[('mae', 'finetune', 'msp', 'near_mean')]['auroc'],
-                             [0.8, 0.9, 1.0])
-  mean, std = digits_study.mean_std(metrics[('mae', 'finetune', 'msp', 'near_mean')]['auroc'])
-  np.testing.assert_allclose((mean, std), (0.9, 0.1))  # ddof=1, as error bars over seeds
+def test_welch_difference_interval_and_t_match_scipy():
+  a, b = [0.91, 0.95, 0.93, 0.96, 0.94], [0.88, 0.90, 0.86]
+  test = digits_study.welch(a, b)
+  reference = stats.ttest_ind(a, b, equal_var=False)
+  np.testing.assert_allclose(test['diff'], np.mean(a) - np.mean(b))
+  np.testing.assert_allclose(test['t'], reference.statistic)
+  np.testing.assert_allclose(test['df'], reference.df)
+  low, high = reference.confidence_interval(0.95)
+  np.testing.assert_allclose((test['low'], test['high']), (low, high))
+  assert digits_study.verdict(test).startswith('yes')
+  assert digits_study.verdict(digits_study.welch(b, a)).startswith('no')
+  assert digits_study.verdict(digits_study.welch(a, a[::-1])).startswith('not')
   assert digits_study.mean_std([0.7]) == (0.7, 0.0)
-  np.testing.assert_allclose(accuracy[('mae', 'finetune')], [0.5, 0.6, 0.7])
-  digits_study.write_csv(str(tmp_path / 'study.csv'), metrics)
-  lines = (tmp_path / 'study.csv').read_text().splitlines()
-  assert lines[0].startswith('cell,model,scorer,ood_set,seeds,auroc_mean,auroc_std')
-  assert any(line.startswith('mae,finetune,msp,near_mean,3,0.9') for line in lines)
+  np.testing.assert_allclose(digits_study.mean_std([0.8, 0.9, 1.0]), (0.9, 0.1))  # ddof=1
+
+
+def _rows(cell, model, aurocs):
+  scorer, ood_set, metric = digits_study.claim_metric('um')
+  return [dict(cell=cell, seed=seed, model=model, scorer=scorer, set=ood_set, metric=metric,
+               step='', value=value) for seed, value in enumerate(aurocs)]
+
+
+def test_more_seeds_for_differences_under_two_seed_stds_and_their_base_runs():
+  cells = {name: digits_study.Cell(name, 'um', (), 'logit_ft', 'um_base')
+           for name in ('um_ce', 'um_flood', 'um_umap')}
+  rows = [*_rows('um_ce', 'logit_ft', [0.80, 0.82, 0.81]),
+          *_rows('um_flood', 'logit_ft', [0.81, 0.85, 0.83]),   # +0.02, stds 0.02: close
+          *_rows('um_umap', 'logit_ft', [0.90, 0.91, 0.92])]    # +0.10: clear
+  comparisons = [digits_study.Comparison(name, 'um_ce', 'steps', 'um')
+                 for name in ('um_flood', 'um_umap')]
+  assert digits_study.needs_more_seeds(rows, cells, comparisons) == {
+      'um_ce', 'um_flood', 'um_base'}
 
 
 def test_a_finished_run_is_not_rerun(tmp_path, capsys):
-  workdir = tmp_path / 'mae' / 'seed0'
-  _write_results(workdir, 0.9, 0.5)
-  before = (workdir / 'results' / 'results.json').read_text()
-  digits_study.run_cell('mae', 0, str(workdir), str(tmp_path / 'tfds'))  # would fail to run
+  cell = digits_study.Cell('mae', 'mim', ())
+  results = tmp_path / 'mae' / 'seed0' / 'results' / 'results.json'
+  results.parent.mkdir(parents=True)
+  results.write_text('{}')
+  digits_study.run_cell(cell, 0, str(tmp_path), smoke=True)  # would fail to run: no data
   assert 'done before, kept' in capsys.readouterr().out
-  assert (workdir / 'results' / 'results.json').read_text() == before
-  assert not (workdir / 'log.txt').exists()
+  assert results.read_text() == '{}'
+  assert sorted(os.listdir(tmp_path / 'mae' / 'seed0')) == ['results']
 
 
-def test_extreme_cell_plots_go_to_fixed_dirs_that_a_new_ranking_replaces(tmp_path):
-  model, scorer, row = digits_study.BEST_BY
-  rng = np.random.default_rng(0)
-  for cell in ('mae', 'beit'):
-    os.makedirs(tmp_path / cell / 'seed0' / 'results')
-    np.savez(tmp_path / cell / 'seed0' / 'results' / 'scores.npz',
-             **{f'{model}/{scorer}/{name}': rng.normal(size=50) for name in ('id', row)})
-  for best, worst in (('mae', 'beit'), ('beit', 'mae')):
-    metrics = {(best, model, scorer, row): {'auroc': [0.9]},
-               (worst, model, scorer, row): {'auroc': [0.6]}}
-    paths = digits_study.plot_extremes(str(tmp_path), metrics, ['mae', 'beit'], '0')
-    assert sorted(os.listdir(tmp_path)) == ['beit', 'best_cell', 'mae', 'worst_cell']
-    assert all(os.path.exists(path) for path in paths)
-    assert {os.path.relpath(path, tmp_path).split(os.sep)[0] for path in paths} == {
-        'best_cell', 'worst_cell'}
+@pytest.fixture(scope='module')
+def smoke_study(tmp_path_factory):
+  out = tmp_path_factory.mktemp('study')
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.digits_study', '--smoke',
+                         f'--out={out}'], cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / 'study.json') as f:
+    meta = json.load(f)
+  return out, meta
+
+
+def _table_cell(text: str, row: str, column: str) -> str:
+  """The cell under `column` of the first Markdown table row that starts with `row`."""
+  header = []
+  for line in text.splitlines():
+    cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
+    if column in cells:
+      header = cells
+    elif header and cells[0] == row:
+      return cells[header.index(column)]
+  raise AssertionError(f'no {row} / {column} in the document')
+
+
+def test_smoke_grid_matches_compute_and_keeps_test_data_out_of_choices(smoke_study):
+  out, meta = smoke_study
+  costs = meta['costs']
+  matched = {(c['cell'], c['matched']): c['control'] for c in meta['comparisons']}
+  sizes = digits_study.SMOKE
+  mae_steps = sizes.pretrain[1] + sizes.finetune
+  assert costs['mae'][0] == mae_steps and matched[('mae', 'steps')] == f'scratch{mae_steps}'
+  assert costs[matched[('mae', 'steps')]][0] == mae_steps
+  # FLOP-matched: the scratch steps whose FLOPs come nearest mae's pretrain + finetune.
+  flops_control = matched[('mae', 'flops')]
+  per_step = costs[f'scratch{mae_steps}'][1] / mae_steps
+  assert costs[flops_control][0] == round(costs['mae'][1] / per_step)
+  assert costs['mae'][1] < mae_steps * per_step  # a masked pretraining step costs less
+  # Every validation score (the ranking's) is against id_val, and the CSV's validation mean
+  # is the mean of those rows.
+  with open(out / 'mae' / 'seed0' / 'results' / 'results.json') as f:
+    results = json.load(f)
+  validation = [r for r in results['rows'] if r['ood_group'] == 'validation'
+                and r['scorer'] == digits_study.RANK_SCORER]
+  assert {r['ood_set'] for r in validation} == {'letters', 'digits_heldout_val'}
+  assert all(r['id_set'] == 'id_val' for r in validation)
+  rows = digits_study.read_csv(out / 'study.csv')
+  np.testing.assert_allclose(
+      digits_study.values(rows, 'mae', model='finetune', scorer=digits_study.RANK_SCORER,
+                          set=digits_study.VALIDATION, metric='auroc')[0],
+      np.mean([r['auroc'] for r in validation]))
+
+
+def test_um_variants_continue_the_same_checkpoint_and_the_curve_is_recorded(smoke_study):
+  out, _ = smoke_study
+  for seed in (0, 1):
+    scores = {}
+    for cell in ('um_base', 'um_ce', 'um_flood'):
+      with open(out / cell / f'seed{seed}' / 'results' / 'results.json') as f:
+        scores[cell] = [r['auroc'] for r in json.load(f)['rows'] if r['model'] == 'finetune']
+    assert scores['um_base'] == scores['um_ce'] == scores['um_flood']
+  rows = digits_study.read_csv(out / 'study.csv')
+  steps = sorted({int(r['step']) for r in rows if r['metric'] == 'train_ce'})
+  sizes = digits_study.SMOKE
+  every = sizes.long_finetune // sizes.kept
+  assert steps == list(range(every, sizes.long_finetune + 1, every))
+  first = digits_study.values(rows, 'um_base', metric='memorised', step=steps[0])
+  assert np.all(first == 0)  # atypical: what the first checkpoint gets wrong
+  # And validation AUROC (vs id_val) along the way, from evaluation during training.
+  for step in steps:
+    assert len(digits_study.values(rows, 'um_base', metric='validation_auroc', step=step)) == 2
+
+
+def test_the_document_is_generated_from_the_csv(smoke_study):
+  out, meta = smoke_study
+  text = (out / 'results_digits.md').read_text()
+  assert text == digits_study.render(digits_study.read_csv(out / 'study.csv'), meta)
+  column = 'mahalanobis_mood near AUROC'
+  rows = digits_study.read_csv(out / 'study.csv')
+  mae = digits_study.values(rows, 'mae', model='finetune', scorer='mahalanobis_mood',
+                            set='near_mean', metric='auroc')
+  assert _table_cell(text, 'mae', column) == digits_study._pm(mae)
+  # Change the CSV: the table and the prose's verdict change with it.
+  changed = [{**row, 'value': 0.5 * row['value']} if row['cell'] == 'mae' else row
+             for row in rows]
+  path = out / 'changed.csv'
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, digits_study.CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(changed)
+  again = digits_study.render(digits_study.read_csv(path), meta)
+  assert _table_cell(again, 'mae', column) == digits_study._pm(0.5 * mae)
+  steps_test = digits_study.welch(
+      0.5 * mae, digits_study.values(rows, meta_control(meta, 'steps'), model='finetune',
+                                     scorer='mahalanobis_mood', set='near_mean', metric='auroc'))
+  assert f'{100 * steps_test["diff"]:+.1f} points' in again
+  assert 'no, worse' in again
+
+
+def meta_control(meta, matched):
+  return next(c['control'] for c in meta['comparisons']
+              if c['cell'] == 'mae' and c['matched'] == matched)

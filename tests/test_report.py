@@ -85,7 +85,7 @@ def test_headline_has_one_row_per_model_and_scorer_with_group_means():
   assert text.startswith('## Headline')
   header = text[text.index('| model'):].splitlines()[0]
   assert header == ('| model | scorer | near AUROC | near FPR@95 | far AUROC | far FPR@95 | '
-                    'ID acc. | validation AUROC |')
+                    'ID acc. | validation AUROC (vs id_test) |')
   assert _table(text, '## Headline') == [
       ['finetune', 'msp', '85.00', '15.00', '99.00', '1.00', '97.12', '60.00'],
       ['pretrain', 'mahalanobis_mood', '', '', '95.00', '5.00', '', ''],
@@ -97,7 +97,7 @@ def test_per_set_tables_group_each_set_validation_near_far():
   text = report.markdown_table(report.summarize(rows), {'finetune': 0.9712})
   table = _table(text, '### finetune / msp')
   assert [cells[:2] for cells in table] == [
-      ['validation', 'letters'], ['near', 'cifar100'], ['near', 'tin'], ['near', '**mean**'],
+      ['validation', 'letters (vs id_test)'], ['near', 'cifar100'], ['near', 'tin'], ['near', '**mean**'],
       ['far', 'svhn'], ['far', '**mean**']]
   # Every metric the rows carry is a column, in percent: none is left out by a fixed list.
   assert table[1] == ['near', 'cifar100', '90.00', '10.00', '50.00', '90.00', '25.00']
@@ -112,6 +112,13 @@ def test_per_set_tables_group_each_set_validation_near_far():
   assert '| group | OOD set | AUROC | FPR@95 | FPR@95 (ID+) | AUPR-In | AUPR-Out |' in (
       report.markdown_table(sorted_keys, {}))
   assert 'OpenOOD' in text
+
+
+def test_tables_say_which_id_set_the_validation_aurocs_used():
+  rows = [*ROWS, {**_row('finetune', 'msp', 'letters', 'validation', 0.6), 'id_set': 'id_val'}]
+  text = report.markdown_table(report.summarize(rows), {'finetune': 0.9712})
+  assert text[text.index('| model'):].splitlines()[0].endswith('| validation AUROC (vs id_val) |')
+  assert _table(text, '### finetune / msp')[0][:3] == ['validation', 'letters (vs id_val)', '60.00']
 
 
 def test_markdown_table_says_how_models_were_trained_only_when_given():

@@ -84,10 +84,14 @@ def test_fit_on_id_validation_fits_the_held_out_part_only_for_the_named_scorers(
   cfg = digits.get_config('smoke').evaluate
   cfg.fit_on_id_validation = 'react, klm'
   id_train = {'features': np.arange(100.)[:, None], 'label': np.zeros(100, int)}
-  held_out = evaluate.fit_rows('react', cfg, id_train, seed=0)
+  held_out = evaluate.fit_rows('react', cfg, {'id_train': id_train}, seed=0)
   assert len(held_out['label']) == 20  # sweep_id_fraction 0.2
   # The same rows the sweeps validate on, none of those a sweep fits on.
   _, id_val = evaluate._hold_out(id_train, 0.2, 0)
   np.testing.assert_array_equal(held_out['features'], id_val['features'])
-  assert evaluate.fit_rows('klm', cfg, id_train, seed=0)['features'].shape == (20, 1)
-  assert evaluate.fit_rows('knn', cfg, id_train, seed=0) is id_train
+  assert evaluate.fit_rows('klm', cfg, {'id_train': id_train}, seed=0)['features'].shape == (
+      20, 1)
+  assert evaluate.fit_rows('knn', cfg, {'id_train': id_train}, seed=0) is id_train
+  # With an ID validation split, that split, which the model never trained on.
+  id_val = {'features': np.ones((7, 1)), 'label': np.zeros(7, int)}
+  assert evaluate.fit_rows('react', cfg, {'id_train': id_train, 'id_val': id_val}, 0) is id_val

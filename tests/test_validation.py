@@ -39,6 +39,7 @@ from mood_jax.errors import UserError
     ({'data.std': 0.0}, 'data.std=0.0 must be inside (0, inf)'),
     ({'data.test_fraction': 1.0}, 'data.test_fraction=1.0'),
     ({'data.hflip': 2.0}, 'data.hflip=2.0 must be inside [0, 1]'),
+    ({'data.id_val_fraction': 1.0}, 'data.id_val_fraction=1.0 must be inside [0, 1)'),
     ({'data.crop_scale': (0.5, 0.1)}, 'data.crop_scale=(0.5, 0.1) must be (low, high)'),
     ({'evaluate.batch_size': 0}, 'evaluate.batch_size=0'),
     ({'model.layer_scale': -1.0}, 'model.layer_scale=-1.0'),
@@ -58,6 +59,7 @@ def test_bad_value_names_field_value_rule_and_example(overrides, message, tmp_pa
   assert not (tmp_path / 'workdir').exists()
 
 
-@pytest.mark.parametrize('arg', ['', 'split,smoke', 'oneclass=3,smoke'])
+@pytest.mark.parametrize('arg', ['', 'split,smoke', 'oneclass=3,smoke',
+                                 'split,idval,nearval=9,smoke'])
 def test_shipped_digits_configs_pass(arg, tmp_path):
   assert pipeline.validate(digits.get_config(arg), str(tmp_path))

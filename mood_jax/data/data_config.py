@@ -29,6 +29,13 @@ def default_data_config() -> ml_collections.ConfigDict:
       ood_examples_per_set=500,
       num_workers=0,  # 0: in-process; more: grain worker processes
       validation_ood_sets=(),  # those of ood_sets that choose hparams (evaluate.sweep)
+      # > 0: that fraction of each ID class of ID train (drawn with split_seed) is 'id_val',
+      # never trained on, the ID side of every validation score (evaluate, its sweeps, eval
+      # during training), so that no choice reads the test split. 0: no ID validation split.
+      id_val_fraction=0.0,
+      # Classes outside id_classes whose ID train images are '<name>_heldout_val', a near-OOD
+      # validation set (add it to ood_sets); '<name>_heldout' then keeps the other classes.
+      heldout_validation_classes=(),
       label_key='label',       # a TFDS ID dataset's: CIFAR-100's 'coarse_label' has 20 superclasses
       # Images of any size (not the embedded sets, which are stored at image_size):
       crop_scale=(0.08, 1.0),  # train RandomResizedCrop area range (BEiT/timm default)
@@ -52,6 +59,8 @@ def check_config(data_cfg) -> None:
   config_checks.at_least('data.ood_examples_per_set', data_cfg.ood_examples_per_set, 1, 500)
   config_checks.at_least('data.num_workers', data_cfg.num_workers, 0, 0)
   config_checks.inside('data.test_fraction', data_cfg.test_fraction, 0, 1, 0.3)
+  config_checks.inside('data.id_val_fraction', data_cfg.id_val_fraction, 0, 1, 0.2,
+                       closed='low')
   config_checks.inside('data.eval_crop_fraction', data_cfg.eval_crop_fraction, 0, 1, 0.875,
                        closed='high')
   for name, example in (('hflip', 0.5), ('random_erasing', 0.25)):

@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn import metrics as sk_metrics
 
+from mood_jax.data.sources.source import ID_VAL
 from mood_jax.ood import metrics
 
 METRICS = ('auroc', 'fpr95', 'fpr95_id', 'aupr_in', 'aupr_out')
@@ -69,9 +70,11 @@ def _hparams_lines(hparams: dict, sweeps: dict) -> list[str]:
       line = f'- {model} / {scorer}: ' + ', '.join(f'{k}={v}' for k, v in values.items())
       chosen = sweeps.get(model, {}).get(scorer)
       if chosen:
+        id_side = ('ID validation (id_val) examples, never trained on' if chosen.get('id_set')
+                   else 'held-out ID training examples')
         line += (f' ({", ".join(chosen["chosen"])} chosen by {chosen["metric"]} on '
                  f'{", ".join(chosen["ood_sets"])} vs {chosen["id_validation_examples"]} '
-                 'held-out ID training examples)')
+                 f'{id_side})')
       lines.append(line)
   return ['Scorer hyperparameters:', *lines, ''] if lines else []
 
@@ -84,13 +87,24 @@ HEADLINE_METRICS = ('auroc', 'fpr95')
 # Report order: the validation sets choose hyperparameters and come first, apart from the
 # test sets; any other group follows the known ones.
 GROUP_ORDER = ('validation', 'near', 'far')
-_KEYS = ('model', 'scorer', 'ood_set', 'ood_group')
+# A row's fields that name what it measures; the others are metrics.
+ROW_KEYS = ('model', 'scorer', 'ood_set', 'ood_group', 'id_set')
+
+
+def _id_set(row: dict) -> str:
+  """The ID set a row's metrics were scored against: evaluate marks those against 'id_val'."""
+  return row.get('id_set', 'id_test')
+
+
+def _validation_title(rows: list[dict]) -> str:
+  id_sets = sorted({_id_set(row) for row in rows if row['ood_group'] == 'validation'})
+  return f'validation {_TITLES["auroc"]} (vs {", ".join(id_sets)})'
 
 
 def _metric_keys(rows: list[dict]) -> list[str]:
   """The metrics the rows carry: no fixed list, so a new metric shows up. Known ones come
   first in _TITLES' order (jitted metrics come back in sorted key order)."""
-  keys = [key for key in rows[0] if key not in _KEYS] if rows else []
+  keys = [key for key in rows[0] if key not in ROW_KEYS] if rows else []
   return [key for key in _TITLES if key in keys] + [key for key in keys if key not in _TITLES]
 
 
@@ -110,7 +124,7 @@ def headline_table(rows: list[dict], id_accuracy: dict[str, float]) -> list[str]
   test_columns = [(g, m) for g in _groups(rows) if g != 'validation' for m in metric_keys]
   validation_columns = [('validation', 'auroc')] if 'validation' in _groups(rows) else []
   titles = ([f'{g} {_TITLES.get(m, m)}' for g, m in test_columns] + ['ID acc.'] * bool(id_accuracy)
-            + [f'{g} {_TITLES.get(m, m)}' for g, m in validation_columns])
+            + [_validation_title(rows)] * len(validation_columns))
   lines = ['| model | scorer | ' + ' | '.join(titles) + ' |', '|---|---|' + '---:|' * len(titles)]
   for (model, scorer), pair_rows in _pairs(rows).items():
     sets = [row for row in pair_rows if not row['ood_set'].endswith('_mean')]
@@ -136,6 +150,8 @@ def per_set_tables(rows: list[dict]) -> list[str]:
               '|---|---|' + '---:|' * len(metric_keys)]
     for row in sorted(pair_rows, key=lambda row: order[row['ood_group']]):  # stable: sets, mean
       name = '**mean**' if row['ood_set'].endswith('_mean') else row['ood_set']
+      if row['ood_group'] == 'validation':
+        name += f' (vs {_id_set(row)})'
       lines.append(f'| {row["ood_group"]} | {name} | '
                    + ' | '.join(_percent(row[m]) for m in metric_keys) + ' |')
     lines.append('')
@@ -254,6 +270,7 @@ _SETS_PER_PANEL = 4
 def _histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> Figure:
   """ID filled in grey, each OOD set a coloured outline over it; `groups` ({set: group})
   splits crowded sets into a panel per group, validation / near / far."""
+  by_set = {name: values for name, values in by_set.items() if name != ID_VAL}
   bins, heights, symlog = _histograms(by_set)
   ood = [name for name in by_set if name != 'id']
   panels = {'OOD': ood}
@@ -276,21 +293,24 @@ def _histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> F
   return figure
 
 
-def _roc_figure(title: str, by_set: dict) -> Figure:
+def _roc_figure(title: str, by_set: dict, groups: dict | None = None) -> Figure:
   """ROC curves, ID positive; each marked at OpenOOD's FPR@95 point, where 95% of the OOD
-  set is caught (5% accepted) and FPR@95 is the share of ID rejected there."""
+  set is caught (5% accepted) and FPR@95 is the share of ID rejected there. Validation sets
+  (`groups`) are against 'id_val' when there is one, as evaluate scores them."""
   figure = Figure(figsize=(5, 5), layout='constrained')
   axes = figure.subplots()
-  id_scores = by_set['id']
   for dataset, ood_scores in by_set.items():
-    if dataset == 'id':
+    if dataset in ('id', ID_VAL):
       continue
+    against_id_val = ID_VAL in by_set and (groups or {}).get(dataset) == 'validation'
+    id_scores = by_set[ID_VAL if against_id_val else 'id']
     is_id = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
     scores = np.r_[id_scores, ood_scores]
     fpr, tpr, _ = sk_metrics.roc_curve(is_id, scores)
     values = metrics.ood_metrics(id_scores, ood_scores)
     auroc, fpr95 = float(values['auroc']), float(values['fpr95'])
-    line, = axes.plot(fpr, tpr, label=f'{dataset} (AUROC {100 * auroc:.2f}, '
+    vs = f' vs {ID_VAL}' if against_id_val else ''
+    line, = axes.plot(fpr, tpr, label=f'{dataset}{vs} (AUROC {100 * auroc:.2f}, '
                       f'FPR@95 {100 * fpr95:.2f})')
     axes.plot(0.05, 1 - fpr95, 'o', color=line.get_color(), markersize=5)
   axes.axvline(0.05, color='0.5', linestyle='--', linewidth=0.8)
@@ -316,7 +336,7 @@ def plot_scores(results_dir: str, scores: dict, groups: dict | None = None) -> l
       by_set = {name: np.asarray(values, np.float64) for name, values in by_set.items()}
       title = f'{model} / {scorer}'
       for kind, figure in (('hist', _histogram_figure(title, by_set, groups)),
-                           ('roc', _roc_figure(title, by_set))):
+                           ('roc', _roc_figure(title, by_set, groups))):
         path = os.path.join(plots_dir, f'{model}_{scorer}_{kind}.png')
         _save_figure(figure, path)
         paths.append(path)

@@ -2,8 +2,10 @@
 
 Each scorer runs with its hparams from `evaluate.hparams`, except those named in
 `evaluate.sweep`: their grid (`evaluate.sweep_grids`) is tried on the OOD sets of the
-'validation' group in `data.ood_sets` against a held-out part of the ID training set, and
-the best point is used on the test sets. Test OOD sets never take part in the choice.
+'validation' group in `data.ood_sets` against the ID validation split ('id_val', when
+data.id_val_fraction > 0; else a held-out part of the ID training set), and the best point is
+used on the test sets. Test OOD sets never take part in the choice, nor, with 'id_val', does
+the ID test split: the validation sets' metrics are then scored against 'id_val' too.
 """
 
 import functools
@@ -18,13 +20,14 @@ from ml_collections import config_dict
 from mood_jax import (changed_settings, checkpoint, config_checks, detector, inference,
                       metrics_log)
 from mood_jax.data import catalogue, data_config
-from mood_jax.data.sources import embedded
+from mood_jax.data.sources import embedded, source
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, report, scorers, sweep
 from mood_jax.stages import finetune, logit_ft
 
 NAME = 'evaluate'
 VALIDATION = 'validation'
+ID_VAL = source.ID_VAL
 
 
 def _pretrain_encoder(config, workdir, placement):
@@ -74,15 +77,17 @@ def swept_names(cfg, selected: list[scorers.Scorer]) -> list[str]:
   return config_checks.names(cfg.sweep)
 
 
-def fit_rows(scorer_name: str, cfg, id_train: dict, seed: int) -> dict:
+def fit_rows(scorer_name: str, cfg, sets: dict, seed: int) -> dict:
   """The ID rows a scorer is fitted on: ID train, or for those named in
-  `evaluate.fit_on_id_validation` its held-out `sweep_id_fraction` part. OpenOOD v1.5 fits
-  react, klm and residual on ID validation (openood/postprocessors/react_postprocessor.py,
-  kl_matching_postprocessor.py, residual_postprocessor.py: id_loader_dict['val']); we have
-  no ID validation split, and the model did train on this part."""
+  `evaluate.fit_on_id_validation` the ID validation split ('id_val' in `sets`, else the
+  held-out `sweep_id_fraction` part of ID train, which the model did train on). OpenOOD v1.5
+  fits react, klm and residual on ID validation (openood/postprocessors/react_postprocessor.py,
+  kl_matching_postprocessor.py, residual_postprocessor.py: id_loader_dict['val'])."""
   if scorer_name not in config_checks.names(cfg.fit_on_id_validation):
-    return id_train
-  return _hold_out(id_train, cfg.sweep_id_fraction, seed)[1]
+    return sets['id_train']
+  if ID_VAL in sets:
+    return sets[ID_VAL]
+  return _hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)[1]
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -163,7 +168,10 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
   """The best point of the scorer's grid on the validation OOD sets (pooled); returns the
   scorer with it, and what the choice was made of, for the results."""
   validation_sets = [name for name, group in groups.items() if group == VALIDATION]
-  fit_part, id_val = _hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)
+  if ID_VAL in sets:  # never trained on, so the scorer's bank can be all of ID train
+    fit_part, id_val = sets['id_train'], sets[ID_VAL]
+  else:
+    fit_part, id_val = _hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)
   ood_val = {key: np.concatenate([sets[name][key] for name in validation_sets])
              for key in ('features', 'logits', 'label')}
   best, trials = sweep.select_hparams(scorer, cfg.sweep_grids[scorer.name].to_dict(),
@@ -172,13 +180,16 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
   logging.info('[evaluate] %s: chose %s on %s (%s)', scorer.name, best, validation_sets,
                cfg.sweep_metric)
   record = {'ood_sets': validation_sets, 'id_validation_examples': len(id_val['label']),
-            'metric': cfg.sweep_metric, 'chosen': best, 'trials': trials}
+            'metric': cfg.sweep_metric, 'chosen': best, 'trials': trials,
+            **({'id_set': ID_VAL} if ID_VAL in sets else {})}  # absent: held-out ID train
   return scorer.with_hparams(**best), record
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
   cfg, mesh = config.evaluate, placement.mesh
-  groups = catalogue.source(config.data).ood_groups()
+  data_source = catalogue.source(config.data)
+  groups = data_source.ood_groups()
+  id_sets = data_source.id_sets()
   selected = [scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
   rows, id_accuracy, all_scores, used_hparams, sweeps, fitted = [], {}, {}, {}, {}, {}
@@ -192,9 +203,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     forward = inference.make_forward(model, mesh)
     sets = {name: extract(forward, which=name,
                           augment=cfg.id_train_augment if name == 'id_train' else False)
-            for name in ('id_train', 'id_test', *groups)}
-    ids = {'id' if name == 'id_test' else name:
-           catalogue.source(config.data).example_ids(name, s['index'])
+            for name in (*id_sets, *groups)}
+    ids = {'id' if name == 'id_test' else name: data_source.example_ids(name, s['index'])
            for name, s in sets.items() if name != 'id_train'}
     if has_head:
       id_accuracy[model_name] = float(metrics.accuracy(sets['id_test']['logits'],
@@ -215,7 +225,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
         moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
         perturbed = inference.make_forward(model, mesh, input_perturbation=moved)
         queries = {name: extract(perturbed, which=name) for name in queries}
-      train = fit_rows(scorer.name, cfg, sets['id_train'], config.seed)
+      train = fit_rows(scorer.name, cfg, sets, config.seed)
       logging.info('[evaluate] %s: %s fitted on %d ID examples', model_name, scorer.name,
                    len(train['label']))
       stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
@@ -227,9 +237,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
       fitted[model_name][scorer.name] = (scorer, stats)
       used_hparams[model_name][scorer.name] = dict(scorer.hparams)
       for ood_set, group in groups.items():
-        values = metrics.ood_metrics(by_set['id'], by_set[ood_set])
+        # With an ID validation split, validation scores read no test data at all.
+        against_id_val = group == VALIDATION and ID_VAL in by_set
+        values = metrics.ood_metrics(by_set[ID_VAL if against_id_val else 'id'],
+                                     by_set[ood_set])
         rows.append({'model': model_name, 'scorer': scorer.name, 'ood_set': ood_set,
-                     'ood_group': group, **{k: float(v) for k, v in values.items()}})
+                     'ood_group': group, **{k: float(v) for k, v in values.items()},
+                     **({'id_set': ID_VAL} if against_id_val else {})})  # absent: id_test
   if jax.process_index() == 0:
     results_dir = os.path.join(workdir, 'results')
     summary = report.summarize(rows)  # each set's row and each group's mean

@@ -25,6 +25,8 @@ from mood_jax.data.sources.location import Location
 NAME = 'digits'
 NUM_DIGIT_CLASSES = 10
 HELDOUT_SET = NAME + source.HELDOUT_SUFFIX  # the test digits outside data.id_classes (near)
+# The train images of data.heldout_validation_classes (near-OOD validation).
+HELDOUT_VALIDATION_SET = NAME + source.HELDOUT_VALIDATION_SUFFIX
 FAR_OOD_SETS = ('textures', 'photos', 'lfw_faces', 'uniform_noise', 'gaussian_blobs')
 # For choosing hyperparameters (gamma, keep ratios, scorer settings): never a test set.
 VALIDATION_OOD_SETS = ('letters',)

@@ -4,7 +4,10 @@ A source says where its ID splits ('id_train', 'id_test') and any OOD sets of it
 its classes are and how it groups OOD sets; every source also reads the shared sets of
 `ood_sets`, and '<data.name>_heldout' (the ID test split's classes outside data.id_classes).
 The rules on top (which classes are ID, which records each set keeps, validation sets, what
-must be prepared) are the same for every source, and are here.
+must be prepared) are the same for every source, and are here. Two of them keep the test
+splits out of every choice: 'id_val', a seeded stratified part of ID train that training never
+reads (data.id_val_fraction), and '<data.name>_heldout_val', the ID train images of the
+classes in data.heldout_validation_classes, a near-OOD validation set.
 """
 
 import abc
@@ -18,7 +21,9 @@ from mood_jax.data.sources.location import Location
 from mood_jax.errors import UserError
 
 ID_SPLITS = ('id_train', 'id_test')
+ID_VAL = 'id_val'  # the ID validation split, when data.id_val_fraction > 0
 HELDOUT_SUFFIX = '_heldout'
+HELDOUT_VALIDATION_SUFFIX = '_heldout_val'
 
 
 class Source(abc.ABC):
@@ -68,26 +73,50 @@ class Source(abc.ABC):
   def heldout_set(self) -> str:
     return self.cfg.name + HELDOUT_SUFFIX
 
+  @property
+  def heldout_validation_set(self) -> str:
+    return self.cfg.name + HELDOUT_VALIDATION_SUFFIX
+
+  def has_id_val(self) -> bool:
+    """Whether part of ID train is held out as 'id_val' (configs saved before the field
+    existed have none)."""
+    return self.cfg.get('id_val_fraction', 0.0) > 0
+
+  def id_sets(self) -> tuple[str, ...]:
+    """The ID sets that can be read: 'id_train', 'id_test', and 'id_val' if there is one."""
+    return (*ID_SPLITS, ID_VAL) if self.has_id_val() else ID_SPLITS
+
   def locate(self, which: str) -> Location:
-    """Where 'id_train', 'id_test' or OOD set `which` is."""
+    """Where 'id_train', 'id_test', 'id_val' or OOD set `which` is."""
     if which in ID_SPLITS:
       return self._id_location(which)
+    if which == ID_VAL:
+      if not self.has_id_val():
+        raise ValueError(f"'{ID_VAL}' is a part of ID train held out of training: set "
+                         'data.id_val_fraction > 0, e.g. 0.2')
+      return self._id_location('id_train')
     found = self._ood_location(which)
     if found is None:
-      raise self._unknown('eval set', which, [*ID_SPLITS, *self._ood_set_names()])
+      raise self._unknown('eval set', which, [*self.id_sets(), *self._ood_set_names()])
     return found
 
   def _ood_location(self, name: str) -> Location | None:
     if name == self.heldout_set:
-      if len(self.id_classes()) == len(self.all_classes()):
+      if not self._heldout_classes():
         raise ValueError(f'{name!r} is the test images of classes outside id_classes, but '
-                         'id_classes covers all classes: choose a subset, or drop it from '
-                         'ood_sets')
+                         'id_classes (with data.heldout_validation_classes) covers all '
+                         'classes: choose a subset, or drop it from ood_sets')
       return self._id_location('id_test')
+    if name == self.heldout_validation_set:
+      if not self.heldout_validation_classes():
+        raise ValueError(f'{name!r} is the ID train images of data.heldout_validation_classes:'
+                         ' name one or more classes outside id_classes there')
+      return self._id_location('id_train')
     return self._own_ood_location(name) or ood_sets.location(name, self.cfg.name)
 
   def _ood_set_names(self) -> list[str]:
-    return [self.heldout_set, *self.own_ood_sets, *ood_sets.tfds_names(self.cfg.name)]
+    return [self.heldout_set, self.heldout_validation_set, *self.own_ood_sets,
+            *ood_sets.tfds_names(self.cfg.name)]
 
   def _unknown(self, what: str, name: str, valid: list[str]) -> ValueError:
     return ValueError(f'unknown {what} {name!r} for data.name={self.cfg.name!r}: valid: {valid} '
@@ -129,23 +158,66 @@ class Source(abc.ABC):
   def num_classes(self) -> int:
     return len(self.head_classes())
 
+  def heldout_validation_classes(self) -> tuple[int, ...]:
+    """Sorted classes outside id_classes whose ID train images are a near-OOD validation set."""
+    asked = {self._class_index(c) for c in self.cfg.get('heldout_validation_classes') or ()}
+    inside = asked & set(self.id_classes())
+    unknown = asked - set(self.all_classes())
+    if inside or unknown:
+      raise ValueError(f'data.heldout_validation_classes {sorted(inside | unknown, key=str)} '
+                       f'must be classes of {self.cfg.name} outside data.id_classes')
+    return tuple(sorted(asked))
+
+  def _heldout_classes(self) -> tuple[int, ...]:
+    """The classes of '<name>_heldout': neither ID nor held out for validation."""
+    taken = {*self.id_classes(), *self.heldout_validation_classes()}
+    return tuple(c for c in self.all_classes() if c not in taken)
+
   # --- Which records each set keeps, and with which labels.
 
   def has_id_labels(self, which: str) -> bool:
     """Whether `which`'s labels are ID dataset classes; any other set's examples are all OOD."""
-    return which in ID_SPLITS or which == self.heldout_set
+    return which in self.id_sets() or which in (self.heldout_set, self.heldout_validation_set)
 
   def kept_indices(self, which: str) -> list[int] | None:
     """Indices of the records that `which` keeps from its split; None keeps every record."""
+    if which in ('id_train', ID_VAL) and self.has_id_val():
+      id_val = self._id_val_indices()
+      if which == ID_VAL:
+        return id_val.tolist()
+      return np.setdiff1d(self._of_classes('id_train', self.id_classes()), id_val).tolist()
     id_classes, all_classes = set(self.id_classes()), set(self.all_classes())
     if which == self.heldout_set:
-      kept = all_classes - id_classes
+      kept = self._heldout_classes()
+    elif which == self.heldout_validation_set:
+      kept = self.heldout_validation_classes()
     elif which in ID_SPLITS and id_classes != all_classes:
       kept = id_classes
     else:
       return None
+    return self._of_classes(which, kept).tolist()
+
+  def _of_classes(self, which: str, classes) -> np.ndarray:
+    """Sorted indices of `which`'s records whose label is one of `classes`."""
     labels = self.locate(which).labels(self.data_dir, self.label_key)
-    return np.flatnonzero(np.isin(labels, sorted(kept))).tolist()
+    return np.flatnonzero(np.isin(labels, sorted(classes)))
+
+  def _id_val_indices(self) -> np.ndarray:
+    """Sorted indices of the ID train records held out as 'id_val': data.id_val_fraction of
+    each ID class (stratified, as sklearn's train_test_split(stratify=)), drawn with
+    data.split_seed, so the same rows whatever the run's seed."""
+    labels = self._id_location('id_train').labels(self.data_dir, self.label_key)
+    rng = np.random.default_rng(self.cfg.split_seed)
+    held = []
+    for label in self.id_classes():  # sorted: the draws do not depend on config order
+      rows = np.flatnonzero(labels == label)
+      count = int(round(self.cfg.id_val_fraction * len(rows)))
+      held.append(rng.permutation(rows)[:count])
+    held = np.sort(np.concatenate(held))
+    if not len(held):
+      raise UserError(f'data.id_val_fraction={self.cfg.id_val_fraction} holds out no ID train '
+                      'image of any class: raise it, e.g. to 0.2')
+    return held
 
   # --- OOD groups.
 
@@ -159,8 +231,8 @@ class Source(abc.ABC):
     if stray:
       raise ValueError(f'data.validation_ood_sets {sorted(stray)} are not in data.ood_sets: '
                        'add them there too')
-    return {name: 'validation' if name in validation else self.ood_group(name)
-            for name in self.cfg.ood_sets}
+    return {name: 'validation' if name in validation or name == self.heldout_validation_set
+            else self.ood_group(name) for name in self.cfg.ood_sets}
 
   # --- Preparation.
 
