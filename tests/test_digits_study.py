@@ -84,6 +84,7 @@ def _table_cell(text: str, row: str, column: str) -> str:
   raise AssertionError(f'no {row} / {column} in the document')
 
 
+@pytest.mark.slow  # the smoke grid: about 3 CPU-minutes of runs
 def test_smoke_grid_matches_compute_and_keeps_test_data_out_of_choices(smoke_study):
   out, meta = smoke_study
   costs = meta['costs']
@@ -112,6 +113,7 @@ def test_smoke_grid_matches_compute_and_keeps_test_data_out_of_choices(smoke_stu
       np.mean([r['auroc'] for r in validation]))
 
 
+@pytest.mark.slow  # the smoke grid: about 3 CPU-minutes of runs
 def test_um_variants_continue_the_same_checkpoint_and_the_curve_is_recorded(smoke_study):
   out, _ = smoke_study
   for seed in (0, 1):
@@ -132,6 +134,7 @@ def test_um_variants_continue_the_same_checkpoint_and_the_curve_is_recorded(smok
     assert len(digits_study.values(rows, 'um_base', metric='validation_auroc', step=step)) == 2
 
 
+@pytest.mark.slow  # the smoke grid: about 3 CPU-minutes of runs
 def test_the_document_is_generated_from_the_csv(smoke_study):
   out, meta = smoke_study
   text = (out / 'results_digits.md').read_text()
