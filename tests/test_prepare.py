@@ -433,6 +433,23 @@ def test_corrupt_imagenet30_ood_archive_names_the_file(prepared, tmp_path, name,
   assert not tfds.builder(name, data_dir=str(tmp_path / 'tfds')).is_prepared()
 
 
+def test_an_archive_short_of_a_listed_image_names_the_file(prepared, tmp_path):
+  """A tar cut at a member's header reads as a shorter tar, without an error from tarfile:
+  the split's list catches it (here DTD, with one image of test1.txt left out)."""
+  _, manual, _ = prepared
+  short = tmp_path / 'manual' / 'dtd-r1.0.1.tar.gz'
+  short.parent.mkdir()
+  with tarfile.open(manual / 'dtd-r1.0.1.tar.gz') as full, tarfile.open(short, 'w:gz') as tar:
+    listed = full.extractfile('dtd/labels/test1.txt').read().decode().split()
+    for member in full.getmembers():
+      if member.name != f'dtd/images/{listed[0]}':
+        tar.addfile(member, full.extractfile(member))
+  with pytest.raises(UserError, match=rf'^{short} lacks 1 of the {len(listed)} images that '
+                                      r'test1.txt lists: download it again$'):
+    prepare.prepare('dtd', str(tmp_path / 'tfds'), str(tmp_path / 'manual'))
+  assert not tfds.builder('dtd', data_dir=str(tmp_path / 'tfds')).is_prepared()
+
+
 def test_corrupt_archive_is_one_line_naming_the_file(prepared, tmp_path):
   _, manual, _ = prepared
   (tmp_path / 'manual').mkdir()

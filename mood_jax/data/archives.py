@@ -69,6 +69,16 @@ def _check_all_found(images_tar: str, found: int, listed: int, split_list: str) 
                     f'{split_list} lists: download it again')
 
 
+def _listed_members(path: str, wanted, what: str, split_list: str) -> Iterator[tuple[str, bytes]]:
+  """`tar_members` of the names in `wanted` (a set or dict of member names), and a UserError
+  once the archive ends if any of them was not in it (`_check_all_found`)."""
+  found = 0
+  for name, data in tar_members(path, lambda n: n in wanted, what):
+    found += 1
+    yield name, data
+  _check_all_found(path, found, len(wanted), split_list)
+
+
 def _number(element: ElementTree.Element, path: str) -> float:
   text = element.findtext(path)
   if text is None:
@@ -168,7 +178,7 @@ def dtd(path: str, split_list: str) -> Iterator[Example]:
   """split_list: e.g. 'test1', TFDS's split of DTD's first train/val/test partition."""
   listed = _tar_file(path, f'dtd/labels/{split_list}.txt', 'DTD tarball').decode().split()
   wanted = {f'dtd/images/{name}': name for name in listed}
-  for member, image in tar_members(path, lambda n: n in wanted, 'DTD tarball'):
+  for member, image in _listed_members(path, wanted, 'DTD tarball', f'{split_list}.txt'):
     name = wanted[member]
     yield name, {'file_name': name, 'image': image, 'label': name.split('/')[0]}
 
@@ -180,12 +190,15 @@ def places365(images_tar: str, filelist_tar: str, split: str) -> Iterator[Exampl
   """split: 'val' (TFDS 'validation'). Keys and file names as TFDS's places365_small."""
   lines = _tar_file(filelist_tar, f'places365_{split}.txt', 'Places365 file list tarball')
   labels = dict(line.split() for line in lines.decode().splitlines() if line.strip())
+  found = 0
   for member, image in tar_members(images_tar, lambda n: n.endswith('.jpg'), 'Places365 tar'):
     name = member.rsplit('/', 1)[-1]
     if name not in labels:
       raise UserError(f'{images_tar}: {name} is not in {filelist_tar}: use the two archives '
                       'of the same Places365-Standard release')
+    found += 1
     yield member, {'image': image, 'label': int(labels[name]), 'filename': member}
+  _check_all_found(images_tar, found, len(labels), f'places365_{split}.txt')
 
 
 # --- Food-101 (an ImageNet-30 OOD set): food-101/images/<class>/<id>.jpg, meta/<split>.json. ---
@@ -198,7 +211,7 @@ def food101(path: str, split_json: str) -> Iterator[Example]:
     listed = json.loads(_tar_file(path, f'food-101/meta/{split_json}.json', what))
   wanted = {f'food-101/images/{name}.jpg': (name, label) for label, names in listed.items()
             for name in names}
-  for member, image in tar_members(path, lambda n: n in wanted, what):
+  for member, image in _listed_members(path, wanted, what, f'{split_json}.json'):
     name, label = wanted[member]
     yield name, {'image': image, 'label': label}  # key 'apple_pie/1005649', as TFDS's
 
@@ -215,7 +228,8 @@ def flowers102(images_tgz: str, labels_mat: str, setid_mat: str,
   with _reading(setid_mat, 'setid.mat'):
     ids = scipy.io.loadmat(setid_mat)[split_key].reshape(-1)
   wanted = {f'jpg/image_{i:05d}.jpg': int(labels[i - 1]) - 1 for i in ids}
-  for member, image in tar_members(images_tgz, lambda n: n in wanted, '102flowers.tgz'):
+  for member, image in _listed_members(images_tgz, wanted, '102flowers.tgz',
+                                     f'setid.mat ({split_key})'):
     name = member.rsplit('/', 1)[-1]
     yield name, {'image': image, 'label': wanted[member], 'file_name': name}
 
@@ -309,9 +323,8 @@ def oxford_iiit_pet(images_tar: str, annotations_tar: str, list_name: str,
       if line.strip():
         name, label, species, _ = line.split()
         listed[f'images/{name}.jpg'] = name, int(label) - 1, int(species) - 1  # 1-based there
-  found = 0
-  for member, image in tar_members(images_tar, lambda n: n in listed,
-                                   'Oxford-IIIT Pet images.tar.gz'):
+  for member, image in _listed_members(images_tar, listed, 'Oxford-IIIT Pet images.tar.gz',
+                                     f'{list_name}.txt'):
     name, label, species = listed[member]
     trimap = annotations.get(f'annotations/trimaps/{name}.png')
     if trimap is None:
@@ -322,8 +335,6 @@ def oxford_iiit_pet(images_tar: str, annotations_tar: str, list_name: str,
     if name in reencode:
       with _reading(images_tar, f'Oxford-IIIT Pet image ({member})'):
         image = _clean_jpeg(image)
-    found += 1
     yield f'{name}.jpg', {'image': image, 'label': label, 'species': species,
                           'file_name': f'{name}.jpg', 'segmentation_mask': trimap,
                           'head_bbox': head_box}
-  _check_all_found(images_tar, found, len(listed), f'{list_name}.txt')
