@@ -53,7 +53,8 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from configs import digits
-from mood_jax import checkpoint, dry_run, inference, metrics_log, parallel, pipeline
+from mood_jax import (checkpoint, dry_run, inference, metrics_log, parallel, pipeline,
+                      train_loop)
 from mood_jax.stages import finetune
 
 _OUT = flags.DEFINE_string('out', 'workdir/study', 'Directory of the runs and the tables.')
@@ -74,7 +75,7 @@ BASE_SEEDS, EXTRA_SEEDS = (0, 1, 2), (3, 4)
 SAME_CONTROL = 0.01
 # UM's premise: a fine-tune long enough that clean training CE is near zero, below this.
 PREMISE_CE = 0.05
-TRAINING_STAGES = ('pretrain', 'finetune', 'logit_ft')
+TRAINING_STAGES = train_loop.TRAINING_STAGES
 
 
 @dataclasses.dataclass(frozen=True)

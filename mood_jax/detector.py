@@ -191,8 +191,9 @@ def write_from_run(directory: str, config: ml_collections.ConfigDict, rows: list
   """
   model, names, why = choose(rows, config.evaluate, {m: list(f) for m, f in fitted.items()})
   logging.info('[detector] %s with %s: %s', model, ', '.join(names), why)
-  meta = metadata(config, model=model, num_classes=catalogue.source(config.data).num_classes(),
-                  channels=catalogue.source(config.data).channels,
+  data_source = catalogue.source(config.data)
+  meta = metadata(config, model=model, num_classes=data_source.num_classes(),
+                  channels=data_source.channels,
                   scorers=[fitted[model][n][0] for n in names],
                   id_scores=id_scores[model], chosen_by=why)
   save(directory, meta, load_params(model), {n: fitted[model][n][1] for n in names},

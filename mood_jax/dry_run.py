@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mood_jax import inference, parallel, train_loop
+from mood_jax import inference, parallel, stages, train_loop
 from mood_jax.data import catalogue
-from mood_jax import stages
 from mood_jax.stages import finetune
 
 _GIB = 2.0**30

@@ -96,13 +96,14 @@ def export(workdir: str, out: str, *, model: str = 'auto', scorer_names: str = '
       results['rows'], config.evaluate, {m: list(by) for m, by in results['hparams'].items()})
   mesh = parallel.make_mesh((('data', -1),))
   parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
-  catalogue.source(config.data).prepare()  # checks that the ID data is still there
+  data_source = catalogue.source(config.data)
+  data_source.prepare()  # checks that the ID data is still there
   params, fitted, id_scores = fit_chosen(
       config, workdir, parallel.Placement(mesh), model_name,
       {n: results['hparams'][model_name][n] for n in names})
   meta = detector.metadata(
-      config, model=model_name, num_classes=catalogue.source(config.data).num_classes(),
-      channels=catalogue.source(config.data).channels,
+      config, model=model_name, num_classes=data_source.num_classes(),
+      channels=data_source.channels,
       scorers=[scorer for scorer, _ in fitted.values()], id_scores=id_scores, chosen_by=why)
   detector.save(out, meta, params, {n: stats for n, (_, stats) in fitted.items()},
                 replace=False)

@@ -8,11 +8,10 @@ import ml_collections
 from absl import logging
 
 from mood_jax import (changed_settings, checkpoint, config_checks, dry_run, one_class, parallel,
-                      optim, run_config, workdir_lock)
+                      optim, run_config, stages as all_stages, workdir_lock)
 from mood_jax.data import catalogue, data_config
 from mood_jax.errors import UserError
 from mood_jax.models import vit
-from mood_jax import stages as all_stages
 from mood_jax.stages import finetune
 
 # A training stage is skipped once its last step is saved.
@@ -50,8 +49,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   vit.check_config(config.model, config.data.image_size)
   mesh = parallel.make_mesh(config.mesh)
   try:  # the data module's own checks: dataset name, classes, OOD set names
-    catalogue.source(config.data).ood_groups()
-    catalogue.source(config.data).num_classes()
+    data_source = catalogue.source(config.data)
+    data_source.ood_groups()
+    data_source.num_classes()
   except ValueError as e:
     raise UserError(str(e)) from None
   for name in stages:

@@ -23,7 +23,7 @@ BatchLossFn = Callable[[jax.Array], tuple[jax.Array, dict]]
 # one use (e.g. drop path) leaves the others' draws as they were. The numbers are part of
 # every saved run's results: never renumber.
 RNG_STREAMS = {'pretrain/step': 1, 'finetune/step': 2, 'logit_ft/umap_scores': 3,
-            'logit_ft/gamma_mask': 4, 'logit_ft/step': 5}
+               'logit_ft/gamma_mask': 4, 'logit_ft/step': 5}
 
 
 def rng_stream(seed: int, name: str) -> jax.Array:

@@ -20,7 +20,8 @@ def run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
   proc = subprocess.run(
       [sys.executable, '-m', 'mood_jax.main',
-       '--config=configs/digits.py:split,idval,nearval=9,smoke', f'--workdir={workdir}', '--config.stages=finetune,evaluate',
+       '--config=configs/digits.py:split,idval,nearval=9,smoke', f'--workdir={workdir}',
+       '--config.stages=finetune,evaluate',
        '--config.finetune.init_from=scratch', '--config.finetune.eval_every=4',
        '--config.evaluate.scorers=msp,knn', '--config.evaluate.detector.write=False',
        f'--config.data.data_dir={data_dir}'],

@@ -21,8 +21,9 @@ NAME = 'finetune'
 def classifier(config: ml_collections.ConfigDict, drop_path: float):
   """(ViT classifier, its param initialiser) for the ID classes; shared by later stages."""
   encoder = vit.encoder_from_config(config.model, drop_path=drop_path)
-  model = vit.Classifier(catalogue.source(config.data).num_classes(), encoder, pool=config.model.pool)
-  size, channels = config.data.image_size, catalogue.source(config.data).channels
+  data_source = catalogue.source(config.data)
+  model = vit.Classifier(data_source.num_classes(), encoder, pool=config.model.pool)
+  size, channels = config.data.image_size, data_source.channels
 
   def init_params():
     return model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)))['params']
