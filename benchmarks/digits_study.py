@@ -3,9 +3,10 @@ Unleashing Mask's loss help where its premise holds?
 
   python -m benchmarks.digits_study [--out=workdir/study] [--doc=docs/results_digits.md]
   python -m benchmarks.digits_study --smoke --out=/tmp/study_smoke   # tiny steps, a few cells
+  python -m benchmarks.digits_study --workers=2   # 2 processes, each pinned to half the CPUs
 
 Every run is configs/digits.py:split,idval,nearval=9 with a cell's overrides, in its own
-workdir OUT/<cell>/seed<n>, run in this process (`pipeline.run`). ID = digits 0-4; 20% of
+workdir OUT/<cell>/seed<n>, run by `pipeline.run` in this process or a --workers one. ID = digits 0-4; 20% of
 each digit's ID train images are 'id_val', never trained on; the validation OOD sets are
 letters and the train images of digit 9, scored against id_val; the near-OOD test set is the
 test digits 5-8, the far ones textures, photos, faces, noise and blobs. Scorer hparams
@@ -26,15 +27,18 @@ Along um_base the study records, per kept checkpoint, the clean ID-train CE and 
 the fraction of atypical samples memorised (`memorisation`).
 
 The full grid is 23 cells, about 60,000 optimizer steps over 3 seeds (more where seeds are
-added): roughly 10-15 hours on 2 CPU cores, judging by the last study's ~1 min per 100 steps.
+added).
 
 Seeds: 3 per cell; 5 for both sides of every comparison whose difference is under two seed
-standard deviations. A run whose results.json exists is kept; an interrupted one resumes
-from its checkpoints. Writes OUT/study.csv (every number, one per cell, seed and quantity),
-OUT/study.json (command, commits, wall times, cells, comparisons, costs), and the document
---doc (default docs/results_digits.md; OUT/results_digits.md with --smoke) with its plots in
-results_digits/ beside it. The document is generated from study.csv and study.json alone
-(`render`): no number in it is typed by hand.
+standard deviations. Each finished run leaves a record (its study.csv rows, commit, seconds
+and machine) in --records, default benchmarks/results/digits_study/, committed: a run with
+a record is kept, so the study resumes on any machine and across sessions; an interrupted
+run resumes from its checkpoints in OUT. Writes study.csv (every number, one per cell, seed
+and quantity) and study.json (command, commits, machines, wall times, cells, comparisons,
+costs) beside the records, and the document --doc (default docs/results_digits.md;
+OUT/results_digits.md with --smoke) with its plots in results_digits/ beside it. The
+document is generated from study.csv and study.json alone (`render`): no number in it is
+typed by hand.
 """
 
 import csv
@@ -45,6 +49,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -61,6 +66,14 @@ _OUT = flags.DEFINE_string('out', 'workdir/study', 'Directory of the runs and th
 _DOC = flags.DEFINE_string('doc', None, 'The document to write (default: '
                            'docs/results_digits.md; with --smoke, OUT/results_digits.md).')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny steps and a few cells: checks the machinery.')
+_WORKERS = flags.DEFINE_integer(
+    'workers', 1, 'Runs at once, each worker a process of its own pinned to its share of the '
+    'CPUs: on 2 cores, 2 workers finish about 1.2x sooner than one using both.')
+_RECORDS = flags.DEFINE_string(
+    'records', None, 'Where the runs\' records, study.csv and study.json go (default: '
+    'benchmarks/results/digits_study; with --smoke, OUT/records).')
+_RUNS = flags.DEFINE_list('runs', None, 'A worker\'s share, CELL:SEED,...: runs them in order '
+                          'and exits (--workers starts these).')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = 'split,idval,nearval=9'
@@ -75,6 +88,11 @@ BASE_SEEDS, EXTRA_SEEDS = (0, 1, 2), (3, 4)
 SAME_CONTROL = 0.01
 # UM's premise: a fine-tune long enough that clean training CE is near zero, below this.
 PREMISE_CE = 0.05
+MACHINE = f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores'
+# Each finished run's record (its study.csv rows, commit, seconds, machine), and study.csv
+# and study.json: small, committed, so the study resumes anywhere; OUT can be redone.
+RECORDS = ('benchmarks', 'results', 'digits_study')
+UM_BASE = 'um_base'  # the long fine-tune: its record also holds the curves along it
 TRAINING_STAGES = train_loop.TRAINING_STAGES
 
 
@@ -157,14 +175,14 @@ def _um_cells(sizes: Sizes) -> list[Cell]:
             ('finetune.ckpt_every', every), ('finetune.keep_checkpoints', sizes.kept + 1),
             ('finetune.eval_every', every), ('finetune.eval_scorer', RANK_SCORER),
             ('pretrain.num_steps', sizes.pretrain[1]))
-  base = Cell('um_base', 'um', (*regime, ('stages', 'pretrain,finetune,evaluate')))
+  base = Cell(UM_BASE, 'um', (*regime, ('stages', 'pretrain,finetune,evaluate')))
   continuation = (*regime, ('stages', 'logit_ft,evaluate'),
                   ('logit_ft.num_steps', sizes.logit_ft), ('logit_ft.label_smoothing', 0.0),
                   ('logit_ft.drop_path', 0.0), ('logit_ft.augment', False))
   earlier = ('logit_ft.init_step', sizes.long_finetune // 2)
 
   def variant(name, *more):
-    return Cell(name, 'um', (*continuation, *more), model='logit_ft', start_from='um_base')
+    return Cell(name, 'um', (*continuation, *more), model='logit_ft', start_from=UM_BASE)
 
   return [base,
           variant('um_ce', ('logit_ft.loss', 'ce')),
@@ -175,7 +193,7 @@ def _um_cells(sizes: Sizes) -> list[Cell]:
           variant('um_early_flood', ('logit_ft.loss', 'um'), earlier)]
 
 
-SMOKE_CELLS = ('mae', 'um_base', 'um_ce', 'um_flood')  # and mae's matched scratch controls
+SMOKE_CELLS = ('mae', UM_BASE, 'um_ce', 'um_flood')  # and mae's matched scratch controls
 
 
 def step_flops(cell: Cell, smoke: bool) -> dict:
@@ -232,7 +250,7 @@ def grid(sizes: Sizes, smoke: bool) -> tuple[list[Cell], list[Comparison], dict]
       comparisons.append(Comparison(cell.name, 'mae', 'same', 'mim'))
   names = {cell.name for cell in mim + um}
   comparisons += [c for c in (
-      Comparison('um_ce', 'um_base', 'unmatched', 'um'),  # does continuing change anything
+      Comparison('um_ce', UM_BASE, 'unmatched', 'um'),  # does continuing change anything
       *[Comparison(name, 'um_ce', 'steps', 'um')
         for name in ('um_flood', 'um_umap', 'um_sample_mask')],
       Comparison('um_early_flood', 'um_early_ce', 'steps', 'um'))
@@ -242,6 +260,14 @@ def grid(sizes: Sizes, smoke: bool) -> tuple[list[Cell], list[Comparison], dict]
     cells = [cell for cell in cells if cell.name != scratch]
     comparisons = [c for c in comparisons if c.control != scratch]
   return cells, comparisons, {cell.name: costs[cell.name] for cell in cells}
+
+
+def cell_named(name: str, sizes: Sizes) -> Cell:
+  """A cell of the grid by its name, without lowering any step (a worker's lookup)."""
+  steps = re.fullmatch(r'scratch(\d+)', name)
+  if steps:
+    return scratch_cell(int(steps[1]))
+  return {cell.name: cell for cell in _mim_cells(sizes) + _um_cells(sizes)}[name]
 
 
 # --- Running.
@@ -256,30 +282,125 @@ def _commit() -> str:
                         cwd=REPO, capture_output=True, text=True).stdout.strip() or 'unknown'
 
 
-def run_cell(cell: Cell, seed: int, out: str, smoke: bool) -> None:
-  """One pipeline run; kept when its results exist. A um variant starts from a copy of its
-  base cell's finetune checkpoints (same seed), so every variant continues the same model."""
+def record_path(records: str, cell: str, seed: int) -> str:
+  return os.path.join(records, cell, f'seed{seed}.json')
+
+
+def finished(records: str, cell: str, seed: int) -> bool:
+  return os.path.exists(record_path(records, cell, seed))
+
+
+def read_record(records: str, cell: str, seed: int) -> dict:
+  """{'commit', 'seconds', 'rows'}: a finished run, its rows as study.csv's."""
+  with open(record_path(records, cell, seed)) as f:
+    record = json.load(f)
+  fields = record.pop('fields')
+  record['rows'] = [dict(cell=cell, seed=seed, **dict(zip(fields, row)))
+                    for row in record['rows']]
+  return record
+
+
+def _write_record(records: str, cell: Cell, seed: int, rows: list[dict], run: dict) -> None:
+  """The run's record, written whole or not at all: its existence means finished."""
+  path = record_path(records, cell.name, seed)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fields = CSV_FIELDS[2:]  # cell and seed are in the path
+  with open(path + '.partial', 'w') as f:
+    json.dump({**run, 'fields': fields, 'rows': [[row[k] for k in fields] for row in rows]}, f,
+              separators=(',', ':'))
+  os.replace(path + '.partial', path)
+
+
+def _pipeline(cell: Cell, seed: int, out: str, smoke: bool) -> dict:
+  """Runs (cell, seed) in its workdir unless its results exist there; {'commit', 'seconds'}
+  of the run that made them."""
   directory = workdir(out, cell.name, seed)
-  record = os.path.join(directory, 'study_run.json')
-  if os.path.exists(os.path.join(directory, 'results', 'results.json')):
+  run_json = os.path.join(directory, 'study_run.json')
+  if not os.path.exists(os.path.join(directory, 'results', 'results.json')):
+    config = cell.config(smoke)
+    config.seed = seed
+    config.data.data_dir = os.path.join(out, 'tfds')
+    start = time.perf_counter()
+    pipeline.run(config, directory)
+    with open(run_json, 'w') as f:
+      json.dump({'commit': _commit(), 'seconds': time.perf_counter() - start,
+                 'machine': MACHINE}, f)
+  with open(run_json) as f:
+    return json.load(f)
+
+
+def run_cell(cell: Cell, seed: int, out: str, records: str, smoke: bool) -> None:
+  """One run and its record in `records`; kept when the record exists. A um variant starts
+  from a copy of its base cell's finetune checkpoints (same seed), so every variant
+  continues the same model; where those are gone (a new machine), the base run is redone."""
+  if finished(records, cell.name, seed):
     print(f'{cell.name} seed {seed}: done before, kept')
     return
-  config = cell.config(smoke)
-  config.seed = seed
-  config.data.data_dir = os.path.join(out, 'tfds')
   if cell.start_from:
-    copied = checkpoint.checkpoint_dir(directory, 'finetune')
+    base = cell_named(cell.start_from, SMOKE if smoke else FULL)
+    copied = checkpoint.checkpoint_dir(workdir(out, cell.name, seed), 'finetune')
+    source = checkpoint.checkpoint_dir(workdir(out, base.name, seed), 'finetune')
     if not os.path.isdir(copied):
-      partial = copied + '.partial'
-      shutil.rmtree(partial, ignore_errors=True)
-      shutil.copytree(checkpoint.checkpoint_dir(workdir(out, cell.start_from, seed),
-                                                'finetune'), partial)
-      os.replace(partial, copied)
-  start = time.perf_counter()
-  pipeline.run(config, directory)
-  with open(record, 'w') as f:
-    json.dump({'commit': _commit(), 'seconds': time.perf_counter() - start}, f)
-  print(f'{cell.name} seed {seed}: {time.perf_counter() - start:.0f} s')
+      if not os.path.isdir(source):
+        _pipeline(base, seed, out, smoke)
+      shutil.rmtree(copied + '.partial', ignore_errors=True)
+      shutil.copytree(source, copied + '.partial')
+      os.replace(copied + '.partial', copied)
+  run = _pipeline(cell, seed, out, smoke)
+  rows = results_rows(cell, seed, out)
+  if cell.name == UM_BASE:
+    rows += curve_rows(cell, seed, out, smoke)
+  _write_record(records, cell, seed, rows, run)
+  print(f'{cell.name} seed {seed}: {run["seconds"]:.0f} s')
+
+
+def shares(runs: list, cells: dict, workers: int, smoke: bool) -> list[list]:
+  """`runs` ((cell, seed) pairs, in order) split into `workers` lists of similar optimizer
+  steps, longest job first. A um variant stays after its base run of the same seed when both
+  are in `runs`: it starts from that run's checkpoints."""
+  jobs = {}
+  for name, seed in runs:
+    base = cells[name].start_from
+    key = (base, seed) if (base, seed) in jobs else (name, seed)
+    jobs.setdefault(key, []).append((name, seed))
+
+  def steps(job):  # each run's own stages, and a compile and evaluation's worth per run
+    return sum(sum(cells[name].config(smoke)[stage].num_steps for stage in TRAINING_STAGES
+                   if stage in cells[name].config(smoke).stages.split(',')) + 150
+               for name, _ in job)
+
+  split, load = [[] for _ in range(workers)], [0] * workers
+  for job in sorted(jobs.values(), key=steps, reverse=True):
+    least = load.index(min(load))
+    split[least] += job
+    load[least] += steps(job)
+  return split
+
+
+def run_all(runs: list, cells: dict, out: str, records: str, smoke: bool,
+            workers: int) -> None:
+  """Every (cell, seed) of `runs`: here, or split among `workers` processes, each pinned to
+  its share of this process's CPUs (XLA sizes its thread pool from them)."""
+  if workers == 1:
+    for name, seed in runs:
+      run_cell(cells[name], seed, out, records, smoke)
+    return
+  cpus = sorted(os.sched_getaffinity(0))
+  processes = []
+  unfinished = [(name, seed) for name, seed in runs if not finished(records, name, seed)]
+  for worker, share in enumerate(shares(unfinished, cells, workers, smoke)):
+    if not share:
+      continue
+    pinned = set(cpus[worker::workers]) or set(cpus)
+    command = [sys.executable, '-m', 'benchmarks.digits_study', f'--out={out}',
+               f'--records={records}', '--runs=' + ','.join(f'{name}:{seed}' for name, seed in share),
+               *(['--smoke'] if smoke else [])]
+    processes.append(subprocess.Popen(
+        command, cwd=REPO, preexec_fn=lambda pinned=pinned: os.sched_setaffinity(0, pinned)))
+  failed = [number for number, process in enumerate(processes) if process.wait() != 0]
+  if failed:
+    raise SystemExit(f'digits_study: worker(s) {failed} failed (their output is above); run '
+                     'the same command again: finished runs are kept, unfinished ones resume')
 
 
 def memorisation(cell: Cell, seed: int, out: str, smoke: bool) -> list[dict]:
@@ -288,12 +409,8 @@ def memorisation(cell: Cell, seed: int, out: str, smoke: bool) -> list[dict]:
   checkpoint misclassifies, the ones a network fits last (Arpit et al. 2017, "A closer look
   at memorization in deep networks"), whose memorisation UM blames for the late drop in OOD
   detection and which its loss makes the model forget (Unleashing-Mask README.md: "forget
-  those relatively atypical ID samples"). Cached in the run's memorisation.json."""
+  those relatively atypical ID samples")."""
   directory = workdir(out, cell.name, seed)
-  path = os.path.join(directory, 'memorisation.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
   config = cell.config(smoke)
   config.seed, config.data.data_dir = seed, os.path.join(out, 'tfds')
   placement = parallel.Placement.from_config(config)
@@ -314,8 +431,6 @@ def memorisation(cell: Cell, seed: int, out: str, smoke: bool) -> list[dict]:
     rows.append({'step': step, 'train_ce': float(ce.mean()), 'train_accuracy': float(right.mean()),
                  'atypical': int(atypical.sum()),
                  'memorised': float(right[atypical].mean()) if atypical.any() else float('nan')})
-  with open(path, 'w') as f:
-    json.dump(rows, f)
   return rows
 
 
@@ -330,6 +445,20 @@ def validation_curve(cell: Cell, seed: int, out: str) -> list[dict]:
                 if key.startswith(f'{RANK_SCORER}_auroc_') and key.endswith('_vs_id_val')]
       rows.append({'step': row['step'], 'id_val_accuracy': row['id_val_accuracy'],
                    'validation_auroc': float(np.mean(aurocs))})
+  return rows
+
+
+def curve_rows(cell: Cell, seed: int, out: str, smoke: bool) -> list[dict]:
+  """The long fine-tune's curves as study.csv rows, one per (finetune step, quantity)."""
+  rows = []
+  for row in memorisation(cell, seed, out, smoke):
+    rows += [dict(cell=cell.name, seed=seed, model='finetune', scorer='', set='id_train',
+                  metric=metric, step=row['step'], value=row[metric])
+             for metric in ('train_ce', 'train_accuracy', 'memorised', 'atypical')]
+  for row in validation_curve(cell, seed, out):
+    rows += [dict(cell=cell.name, seed=seed, model='finetune', scorer=RANK_SCORER,
+                  set=VALIDATION, metric=metric, step=row['step'], value=row[metric])
+             for metric in ('id_val_accuracy', 'validation_auroc')]
   return rows
 
 
@@ -536,12 +665,12 @@ def render(rows: list[dict], meta: dict) -> str:
       rows, cells, [c for c in comparisons if c.question == 'um'])
   tests = {**mim_tests, **um_tests}
   comparison_of = {(c.cell, c.matched): c for c in comparisons}
-  final = [row for row in rows if row['cell'] == 'um_base' and row['metric'] == 'train_ce']
+  final = [row for row in rows if row['cell'] == UM_BASE and row['metric'] == 'train_ce']
   last_step = max((int(row['step']) for row in final), default=None)
   premise = ''
   if last_step is not None:
-    ce = values(rows, 'um_base', metric='train_ce', step=last_step)
-    memorised = values(rows, 'um_base', metric='memorised', step=last_step)
+    ce = values(rows, UM_BASE, metric='train_ce', step=last_step)
+    memorised = values(rows, UM_BASE, metric='memorised', step=last_step)
     memorised = memorised[~np.isnan(memorised)]
     holds = 'holds' if ce.mean() < PREMISE_CE else 'does not hold: read the UM verdicts with that'
     premise = (f'At its last step ({last_step}) um_base has a clean ID-train CE of '
@@ -556,7 +685,7 @@ def render(rows: list[dict], meta: dict) -> str:
       f'- **Commits:** {", ".join(meta["commits"])}.',
       f'- **Wall time:** {meta["runs"]} runs, {meta["run_seconds"] / 3600:.2f} h of run time '
       f'summed; this invocation {meta["wall_seconds"] / 3600:.2f} h.',
-      f'- **Machine:** {meta["machine"]}.',
+      f'- **Machines:** {"; ".join(meta["machines"])}.',
       f'- **Setup:** `configs/digits.py:{PRESET}`: ID = digits 0-4; id_val = 20% of each '
       "digit's ID train images, never trained on. Validation OOD = letters and the train "
       'images of digit 9, scored against id_val; they choose scorer hparams and rank the '
@@ -592,7 +721,7 @@ def render(rows: list[dict], meta: dict) -> str:
           ('sample_mask vs plain CE', ('um_sample_mask', 'steps')),
           ("UM's protocol, flooding vs plain CE from an earlier checkpoint",
            ('um_early_flood', 'steps')))),
-      *_curve_table(rows, 'um_base'),
+      *_curve_table(rows, UM_BASE),
       '![um_base training curve](results_digits/um_base_curve.png)', '',
       *_results_table(rows, meta, um, model_of),
       *um_table]
@@ -626,9 +755,9 @@ def plot_curve(path: str, rows) -> None:
   figure = Figure(figsize=(6, 4), layout='constrained')
   axes = figure.subplots()
   steps = sorted({int(row['step']) for row in rows
-                  if row['cell'] == 'um_base' and row['metric'] == 'train_ce'})
+                  if row['cell'] == UM_BASE and row['metric'] == 'train_ce'})
   for metric in ('train_ce', 'memorised'):
-    means = [np.nanmean(values(rows, 'um_base', metric=metric, step=step)) for step in steps]
+    means = [np.nanmean(values(rows, UM_BASE, metric=metric, step=step)) for step in steps]
     axes.plot(steps, means, marker='o', label=metric)
   axes.set(xlabel='finetune step', title='um_base, mean over seeds')
   axes.legend()
@@ -639,6 +768,15 @@ def main(argv) -> None:
   del argv
   smoke = _SMOKE.value
   out = os.path.abspath(_OUT.value)
+  records = os.path.abspath(_RECORDS.value or (
+      os.path.join(out, 'records') if smoke else os.path.join(REPO, *RECORDS)))
+  if _RUNS.value is not None:  # a worker: its share, then the parent renders
+    for run in _RUNS.value:
+      name, seed = run.rsplit(':', 1)
+      run_cell(cell_named(name, SMOKE if smoke else FULL), int(seed), out, records, smoke)
+    return
+  if _WORKERS.value < 1:
+    raise app.UsageError(f'--workers={_WORKERS.value}: give 1 or more')
   doc = _DOC.value or (os.path.join(out, 'results_digits.md') if smoke else
                        os.path.join(REPO, 'docs', 'results_digits.md'))
   start = time.perf_counter()
@@ -648,47 +786,33 @@ def main(argv) -> None:
   seeds = {cell.name: seeds_first for cell in cells}
   extra = () if smoke else EXTRA_SEEDS  # the rule is tested apart: smoke runs stay few
   for round_ in range(2):
-    for cell in cells:
-      for seed in seeds[cell.name]:
-        run_cell(cell, seed, out, smoke)
-    rows = []
-    for cell in cells:
-      for seed in seeds[cell.name]:
-        rows += results_rows(cell, seed, out)
+    run_all([(cell.name, seed) for cell in cells for seed in seeds[cell.name]], by_name, out,
+            records, smoke, _WORKERS.value)
+    runs = [read_record(records, cell.name, seed) for cell in cells for seed in seeds[cell.name]]
+    rows = [row for run in runs for row in run['rows']]
     if round_ == 0:
       for name in needs_more_seeds(rows, by_name, comparisons):
         seeds[name] = (*seeds[name], *extra)
-  for seed in seeds['um_base']:
-    for row in memorisation(by_name['um_base'], seed, out, smoke):
-      rows += [dict(cell='um_base', seed=seed, model='finetune', scorer='', set='id_train',
-                    metric=metric, step=row['step'], value=row[metric])
-               for metric in ('train_ce', 'train_accuracy', 'memorised', 'atypical')]
-    for row in validation_curve(by_name['um_base'], seed, out):
-      rows += [dict(cell='um_base', seed=seed, model='finetune', scorer=RANK_SCORER,
-                    set=VALIDATION, metric=metric, step=row['step'], value=row[metric])
-               for metric in ('id_val_accuracy', 'validation_auroc')]
-  runs = [json.load(open(os.path.join(workdir(out, name, seed), 'study_run.json')))
-          for name in seeds for seed in seeds[name]
-          if os.path.exists(os.path.join(workdir(out, name, seed), 'study_run.json'))]
   meta = {
       'command': 'python -m benchmarks.digits_study' + (f' --smoke --out={_OUT.value}'
-                                                        if smoke else ''),
-      'commits': sorted({run['commit'] for run in runs} | {_commit()}),
+                                                        if smoke else '') + (
+          f' --workers={_WORKERS.value}' if _WORKERS.value > 1 else ''),
+      'commits': sorted({run['commit'] for run in runs}),
+      'machines': sorted({run['machine'] for run in runs}),
       'runs': len(runs), 'run_seconds': sum(run['seconds'] for run in runs),
       'wall_seconds': time.perf_counter() - start,
-      'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
       'cells': [{'name': c.name, 'group': c.group, 'model': c.model, 'start_from': c.start_from}
                 for c in cells],
       'comparisons': [dataclasses.asdict(c) for c in comparisons],
       'costs': costs, 'seeds': seeds_first, 'extra_seeds': extra}
-  write_csv(os.path.join(out, 'study.csv'), rows)
-  with open(os.path.join(out, 'study.json'), 'w') as f:
+  write_csv(os.path.join(records, 'study.csv'), rows)
+  with open(os.path.join(records, 'study.json'), 'w') as f:
     json.dump(meta, f, indent=1)
   plots = os.path.join(os.path.dirname(doc), 'results_digits')
   os.makedirs(plots, exist_ok=True)
   plot_length(os.path.join(plots, 'auroc_vs_pretraining_steps.png'), rows, meta)
   plot_curve(os.path.join(plots, 'um_base_curve.png'), rows)
-  text = render(read_csv(os.path.join(out, 'study.csv')), meta)
+  text = render(read_csv(os.path.join(records, 'study.csv')), meta)
   with open(doc, 'w') as f:
     f.write(text)
   print(text)

@@ -50,24 +50,58 @@ def test_more_seeds_for_differences_under_two_seed_stds_and_their_base_runs():
       'um_ce', 'um_flood', 'um_base'}
 
 
-def test_a_finished_run_is_not_rerun(tmp_path, capsys):
-  cell = digits_study.Cell('mae', 'mim', ())
-  results = tmp_path / 'mae' / 'seed0' / 'results' / 'results.json'
-  results.parent.mkdir(parents=True)
-  results.write_text('{}')
-  digits_study.run_cell(cell, 0, str(tmp_path), smoke=True)  # would fail to run: no data
+def _results_json(path, auroc):
+  """A run's results.json with the fields the study reads."""
+  path.parent.mkdir(parents=True)
+  rows = [dict(model='finetune', scorer='msp', ood_set=name, ood_group=group, auroc=auroc,
+               fpr95=0.5) for name, group in (('letters', 'validation'), ('near_mean', 'near'))]
+  path.write_text(json.dumps({'rows': rows, 'id_accuracy': {'finetune': 0.9}}))
+
+
+def test_a_run_with_a_record_is_kept_and_one_with_results_gets_its_record(tmp_path, capsys):
+  """The record is what makes a run finished (the study resumes anywhere from records); a
+  run that finished without writing one (a worker stopped in between) is not run again."""
+  cell, out, records = digits_study.Cell('mae', 'mim', ()), tmp_path / 'out', tmp_path / 'rec'
+  directory = out / 'mae' / 'seed0'
+  _results_json(directory / 'results' / 'results.json', 0.75)
+  (directory / 'study_run.json').write_text(json.dumps(
+      {'commit': 'abc1234', 'seconds': 12.5, 'machine': 'x86_64, 2 cores'}))
+  digits_study.run_cell(cell, 0, str(out), str(records), smoke=True)  # no data: cannot run
+  record = digits_study.read_record(str(records), 'mae', 0)
+  assert (record['commit'], record['seconds']) == ('abc1234', 12.5)
+  assert record['rows'] == digits_study.results_rows(cell, 0, str(out))
+  assert digits_study.values(record['rows'], 'mae', scorer='msp', set=digits_study.VALIDATION,
+                             metric='auroc') == [0.75]
+  capsys.readouterr()
+  (directory / 'results' / 'results.json').unlink()  # would now fail to run: no data
+  digits_study.run_cell(cell, 0, str(out), str(records), smoke=True)
   assert 'done before, kept' in capsys.readouterr().out
-  assert results.read_text() == '{}'
-  assert sorted(os.listdir(tmp_path / 'mae' / 'seed0')) == ['results']
+
+
+def test_worker_shares_balance_steps_and_keep_um_variants_after_their_base():
+  sizes = digits_study.FULL
+  names = ['scratch400', 'mae', 'mae_steps1200', 'scratch1600', 'um_base', 'um_ce', 'um_flood']
+  cells = {name: digits_study.cell_named(name, sizes) for name in names}
+  runs = [(name, seed) for name in names for seed in (0, 1)]
+  split = digits_study.shares(runs, cells, 2, smoke=False)
+  assert sorted(run for share in split for run in share) == sorted(runs)
+  for seed in (0, 1):
+    chain = [(name, seed) for name in ('um_base', 'um_ce', 'um_flood')]
+    assert any([run for run in share if run in chain] == chain for share in split)
+  # Without their base (it finished), a seed's variants still share a worker: they copy, or
+  # redo, the same base checkpoints.
+  split = digits_study.shares([('um_ce', 1), ('mae', 0), ('um_flood', 1)], cells, 2, False)
+  assert [('um_ce', 1), ('um_flood', 1)] in split
 
 
 @pytest.fixture(scope='module')
 def smoke_study(tmp_path_factory):
   out = tmp_path_factory.mktemp('study')
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.digits_study', '--smoke',
-                         f'--out={out}'], cwd=REPO, capture_output=True, text=True, timeout=900)
+                         f'--out={out}', '--workers=2'],
+                        cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(out / 'study.json') as f:
+  with open(out / 'records' / 'study.json') as f:
     meta = json.load(f)
   return out, meta
 
@@ -106,7 +140,7 @@ def test_smoke_grid_matches_compute_and_keeps_test_data_out_of_choices(smoke_stu
                 and r['scorer'] == digits_study.RANK_SCORER]
   assert {r['ood_set'] for r in validation} == {'letters', 'digits_heldout_val'}
   assert all(r['id_set'] == 'id_val' for r in validation)
-  rows = digits_study.read_csv(out / 'study.csv')
+  rows = digits_study.read_csv(out / 'records' / 'study.csv')
   np.testing.assert_allclose(
       digits_study.values(rows, 'mae', model='finetune', scorer=digits_study.RANK_SCORER,
                           set=digits_study.VALIDATION, metric='auroc')[0],
@@ -122,7 +156,7 @@ def test_um_variants_continue_the_same_checkpoint_and_the_curve_is_recorded(smok
       with open(out / cell / f'seed{seed}' / 'results' / 'results.json') as f:
         scores[cell] = [r['auroc'] for r in json.load(f)['rows'] if r['model'] == 'finetune']
     assert scores['um_base'] == scores['um_ce'] == scores['um_flood']
-  rows = digits_study.read_csv(out / 'study.csv')
+  rows = digits_study.read_csv(out / 'records' / 'study.csv')
   steps = sorted({int(r['step']) for r in rows if r['metric'] == 'train_ce'})
   sizes = digits_study.SMOKE
   every = sizes.long_finetune // sizes.kept
@@ -138,9 +172,9 @@ def test_um_variants_continue_the_same_checkpoint_and_the_curve_is_recorded(smok
 def test_the_document_is_generated_from_the_csv(smoke_study):
   out, meta = smoke_study
   text = (out / 'results_digits.md').read_text()
-  assert text == digits_study.render(digits_study.read_csv(out / 'study.csv'), meta)
+  assert text == digits_study.render(digits_study.read_csv(out / 'records' / 'study.csv'), meta)
   column = 'mahalanobis_mood near AUROC'
-  rows = digits_study.read_csv(out / 'study.csv')
+  rows = digits_study.read_csv(out / 'records' / 'study.csv')
   mae = digits_study.values(rows, 'mae', model='finetune', scorer='mahalanobis_mood',
                             set='near_mean', metric='auroc')
   assert _table_cell(text, 'mae', column) == digits_study._pm(mae)
