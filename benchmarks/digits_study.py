@@ -18,13 +18,14 @@ Cells (`grid`):
        and, separately, in training FLOPs (XLA's count of one lowered step of each stage,
        `dry_run.step_flops`, times its steps).
   um   UM's regime: one long fine-tune without label smoothing, drop-path or augmentation,
-       for training CE to near zero ('um_base', checkpoints kept along the way; the document
-       says whether it got there, PREMISE_CE), then from
+       for training CE to near zero ('um_base', a checkpoint every 25 steps kept; the
+       document says whether it got there, PREMISE_CE), then from
        its last checkpoint, for the same steps: plain CE, UM's flooding (gamma from the
        masked model), UMAP (learned masks, weights frozen), sample_mask; and UM's protocol,
        flooding vs plain CE from an earlier checkpoint (logit_ft.init_step).
-Along um_base the study records, per kept checkpoint, the clean ID-train CE and accuracy and
-the fraction of atypical samples memorised (`memorisation`).
+Along um_base the study records, per checkpoint, the clean ID-train CE and accuracy and the
+fraction of atypical samples memorised (`memorisation`), and per evaluation (every 100
+steps) id_val accuracy and the validation AUROC (`validation_curve`).
 
 The full grid is 23 cells, about 60,000 optimizer steps over 3 seeds (more where seeds are
 added).
@@ -68,7 +69,7 @@ _DOC = flags.DEFINE_string('doc', None, 'The document to write (default: '
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny steps and a few cells: checks the machinery.')
 _WORKERS = flags.DEFINE_integer(
     'workers', 1, 'Runs at once, each worker a process of its own pinned to its share of the '
-    'CPUs: on 2 cores, 2 workers finish about 1.2x sooner than one using both.')
+    'CPUs: small steps use one core better than several.')
 _RECORDS = flags.DEFINE_string(
     'records', None, 'Where the runs\' records, study.csv and study.json go (default: '
     'benchmarks/results/digits_study; with --smoke, OUT/records).')
@@ -88,6 +89,9 @@ BASE_SEEDS, EXTRA_SEEDS = (0, 1, 2), (3, 4)
 SAME_CONTROL = 0.01
 # UM's premise: a fine-tune long enough that clean training CE is near zero, below this.
 PREMISE_CE = 0.05
+# Atypical samples: those still misclassified at the first checkpoint that classifies this
+# fraction of ID train right (the last checkpoint, if none does).
+TYPICAL_ACCURACY = 0.9
 MACHINE = f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores'
 # Each finished run's record (its study.csv rows, commit, seconds, machine), and study.csv
 # and study.json: small, committed, so the study resumes anywhere; OUT can be redone.
@@ -101,12 +105,15 @@ class Sizes:
   finetune: int       # steps of every mim cell's fine-tune
   pretrain: tuple     # MIM pretraining lengths; the middle one is the default 'mae'
   long_finetune: int  # um_base's fine-tune
-  kept: int           # checkpoints along it
+  checkpoint_every: int  # um_base's checkpoints, all kept: the memorisation curve
+  eval_every: int     # um_base's evaluations on validation sets: the validation curve
   logit_ft: int       # steps of every um variant
 
 
-FULL = Sizes(finetune=400, pretrain=(300, 600, 1200), long_finetune=2000, kept=10, logit_ft=400)
-SMOKE = Sizes(finetune=4, pretrain=(2, 4, 8), long_finetune=8, kept=4, logit_ft=4)
+FULL = Sizes(finetune=400, pretrain=(300, 600, 1200), long_finetune=2000, checkpoint_every=25,
+             eval_every=100, logit_ft=400)
+SMOKE = Sizes(finetune=4, pretrain=(2, 4, 8), long_finetune=8, checkpoint_every=2, eval_every=4,
+              logit_ft=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,12 +175,12 @@ def scratch_cell(finetune_steps: int) -> Cell:
 
 
 def _um_cells(sizes: Sizes) -> list[Cell]:
-  every = sizes.long_finetune // sizes.kept
   # UM's premise is memorisation: nothing that keeps training CE off zero.
   regime = (('finetune.num_steps', sizes.long_finetune), ('finetune.label_smoothing', 0.0),
             ('finetune.drop_path', 0.0), ('finetune.augment', False),
-            ('finetune.ckpt_every', every), ('finetune.keep_checkpoints', sizes.kept + 1),
-            ('finetune.eval_every', every), ('finetune.eval_scorer', RANK_SCORER),
+            ('finetune.ckpt_every', sizes.checkpoint_every),
+            ('finetune.keep_checkpoints', sizes.long_finetune // sizes.checkpoint_every + 1),
+            ('finetune.eval_every', sizes.eval_every), ('finetune.eval_scorer', RANK_SCORER),
             ('pretrain.num_steps', sizes.pretrain[1]))
   base = Cell(UM_BASE, 'um', (*regime, ('stages', 'pretrain,finetune,evaluate')))
   continuation = (*regime, ('stages', 'logit_ft,evaluate'),
@@ -320,11 +327,10 @@ def _pipeline(cell: Cell, seed: int, out: str, smoke: bool) -> dict:
     config = cell.config(smoke)
     config.seed = seed
     config.data.data_dir = os.path.join(out, 'tfds')
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), _commit()  # the code that runs, not the code after
     pipeline.run(config, directory)
     with open(run_json, 'w') as f:
-      json.dump({'commit': _commit(), 'seconds': time.perf_counter() - start,
-                 'machine': MACHINE}, f)
+      json.dump({'commit': commit, 'seconds': time.perf_counter() - start, 'machine': MACHINE}, f)
   with open(run_json) as f:
     return json.load(f)
 
@@ -404,12 +410,13 @@ def run_all(runs: list, cells: dict, out: str, records: str, smoke: bool,
 
 
 def memorisation(cell: Cell, seed: int, out: str, smoke: bool) -> list[dict]:
-  """Per kept finetune checkpoint: clean ID-train CE, accuracy, and the fraction of the
-  atypical samples classified right. Atypical: the ID-train samples the first kept
-  checkpoint misclassifies, the ones a network fits last (Arpit et al. 2017, "A closer look
-  at memorization in deep networks"), whose memorisation UM blames for the late drop in OOD
-  detection and which its loss makes the model forget (Unleashing-Mask README.md: "forget
-  those relatively atypical ID samples")."""
+  """Per finetune checkpoint on its schedule (not a preemption's): clean ID-train CE and
+  accuracy, and from the reference checkpoint on, the fraction of the atypical samples
+  classified right. Atypical: the ID-train samples still misclassified at the first
+  checkpoint that gets TYPICAL_ACCURACY of them right, the ones a network fits last (Arpit et
+  al. 2017, "A closer look at memorization in deep networks"), whose memorisation UM blames
+  for the late drop in OOD detection and which its loss makes the model forget
+  (Unleashing-Mask README.md: "forget those relatively atypical ID samples")."""
   directory = workdir(out, cell.name, seed)
   config = cell.config(smoke)
   config.seed, config.data.data_dir = seed, os.path.join(out, 'tfds')
@@ -417,21 +424,24 @@ def memorisation(cell: Cell, seed: int, out: str, smoke: bool) -> list[dict]:
   model, init_params = finetune.classifier(config, drop_path=0.0)
   forward = inference.make_forward(model, placement.mesh)
   with checkpoint.manager(checkpoint.checkpoint_dir(directory, 'finetune')) as mngr:
-    steps = sorted(mngr.all_steps())
-  rows, atypical = [], None
+    steps = sorted(step for step in mngr.all_steps() if step % config.finetune.ckpt_every == 0
+                   or step == config.finetune.num_steps)
+  ce, right = {}, {}
   for step in steps:
     params = checkpoint.restore_params(directory, 'finetune', init_params, placement, step)
     train = inference.extract(forward, params, config.data, 'id_train', placement.mesh,
                               batch_size=config.evaluate.batch_size)
     logits, labels = train['logits'].astype(np.float64), train['label']
     shifted = logits - logits.max(axis=1, keepdims=True)
-    ce = np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(labels)), labels]
-    right = logits.argmax(axis=1) == labels
-    atypical = ~right if atypical is None else atypical
-    rows.append({'step': step, 'train_ce': float(ce.mean()), 'train_accuracy': float(right.mean()),
-                 'atypical': int(atypical.sum()),
-                 'memorised': float(right[atypical].mean()) if atypical.any() else float('nan')})
-  return rows
+    ce[step] = np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(labels)), labels]
+    right[step] = logits.argmax(axis=1) == labels
+  reference = next((step for step in steps if right[step].mean() >= TYPICAL_ACCURACY), steps[-1])
+  atypical = ~right[reference]
+  return [{'step': step, 'train_ce': float(ce[step].mean()),
+           'train_accuracy': float(right[step].mean()), 'atypical': int(atypical.sum()),
+           'memorised': float(right[step][atypical].mean())
+                        if step >= reference and atypical.any() else float('nan')}
+          for step in steps]
 
 
 def validation_curve(cell: Cell, seed: int, out: str) -> list[dict]:
@@ -629,24 +639,61 @@ def _answers(tests: dict, comparison_of: dict, questions) -> list[str]:
   return [*lines, '']
 
 
+def _steps(rows, cell: str, metric: str) -> list[int]:
+  return sorted({int(row['step']) for row in rows
+                 if row['cell'] == cell and row['metric'] == metric})
+
+
+def _premise(rows) -> list[str]:
+  """Whether um_base got to UM's regime: its training CE and memorisation at the end, where
+  the atypical samples were fixed, and where validation AUROC peaked."""
+  steps = _steps(rows, UM_BASE, 'train_ce')
+  if not steps:
+    return []
+  ce = values(rows, UM_BASE, metric='train_ce', step=steps[-1])
+  memorised = values(rows, UM_BASE, metric='memorised', step=steps[-1])
+  memorised = memorised[~np.isnan(memorised)]
+  fixed = [row for row in rows if row['cell'] == UM_BASE and row['metric'] == 'memorised'
+           and not np.isnan(row['value'])]  # from each seed's reference checkpoint on
+  references = sorted({min(int(row['step']) for row in fixed if row['seed'] == seed)
+                       for seed in {row['seed'] for row in fixed}})
+  atypical = values(rows, UM_BASE, metric='atypical', step=steps[-1])
+  evals = _steps(rows, UM_BASE, 'validation_auroc')
+  curve = [values(rows, UM_BASE, metric='validation_auroc', step=step).mean() for step in evals]
+  peak = int(np.argmax(curve)) if curve else None
+  holds = 'holds' if ce.mean() < PREMISE_CE else 'does not hold: read the UM verdicts with that'
+  text = (f'At its last step ({steps[-1]}) um_base has a clean ID-train CE of {_pm(ce, 1., 4)} '
+          f'and has memorised {_pm(memorised) if len(memorised) else "n/a"}% of its atypical '
+          f'samples. UM\'s premise (clean training CE below {PREMISE_CE}) {holds}. '
+          f'Atypical samples ({_pm(atypical, 1., 0)} per seed): the ID-train samples (clean '
+          'images) still misclassified at the first checkpoint that classifies '
+          f'{100 * TYPICAL_ACCURACY:.0f}% of them right, or the last if none does (step '
+          f'{", ".join(map(str, references)) or "n/a"}), the ones a network fits last (Arpit et '
+          'al. 2017, "A closer look at memorization in deep networks"), which UM\'s loss is '
+          'to make the model forget (Unleashing-Mask README.md); memorised: classified right '
+          'at that step.')
+  if peak is not None:
+    text += (f' Validation AUROC ({RANK_SCORER} vs id_val, mean over seeds) peaks at step '
+             f'{evals[peak]} ({100 * curve[peak]:.1f}) and ends at {100 * curve[-1]:.1f} '
+             f'(step {evals[-1]}): UM\'s finding is a peak before the end.')
+  return [text, '']
+
+
 def _curve_table(rows, cell: str) -> list[str]:
-  steps = sorted({int(row['step']) for row in rows
-                  if row['cell'] == cell and row['metric'] == 'train_ce'})
+  """um_base at each validation evaluation: training CE, accuracy and memorisation from the
+  checkpoint of that step, id_val accuracy and validation AUROC."""
   lines = []
-  for step in steps:
+  for step in _steps(rows, cell, 'validation_auroc'):
     line = [str(step)]
-    for metric, scale in (('train_ce', 1.), ('train_accuracy', 100.), ('memorised', 100.)):
+    for metric, scale, digits_ in (('train_ce', 1., 4), ('train_accuracy', 100., 1),
+                                   ('memorised', 100., 1), ('id_val_accuracy', 100., 1),
+                                   ('validation_auroc', 100., 1)):
       x = values(rows, cell, metric=metric, step=step)
       x = x[~np.isnan(x)]
-      line.append(_pm(x, scale, 3 if metric == 'train_ce' else 1) if len(x) else 'n/a')
-    line.append(_pm(values(rows, cell, metric='atypical', step=step), 1., 0))
-    for metric in ('id_val_accuracy', 'validation_auroc'):
-      x = values(rows, cell, metric=metric, step=step)
-      line.append(_pm(x) if len(x) else 'n/a')
+      line.append(_pm(x, scale, digits_) if len(x) else 'n/a')
     lines.append(line)
   return _table(['finetune step', 'ID-train CE (clean)', 'ID-train acc', 'atypical memorised',
-                 'atypical samples', 'id_val acc',
-                 f'{RANK_SCORER} validation AUROC (vs id_val)'], lines)
+                 'id_val acc', f'{RANK_SCORER} validation AUROC (vs id_val)'], lines)
 
 
 def render(rows: list[dict], meta: dict) -> str:
@@ -665,18 +712,6 @@ def render(rows: list[dict], meta: dict) -> str:
       rows, cells, [c for c in comparisons if c.question == 'um'])
   tests = {**mim_tests, **um_tests}
   comparison_of = {(c.cell, c.matched): c for c in comparisons}
-  final = [row for row in rows if row['cell'] == UM_BASE and row['metric'] == 'train_ce']
-  last_step = max((int(row['step']) for row in final), default=None)
-  premise = ''
-  if last_step is not None:
-    ce = values(rows, UM_BASE, metric='train_ce', step=last_step)
-    memorised = values(rows, UM_BASE, metric='memorised', step=last_step)
-    memorised = memorised[~np.isnan(memorised)]
-    holds = 'holds' if ce.mean() < PREMISE_CE else 'does not hold: read the UM verdicts with that'
-    premise = (f'At its last step ({last_step}) um_base has a clean ID-train CE of '
-               f'{_pm(ce, 1., 3)} and has memorised '
-               f'{_pm(memorised) if len(memorised) else "n/a"}% of the atypical samples. '
-               f'UM\'s premise (clean training CE below {PREMISE_CE}) {holds}. ')
   text = [
       '# Digits study: MIM at equal compute, and Unleashing Mask where its premise holds', '',
       'Generated by `benchmarks/digits_study.py` from study.csv and study.json; do not edit.',
@@ -711,10 +746,7 @@ def render(rows: list[dict], meta: dict) -> str:
       *mim_table,
       '![AUROC vs pretraining steps](results_digits/auroc_vs_pretraining_steps.png)', '',
       '## Does UM\'s loss help when its premise holds?', '',
-      f'{premise}Atypical samples: the ID-train samples the first kept checkpoint '
-      'misclassifies (clean images), the ones a network fits last (Arpit et al. 2017, "A '
-      'closer look at memorization in deep networks"), which UM\'s loss is to make the model '
-      'forget (Unleashing-Mask README.md); memorised: classified right at that step.', '',
+      *_premise(rows),
       *_answers(tests, comparison_of, (
           ('UM flooding vs plain CE, same checkpoint and steps', ('um_flood', 'steps')),
           ('UMAP vs plain CE', ('um_umap', 'steps')),
@@ -751,16 +783,25 @@ def plot_length(path: str, rows, meta) -> None:
 
 
 def plot_curve(path: str, rows) -> None:
-  """um_base along its fine-tune: clean ID-train CE and the memorised atypical fraction."""
-  figure = Figure(figsize=(6, 4), layout='constrained')
-  axes = figure.subplots()
-  steps = sorted({int(row['step']) for row in rows
-                  if row['cell'] == UM_BASE and row['metric'] == 'train_ce'})
-  for metric in ('train_ce', 'memorised'):
-    means = [np.nanmean(values(rows, UM_BASE, metric=metric, step=step)) for step in steps]
-    axes.plot(steps, means, marker='o', label=metric)
-  axes.set(xlabel='finetune step', title='um_base, mean over seeds')
-  axes.legend()
+  """um_base along its fine-tune, mean over seeds: clean ID-train CE (log scale); the
+  memorised atypical fraction and the validation AUROC."""
+  figure = Figure(figsize=(9, 4), layout='constrained')
+  loss, fractions = figure.subplots(1, 2)
+  for axes, curves in ((loss, (('train_ce', 'train_ce'),)),
+                       (fractions, (('memorised', 'atypical memorised'),
+                                    ('validation_auroc', f'{RANK_SCORER} validation AUROC')))):
+    for metric, label in curves:
+      points = []
+      for step in _steps(rows, UM_BASE, metric):
+        x = values(rows, UM_BASE, metric=metric, step=step)
+        x = x[~np.isnan(x)]
+        if len(x):
+          points.append((step, x.mean() if metric == 'train_ce' else 100 * x.mean()))
+      axes.plot(*zip(*points), marker='.', label=label)
+    axes.set(xlabel='finetune step')
+    axes.legend()
+  loss.set(yscale='log', ylabel='clean ID-train CE', title='um_base, mean over seeds')
+  fractions.set(ylabel='%')
   figure.savefig(path, dpi=100)
 
 

@@ -157,14 +157,23 @@ def test_um_variants_continue_the_same_checkpoint_and_the_curve_is_recorded(smok
         scores[cell] = [r['auroc'] for r in json.load(f)['rows'] if r['model'] == 'finetune']
     assert scores['um_base'] == scores['um_ce'] == scores['um_flood']
   rows = digits_study.read_csv(out / 'records' / 'study.csv')
-  steps = sorted({int(r['step']) for r in rows if r['metric'] == 'train_ce'})
   sizes = digits_study.SMOKE
-  every = sizes.long_finetune // sizes.kept
-  assert steps == list(range(every, sizes.long_finetune + 1, every))
-  first = digits_study.values(rows, 'um_base', metric='memorised', step=steps[0])
-  assert np.all(first == 0)  # atypical: what the first checkpoint gets wrong
+  every = sizes.checkpoint_every
+  checkpoints = list(range(every, sizes.long_finetune + 1, every))
+  assert digits_study._steps(rows, 'um_base', 'train_ce') == checkpoints
+  for seed in (0, 1):
+    accuracy = [digits_study.values(rows, 'um_base', seed=seed, metric='train_accuracy',
+                                    step=step)[0] for step in checkpoints]
+    memorised = [digits_study.values(rows, 'um_base', seed=seed, metric='memorised',
+                                     step=step)[0] for step in checkpoints]
+    # Atypical: what the first checkpoint at TYPICAL_ACCURACY (else the last) gets wrong.
+    reference = next((i for i, a in enumerate(accuracy)
+                      if a >= digits_study.TYPICAL_ACCURACY), len(checkpoints) - 1)
+    assert np.all(np.isnan(memorised[:reference])) and memorised[reference] == 0
   # And validation AUROC (vs id_val) along the way, from evaluation during training.
-  for step in steps:
+  evals = list(range(sizes.eval_every, sizes.long_finetune + 1, sizes.eval_every))
+  assert digits_study._steps(rows, 'um_base', 'validation_auroc') == evals
+  for step in evals:
     assert len(digits_study.values(rows, 'um_base', metric='validation_auroc', step=step)) == 2
 
 
