@@ -6,10 +6,11 @@ Unleashing Mask's loss help where its premise holds?
   python -m benchmarks.digits_study --workers=2   # 2 processes, each pinned to half the CPUs
 
 Every run is configs/digits.py:split,idval,nearval=9 with a cell's overrides, in its own
-workdir OUT/<cell>/seed<n>, run by `pipeline.run` in this process or a --workers one. ID = digits 0-4; 20% of
-each digit's ID train images are 'id_val', never trained on; the validation OOD sets are
-letters and the train images of digit 9, scored against id_val; the near-OOD test set is the
-test digits 5-8, the far ones textures, photos, faces, noise and blobs. Scorer hparams
+workdir OUT/<cell>/seed<n>, run by `pipeline.run` in this process or a --workers one. ID =
+digits 0-4; 20% of each digit's ID train images are 'id_val', never trained on; the
+validation OOD sets are letters and the train images of digit 9, scored against id_val; the
+near-OOD test set is the test digits 5-8, the far ones textures, photos, faces, noise and
+blobs. Scorer hparams
 (evaluate.sweep), the ranking of cells and the recipe chosen read validation sets only.
 
 Cells (`grid`):
@@ -362,13 +363,11 @@ def run_cell(cell: Cell, seed: int, out: str, records: str, smoke: bool) -> None
 
 def shares(runs: list, cells: dict, workers: int, smoke: bool) -> list[list]:
   """`runs` ((cell, seed) pairs, in order) split into `workers` lists of similar optimizer
-  steps, longest job first. A um variant stays after its base run of the same seed when both
-  are in `runs`: it starts from that run's checkpoints."""
+  steps, longest job first. A um variant goes with its base cell's other runs of the same
+  seed, after the base run where that is in `runs`: they start from its checkpoints."""
   jobs = {}
   for name, seed in runs:
-    base = cells[name].start_from
-    key = (base, seed) if (base, seed) in jobs else (name, seed)
-    jobs.setdefault(key, []).append((name, seed))
+    jobs.setdefault((cells[name].start_from or name, seed), []).append((name, seed))
 
   def steps(job):  # each run's own stages, and a compile and evaluation's worth per run
     return sum(sum(cells[name].config(smoke)[stage].num_steps for stage in TRAINING_STAGES
@@ -399,8 +398,8 @@ def run_all(runs: list, cells: dict, out: str, records: str, smoke: bool,
       continue
     pinned = set(cpus[worker::workers]) or set(cpus)
     command = [sys.executable, '-m', 'benchmarks.digits_study', f'--out={out}',
-               f'--records={records}', '--runs=' + ','.join(f'{name}:{seed}' for name, seed in share),
-               *(['--smoke'] if smoke else [])]
+               f'--records={records}', *(['--smoke'] if smoke else []),
+               '--runs=' + ','.join(f'{name}:{seed}' for name, seed in share)]
     processes.append(subprocess.Popen(
         command, cwd=REPO, preexec_fn=lambda pinned=pinned: os.sched_setaffinity(0, pinned)))
   failed = [number for number, process in enumerate(processes) if process.wait() != 0]
