@@ -718,7 +718,8 @@ def render(rows: list[dict], meta: dict) -> str:
       f'- **Command:** `{meta["command"]}` (a finished run is kept, so it resumes).',
       f'- **Commits:** {", ".join(meta["commits"])}.',
       f'- **Wall time:** {meta["runs"]} runs, {meta["run_seconds"] / 3600:.2f} h of run time '
-      f'summed; this invocation {meta["wall_seconds"] / 3600:.2f} h.',
+      'summed (a resumed run counts from its last start); the invocation that wrote this '
+      f'document {meta["wall_seconds"] / 3600:.2f} h.',
       f'- **Machines:** {"; ".join(meta["machines"])}.',
       f'- **Setup:** `configs/digits.py:{PRESET}`: ID = digits 0-4; id_val = 20% of each '
       "digit's ID train images, never trained on. Validation OOD = letters and the train "
