@@ -78,7 +78,7 @@ def test_a_run_with_a_record_is_kept_and_one_with_results_gets_its_record(tmp_pa
   assert 'done before, kept' in capsys.readouterr().out
 
 
-def test_worker_shares_balance_steps_and_keep_um_variants_after_their_base():
+def test_worker_shares_hold_every_run_once_and_keep_um_variants_after_their_base():
   sizes = digits_study.FULL
   names = ['scratch400', 'mae', 'mae_steps1200', 'scratch1600', 'um_base', 'um_ce', 'um_flood']
   cells = {name: digits_study.cell_named(name, sizes) for name in names}
