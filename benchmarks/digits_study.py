@@ -524,18 +524,33 @@ def mean_std(x) -> tuple[float, float]:
   return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
 
 
-def welch(a, b) -> dict:
-  """a - b: the difference of means, Welch's t and its degrees of freedom, and the 95%
-  interval of the difference (Welch-Satterthwaite)."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  diff = float(a.mean() - b.mean())
-  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-  se = float(np.sqrt(va + vb))
+def _t_interval(diff: float, se: float, df: float, test: str) -> dict:
+  """The difference, its t, degrees of freedom and 95% interval, and the test's name."""
   if se == 0:
-    return {'diff': diff, 't': float('nan'), 'df': float('nan'), 'low': diff, 'high': diff}
-  df = float((va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)))
+    return {'diff': diff, 't': float('nan'), 'df': df, 'low': diff, 'high': diff, 'test': test}
   half = float(stats.t.ppf(0.975, df)) * se
-  return {'diff': diff, 't': diff / se, 'df': df, 'low': diff - half, 'high': diff + half}
+  return {'diff': diff, 't': diff / se, 'df': df, 'low': diff - half, 'high': diff + half,
+          'test': test}
+
+
+def welch(a, b) -> dict:
+  """a - b for independent samples: Welch's t and the Welch-Satterthwaite degrees of
+  freedom."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+  df = float((va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+             ) if va + vb > 0 else float('nan')
+  return _t_interval(float(a.mean() - b.mean()), float(np.sqrt(va + vb)), df, 'Welch')
+
+
+def paired(a, b) -> dict:
+  """a - b seed by seed (a[i] and b[i] continue the same checkpoint): the paired t."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f'paired: {len(a)} and {len(b)} seeds; both sides need the same seeds')
+  d = a - b
+  return _t_interval(float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))),
+                     float(len(d) - 1), 'paired')
 
 
 def claim_metric(question: str) -> tuple[str, str, str]:
@@ -550,6 +565,20 @@ def comparison_values(rows, cells: dict, comparison: Comparison, scorer, ood_set
   return (values(rows, comparison.cell, model=model, scorer=scorer, set=ood_set, metric=metric),
           values(rows, comparison.control, model=control_model, scorer=scorer, set=ood_set,
                  metric=metric))
+
+
+def shares_checkpoints(cells: dict, comparison: Comparison) -> bool:
+  """Whether seed i of both sides continues the same checkpoint (a um variant and its base,
+  or two variants of one base): then the seeds are paired."""
+  start = cells[comparison.cell].start_from
+  return bool(start) and start in (comparison.control, cells[comparison.control].start_from)
+
+
+def compare(rows, cells: dict, comparison: Comparison) -> dict:
+  """The comparison on its claim metric: a paired t where the seeds share checkpoints,
+  Welch's t where they are independent runs."""
+  a, b = comparison_values(rows, cells, comparison, *claim_metric(comparison.question))
+  return (paired if shares_checkpoints(cells, comparison) else welch)(a, b)
 
 
 def needs_more_seeds(rows, cells: dict, comparisons) -> set[str]:
@@ -601,18 +630,18 @@ def _results_table(rows, meta, names: list[str], model_of: dict) -> list[str]:
 
 
 def _comparisons_table(rows, cells, comparisons) -> tuple[list[str], dict]:
-  """Each comparison's claim metric: the difference, its 95% interval and Welch's t."""
+  """Each comparison on its claim metric: the difference, its 95% interval and t."""
   header = ['cell', 'control', 'matched', 'scorer, set', 'difference (points)', '95% interval',
-            'Welch t (df)', 'seeds']
+            't (df), test', 'seeds']
   lines, tests = [], {}
   for comparison in comparisons:
     scorer, ood_set, metric = claim_metric(comparison.question)
     a, b = comparison_values(rows, cells, comparison, scorer, ood_set, metric)
-    test = tests[comparison] = welch(a, b)
+    test = tests[comparison] = compare(rows, cells, comparison)
     lines.append([comparison.cell, comparison.control, comparison.matched,
                   f'{scorer}, {ood_set} {metric.upper()}', f'{100 * test["diff"]:+.1f}',
                   f'[{100 * test["low"]:+.1f}, {100 * test["high"]:+.1f}]',
-                  f'{test["t"]:.2f} ({test["df"]:.1f})', f'{len(a)} / {len(b)}'])
+                  f'{test["t"]:.2f} ({test["df"]:.1f}), {test["test"]}', f'{len(a)} / {len(b)}'])
   return _table(header, lines), tests
 
 
@@ -622,6 +651,37 @@ def verdict(test: dict) -> str:
   if test['high'] < 0:
     return 'no, worse (the interval is below zero)'
   return 'not distinguishable (the interval contains zero)'
+
+
+def plain_answer(tests: dict, comparisons: list, what: str, premise: bool = True) -> str:
+  """A question's answer in a word, from its comparisons' intervals, and the counts behind
+  it. `premise` False: the experiment did not reach the regime the question is about."""
+  k = len(comparisons)
+  above = sum(tests[c]['low'] > 0 for c in comparisons)
+  below = sum(tests[c]['high'] < 0 for c in comparisons)
+  positive = sum(tests[c]['diff'] > 0 for c in comparisons)
+  if above == k:
+    word = 'yes'
+  elif above and below:
+    word = 'mixed'
+  elif above:
+    word = 'in part'
+  elif below == k:
+    word = 'no, worse'
+  elif below:
+    word = 'worse in part'
+  else:
+    word = 'not shown'
+  caveat = '' if premise else ("UM's premise does not hold in this run, so this does not "
+                               "test UM's claim. ")
+  outside = '; '.join(f'{c.cell} vs {c.control} ({c.matched}) {100 * tests[c]["diff"]:+.2f} '
+                      f'[{100 * tests[c]["low"]:+.2f}, {100 * tests[c]["high"]:+.2f}]'
+                      for c in comparisons if tests[c]['low'] > 0 or tests[c]['high'] < 0)
+  return (f'{caveat}**Answer: {word}.** Of the {k} {what}, {above} have a 95% interval above '
+          f'zero, {below} below zero and {k - above - below} contain it'
+          f'{f" ({outside})" if outside else ""}; {positive} of the {k} differences are '
+          'positive (the comparisons share cells, so they are not independent evidence). At '
+          f'95%, about {k / 20:.1f} of {k} intervals exclude zero by chance alone.')
 
 
 def _answers(tests: dict, comparison_of: dict, questions) -> list[str]:
@@ -643,6 +703,15 @@ def _steps(rows, cell: str, metric: str) -> list[int]:
                  if row['cell'] == cell and row['metric'] == metric})
 
 
+def premise_holds(rows) -> bool | None:
+  """UM's premise: um_base's clean ID-train CE at its last checkpoint, mean over seeds, below
+  PREMISE_CE; None without um_base's curve."""
+  steps = _steps(rows, UM_BASE, 'train_ce')
+  if not steps:
+    return None
+  return bool(values(rows, UM_BASE, metric='train_ce', step=steps[-1]).mean() < PREMISE_CE)
+
+
 def _premise(rows) -> list[str]:
   """Whether um_base got to UM's regime: its training CE and memorisation at the end, where
   the atypical samples were fixed, and where validation AUROC peaked."""
@@ -660,7 +729,7 @@ def _premise(rows) -> list[str]:
   evals = _steps(rows, UM_BASE, 'validation_auroc')
   curve = [values(rows, UM_BASE, metric='validation_auroc', step=step).mean() for step in evals]
   peak = int(np.argmax(curve)) if curve else None
-  holds = 'holds' if ce.mean() < PREMISE_CE else 'does not hold: read the UM verdicts with that'
+  holds = 'holds' if premise_holds(rows) else 'does not hold'
   text = (f'At its last step ({steps[-1]}) um_base has a clean ID-train CE of {_pm(ce, 1., 4)} '
           f'and has memorised {_pm(memorised) if len(memorised) else "n/a"}% of its atypical '
           f'samples. UM\'s premise (clean training CE below {PREMISE_CE}) {holds}. '
@@ -672,9 +741,17 @@ def _premise(rows) -> list[str]:
           'to make the model forget (Unleashing-Mask README.md); memorised: classified right '
           'at that step.')
   if peak is not None:
-    text += (f' Validation AUROC ({RANK_SCORER} vs id_val, mean over seeds) peaks at step '
-             f'{evals[peak]} ({100 * curve[peak]:.1f}) and ends at {100 * curve[-1]:.1f} '
-             f'(step {evals[-1]}): UM\'s finding is a peak before the end.')
+    text += (f' UM finds that OOD detection peaks before the end of training and degrades '
+             f'after. Here validation AUROC ({RANK_SCORER} vs id_val, mean over seeds) ')
+    if peak == len(evals) - 1:
+      text += f'is highest at the last evaluation (step {evals[-1]}, {100 * curve[-1]:.1f}).'
+    else:
+      drop = paired(values(rows, UM_BASE, metric='validation_auroc', step=evals[peak]),
+                    values(rows, UM_BASE, metric='validation_auroc', step=evals[-1]))
+      text += (f'peaks at step {evals[peak]} ({100 * curve[peak]:.2f}) and ends at '
+               f'{100 * curve[-1]:.2f} (step {evals[-1]}): peak − end, seed by seed, '
+               f'{100 * drop["diff"]:+.2f} points [{100 * drop["low"]:+.2f}, '
+               f'{100 * drop["high"]:+.2f}] (paired t).')
   return [text, '']
 
 
@@ -711,6 +788,12 @@ def render(rows: list[dict], meta: dict) -> str:
       rows, cells, [c for c in comparisons if c.question == 'um'])
   tests = {**mim_tests, **um_tests}
   comparison_of = {(c.cell, c.matched): c for c in comparisons}
+  # One per (cell, control): where the FLOP-matched control is the step-matched one.
+  mim_matched = list({(c.cell, c.control): c for c in comparisons
+                      if c.question == 'mim' and c.matched in ('steps', 'flops')}.values())
+  um_losses = [c for c in comparisons if c.question == 'um' and c.matched == 'steps']
+  (mim_scorer, mim_set, mim_metric), (um_scorer, um_set, um_metric) = map(claim_metric,
+                                                                          ('mim', 'um'))
   text = [
       '# Digits study: MIM at equal compute, and Unleashing Mask where its premise holds', '',
       'Generated by `benchmarks/digits_study.py` from study.csv and study.json; do not edit.',
@@ -719,7 +802,7 @@ def render(rows: list[dict], meta: dict) -> str:
       f'- **Commits:** {", ".join(meta["commits"])}.',
       f'- **Wall time:** {meta["runs"]} runs, {meta["run_seconds"] / 3600:.2f} h of run time '
       'summed (a resumed run counts from its last start); the invocation that wrote this '
-      f'document {meta["wall_seconds"] / 3600:.2f} h.',
+      f'document {meta["wall_seconds"] / 3600:.2f} h (it kept the runs that had records).',
       f'- **Machines:** {"; ".join(meta["machines"])}.',
       f'- **Setup:** `configs/digits.py:{PRESET}`: ID = digits 0-4; id_val = 20% of each '
       "digit's ID train images, never trained on. Validation OOD = letters and the train "
@@ -731,8 +814,17 @@ def render(rows: list[dict], meta: dict) -> str:
       'sides of every comparison whose difference on its claim metric is under two seed '
       'standard deviations. '
       'Training FLOPs: XLA\'s count of one lowered step of each stage '
-      '(`mood_jax.dry_run.step_flops`) times its steps.', '',
+      '(`mood_jax.dry_run.step_flops`) times its steps.',
+      f'- **Claims:** each comparison rests on one metric: MIM\'s on {mim_scorer} '
+      f'{mim_set} {mim_metric.upper()} (MOOD\'s scorer), UM\'s on {um_scorer} {um_set} '
+      f'{um_metric.upper()} (UM\'s README runs its post-hoc example with `--energy` and '
+      'reports Energy against Energy+UM; tmlr-group/Unleashing-Mask README.md). '
+      f'{len(comparisons)} comparisons in all: at 95%, about '
+      f'{len(comparisons) / 20:.1f} of them would exclude zero by chance alone.', '',
       '## Does MIM help at equal compute?', '',
+      plain_answer(tests, mim_matched, 'compute-matched comparisons (each pretraining cell '
+                   'against scratch at its optimizer steps and at its training FLOPs; one '
+                   'comparison where the two controls coincide)'), '',
       *_answers(tests, comparison_of, (
           ('Equal optimizer steps', ('mae', 'steps')),
           ('Equal training FLOPs', ('mae', 'flops')),
@@ -742,11 +834,13 @@ def render(rows: list[dict], meta: dict) -> str:
       f'Ranked on validation ({RANK_SCORER} AUROC vs id_val), best first: {", ".join(ranked)}. '
       f'The recipe chosen on validation: {ranked[0]}.', '',
       'Each comparison on its claim metric (difference = cell − control, in AUROC points; '
-      '95% interval and t from Welch\'s test):', '',
+      '95% interval and t from Welch\'s test: the runs are independent):', '',
       *mim_table,
       '![AUROC vs pretraining steps](results_digits/auroc_vs_pretraining_steps.png)', '',
       '## Does UM\'s loss help when its premise holds?', '',
       *_premise(rows),
+      plain_answer(tests, um_losses, 'comparisons of a loss with plain CE continued from the '
+                   'same checkpoint for the same steps', premise_holds(rows) is not False), '',
       *_answers(tests, comparison_of, (
           ('UM flooding vs plain CE, same checkpoint and steps', ('um_flood', 'steps')),
           ('UMAP vs plain CE', ('um_umap', 'steps')),
@@ -756,7 +850,10 @@ def render(rows: list[dict], meta: dict) -> str:
       *_curve_table(rows, UM_BASE),
       '![um_base training curve](results_digits/um_base_curve.png)', '',
       *_results_table(rows, meta, um, model_of),
-      *um_table]
+      f'Each comparison on {um_scorer} {um_set} {um_metric.upper()} (difference = cell − '
+      'control, in points; a paired t over seeds, since seed i of every um variant continues '
+      'seed i of um_base):',
+      '', *um_table]
   return '\n'.join(text)
 
 

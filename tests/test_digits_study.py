@@ -32,6 +32,83 @@ def test_welch_difference_interval_and_t_match_scipy():
   np.testing.assert_allclose(digits_study.mean_std([0.8, 0.9, 1.0]), (0.9, 0.1))  # ddof=1
 
 
+def test_paired_difference_interval_and_t_match_scipy():
+  a, b = [0.91, 0.95, 0.93, 0.96, 0.94], [0.88, 0.94, 0.90, 0.93, 0.95]
+  test = digits_study.paired(a, b)
+  reference = stats.ttest_rel(a, b)
+  np.testing.assert_allclose(test['diff'], np.mean(a) - np.mean(b))
+  np.testing.assert_allclose((test['t'], test['df']), (reference.statistic, reference.df))
+  np.testing.assert_allclose((test['low'], test['high']), reference.confidence_interval(0.95))
+  with pytest.raises(ValueError, match='same seeds'):
+    digits_study.paired(a, b[:3])
+
+
+def test_um_variants_are_compared_seed_by_seed_and_mim_cells_as_independent_runs():
+  cells = {'um_base': digits_study.Cell('um_base', 'um', ()),
+           'mae': digits_study.Cell('mae', 'mim', ()),
+           'scratch1000': digits_study.Cell('scratch1000', 'mim', ()),
+           **{name: digits_study.Cell(name, 'um', (), 'logit_ft', 'um_base')
+              for name in ('um_ce', 'um_flood')}}
+  comparison = digits_study.Comparison
+  assert digits_study.shares_checkpoints(cells, comparison('um_flood', 'um_ce', 'steps', 'um'))
+  assert digits_study.shares_checkpoints(cells, comparison('um_ce', 'um_base', 'unmatched', 'um'))
+  assert not digits_study.shares_checkpoints(
+      cells, comparison('mae', 'scratch1000', 'steps', 'mim'))
+  # A shift shared by every seed pair: the paired interval sees it, Welch's is lost in the
+  # spread between seeds.
+  ce, flood = [0.70, 0.80, 0.90, 0.75], [0.71, 0.82, 0.91, 0.77]
+  rows = [*_rows('um_ce', 'logit_ft', ce), *_rows('um_flood', 'logit_ft', flood)]
+  test = digits_study.compare(rows, cells, comparison('um_flood', 'um_ce', 'steps', 'um'))
+  assert test['test'] == 'paired' and test['low'] > 0
+  assert digits_study.welch(flood, ce)['low'] < 0
+
+
+def test_the_plain_answer_counts_intervals_and_says_when_the_premise_fails():
+  comparisons = [digits_study.Comparison(f'cell{i}', 'control', 'steps', 'um') for i in range(4)]
+  intervals = [(0.02, 0.01, 0.03), (0.01, -0.01, 0.03), (-0.01, -0.03, 0.01), (0.0, -0.1, 0.1)]
+  tests = {c: dict(diff=d, low=lo, high=hi) for c, (d, lo, hi) in zip(comparisons, intervals)}
+  answer = digits_study.plain_answer(tests, comparisons, 'losses')
+  assert answer.startswith('**Answer: in part.** Of the 4 losses, 1 have a 95% interval above '
+                           'zero, 0 below zero and 3 contain it (cell0 vs control (steps) +2.00')
+  assert '2 of the 4 differences are positive' in answer
+  assert 'about 0.2 of 4 intervals' in answer
+  assert 'Answer: yes.' in digits_study.plain_answer(tests, comparisons[:1], 'x')
+  assert 'Answer: not shown.' in digits_study.plain_answer(tests, comparisons[1:], 'x')
+  tests[comparisons[3]].update(diff=-0.05, low=-0.08, high=-0.02)
+  assert 'Answer: mixed.' in digits_study.plain_answer(tests, comparisons, 'x')
+  assert 'Answer: no, worse.' in digits_study.plain_answer(tests, comparisons[3:], 'x')
+  assert digits_study.plain_answer(tests, comparisons, 'x', premise=False).startswith(
+      "UM's premise does not hold in this run, so this does not test UM's claim.")
+
+
+def _curve(ce, auroc_by_step):
+  """um_base's curve rows: train_ce at step 100 (2 seeds), validation AUROC per step."""
+  rows = [dict(cell='um_base', seed=seed, model='finetune', scorer='', set='id_train',
+               metric='train_ce', step=100, value=ce) for seed in (0, 1)]
+  rows += [dict(cell='um_base', seed=seed, model='finetune', scorer='', set='id_train',
+                metric=metric, step=100, value=value) for seed in (0, 1)
+           for metric, value in (('memorised', 1.0), ('atypical', 3))]
+  for step, aurocs in auroc_by_step.items():
+    rows += [dict(cell='um_base', seed=seed, model='finetune', scorer=digits_study.RANK_SCORER,
+                  set=digits_study.VALIDATION, metric='validation_auroc', step=step,
+                  value=value) for seed, value in enumerate(aurocs)]
+  return rows
+
+
+def test_the_premise_says_whether_validation_auroc_drops_after_its_peak():
+  assert digits_study.premise_holds([]) is None
+  assert not digits_study.premise_holds(_curve(0.5, {}))
+  rows = _curve(0.001, {50: [0.90, 0.92], 100: [0.85, 0.86]})
+  assert digits_study.premise_holds(rows)
+  (text, _) = digits_study._premise(rows)
+  assert 'clean training CE below 0.05) holds' in text
+  drop = digits_study.paired([0.90, 0.92], [0.85, 0.86])
+  assert (f'peaks at step 50 (91.00) and ends at 85.50 (step 100): peak − end, seed by seed, '
+          f'+5.50 points [{100 * drop["low"]:+.2f}, {100 * drop["high"]:+.2f}]') in text
+  (text, _) = digits_study._premise(_curve(0.001, {50: [0.80, 0.82], 100: [0.85, 0.86]}))
+  assert 'is highest at the last evaluation (step 100, 85.5)' in text
+
+
 def _rows(cell, model, aurocs):
   scorer, ood_set, metric = digits_study.claim_metric('um')
   return [dict(cell=cell, seed=seed, model=model, scorer=scorer, set=ood_set, metric=metric,
