@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mood_jax import checkpoint, host_malloc, parallel, pipeline, train_loop
+from mood_jax import checkpoint, host_malloc, parallel, pipeline, train_loop, workdir_lock
 from mood_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
@@ -59,9 +59,18 @@ def quiet_abandoned_reads(unraisable) -> None:
 
 def stop(signum, frame) -> None:
   """Outside a training loop (which saves first), a stop signal ends the run at once: it is
-  restartable from its checkpoints, prepared data and results, all written atomically."""
+  restartable from its checkpoints, prepared data and results, all written atomically.
+
+  By os._exit, not by raising: an exception raised wherever the main thread happens to be
+  can leave a lock inside a library's thread pool held, and unwinding then waits on it
+  forever (seen in orbax's CheckpointManager, whose executor joins a worker blocked on the
+  semaphore lock the interrupted thread took). os.write: stderr's buffered writer may be
+  mid-write in the interrupted code."""
   del frame
-  raise train_loop.Preempted(f'stopped by {signal.Signals(signum).name}')
+  workdir_lock.release_at_exit()
+  os.write(2, f'stopped by {signal.Signals(signum).name}: rerun the same command to resume '
+              f'(exit status {train_loop.PREEMPTED_EXIT_CODE})\n'.encode())
+  os._exit(train_loop.PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
 
 
 # The environment, not the program: one line with the path and the fix, no traceback.

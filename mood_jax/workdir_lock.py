@@ -21,6 +21,7 @@ from absl import logging
 from mood_jax.errors import UserError
 
 LOCK_FILE = '.lock'
+_held_path = None  # the lock file this process holds: `release_at_exit` empties it
 
 
 def _holder() -> str:
@@ -56,9 +57,19 @@ def held(workdir: str):
     f.truncate()
     f.write(_holder() + '\n')
     f.flush()
+    global _held_path
+    _held_path = path
     try:
       yield
     finally:  # emptied, not removed: a run opening the old file would lock a deleted one
+      _held_path = None
       f.seek(0)
       f.truncate()
       # closing the file releases the lock
+
+
+def release_at_exit() -> None:
+  """Empties the held lock's file, for a process about to `os._exit` (the kernel then
+  drops the lock): its next run starts without a takeover warning."""
+  if _held_path is not None:
+    os.truncate(_held_path, 0)

@@ -289,11 +289,46 @@ def test_sigterm_during_evaluate_exits_for_a_rerun(smoke_run, data_dir, tmp_path
     if '[evaluate] starting' in line:
       proc.send_signal(signal.SIGTERM)
       break
-  stderr = proc.stderr.read()
-  assert proc.wait(timeout=120) == train_loop.PREEMPTED_EXIT_CODE, stderr[-2000:]
+  stderr = _stderr_within(proc, 120)
+  assert proc.returncode == train_loop.PREEMPTED_EXIT_CODE, stderr[-2000:]
   assert 'stopped by SIGTERM: rerun the same command to resume' in stderr
   assert 'Traceback' not in stderr
   assert (workdir / workdir_lock.LOCK_FILE).read_text() == ''  # released
+
+
+def _stderr_within(proc, seconds) -> str:
+  """The rest of `proc`'s stderr once it exits; a failure, not a hang, if it does not."""
+  try:
+    return proc.communicate(timeout=seconds)[1]
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise AssertionError(f'still running {seconds} s after the stop signal') from None
+
+
+# A library's worker thread that never finishes, as orbax's executor was seen to leave when
+# an exception raised by the signal handler interrupted it mid-lock: exit must not wait on it.
+_BLOCKED_WORKER = """
+import signal, sys, threading
+from mood_jax import main, workdir_lock
+never = threading.Event()
+with workdir_lock.held(sys.argv[1]):
+  threading.Thread(target=never.wait).start()
+  signal.signal(signal.SIGTERM, main.stop)
+  print('ready', flush=True)
+  never.wait()
+"""
+
+
+def test_a_stop_signal_outside_training_exits_even_with_a_stuck_worker_thread(tmp_path):
+  proc = subprocess.Popen([sys.executable, '-c', _BLOCKED_WORKER, str(tmp_path)], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert proc.stdout.readline() == 'ready\n', proc.stderr.read()[-2000:]
+  proc.send_signal(signal.SIGTERM)
+  stderr = _stderr_within(proc, 60)
+  assert proc.returncode == train_loop.PREEMPTED_EXIT_CODE, stderr[-2000:]
+  assert stderr.endswith('stopped by SIGTERM: rerun the same command to resume (exit status '
+                         f'{train_loop.PREEMPTED_EXIT_CODE})\n')
+  assert (tmp_path / workdir_lock.LOCK_FILE).read_text() == ''  # released
 
 
 def test_a_file_in_the_workdir_path_is_one_line(tmp_path, data_dir):
