@@ -524,13 +524,14 @@ def mean_std(x) -> tuple[float, float]:
   return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
 
 
-def _t_interval(diff: float, se: float, df: float, test: str) -> dict:
-  """The difference, its t, degrees of freedom and 95% interval, and the test's name."""
+def _t_interval(diff: float, se: float, df: float, test: str, seeds: tuple) -> dict:
+  """The difference, its t, degrees of freedom and 95% interval, the test's name and the
+  seeds on each side."""
+  common = {'diff': diff, 'df': df, 'test': test, 'seeds': seeds}
   if se == 0:
-    return {'diff': diff, 't': float('nan'), 'df': df, 'low': diff, 'high': diff, 'test': test}
+    return {**common, 't': float('nan'), 'low': diff, 'high': diff}
   half = float(stats.t.ppf(0.975, df)) * se
-  return {'diff': diff, 't': diff / se, 'df': df, 'low': diff - half, 'high': diff + half,
-          'test': test}
+  return {**common, 't': diff / se, 'low': diff - half, 'high': diff + half}
 
 
 def welch(a, b) -> dict:
@@ -540,7 +541,8 @@ def welch(a, b) -> dict:
   va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
   df = float((va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
              ) if va + vb > 0 else float('nan')
-  return _t_interval(float(a.mean() - b.mean()), float(np.sqrt(va + vb)), df, 'Welch')
+  return _t_interval(float(a.mean() - b.mean()), float(np.sqrt(va + vb)), df, 'Welch',
+                     (len(a), len(b)))
 
 
 def paired(a, b) -> dict:
@@ -550,7 +552,7 @@ def paired(a, b) -> dict:
     raise ValueError(f'paired: {len(a)} and {len(b)} seeds; both sides need the same seeds')
   d = a - b
   return _t_interval(float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))),
-                     float(len(d) - 1), 'paired')
+                     float(len(d) - 1), 'paired', (len(a), len(b)))
 
 
 def claim_metric(question: str) -> tuple[str, str, str]:
@@ -636,12 +638,12 @@ def _comparisons_table(rows, cells, comparisons) -> tuple[list[str], dict]:
   lines, tests = [], {}
   for comparison in comparisons:
     scorer, ood_set, metric = claim_metric(comparison.question)
-    a, b = comparison_values(rows, cells, comparison, scorer, ood_set, metric)
     test = tests[comparison] = compare(rows, cells, comparison)
     lines.append([comparison.cell, comparison.control, comparison.matched,
                   f'{scorer}, {ood_set} {metric.upper()}', f'{100 * test["diff"]:+.1f}',
                   f'[{100 * test["low"]:+.1f}, {100 * test["high"]:+.1f}]',
-                  f'{test["t"]:.2f} ({test["df"]:.1f}), {test["test"]}', f'{len(a)} / {len(b)}'])
+                  f'{test["t"]:.2f} ({test["df"]:.1f}), {test["test"]}',
+                  ' / '.join(map(str, test['seeds']))])
   return _table(header, lines), tests
 
 

@@ -70,7 +70,7 @@ def stop(signum, frame) -> None:
   workdir_lock.release_at_exit()
   os.write(2, f'stopped by {signal.Signals(signum).name}: rerun the same command to resume '
               f'(exit status {train_loop.PREEMPTED_EXIT_CODE})\n'.encode())
-  os._exit(train_loop.PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
+  os._exit(train_loop.PREEMPTED_EXIT_CODE)
 
 
 # The environment, not the program: one line with the path and the fix, no traceback.

@@ -33,6 +33,7 @@ def _holder() -> str:
 def held(workdir: str):
   """Holds `workdir`'s lock (created with the workdir) in the `with` body; a UserError
   naming the holder if another live run holds it."""
+  global _held_path
   if jax.process_index() != 0:  # one multi-process run: process 0 holds it for all
     yield
     return
@@ -57,7 +58,6 @@ def held(workdir: str):
     f.truncate()
     f.write(_holder() + '\n')
     f.flush()
-    global _held_path
     _held_path = path
     try:
       yield
