@@ -190,6 +190,28 @@ def test_mahalanobis_mood_on_layer_normed_features_matches_float64():
   assert abs(metrics.ood_metrics(*scores)['auroc'] - metrics.ood_metrics(*expected)['auroc']) < 1e-3
 
 
+def test_mahalanobis_mood_inverts_at_numpy_pinvs_cutoff():
+  """MOOD inverts with np.linalg.pinv (rcond 1e-15), not pinvh's D x eps (2.3e-13 at D=1024):
+  a direction with 1e-14 of the largest variance counts, and an OOD set shifted along it
+  by 10 of its standard deviations is told apart (it was not, at pinvh's cutoff)."""
+  rng = np.random.default_rng(0)
+  dim = 1024
+  def rows(count):
+    x = rng.normal(size=(count, dim)) / np.sqrt(dim)
+    x[:, 0] = 0.
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+  train = rows(1300)
+  largest = np.linalg.eigvalsh(np.cov(train, rowvar=False, bias=True)).max()
+  def with_tiny_direction(x, shift=0.):
+    x[:, 0] = np.sqrt(1e-14 * largest) * (rng.normal(size=len(x)) + shift)
+    return np.float32(x)
+  train = with_tiny_direction(train)
+  test, ood = with_tiny_direction(rows(200)), with_tiny_direction(rows(200), shift=10.)
+  for query in (test, ood):
+    np.testing.assert_allclose(_mahalanobis_scores(train, query),
+                               _numpy_mahalanobis_mood(train, query), rtol=1e-5)
+
+
 def test_mahalanobis_mood_is_chunk_size_independent():
   train, query = _features(0, 250, 24), _features(1, 20, 24)
   by_chunk = [_mahalanobis_scores(train, query, chunk_size=size) for size in (7, 64, 250, 1000)]

@@ -396,10 +396,17 @@ def _second_moment(rows, group, centers, prepare, chunk_size):
   return scatter / len(rows)
 
 
-def _whitening(covariance: np.ndarray) -> np.ndarray:
-  """W [D, K] with W W^T the float64 pseudo-inverse of `covariance` at scipy.linalg.pinvh's
-  default cutoff (eigenvalues below D * float64 eps of the largest dropped), the one OpenOOD's
-  sklearn EmpiricalCovariance.precision_ has: no NaN on a rank-deficient bank.
+# np.linalg.pinv's default rcond, which MOOD's ood_utils.py `mahalanobis` inverts at: singular
+# values above 1e-15 of the largest are kept. OpenOOD's MDS (sklearn EmpiricalCovariance's
+# precision_, i.e. scipy.linalg.pinvh) keeps eigenvalues above D x float64 eps of the largest,
+# 230x higher at D=1024: a direction in between is inverted by MOOD and ignored by OpenOOD.
+PINV_RCOND = 1e-15
+
+
+def _whitening(covariance: np.ndarray, rcond: float | None = None) -> np.ndarray:
+  """W [D, K] with W W^T the float64 pseudo-inverse of `covariance`, keeping the eigenvalues
+  above `rcond` of the largest (default: pinvh's D x eps): no NaN on a rank-deficient bank.
+  An eigenvalue that rounding leaves negative is dropped (np.linalg.pinv would invert it).
 
   Scoring then computes ||W^T d||^2, not d^T P d: in float32, P's entries of 1 / (a tiny
   kept eigenvalue) swamp the product with rounding error (on digits, the one direction that
@@ -407,13 +414,15 @@ def _whitening(covariance: np.ndarray) -> np.ndarray:
   while W's rows scale only by its square root and each projection is of a unit vector.
   """
   eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-  kept = eigenvalues > covariance.shape[0] * np.finfo(np.float64).eps * eigenvalues.max()
+  if rcond is None:
+    rcond = len(covariance) * np.finfo(np.float64).eps
+  kept = eigenvalues > rcond * eigenvalues.max()
   return eigenvectors[:, kept] / np.sqrt(eigenvalues[kept])
 
 
-def _fit_gaussians(features, labels, prepare, chunk_size):
+def _fit_gaussians(features, labels, prepare, chunk_size, rcond=None):
   """Class means and their shared (tied, within-class) precision, as OpenOOD's MDS, the
-  precision as its whitening (`_whitening`).
+  precision as its whitening (`_whitening`, at `rcond`).
 
   Means are kept relative to the overall mean (`center`): scoring expands the squared
   distances around it, where the terms are of the distances' own size.
@@ -421,7 +430,7 @@ def _fit_gaussians(features, labels, prepare, chunk_size):
   classes, group = np.unique(labels, return_inverse=True)
   means = _group_means(features, group, len(classes), prepare, chunk_size)
   center = np.sum(means * np.bincount(group)[:, None], axis=0) / len(features)
-  whitening = _whitening(_second_moment(features, group, means, prepare, chunk_size))
+  whitening = _whitening(_second_moment(features, group, means, prepare, chunk_size), rcond)
   offsets = (means - center) @ whitening  # whitened
   stats = {'center': center, 'whitening': whitening, 'class_offsets': offsets,
            'class_norms': np.sum(offsets * offsets, axis=-1)}
@@ -441,10 +450,11 @@ def _class_distances(stats, features, prepare):
 
 
 def fit_mahalanobis_mood(features, logits, labels, head, chunk_size: int = CHUNK_SIZE):
-  """MOOD's single Gaussian on L2-normalised ID-train features (biased covariance)."""
+  """MOOD's single Gaussian on L2-normalised ID-train features (biased covariance), inverted
+  at np.linalg.pinv's cutoff as MOOD's ood_utils.py `mahalanobis` does."""
   del logits, labels, head
   return _fit_gaussians(features, np.zeros(len(features), np.int32), _l2_normalize,
-                        chunk_size)
+                        chunk_size, rcond=PINV_RCOND)
 
 
 def _mahalanobis_mood(stats, features, logits):
