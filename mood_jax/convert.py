@@ -4,7 +4,8 @@
       [--image-size 224] [--keep-head | --drop-head] [--rel-pos-per-block]
 
 reads a timm `vit_*` / `beit_*` / `beitv2_*` state dict (`.safetensors`, or a PyTorch
-`.pth`/`.pt`/`.bin` loaded with `weights_only`, never running code from the file) and
+`.pth`/`.pt`/`.bin` loaded with `weights_only`, never running code from the file; BEiT's
+release files, with their argparse Namespace and DDP's `module.` prefix, load too) and
 writes DIR: an orbax checkpoint of our param tree and the model options to run it with.
 `--config.finetune.init_from=DIR` with those options starts fine-tuning from it.
 
@@ -61,13 +62,17 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       raise UserError('reading .pth files needs torch: pip install torch, or convert a '
                       '.safetensors file') from None
     try:
-      state = torch.load(path, map_location='cpu', weights_only=True)
+      # BEiT's utils.save_model stores its argparse Namespace beside the weights, which
+      # weights_only refuses; that one plain-data type is allowed, nothing else.
+      with torch.serialization.safe_globals([argparse.Namespace]):
+        state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # pickle, zip and torch errors, or a file that needs code to load
       raise UserError(f'cannot read {path} as a PyTorch state dict: {e}') from None
     for wrapper in ('model', 'module', 'state_dict'):  # training scripts nest it
       state = state.get(wrapper, state) if isinstance(state, dict) else state
-    state = {name: value.float().numpy() for name, value in state.items()
-             if isinstance(value, torch.Tensor)}
+    # DistributedDataParallel's prefix, which MOOD's eval_with_features.py strips too.
+    state = {name.removeprefix('module.'): value.float().numpy()
+             for name, value in state.items() if isinstance(value, torch.Tensor)}
   else:
     raise UserError(f'--src {path!r}: use a .safetensors, .pth, .pt or .bin file')
   return {name: np.asarray(value, np.float32) for name, value in state.items()}

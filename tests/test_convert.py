@@ -142,6 +142,25 @@ def test_pth_and_safetensors_files_read_the_same(tmp_path):
     np.testing.assert_array_equal(value, from_safetensors[name])
 
 
+def test_beit_release_files_load_safely(tmp_path):
+  """BEiT's save_model: the weights (DDP-prefixed) under 'model', beside the optimizer state
+  and its argparse Namespace. That Namespace is allowed; any other class stays refused."""
+  import argparse
+  model = _random_timm('vit_mean', 32)
+  ddp = {f'module.{name}': value for name, value in model.state_dict().items()}
+  torch.save({'model': ddp, 'epoch': 3, 'args': argparse.Namespace(lr=5e-4, model='beit')},
+             tmp_path / 'release.pth')
+  read = convert.read_state_dict(str(tmp_path / 'release.pth'))
+  assert read.keys() == model.state_dict().keys()
+  torch.save({'model': model.state_dict(), 'args': _NotAllowed()}, tmp_path / 'code.pth')
+  with pytest.raises(UserError, match='cannot read .*code.pth as a PyTorch state dict'):
+    convert.read_state_dict(str(tmp_path / 'code.pth'))
+
+
+class _NotAllowed:
+  """A class that a pickle would have to import to load."""
+
+
 def test_options_are_read_off_the_names():
   assert convert.model_options(_state(_random_timm('beit_relpos_block', 32))) == dict(
       posemb='none', qkv_bias='qv', layer_scale=1.0, rel_pos_bias='block', pool='mean')
