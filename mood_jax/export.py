@@ -56,7 +56,8 @@ def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: 
                               batch_size=config.evaluate.batch_size, seed=config.seed)
   plain = inference.make_forward(model, mesh)
   cfg = config.evaluate
-  sets = {'id_train': extract(plain, which='id_train', augment=cfg.id_train_augment)}
+  sets = {name: extract(plain, which='id_train', augment=augment)
+          for name, augment in evaluate.id_train_banks(cfg, list(hparams)).items()}
   if cfg.fit_on_id_validation.strip() and catalogue.source(config.data).has_id_val():
     sets[evaluate.ID_VAL] = extract(plain, which=evaluate.ID_VAL)
   test = extract(plain, which='id_test')

@@ -95,3 +95,23 @@ def test_fit_on_id_validation_fits_the_held_out_part_only_for_the_named_scorers(
   # With an ID validation split, that split, which the model never trained on.
   id_val = {'features': np.ones((7, 1)), 'label': np.zeros(7, int)}
   assert evaluate.fit_rows('react', cfg, {'id_train': id_train, 'id_val': id_val}, 0) is id_val
+
+
+def test_id_train_augment_reaches_moods_bank_only():
+  """MOOD fits its Gaussian on augmented ID-train features; every other scorer fits on the
+  un-augmented images, as OpenOOD does."""
+  from configs import digits
+  from mood_jax.stages import evaluate
+  cfg = digits.get_config('smoke').evaluate
+  cfg.id_train_augment = True
+  both = evaluate.id_train_banks(cfg, ['mahalanobis_mood', 'knn', 'vim'])
+  assert both == {'id_train': False, evaluate.AUGMENTED_ID_TRAIN: True}
+  sets = {'id_train': {'label': np.zeros(3)}, evaluate.AUGMENTED_ID_TRAIN: {'label': np.ones(3)}}
+  assert evaluate.fit_rows('mahalanobis_mood', cfg, sets, 0) is sets[evaluate.AUGMENTED_ID_TRAIN]
+  for name in ('knn', 'vim', 'react'):
+    assert evaluate.fit_rows(name, cfg, sets, 0) is sets['id_train']
+  # Only MOOD's scorer: one pass over ID train, augmented; augmentation off: one, plain.
+  assert evaluate.id_train_banks(cfg, ['mahalanobis_mood']) == {
+      evaluate.AUGMENTED_ID_TRAIN: True}
+  cfg.id_train_augment = False
+  assert evaluate.id_train_banks(cfg, ['mahalanobis_mood', 'knn']) == {'id_train': False}

@@ -77,17 +77,38 @@ def swept_names(cfg, selected: list[scorers.Scorer]) -> list[str]:
   return config_checks.names(cfg.sweep)
 
 
+# MOOD fits its Gaussian on ID-train features through the training transforms
+# (MOOD eval_with_features.py: build_dataset(is_train=True), so datasets.py's
+# build_transform(is_train=True)); OpenOOD fits every postprocessor on un-augmented ID images
+# (openood/evaluation_api/datasets.py: the test-time preprocessor for 'train' too). So
+# `evaluate.id_train_augment` reaches these scorers' bank only.
+FITS_AUGMENTED_BANK = ('mahalanobis_mood',)
+AUGMENTED_ID_TRAIN = 'id_train_augmented'
+
+
+def id_train_banks(cfg, scorer_names: list[str]) -> dict[str, bool | str]:
+  """{set name: augment} of the ID-train extractions that the named scorers fit on."""
+  on_id_val = config_checks.names(cfg.fit_on_id_validation)
+  augmented = [bool(cfg.id_train_augment) and name in FITS_AUGMENTED_BANK
+               and name not in on_id_val for name in scorer_names]
+  return {**({} if augmented and all(augmented) else {'id_train': False}),
+          **({AUGMENTED_ID_TRAIN: cfg.id_train_augment} if any(augmented) else {})}
+
+
 def fit_rows(scorer_name: str, cfg, sets: dict, seed: int) -> dict:
-  """The ID rows a scorer is fitted on: ID train, or for those named in
-  `evaluate.fit_on_id_validation` the ID validation split ('id_val' in `sets`, else the
-  held-out `sweep_id_fraction` part of ID train, which the model did train on). OpenOOD v1.5
-  fits react, klm and residual on ID validation (openood/postprocessors/react_postprocessor.py,
-  kl_matching_postprocessor.py, residual_postprocessor.py: id_loader_dict['val'])."""
-  if scorer_name not in config_checks.names(cfg.fit_on_id_validation):
-    return sets['id_train']
-  if ID_VAL in sets:
-    return sets[ID_VAL]
-  return _hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)[1]
+  """The ID rows a scorer is fitted on: ID train (augmented for FITS_AUGMENTED_BANK when
+  `evaluate.id_train_augment` is set), or for those named in `evaluate.fit_on_id_validation`
+  the ID validation split ('id_val' in `sets`, else the held-out `sweep_id_fraction` part of
+  ID train, which the model did train on). OpenOOD v1.5 fits react, klm and residual on ID
+  validation (openood/postprocessors/react_postprocessor.py, kl_matching_postprocessor.py,
+  residual_postprocessor.py: id_loader_dict['val'])."""
+  if scorer_name in config_checks.names(cfg.fit_on_id_validation):
+    if ID_VAL in sets:
+      return sets[ID_VAL]
+    return _hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)[1]
+  if scorer_name in FITS_AUGMENTED_BANK and AUGMENTED_ID_TRAIN in sets:
+    return sets[AUGMENTED_ID_TRAIN]
+  return sets['id_train']
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -201,11 +222,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     extract = functools.partial(inference.extract, params=params, data_cfg=config.data,
                                 mesh=mesh, batch_size=cfg.batch_size, seed=config.seed)
     forward = inference.make_forward(model, mesh)
-    sets = {name: extract(forward, which=name,
-                          augment=cfg.id_train_augment if name == 'id_train' else False)
-            for name in (*id_sets, *groups)}
+    banks = id_train_banks(cfg, [scorer.name for scorer in selected])
+    sets = {name: extract(forward, which='id_train', augment=augment)
+            for name, augment in banks.items()}
+    sets.update({name: extract(forward, which=name)
+                 for name in (*id_sets, *groups) if name != 'id_train'})
     ids = {'id' if name == 'id_test' else name: data_source.example_ids(name, s['index'])
-           for name, s in sets.items() if name != 'id_train'}
+           for name, s in sets.items() if name not in banks}
     if has_head:
       id_accuracy[model_name] = float(metrics.accuracy(sets['id_test']['logits'],
                                                        sets['id_test']['label']))
@@ -220,7 +243,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
       if scorer.name in to_sweep:
         scorer, sweeps[model_name][scorer.name] = _choose_hparams(
             scorer, cfg, sets, head, groups, config.seed, mesh)
-      queries = {name: s for name, s in sets.items() if name != 'id_train'}
+      queries = {name: s for name, s in sets.items() if name not in banks}
       if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
         moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
         perturbed = inference.make_forward(model, mesh, input_perturbation=moved)
