@@ -37,7 +37,7 @@ from mood_jax.models import vit
 from mood_jax.ood import scorers as scorers_lib
 from mood_jax.ood import sweep
 
-FORMAT = 1
+FORMAT = 2
 META_FILE = 'detector.json'
 ARRAYS_DIR = 'arrays'
 # The ID images thresholds are set on must be ones the network never trained on; none of our
@@ -124,12 +124,17 @@ def preprocessing(data_cfg, channels: int) -> dict:
   A source stored at image_size (the embedded digits) is evaluated as it is: other sizes get a
   plain resize-and-centre-crop (fraction 1). Real datasets keep their own eval crop.
   """
-  fraction = 1.0 if catalogue.source(data_cfg).fixed_size else data_cfg.eval_crop_fraction
-  return {'image_size': data_cfg.image_size, 'channels': channels,
+  fixed_size = catalogue.source(data_cfg).fixed_size
+  fraction = 1.0 if fixed_size else data_cfg.eval_crop_fraction
+  native = 0 if fixed_size else data_cfg.native_size
+  return {'image_size': data_cfg.image_size, 'channels': channels, 'native_size': native,
           'mean': data_cfg.mean, 'std': data_cfg.std, 'crop_fraction': fraction,
-          'rule': (f'converted to {"grayscale" if channels == 1 else "RGB"} (PIL); the shorter '
-                   f'side resized (bicubic) to {data_cfg.image_size} / {fraction:g} px and the '
-                   f'central {data_cfg.image_size} px square kept'
+          'rule': (f'converted to {"grayscale" if channels == 1 else "RGB"} (PIL); '
+                   + (f'first brought to the ID set\'s {native} px (the central square of '
+                      'the shorter side, bilinear; OpenOOD\'s pre_size/img_size); '
+                      if native else '')
+                   + f'the shorter side resized (bicubic) to {data_cfg.image_size} / '
+                   f'{fraction:g} px and the central {data_cfg.image_size} px square kept'
                    + (' (an image of that size is kept as it is)' if fraction == 1 else '')
                    + '; then (x / 255 - mean) / std')}
 
@@ -280,10 +285,11 @@ class Detector:
 
   def prepare(self, image: np.ndarray) -> np.ndarray:
     """One uint8 [H, W, C] image as uint8 [S, S, channels]: `preprocessing()['rule']`."""
-    image = _as_channels(np.asarray(image, np.uint8), self.channels)
-    resize = transforms.ResizeCenterCrop(self.image_size,
-                                         self.meta['preprocessing']['crop_fraction'])
-    return resize.map({'image': image})['image']
+    example = {'image': _as_channels(np.asarray(image, np.uint8), self.channels)}
+    pre = self.meta['preprocessing']
+    if pre['native_size']:
+      example = transforms.ToNativeSize(pre['native_size']).map(example)
+    return transforms.ResizeCenterCrop(self.image_size, pre['crop_fraction']).map(example)['image']
 
   def read(self, path: str) -> np.ndarray:
     """An image file as the network's uint8 input, [S, S, channels]."""

@@ -20,7 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.features import image_feature
 
-from mood_jax import convert, pipeline
+from mood_jax import convert, detector, pipeline
 from mood_jax.data import catalogue, data_config, input_pipeline, randaugment, transforms
 from mood_jax.errors import UserError
 
@@ -395,3 +395,30 @@ def test_augment_choices():
   crop_ops = [type(op) for op in input_pipeline.train_transforms(data, 'crop')]
   assert crop_ops[:2] == [transforms.ColorJitter, transforms.RandomResizedCrop]  # BEiT's order
   assert transforms.ColorJitter not in map(type, input_pipeline.train_transforms(data, True))
+
+
+def test_cifar_benchmarks_bring_every_image_to_the_id_size_first():
+  """OpenOOD's CIFAR benchmarks: every image, ID and OOD, at 32 px before the network's
+  resize (its preprocessor.py), so an OOD set of larger images is not sharper than CIFAR."""
+  data = _config('cifar10').data
+  assert data.native_size == 32
+  assert detector.preprocessing(data, 3)['native_size'] == 32
+  assert '32 px' in detector.preprocessing(data, 3)['rule']
+  ood_set = 'openood:cifar10/test_tin'
+  with _mock_tfds():
+    source = catalogue.source(data)
+    source.prepare()
+    location = source.locate(ood_set)
+    with PIL.Image.open(io.BytesIO(location.read(source.data_dir, ood_set)[0]['image'])) as f:
+      raw = np.asarray(f.convert('RGB'))
+    batches, _ = input_pipeline.eval_dataset(data, ood_set, global_batch_size=8)
+    image = next(iter(batches))['image'][0]
+  assert raw.shape[:2] != (32, 32)
+  def through(*ops):
+    example = {'image': raw}
+    for op in (*ops, transforms.ResizeCenterCrop(data.image_size, data.eval_crop_fraction),
+               transforms.Normalize(data.mean, data.std)):
+      example = op.map(example)
+    return example['image']
+  np.testing.assert_array_equal(image, through(transforms.ToNativeSize(32)))
+  assert not np.array_equal(image, through())

@@ -45,6 +45,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       random_erasing=0.0,      # train random-erasing probability (BEiT fine-tune: 0.25)
       color_jitter=0.0,        # augment='crop' only: ColorJitter strength (BEiT pretraining: 0.4)
       eval_crop_fraction=0.875,  # eval: shorter side to image_size / this, centre crop
+      # > 0: every image, ID and OOD, train and eval, is first brought to this square size
+      # (the ID set's own: OpenOOD's CIFAR benchmarks at 32 px), then the transforms above.
+      native_size=0,
       # True: the classifier has a logit for every class of the dataset and ID labels keep
       # their index, so one ID class can be fine-tuned (MOOD's one-class fine-tune keeps the
       # dataset's head: MOODv1/datasets.py build_dataset with --class_idx).
@@ -66,6 +69,7 @@ def check_config(data_cfg) -> None:
   for name, example in (('hflip', 0.5), ('random_erasing', 0.25)):
     config_checks.inside(f'data.{name}', data_cfg[name], 0, 1, example, closed='both')
   config_checks.at_least('data.randaugment_ops', data_cfg.randaugment_ops, 0, 2)
+  config_checks.at_least('data.native_size', data_cfg.native_size, 0, 32)
   config_checks.inside('data.randaugment_magnitude', data_cfg.randaugment_magnitude, 0, 10,
                        9.0, closed='both')
   low, high = (tuple(data_cfg.crop_scale) + (None, None))[:2]

@@ -16,7 +16,8 @@ import numpy as np
 from mood_jax.data import catalogue
 from mood_jax.data.randaugment import RandAugment
 from mood_jax.data.transforms import (ColorJitter, Decode, Normalize, RandomErasing,
-                                      RandomResizedCrop, RandomTranslate, ResizeCenterCrop)
+                                      RandomResizedCrop, RandomTranslate, ResizeCenterCrop,
+                                      ToNativeSize)
 from mood_jax.errors import UserError
 
 
@@ -76,6 +77,8 @@ def _examples(data_cfg, which: str, *, with_index: bool = False) -> grain.MapDat
                                           source.channels))
   if source.fixed_size:  # e.g. a folder beside sets made at image_size: the detector's rule
     records = records.map(ResizeCenterCrop(data_cfg.image_size, 1.0))
+  elif data_cfg.native_size:
+    records = records.map(ToNativeSize(data_cfg.native_size))
   return records
 
 

@@ -17,6 +17,7 @@ import PIL.ImageEnhance
 from mood_jax.errors import UserError
 
 _BICUBIC = PIL.Image.Resampling.BICUBIC  # BEiT's and MOOD's interpolation
+_BILINEAR = PIL.Image.Resampling.BILINEAR  # OpenOOD's (evaluation_api/preprocessor.py)
 
 
 def converted(image: PIL.Image.Image, channels: int) -> np.ndarray:
@@ -46,11 +47,20 @@ class Decode(grain.transforms.MapWithIndex):
     return {**example, 'image': rgb}
 
 
-def _resized(image: np.ndarray, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
+def _resized(image: np.ndarray, size: int, box: tuple[int, int, int, int],
+             resample=_BICUBIC) -> np.ndarray:
   """The (left, top, right, bottom) box of `image`, resized to [size, size]; a grayscale
   [H, W, 1] image stays [size, size, 1] (PIL reads it as [H, W])."""
   pil = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-  return np.asarray(pil.resize((size, size), _BICUBIC, box=box)).reshape(size, size, -1)
+  return np.asarray(pil.resize((size, size), resample, box=box)).reshape(size, size, -1)
+
+
+def _central_box(image: np.ndarray, fraction: float) -> tuple[float, float, float, float]:
+  """The central square of `fraction` of the shorter side, as (left, top, right, bottom)."""
+  height, width = image.shape[:2]
+  side = min(height, width) * fraction
+  top, left = (height - side) / 2, (width - side) / 2
+  return left, top, left + side, top + side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +74,23 @@ class ResizeCenterCrop(grain.transforms.Map):
 
   def map(self, example):
     image = example['image']
-    height, width = image.shape[:2]
-    side = min(height, width) * self.crop_fraction
-    top, left = (height - side) / 2, (width - side) / 2
-    return {**example, 'image': _resized(image, self.size, (left, top, left + side, top + side))}
+    return {**example, 'image': _resized(image, self.size, _central_box(image, self.crop_fraction))}
+
+
+@dataclasses.dataclass(frozen=True)
+class ToNativeSize(grain.transforms.Map):
+  """Every image, ID and OOD, first to the ID set's native size x size: OpenOOD's test
+  preprocessor (openood/evaluation_api/preprocessor.py: Resize(pre_size) bilinear, then
+  CenterCrop(img_size); 32 and 32 for CIFAR), so that no OOD set arrives sharper than the ID
+  set it is told from. An image of that size already passes unchanged."""
+  size: int
+
+  def map(self, example):
+    image = example['image']
+    if image.shape[:2] == (self.size, self.size):
+      return example
+    return {**example,
+            'image': _resized(image, self.size, _central_box(image, 1.0), _BILINEAR)}
 
 
 # torchvision's ColorJitter adjusts a PIL image with these enhancers (its functional_pil.py).

@@ -273,7 +273,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     table = report.write_results(results_dir, summary, id_accuracy,
                                  scores=all_scores, hparams=used_hparams, sweeps=sweeps,
                                  models=trained_with, ids=ids,
-                                 changed_settings=changed_settings.load(workdir))
+                                 changed_settings=changed_settings.load(workdir),
+                                 preprocessing=detector.preprocessing(config.data,
+                                                                      data_source.channels))
     metrics_log.write_evaluation(workdir, summary, id_accuracy)
     if cfg.plots:
       report.plot_scores(results_dir, all_scores, groups)
