@@ -128,9 +128,13 @@ def _numpy_energy_of_head(features, head):
 
 
 def _numpy_klm(train_logits, query_logits):
+  """OpenOOD's kl_matching_postprocessor.py: a class nothing is predicted as gets a one-hot
+  template."""
   train_probs = special.softmax(np.float64(train_logits), -1)
   predicted = train_probs.argmax(-1)
-  templates = [train_probs[predicted == c].mean(0) for c in np.unique(predicted)]
+  classes = np.eye(train_probs.shape[1])
+  templates = [train_probs[predicted == c].mean(0) if np.any(predicted == c) else classes[c]
+               for c in range(len(classes))]
   probs = special.softmax(np.float64(query_logits), -1)
   return -np.array([min(scipy_stats.entropy(p, t) for t in templates) for p in probs])
 
@@ -316,7 +320,7 @@ def test_klm_matches_numpy(data):
   train, query = data['train'], data['query']
   np.testing.assert_allclose(_fit_score('klm', train, query),
                              _numpy_klm(train['logits'], query['logits']), atol=1e-5)
-  # A class no training sample is predicted as has no template (OpenOOD's would be NaN).
+  # A class no training sample is predicted as: OpenOOD's one-hot template never wins.
   train = {**train, 'logits': train['logits'] - 50. * (np.arange(NUM_CLASSES) == 2)}
   scores = _fit_score('klm', train, query)
   assert np.isfinite(scores).all()
@@ -585,3 +589,9 @@ def test_scores_on_8_devices_equal_1_device(tmp_path):
 if __name__ == '__main__':
   assert jax.device_count() == 8, jax.devices()
   np.savez(sys.argv[1], **_mesh_case_scores(parallel.make_mesh((('data', -1),))))
+
+
+def test_the_readme_counts_the_registered_scorers():
+  with open(os.path.join(REPO, 'README.md')) as f:
+    readme = f.read()
+  assert f'({len(scorers.resolve("all"))} scorers: MOOD' in readme

@@ -1,7 +1,9 @@
-"""OOD detection metrics as OpenOOD v1.5 and MOOD compute them, ties included.
+"""OOD detection metrics as OpenOOD and MOOD compute them, ties included.
 
 Scores are "higher = more in-distribution". AUROC, AUPR-In, AUPR-Out and `fpr95` are
-OpenOOD v1.5's (openood/evaluators/metrics.py, `auc_and_fpr_recall`): AUROC is
+OpenOOD's (openood/evaluators/metrics.py, `auc_and_fpr_recall`, on main from 4a72488,
+2023-12-18, unchanged through 3c35632; after the v1.5 tag 8d44375: FPR@95 with OOD positive
+came in 873e8c2, AUPR-In and -Out the right way round in 4a72488): AUROC is
 `auc(roc_curve)`, AUPR-In (ID positive, ranked by score) and AUPR-Out (OOD positive, by
 -score) are `auc(recall, precision)` of `precision_recall_curve`, the trapezoid rule through
 every distinct threshold and the (recall 0, precision 1) end, not average precision; `fpr95`

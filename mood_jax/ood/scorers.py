@@ -617,8 +617,9 @@ def _vim(stats, features, logits, *, dim):
 
 
 def fit_klm(features, logits, labels, head):
-  """Mean softmax of the ID-train samples predicted as each class (predicted classes only:
-  OpenOOD's mean over none would be NaN)."""
+  """Mean softmax of the ID-train samples predicted as each class, for the predicted classes
+  only. OpenOOD (kl_matching_postprocessor.py) gives a class nothing is predicted as a one-hot
+  template, whose KL from a softmax that is not exactly one-hot is infinite: it never wins."""
   del features, labels, head
   predicted, group = np.unique(np.argmax(logits, axis=-1), return_inverse=True)
   templates = _group_means(logits, group, len(predicted), _softmax, CHUNK_SIZE)
