@@ -23,17 +23,18 @@ GROUPS = ('near', 'far')
 CONVENTIONS = {
     'score': 'higher score = more in-distribution',
     'auroc': 'area under the ROC curve, ties as sklearn roc_auc_score',
-    'aupr_in': 'OpenOOD v1.5 AUPR-In: trapezoid area under the precision-recall curve, ID '
+    # OpenOOD's openood/evaluators/metrics.py on main at 4a72488 (after the v1.5 tag).
+    'aupr_in': 'OpenOOD AUPR-In: trapezoid area under the precision-recall curve, ID '
                'positive, ranked by score',
-    'aupr_out': 'OpenOOD v1.5 AUPR-Out: trapezoid area under the precision-recall curve, OOD '
+    'aupr_out': 'OpenOOD AUPR-Out: trapezoid area under the precision-recall curve, OOD '
                 'positive, ranked by -score',
-    'fpr95': 'OpenOOD v1.5 FPR@95 (OOD positive): fraction of ID flagged OOD at the '
+    'fpr95': 'OpenOOD FPR@95 (OOD positive): fraction of ID flagged OOD at the '
              'threshold that catches 95% of OOD',
     'fpr95_id': 'MOOD FPR@95 (ID positive): fraction of OOD scoring strictly above the 5th '
                 'percentile (linear) of the ID scores',
 }
 _CONVENTIONS_LINE = ('Conventions: higher score = more ID; AUROC and AUPR-In take ID as '
-                     'positive, AUPR-Out OOD; FPR@95 is OpenOOD v1.5\'s (ID flagged OOD '
+                     'positive, AUPR-Out OOD; FPR@95 is OpenOOD\'s (ID flagged OOD '
                      'when 95% of OOD are caught); FPR@95 (ID+) is the ODIN/MOOD one (OOD '
                      'accepted when 95% of ID are).')
 
