@@ -102,6 +102,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       weight_keep_ratio=0.999,  # masked copy for gamma and sample_mask (UM's k is 0.965)
       gamma_quantile=0.5,       # gamma_from='quantile' only
       gamma=0.0,                # gamma_from='fixed' only
+      # ID train for gamma, one pass, model in eval mode: 'train', through this stage's own
+      # training transforms (UM's estimate_loss.py), or 'eval', un-augmented.
+      gamma_transforms='train',
       beta=1.0,
       label_smoothing=0.1,      # as finetune, so that loss='ce' is a plain continuation
       sample_mask_ratio=0.1,    # loss='sample_mask': fraction of each batch dropped
