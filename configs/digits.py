@@ -94,14 +94,18 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # UM's loss (flooding) by default, as the paper. Recorded on the 'letters' OOD validation
   # set (seed 0; mean AUROC of msp, energy and mahalanobis_mood): um flooding 83.7 at keep
   # 0.999, down to 75.8 at 0.98 (UM's own keep ratio, 0.965: 81.1, with ID accuracy 74%);
-  # our sample_mask at keep 0.99 88.5, plain CE 88.9. A masked copy of this 0.5M-param model
-  # loses far more than UM's CIFAR nets, hence a keep ratio closer to 1 than UM's.
+  # our sample_mask at keep 0.99 88.5, plain CE 88.9 (recorded with gamma on clean images,
+  # gamma_transforms='eval', before 'train' became the default). A masked copy of this
+  # 0.5M-param model loses far more than UM's CIFAR nets, hence a keep ratio closer to 1.
   config.logit_ft = dict(
       loss='um',                # 'um' (flooding, UM's), 'sample_mask' (ours), or 'ce' (none)
       gamma_from='masked_model',  # 'masked_model', 'quantile' or 'fixed' (loss='um' only)
       weight_keep_ratio=0.999,  # masked copy for gamma and sample_mask (UM's k is 0.965)
       gamma_quantile=0.5,       # gamma_from='quantile' only
       gamma=0.0,                # gamma_from='fixed' only
+      # ID train for gamma, one pass, model in eval mode: 'train', through this stage's own
+      # training transforms (UM's estimate_loss.py), or 'eval', un-augmented.
+      gamma_transforms='train',
       beta=1.0,
       label_smoothing=0.1,      # as finetune, so that loss='ce' is a plain continuation
       sample_mask_ratio=0.1,    # loss='sample_mask': fraction of each batch dropped

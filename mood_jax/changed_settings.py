@@ -25,7 +25,7 @@ RECORD_FILE = 'changed_settings.json'
 # What a training stage computes depends on its own config section and on these shared
 # fields, less the ones below. model.remat changes memory, not the result; the data fields
 # are read by evaluate only, or say where and how fast data is read (eval_crop_fraction is
-# not among them: logit_ft's gamma reads ID train through the eval transforms). mesh and
+# not among them: logit_ft's gamma may read ID train through the eval transforms). mesh and
 # sharding_rules are not compared either: they change placement, and the result only up to
 # float rounding (README "Meshes and sharding").
 _SHARED = ('seed', 'model.', 'data.')

@@ -10,6 +10,8 @@ import optax
 
 from mood_jax import config_checks
 
+PathFilter = Callable[[str], bool]  # of a param's '/'-joined path
+
 # Parameters that are embeddings rather than weights: never weight-decayed (BEiT/MAE).
 _EMBEDDINGS = ('cls', 'pos_embedding', 'mask_token')
 
@@ -33,9 +35,13 @@ def layer_id(path: str, depth: int) -> int:
   return int(block.group(2)) + 1 if block else depth + 1
 
 
-def layer_decay_labels(params, depth: int):
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: f'layer{layer_id(_path_str(path), depth)}', params)
+def layer_decay_labels(params, depth: int, exempt: PathFilter = lambda path: False):
+  """'layer<id>' per param; the params whose '/'-joined path `exempt` accepts are labelled
+  as the top layer, so layer decay leaves their rate as it is."""
+  def label(path, _):
+    path = _path_str(path)
+    return f'layer{depth + 1 if exempt(path) else layer_id(path, depth)}'
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -64,8 +70,11 @@ def _base_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformat
                      optax.sgd(make_schedule(cfg), momentum=cfg.momentum))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, depth: int) -> optax.GradientTransformation:
-  """The stage's optimizer, its update scaled per layer by layer_decay ** (depth + 1 - id).
+def make_optimizer(cfg: ml_collections.ConfigDict, depth: int,
+                   layer_decay_exempt: PathFilter = lambda path: False
+                   ) -> optax.GradientTransformation:
+  """The stage's optimizer, its update scaled per layer by layer_decay ** (depth + 1 - id),
+  except for the params whose '/'-joined path `layer_decay_exempt` accepts.
 
   Scaling the whole AdamW update equals scaling the lr of that parameter group,
   weight-decay term included, which is what BEiT's param groups do.
@@ -77,11 +86,12 @@ def make_optimizer(cfg: ml_collections.ConfigDict, depth: int) -> optax.Gradient
   if cfg.get('layer_decay', 1.0) == 1.0:
     return tx
   scales = {f'layer{i}': optax.scale(cfg.layer_decay ** (depth + 1 - i)) for i in range(depth + 2)}
-  return optax.chain(tx, optax.multi_transform(scales, lambda params: layer_decay_labels(params, depth)))
+  return optax.chain(tx, optax.multi_transform(
+      scales, lambda params: layer_decay_labels(params, depth, layer_decay_exempt)))
 
 
 def train_only(tx: optax.GradientTransformation,
-               is_trainable: Callable[[str], bool]) -> optax.GradientTransformation:
+               is_trainable: PathFilter) -> optax.GradientTransformation:
   """`tx` on the params whose '/'-joined path `is_trainable` accepts; the rest stay fixed
   (zero update, no optimizer state)."""
   def labels(params):

@@ -63,6 +63,11 @@ def test_end_to_end_writes_results(smoke_run):
   # The default logit_ft loss is UM's flooding, and the report says so.
   assert all(0 <= m['flooded'] <= 1 for m in steps if m['stage'] == 'logit_ft')
   assert results['models']['logit_ft'].startswith("loss=um (UM's flooding")
+  # gamma over the stage's own training transforms (UM's), and whether the flood acted.
+  assert 'from masked_model (ID train, train transforms)' in results['models']['logit_ft']
+  assert re.search(r'flooded on \d+% of steps', results['models']['logit_ft'])
+  assert re.search(r'\[logit_ft\] (flooded on [\d.]+% of the steps|no step was flooded)',
+                   proc.stderr)
   with open(os.path.join(workdir, 'results', 'results.md')) as f:
     assert '- logit_ft: loss=um' in f.read()
 
@@ -124,6 +129,7 @@ def test_logit_ft_flooding_umap_teacher(smoke_run, data_dir, tmp_path):
   with open(workdir / 'logit_ft_gamma.json') as f:
     record = json.load(f)
   assert record['gamma'] == gamma > 0 and record['finetune_step'] == 2
+  assert record['gamma_transforms'] == 'train'
   assert 'starting from the finetune checkpoint of step 2' in proc.stderr
   assert all(0 <= m['flooded'] <= 1 for m in logged if m['step'] > 0 and m['kind'] == 'train')
   # Evaluated with the UMAP-masked weights, as the evaluate stage scores them.

@@ -1,5 +1,7 @@
 """The logit fine-tune stage's pieces: flooding, sample masking, top-k masks, gamma."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,7 +10,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from mood_jax import optim
+from configs import digits
+from mood_jax import metrics_log, optim
 from mood_jax.models import weight_mask
 from mood_jax.stages import logit_ft
 
@@ -99,6 +102,28 @@ def test_random_masks_cover_every_kernel_at_the_keep_ratio():
   assert float(masks['a', 'kernel'].sum()) == 180 and float(masks['b', 'c', 'kernel'].sum()) == 43
 
 
+@pytest.mark.parametrize('flax_shape,torch_shape,fan_in', [
+    ((64, 40), (40, 64), 64),                     # Dense(40) on 64 inputs; torch Linear(64, 40)
+    ((3, 3, 16, 32), (32, 16, 3, 3), 3 * 3 * 16),  # Conv 3x3, 16 -> 32 channels
+])
+def test_umap_scores_start_as_ums_kaiming_uniform(flax_shape, torch_shape, fan_in):
+  """UM's scores are torch's kaiming_uniform_(a=sqrt(5)) on the weight (Unleashing-Mask
+  utils/conv_type.py): U(+-1/sqrt(fan_in)). Ours on the Flax layout of the same layer fill
+  the same interval: max |s| within 1% under the bound (the chance of a miss is below
+  0.99 ** 2560), in both cases, and never beyond."""
+  torch = pytest.importorskip('torch')
+  bound = 1 / np.sqrt(fan_in)
+  reference = torch.empty(torch_shape)
+  torch.manual_seed(0)
+  torch.nn.init.kaiming_uniform_(reference, a=np.sqrt(5))
+  params = {'layer': {'kernel': jnp.zeros(flax_shape), 'bias': jnp.zeros(flax_shape[-1])}}
+  scores = weight_mask.init_scores(jax.random.key(0), params, lambda path: True)
+  assert set(traverse_util.flatten_dict(scores)) == {('layer', 'kernel')}
+  for drawn in (reference.numpy(), np.asarray(scores['layer']['kernel'])):
+    assert 0.99 * bound <= np.abs(drawn).max() <= bound
+    assert abs(drawn.mean()) < 0.05 * bound  # symmetric
+
+
 def _config(**logit_ft_overrides):
   cfg = dict(trainable='all', last_n_blocks=1, umap='none', umap_keep_ratio=0.8)
   cfg.update(logit_ft_overrides)
@@ -130,53 +155,183 @@ def test_frozen_params_get_no_update():
   assert np.all(updates['model']['head']['kernel'] != 0)
 
 
-def _smoothed_ce(logits, labels, smoothing):
+def test_layer_decay_leaves_the_umap_scores_at_the_stages_lr():
+  """UM trains its scores at one lr (Unleashing-Mask utils/net_utils.py get_optimizer): with
+  layer_decay=0.5 and umap='both', the first AdamW step moves every score by lr, whatever
+  its block, while the weights of block 0 still move by lr * 0.5 ** depth."""
+  config = digits.get_config('smoke')
+  config.logit_ft.update(umap='both', layer_decay=0.5, lr=0.1, min_lr=0.1, warmup_steps=0,
+                         weight_decay=0.0)
+  stage = logit_ft.describe(config)
+  params = jax.tree.map(lambda p: jnp.zeros(p.shape), jax.eval_shape(stage.init_params))
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = jax.jit(stage.tx.update)(grads, jax.jit(stage.tx.init)(params), params)
+  score_updates = traverse_util.flatten_dict(updates['scores'], sep='/')
+  assert 'encoder/block0/attn/proj/kernel' in score_updates
+  for path, update in score_updates.items():
+    np.testing.assert_allclose(update, -0.1, rtol=1e-4, err_msg=path)
+  depth = stage.model.encoder.depth
+  np.testing.assert_allclose(updates['model']['encoder']['block0']['attn']['proj']['kernel'],
+                             -0.1 * 0.5 ** depth, rtol=1e-4)
+
+
+def _ce_against(logits, targets):
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  targets = (1 - smoothing) * np.eye(logits.shape[-1])[labels] + smoothing / logits.shape[-1]
   return -(targets * log_probs).sum(-1)
+
+
+def _smoothed_ce(logits, labels, smoothing):
+  targets = (1 - smoothing) * np.eye(logits.shape[-1])[labels] + smoothing / logits.shape[-1]
+  return _ce_against(logits, targets)
+
+
+def _softmax(logits):
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+class _Linear:
+  def apply(self, variables, x):
+    p = variables['params']['head']
+    return x @ p['kernel'] + p['bias'], {}
+
+
+def _fake_training_set(monkeypatch, clean, augmented, labels):
+  """inference.extract over ID train, as features of a linear model: `augmented` stands for
+  one draw of the training transforms, `clean` for the eval ones. Returns the calls' list."""
+  calls = []
+
+  def fake_extract(forward, params, data_cfg, which, mesh, batch_size, augment=False, seed=0):
+    assert which == 'id_train'
+    calls.append({'augment': augment, 'seed': seed})
+    x = augmented if augment else clean
+    return {'logits': np.asarray(forward(params, x)[1]), 'label': labels}
+
+  monkeypatch.setattr(logit_ft.inference, 'extract', fake_extract)
+  monkeypatch.setattr(logit_ft.inference, 'make_forward',
+                      lambda model, mesh: lambda p, x: (x, model.apply({'params': p}, x)[0]))
+  return calls
+
+
+def _gamma_config(**logit_ft_overrides):
+  cfg = dict(batch_size=8, gamma_from='masked_model', weight_keep_ratio=0.75,
+             gamma_quantile=0.5, gamma=0., label_smoothing=0.0, teacher_alpha=1.0,
+             augment=True, gamma_transforms='eval')
+  cfg.update(logit_ft_overrides)
+  return ml_collections.ConfigDict(dict(seed=3, data={}, logit_ft=cfg))
+
+
+def _masked_kernel(params, keep_ratio):
+  """The kernel of estimate_gamma's masked copy: the same stream and keep ratio."""
+  key = jax.random.fold_in(jax.random.key(3), 4)
+  mask = np.asarray(weight_mask.random_masks(key, params, keep_ratio)['head']['kernel'])
+  return np.asarray(params['head']['kernel']) * mask, mask
+
+
+def _linear_problem(seed=0):
+  rng = np.random.default_rng(seed)
+  features = rng.normal(size=(50, 6)).astype(np.float32)
+  labels = rng.integers(0, 3, 50)
+  params = {'head': {'kernel': jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+                     'bias': jnp.zeros(3)}}
+  return features, labels, params
 
 
 @pytest.mark.parametrize('smoothing', [0.0, 0.1])
 def test_gamma_from_masked_model_matches_direct_computation(monkeypatch, smoothing):
   """estimate_gamma == mean CE of the same random-masked weights, computed by hand."""
-  rng = np.random.default_rng(0)
-  features = rng.normal(size=(50, 6)).astype(np.float32)
-  labels = rng.integers(0, 3, 50)
-  params = {'head': {'kernel': jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
-                     'bias': jnp.zeros(3)}}
+  features, labels, params = _linear_problem()
+  _fake_training_set(monkeypatch, features, features, labels)
+  config = _gamma_config(label_smoothing=smoothing)
+  gamma = logit_ft.estimate_gamma(config, _Linear(), params, mesh=None)
 
-  class Linear:
-    def apply(self, variables, x):
-      p = variables['params']['head']
-      return x @ p['kernel'] + p['bias'], {}
-
-  def fake_extract(forward, params, data_cfg, which, mesh, batch_size):
-    assert which == 'id_train'
-    return {'logits': np.asarray(forward(params, features)[1]), 'label': labels}
-
-  monkeypatch.setattr(logit_ft.inference, 'extract', fake_extract)
-  monkeypatch.setattr(logit_ft.inference, 'make_forward',
-                      lambda model, mesh: lambda p, x: (x, model.apply({'params': p}, x)[0]))
-  config = ml_collections.ConfigDict(dict(seed=3, data={}, logit_ft=dict(
-      batch_size=8, gamma_from='masked_model', weight_keep_ratio=0.75, gamma_quantile=0.5, gamma=0.,
-      label_smoothing=smoothing)))
-  gamma = logit_ft.estimate_gamma(config, Linear(), params, mesh=None)
-
-  # By hand: the same key and keep ratio, 18 kernel entries -> 14 kept (round(13.5) == 14).
-  key = jax.random.fold_in(jax.random.key(3), 4)
-  kernel = np.asarray(params['head']['kernel'])
-  mask = np.asarray(weight_mask.random_masks(key, params, 0.75)['head']['kernel'])
+  # By hand: 18 kernel entries -> 14 kept (round(13.5) == 14).
+  masked_kernel, mask = _masked_kernel(params, 0.75)
   assert mask.sum() == 14
-  expected = _smoothed_ce(features @ (kernel * mask), labels, smoothing).mean()
+  expected = _smoothed_ce(features @ masked_kernel, labels, smoothing).mean()
   assert gamma == pytest.approx(expected, rel=1e-5)
-  losses = _smoothed_ce(features @ kernel, labels, smoothing)
+  losses = _smoothed_ce(features @ np.asarray(params['head']['kernel']), labels, smoothing)
   assert gamma != pytest.approx(losses.mean())
 
   config.logit_ft.gamma_from = 'quantile'
-  assert logit_ft.estimate_gamma(config, Linear(), params, None) == pytest.approx(
+  assert logit_ft.estimate_gamma(config, _Linear(), params, None) == pytest.approx(
       np.quantile(losses, 0.5), rel=1e-5)
   config.logit_ft.gamma_from, config.logit_ft.gamma = 'fixed', 0.7
-  assert logit_ft.estimate_gamma(config, Linear(), params, None) == 0.7
+  assert logit_ft.estimate_gamma(config, _Linear(), params, None) == 0.7
+
+
+@pytest.mark.parametrize('gamma_from', ['masked_model', 'quantile'])
+def test_gamma_reads_the_stages_training_transforms_unless_told_eval(monkeypatch, gamma_from):
+  """UM's estimate_loss.py measures gamma over its augmented train loader: by default
+  ('train') the CEs are those of one draw of the stage's own training transforms, with the
+  run's seed; 'eval' keeps the clean images; a stage that trains un-augmented reads them
+  clean either way."""
+  features, labels, params = _linear_problem()
+  augmented = features + np.random.default_rng(1).normal(size=features.shape).astype(np.float32)
+  calls = _fake_training_set(monkeypatch, features, augmented, labels)
+  kernel = (_masked_kernel(params, 0.75)[0] if gamma_from == 'masked_model'
+            else np.asarray(params['head']['kernel']))
+  reduce = np.mean if gamma_from == 'masked_model' else functools.partial(np.quantile, q=0.5)
+
+  def gamma(**overrides):
+    """(gamma, [(augment, seed) of each pass over ID train])"""
+    calls.clear()
+    value = logit_ft.estimate_gamma(_gamma_config(gamma_from=gamma_from, **overrides),
+                                    _Linear(), params, None)
+    return value, [(call['augment'], call['seed']) for call in calls]
+
+  on_train = pytest.approx(reduce(_smoothed_ce(augmented @ kernel, labels, 0.0)), rel=1e-5)
+  on_clean = pytest.approx(reduce(_smoothed_ce(features @ kernel, labels, 0.0)), rel=1e-5)
+  assert on_train != on_clean
+  assert gamma(gamma_transforms='train') == (on_train, [(True, 3)])  # one pass, the run's seed
+  assert gamma(gamma_transforms='train', augment='crop') == (on_train, [('crop', 3)])
+  assert gamma(gamma_transforms='eval') == (on_clean, [(False, 3)])
+  assert gamma(gamma_transforms='train', augment=False) == (on_clean, [(False, 3)])
+
+
+def test_gamma_is_measured_on_the_teacher_mixed_targets_it_floods(monkeypatch):
+  """With teacher_alpha < 1 the flooded loss is CE against 0.9 one-hot + 0.1 teacher, whose
+  floor is higher than one-hot CE's: logits [5, 0, 0] for label 0 give 0.0134 against the
+  label, 0.0200 against the mixed targets (issue 32). gamma must be the latter. The masked
+  copy's teacher is the unmasked model, as in training."""
+  # The worked example: a bias-only model (no mask reaches a bias), teacher = student.
+  labels = np.zeros(4, np.int64)
+  features = np.zeros((4, 2), np.float32)
+  params = {'head': {'kernel': jnp.ones((2, 3)), 'bias': jnp.array([5., 0., 0.])}}
+  _fake_training_set(monkeypatch, features, features, labels)
+  config = _gamma_config(teacher_alpha=0.9)
+  assert logit_ft.estimate_gamma(config, _Linear(), params, None) == pytest.approx(
+      0.0200, abs=5e-5)
+  config.logit_ft.teacher_alpha = 1.0
+  assert logit_ft.estimate_gamma(config, _Linear(), params, None) == pytest.approx(
+      0.0134, abs=5e-5)
+
+  # A kernel the mask changes: student = masked copy, teacher = the model as it is.
+  features, labels, params = _linear_problem()
+  _fake_training_set(monkeypatch, features, features, labels)
+  kernel = np.asarray(params['head']['kernel'])
+  masked_kernel, _ = _masked_kernel(params, 0.75)
+  targets = 0.9 * np.eye(3)[labels] + 0.1 * _softmax(features @ kernel)
+  expected = _ce_against(features @ masked_kernel, targets).mean()
+  assert logit_ft.estimate_gamma(_gamma_config(teacher_alpha=0.9), _Linear(), params,
+                                 None) == pytest.approx(expected, rel=1e-5)
+
+
+def test_flooded_fraction_counts_the_steps_of_each_logged_window(tmp_path):
+  """Each training row holds the mean of `flooded` over the steps since the stage's last row
+  (windows of 2, 2 and 1 steps here, after gamma's row at step 0), so the stage's fraction is
+  (0.5 * 2 + 1 * 2 + 0 * 1) / 5; other stages' rows and evaluation rows do not count."""
+  workdir = str(tmp_path)
+  assert logit_ft.flooded_fraction(workdir) is None
+  with metrics_log.Writer(workdir, 'finetune', first_step=1) as writer:
+    writer.write(3, {'loss': 1.0})
+  with metrics_log.Writer(workdir, 'logit_ft', first_step=0) as writer:
+    writer.write(0, {'gamma': 0.3})
+  with metrics_log.Writer(workdir, 'logit_ft', first_step=1) as writer:
+    for step, flooded in ((2, 0.5), (4, 1.0), (5, 0.0)):
+      writer.write(step, {'loss': 0.3, 'flooded': flooded})
+    writer.write(4, {'id_accuracy': 0.9}, kind='eval')
+  assert logit_ft.flooded_fraction(workdir) == pytest.approx(0.6)
 
 
 def test_flooding_acts_on_the_whole_batch_whatever_the_accumulation():

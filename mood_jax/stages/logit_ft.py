@@ -22,8 +22,12 @@ softmax(teacher), the teacher being the starting finetuned model (`teacher_alpha
 
 For 'um', gamma is the mean CE of a masked copy of the starting model (`weight_keep_ratio`
 of every kernel kept at random; UM's estimate_loss.py), a quantile of its per-sample
-training CEs, or a fixed value. It is written to WORKDIR/logit_ft_gamma.json and reused on
-resume.
+training CEs, or a fixed value. The CEs are the model's in eval mode over one pass of ID
+train, read through the stage's own training transforms (`gamma_transforms='train'`, as
+UM's estimate_loss.py reads its augmented `data.train_loader`) or the eval ones ('eval'),
+against the stage's training targets (teacher-mixed ones included). gamma is written to
+WORKDIR/logit_ft_gamma.json and reused on resume; at the end of the stage the log says on
+what fraction of its steps the flood acted.
 
 UMAP (`umap` = 'scores' or 'both') learns a top-k mask per kernel through straight-through
 scores; the checkpoint holds {'model': weights, 'scores': scores} and the evaluated model
@@ -51,6 +55,7 @@ from mood_jax.stages import finetune
 NAME = 'logit_ft'
 LOSSES = ('um', 'sample_mask', 'ce')
 GAMMA_SOURCES = ('masked_model', 'quantile', 'fixed')
+GAMMA_TRANSFORMS = ('train', 'eval')
 UMAP_MODES = ('none', 'scores', 'both')
 TRAINABLE = ('all', 'head', 'last_n_blocks')
 
@@ -59,6 +64,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """This stage's config errors, before anything runs."""
   cfg, depth = config.logit_ft, vit.parse_variant(config.model.variant)['depth']
   for field, valid in (('loss', LOSSES), ('gamma_from', GAMMA_SOURCES),
+                       ('gamma_transforms', GAMMA_TRANSFORMS),
                        ('umap', UMAP_MODES), ('trainable', TRAINABLE)):
     if cfg[field] not in valid:
       raise UserError(f'unknown logit_ft.{field} {cfg[field]!r}: valid choices are '
@@ -114,7 +120,10 @@ def _init_and_tx(config: ml_collections.ConfigDict):
       return True
     return cfg.umap != 'scores' and adapts_layer(rest, cfg, depth)
 
-  return model, init_params, optim.train_only(optim.make_optimizer(cfg, depth), is_trainable)
+  # Layer decay leaves the scores at the stage's lr: UM's SGD param groups share one lr, the
+  # scores' with the weights' (Unleashing-Mask utils/net_utils.py `get_optimizer`).
+  tx = optim.make_optimizer(cfg, depth, layer_decay_exempt=lambda path: path.startswith('scores/'))
+  return model, init_params, optim.train_only(tx, is_trainable)
 
 
 def classifier_params(params: dict, umap_keep_ratio: float) -> dict:
@@ -144,18 +153,26 @@ def _kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
   return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
+def targets(cfg: ml_collections.ConfigDict, labels: jax.Array, num_classes: int,
+            teacher_logits: jax.Array | None = None) -> jax.Array:
+  """The stage's training targets: label-smoothed one-hot, mixed with the teacher's softmax
+  when `teacher_alpha` < 1. The loss and gamma both use them: gamma floors that loss, so it
+  must be on its scale."""
+  one_hot = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), cfg.label_smoothing)
+  if cfg.teacher_alpha == 1:
+    return one_hot
+  teacher = jax.nn.softmax(teacher_logits.astype(jnp.float32))
+  return cfg.teacher_alpha * one_hot + (1 - cfg.teacher_alpha) * teacher
+
+
 def _make_loss_fn(model, cfg: ml_collections.ConfigDict) -> training_stage.LossFn:
   def loss_fn(params, batch, rng):
     weights = classifier_params(params, cfg.umap_keep_ratio)
     dropout_rng, mask_rng = jax.random.split(rng)
     logits, _ = model.apply({'params': weights}, batch['image'], train=True,
                             rngs={'dropout': dropout_rng})
-    targets = optax.smooth_labels(jax.nn.one_hot(batch['label'], logits.shape[-1]),
-                                  cfg.label_smoothing)
-    if cfg.teacher_alpha < 1:
-      teacher = jax.nn.softmax(batch['teacher_logits'].astype(jnp.float32))
-      targets = cfg.teacher_alpha * targets + (1 - cfg.teacher_alpha) * teacher
-    ce = optax.softmax_cross_entropy(logits, targets)
+    ce = optax.softmax_cross_entropy(logits, targets(
+        cfg, batch['label'], logits.shape[-1], batch.get('teacher_logits')))
     aux = {'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']), 'ce': ce.mean()}
     if cfg.loss == 'sample_mask':
       # A fresh masked copy per step, same dropout: the KL measures the weight mask alone.
@@ -185,23 +202,35 @@ def make_batch_loss(cfg: ml_collections.ConfigDict, gamma: float | None):
   return batch_loss
 
 
-def per_sample_ce(model, params, config, mesh) -> np.ndarray:
-  """Eval-mode cross-entropy of every ID training example (no augmentation), against the
-  stage's label-smoothed targets: gamma must be on the scale of the loss it constrains.
+def per_sample_ce(model, params, config, mesh, teacher=None) -> np.ndarray:
+  """Eval-mode cross-entropy of every ID training example, read once through
+  `gamma_transforms`, against the stage's training targets (`targets`); `teacher`: the
+  teacher's params where they are not `params` (a masked copy's teacher is the unmasked
+  model), read over the same images (the draws depend on the seed and the example only).
   In batches of the stage's own size (the result does not depend on it beyond rounding)."""
-  out = inference.extract(inference.make_forward(model, mesh), params, config.data, 'id_train',
-                          mesh, batch_size=config.logit_ft.batch_size)
-  logits = jnp.asarray(out['logits'], jnp.float32)
-  targets = optax.smooth_labels(jax.nn.one_hot(out['label'], logits.shape[-1]),
-                                config.logit_ft.label_smoothing)
-  return np.asarray(optax.softmax_cross_entropy(logits, targets))
+  cfg = config.logit_ft
+  forward = inference.make_forward(model, mesh)
+  augment = cfg.augment if cfg.gamma_transforms == 'train' else False
+
+  def logits_and_labels(p):
+    out = inference.extract(forward, p, config.data, 'id_train', mesh,
+                            batch_size=cfg.batch_size, augment=augment, seed=config.seed)
+    return jnp.asarray(out['logits'], jnp.float32), out['label']
+
+  logits, labels = logits_and_labels(params)
+  teacher_logits = None
+  if cfg.teacher_alpha < 1:
+    teacher_logits = logits if teacher is None else logits_and_labels(teacher)[0]
+  return np.asarray(optax.softmax_cross_entropy(
+      logits, targets(cfg, labels, logits.shape[-1], teacher_logits)))
 
 
 def estimate_gamma(config, model, params, mesh) -> float:
   """The loss constraint from `logit_ft.gamma_from`; see the module docstring.
 
-  UM's code averages per-batch means over the augmented train loader; here it is the
-  exact mean over the un-augmented ID training set, so it does not depend on batching.
+  The exact mean over one pass, as UM's: its estimate_loss.py averages batch means weighted
+  by batch size (utils/logging.py `AverageMeter`) over `data.train_loader`, in eval mode
+  (trainers/default.py `modifier`).
   """
   cfg = config.logit_ft
   if cfg.gamma_from == 'fixed':
@@ -211,7 +240,7 @@ def estimate_gamma(config, model, params, mesh) -> float:
   key = training_stage.rng_stream(config.seed, 'logit_ft/gamma_mask')
   masked = jax.jit(lambda p: weight_mask.apply_masks(
       p, weight_mask.random_masks(key, p, cfg.weight_keep_ratio)))(params)
-  return float(per_sample_ce(model, masked, config, mesh).mean())
+  return float(per_sample_ce(model, masked, config, mesh, teacher=params).mean())
 
 
 def gamma_path(workdir: str) -> str:
@@ -227,6 +256,7 @@ def _gamma(config, workdir, model, finetuned, mesh) -> float:
   cfg = config.logit_ft
   gamma = estimate_gamma(config, model, finetuned(), mesh)
   record = {'gamma': gamma, 'gamma_from': cfg.gamma_from,
+            'gamma_transforms': cfg.gamma_transforms,
             'weight_keep_ratio': cfg.weight_keep_ratio, 'gamma_quantile': cfg.gamma_quantile,
             'finetune_step': cfg.init_step}
   if jax.process_index() == 0:
@@ -291,6 +321,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
                                       _effective_params(cfg))
   train_loop.train(stage, config, workdir, placement, start_params=start_params,
                    batch_fn=batch_fn, eval_fn=eval_fn)
+  if cfg.loss == 'um':
+    _log_flooded_fraction(workdir, gamma)
+
+
+def flooded_fraction(workdir: str) -> float | None:
+  """The fraction of the stage's training steps that were flooded (batch CE below gamma: the
+  step ascended CE), from metrics.jsonl, whose training rows each hold the mean over the
+  steps since the stage's previous row; None where it has no such rows."""
+  flooded_steps, previous = 0.0, 0
+  for row in metrics_log.read(workdir):
+    if row['stage'] == NAME and row.get('kind', 'train') == 'train':
+      flooded_steps += row.get('flooded', 0.0) * (row['step'] - previous)
+      previous = row['step']
+  return flooded_steps / previous if previous else None
+
+
+def _log_flooded_fraction(workdir: str, gamma: float) -> None:
+  fraction = flooded_fraction(workdir)
+  if fraction is None:  # metrics.jsonl is process 0's
+    return
+  if fraction == 0:
+    logging.warning('[%s] no step was flooded: every batch CE stayed above gamma %.4f, so '
+                    'loss=um trained as plain CE', NAME, gamma)
+  else:
+    logging.info('[%s] flooded on %.1f%% of the steps (batch CE below gamma %.4f: the step '
+                 'ascended CE)', NAME, 100 * fraction, gamma)
 
 
 def _effective_params(cfg: ml_collections.ConfigDict):
@@ -310,7 +366,13 @@ def trained_with(workdir: str) -> str:
   if cfg['loss'] == 'um':
     with open(gamma_path(workdir)) as f:
       gamma = json.load(f)
-    parts.append(f'gamma={gamma["gamma"]:.4f} from {gamma["gamma_from"]}')
+    source = gamma['gamma_from']
+    if source != 'fixed':  # runs older than the field read ID train through the eval transforms
+      source += f' (ID train, {gamma.get("gamma_transforms", "eval")} transforms)'
+    parts.append(f'gamma={gamma["gamma"]:.4f} from {source}')
+    fraction = flooded_fraction(workdir)
+    if fraction is not None:
+      parts.append(f'flooded on {fraction:.0%} of steps')
     parts.append(f'weight_keep_ratio={cfg["weight_keep_ratio"]}')
   start = cfg.get('init_step', -1)  # absent from runs older than the field
   start = 'last' if start == -1 else start
