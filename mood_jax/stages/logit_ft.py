@@ -247,6 +247,12 @@ def gamma_path(workdir: str) -> str:
   return os.path.join(workdir, f'{NAME}_gamma.json')
 
 
+def _gamma_source(gamma_from: str, gamma_transforms: str) -> str:
+  if gamma_from == 'fixed':
+    return gamma_from
+  return f'{gamma_from} (ID train, {gamma_transforms} transforms)'
+
+
 def _gamma(config, workdir, model, finetuned, mesh) -> float:
   """gamma of this run: read back on resume (it is fixed at the stage's start)."""
   path = gamma_path(workdir)
@@ -297,7 +303,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
   gamma = None  # only flooding has a constraint
   if cfg.loss == 'um':
     gamma = _gamma(config, workdir, finetune_model, finetuned, placement.mesh)
-    logging.info('[%s] gamma %.4f (%s)', NAME, gamma, cfg.gamma_from)
+    logging.info('[%s] gamma %.4f from %s', NAME, gamma,
+                 _gamma_source(cfg.gamma_from, cfg.gamma_transforms))
   stage = describe(config, gamma)
 
   def start_params():
@@ -366,9 +373,8 @@ def trained_with(workdir: str) -> str:
   if cfg['loss'] == 'um':
     with open(gamma_path(workdir)) as f:
       gamma = json.load(f)
-    source = gamma['gamma_from']
-    if source != 'fixed':  # runs older than the field read ID train through the eval transforms
-      source += f' (ID train, {gamma.get("gamma_transforms", "eval")} transforms)'
+    # Runs older than the field read ID train through the eval transforms.
+    source = _gamma_source(gamma['gamma_from'], gamma.get('gamma_transforms', 'eval'))
     parts.append(f'gamma={gamma["gamma"]:.4f} from {source}')
     fraction = flooded_fraction(workdir)
     if fraction is not None:
