@@ -36,14 +36,15 @@ _PASS = ('model.remat', 'data.data_dir', 'data.num_workers', 'data.ood_sets',
 _STAGE_PASS = ('log_every', 'ckpt_every', 'keep_checkpoints', 'eval_every', 'eval_scorer')
 
 
-def _flat(tree: dict, prefix: str = '') -> dict:
-  flat = {}
+def flat(tree: dict, prefix: str = '') -> dict:
+  """{'a.b': value} of a nested dict."""
+  fields = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flat(value, f'{prefix}{key}.'))
+      fields.update(flat(value, f'{prefix}{key}.'))
     else:
-      flat[f'{prefix}{key}'] = value
-  return flat
+      fields[f'{prefix}{key}'] = value
+  return fields
 
 
 def _computes(field: str, stage: str) -> bool:
@@ -56,7 +57,7 @@ def _computes(field: str, stage: str) -> bool:
 def differences(saved: dict, current: dict, stage: str) -> list[str]:
   """'field: saved -> current' for each field that changes what `stage` computes; `current`
   goes through JSON as the saved config did (tuples become lists)."""
-  saved, current = _flat(saved), _flat(json.loads(json.dumps(current)))
+  saved, current = flat(saved), flat(json.loads(json.dumps(current)))
   return [f'{field}: {saved.get(field, "(unset)")!r} -> {current.get(field, "(unset)")!r}'
           for field in sorted(set(saved) | set(current))
           if _computes(field, stage) and saved.get(field) != current.get(field)]

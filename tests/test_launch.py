@@ -120,7 +120,7 @@ def test_tpu_vm_run_returns_and_leaves_a_detached_supervisor(tmp_path):
 echo "$@" >> {calls}
 case "$*" in
   *describe*) echo READY ;;
-  *run.status*) sleep 1; echo 0 ;;
+  *mood_jax.main*) sleep 1; echo 'mood_jax-status t1v-w-0 0' ;;
 esac
 """)
   gcloud.chmod(0o755)

@@ -18,7 +18,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from mood_jax import (changed_settings, checkpoint, config_checks, detector, inference,
-                      metrics_log)
+                      metrics_log, watchdog)
 from mood_jax.data import catalogue, data_config
 from mood_jax.data.sources import embedded, source
 from mood_jax.errors import UserError
@@ -213,6 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     all_scores[model_name], used_hparams[model_name], sweeps[model_name] = {}, {}, {}
     fitted[model_name] = {}
     for scorer in selected:
+      watchdog.beat(f'evaluate: {model_name}, {scorer.name}')
       if scorer.needs_logits and not has_head:
         logging.info('[evaluate] %s: skipping %s (no trained classifier head)', model_name,
                      scorer.name)
