@@ -4,6 +4,7 @@
 set -uo pipefail
 
 PREEMPTED=42  # mood_jax.train_loop.PREEMPTED_EXIT_CODE
+JAX_LOST_PEER='JAX distributed service detected fatal errors'  # its abort's message
 
 usage() {
   cat <<USAGE
@@ -67,8 +68,13 @@ fi
 # fails ends the others (--kill-on-bad-exit), who would otherwise wait for it.
 tasks="mood_jax-${SLURM_JOB_ID:-0}"
 main=$(printf '%q ' python -m mood_jax.main "--config=$1" "--workdir=$2" "${@:3}")
-task="${main% } >> $tasks.task\$SLURM_PROCID.log 2>&1; s=\$?; echo \$s > $tasks.task\$SLURM_PROCID.status; exit \$s"
-rm -f "$tasks".task*.status  # a requeued job keeps its id: its last attempt's statuses
+# JAX aborts a process whose coordinator (process 0) is gone at once (status 134, before our
+# peer watch can say so): that is a lost peer too.
+log="$tasks.task\$SLURM_PROCID.log"
+task="${main% } >> $log 2>&1; s=\$?; \
+if [ \$s = 134 ] && tail -n 200 $log | grep -q '$JAX_LOST_PEER'; then s=$PREEMPTED; fi; \
+echo \$s > $tasks.task\$SLURM_PROCID.status; exit \$s"
+if [ "$dry_run" = 0 ]; then rm -f "$tasks".task*.status; fi  # a requeued job keeps its id
 do_cmd srun --kill-on-bad-exit=1 bash -c "$task"
 status=$?
 if [ "$dry_run" = 1 ]; then exit 0; fi

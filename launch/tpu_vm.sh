@@ -4,6 +4,7 @@
 set -uo pipefail
 
 PREEMPTED=42  # mood_jax.train_loop.PREEMPTED_EXIT_CODE
+JAX_LOST_PEER='JAX distributed service detected fatal errors'  # its abort's message
 REMOTE_DIR='~/mood_jax'
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SELF="$REPO/launch/tpu_vm.sh"
@@ -164,7 +165,10 @@ supervise() {
   main=$(printf '%q ' python -m mood_jax.main "--config=$1" "--workdir=$2" "${@:3}")
   # Each worker reports its exit status in one tagged line; one that failed otherwise than
   # by a preemption (status $PREEMPTED) adds the last lines of its log, tagged with its host.
+  # JAX aborts a process whose coordinator (process 0) is gone at once (status 134, before
+  # our peer watch can say so): that is a lost peer too.
   args="cd $REMOTE_DIR && . .venv/bin/activate && { $main > run.log 2>&1; s=\$?; \
+if [ \$s = 134 ] && tail -n 200 run.log | grep -q '$JAX_LOST_PEER'; then s=$PREEMPTED; fi; \
 echo \$s > run.status; echo \"mood_jax-status \$(hostname) \$s\"; \
 if [ \$s != 0 ] && [ \$s != $PREEMPTED ]; then tail -n 20 run.log | sed \"s/^/[\$(hostname)] /\"; fi; }"
   while true; do

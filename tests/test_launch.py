@@ -149,6 +149,11 @@ def _executable(path, text):
   path.chmod(0o755)
 
 
+# The status of a process that JAX aborted since its coordinator was gone (134, and JAX's
+# line on it in the log).
+JAX_ABORT = '134j'
+
+
 def _fake_workers(tmp_path, statuses):
   """A bin dir whose `python` exits with its worker's (the WORKER variable's) status in its
   attempt (an item of `statuses`: one status per worker), after a log line naming both."""
@@ -159,7 +164,12 @@ def _fake_workers(tmp_path, statuses):
 attempt=$(( $(cat {tmp_path}/attempt.$WORKER 2>/dev/null || echo 0) + 1 ))
 echo $attempt > {tmp_path}/attempt.$WORKER
 echo "worker $WORKER, attempt $attempt: $*"
-exit $(sed -n "${{attempt}}p" {tmp_path}/statuses | cut -d' ' -f$((WORKER + 1)))
+status=$(sed -n "${{attempt}}p" {tmp_path}/statuses | cut -d' ' -f$((WORKER + 1)))
+if [ $status = {JAX_ABORT} ]; then
+  echo 'F1207 client.h:80] Terminating process because the JAX distributed service detected fatal errors.'
+  status=134
+fi
+exit $status
 """)
   return bin_dir
 
@@ -200,6 +210,10 @@ def test_slurm_job_requeues_on_preemption_up_to_the_limit(tmp_path):
   assert 'still preempted after 3 restarts; giving up' in proc.stderr
   proc, calls = _slurm_job(tmp_path / 'c', [(0, 0)])
   assert proc.returncode == 0 and calls == []
+  proc, calls = _slurm_job(tmp_path / 'd', [(PREEMPTED, JAX_ABORT)])
+  assert proc.returncode == PREEMPTED and calls == ['requeue 7']
+  proc, calls = _slurm_job(tmp_path / 'e', [(PREEMPTED, 134)])  # another abort: a crash
+  assert proc.returncode == 134 and calls == []
 
 
 def test_slurm_job_stops_on_a_failure_with_the_failing_tasks_last_log_lines(tmp_path):
@@ -233,7 +247,7 @@ esac
 
 
 def test_tpu_vm_supervisor_restarts_on_preemption_up_to_the_limit(tmp_path):
-  proc = _tpu_supervise(tmp_path / 'a', [(PREEMPTED, PREEMPTED), (0, PREEMPTED), (0, 0)])
+  proc = _tpu_supervise(tmp_path / 'a', [(PREEMPTED, PREEMPTED), (JAX_ABORT, PREEMPTED), (0, 0)])
   assert proc.returncode == 0 and 'tpu_vm.sh: finished' in proc.stderr, proc.stderr
   assert 'restart 1 of at most 2' in proc.stderr and 'restart 2 of at most 2' in proc.stderr
   proc = _tpu_supervise(tmp_path / 'b', [(PREEMPTED, PREEMPTED)] * 3)
