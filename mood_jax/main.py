@@ -96,6 +96,13 @@ def file_system_error(error: BaseException) -> str | None:
   return None
 
 
+def _unreadable_config(error: OSError) -> str:
+  """ml_collections keeps a config file it cannot read as an error raised by the first use of
+  the config: a --config.* override, or `main`."""
+  return (f'error: --config: {str(error).strip().splitlines()[-1].strip()}: pass an existing '
+          'config file, e.g. --config=configs/digits.py')
+
+
 def parse_flags(argv):
   """absl's parsing, with every bad flag reported as one line instead of a traceback."""
   try:
@@ -104,6 +111,8 @@ def parse_flags(argv):
     # Config-file errors carry the file's traceback as text; its last line is the message.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     sys.exit(f'error: {lines[0] if len(lines) == 1 else lines[0] + " " + lines[-1]}')
+  except OSError as e:
+    sys.exit(_unreadable_config(e))
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
     sys.exit(f'error: a --config.* override names a field the config does not have: {e}; '
              'the config file lists the valid fields')
@@ -137,7 +146,10 @@ def main(argv) -> None:
   sys.unraisablehook = quiet_abandoned_reads
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; set config fields as --config.a.b=value')
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+  except OSError as e:
+    sys.exit(_unreadable_config(e))
   if config.dry_run and config.dry_run_devices:
     # Fake devices exist only if asked for before JAX starts a backend; CPU, so that an
     # accelerator's own devices do not count.
@@ -158,6 +170,12 @@ def main(argv) -> None:
       same_run.check(ocp.multihost.get_jax_distributed_client(), jax.process_index(),
                      jax.process_count(), config, _WORKDIR.value, config.coordinator_timeout_s)
     pipeline.run(config, _WORKDIR.value, _ALLOW_CHANGED_SETTINGS.value)
+    if watch is None:
+      # Done, all written: ended here, not by Python's finalization, which first restores the
+      # default signal handlers and then takes seconds to free JAX's backends, so that a stop
+      # signal then ended a finished run with 143.
+      sys.stdout.flush()
+      exit_now('', 0)
   except UserError as e:
     # Grain appends a note on its filtered traceback to errors raised under its iterators.
     _end(watch, f'error: {str(e).split(_GRAIN_NOTE)[0]}', 1)

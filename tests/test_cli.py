@@ -296,6 +296,30 @@ def test_sigterm_during_evaluate_exits_for_a_rerun(smoke_run, data_dir, tmp_path
   assert (workdir / workdir_lock.LOCK_FILE).read_text() == ''  # released
 
 
+def test_a_stop_signal_as_the_run_ends_exits_0_or_42(smoke_run, data_dir, tmp_path):
+  """After the results, while the detector is saved and JAX shuts down: no window where the
+  signal's default action (status 143) ends the run."""
+  workdir = _trained_copy(smoke_run, tmp_path)
+  cmd = [sys.executable, '-m', 'mood_jax.main', '--config=configs/digits.py:split,smoke',
+         f'--workdir={workdir}', '--config.stages=evaluate', '--config.evaluate.scorers=msp',
+         f'--config.data.data_dir={data_dir}']
+  proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+  for line in proc.stderr:
+    if ' detector (' in line:  # its last line, once it is in place
+      proc.send_signal(signal.SIGTERM)
+      break
+  stderr = _stderr_within(proc, 120)
+  assert proc.returncode in (0, train_loop.PREEMPTED_EXIT_CODE), stderr[-2000:]
+  assert 'Traceback' not in stderr
+
+
+def test_a_config_file_that_is_not_there_is_one_line(tmp_path, data_dir):
+  line = _error_line(_main('--config=configs/no_such.py', f'--workdir={tmp_path / "w"}',
+                           data_dir=data_dir))
+  assert line == ("error: --config: [Errno 2] No such file or directory: 'configs/no_such.py': "
+                  'pass an existing config file, e.g. --config=configs/digits.py')
+
+
 def _stderr_within(proc, seconds) -> str:
   """The rest of `proc`'s stderr once it exits; a failure, not a hang, if it does not."""
   try:
