@@ -54,6 +54,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     data_source.num_classes()
   except ValueError as e:
     raise UserError(str(e)) from None
+  if not config.dry_run:  # before the workdir's lock: a run that cannot read leaves nothing
+    data_source.check_prepared()
   for name in stages:
     if name in TRAINING_STAGES:
       _check_training_stage(config, name, mesh)

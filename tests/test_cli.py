@@ -320,6 +320,19 @@ def test_a_config_file_that_is_not_there_is_one_line(tmp_path, data_dir):
                   'pass an existing config file, e.g. --config=configs/digits.py')
 
 
+def test_a_bad_data_dir_is_one_line_before_the_workdir_is_locked(tmp_path):
+  (tmp_path / 'notes').write_text('precious')
+  workdir = tmp_path / 'workdir'
+  line = _error_line(_main('--config=configs/digits.py:smoke', f'--workdir={workdir}',
+                           data_dir=tmp_path / 'notes' / 'tfds'))
+  assert line == (f"error: data.data_dir='{tmp_path / 'notes' / 'tfds'}': {tmp_path / 'notes'} "
+                  'is a file, where a directory is needed: use another path')
+  line = _error_line(_main('--config=configs/cifar10.py', f'--workdir={workdir}',
+                           data_dir=tmp_path / 'empty'))
+  assert line.startswith(f'error: cifar10') and f'is not prepared in {tmp_path / "empty"}' in line
+  assert not workdir.exists()  # neither the workdir nor its .lock
+
+
 def _stderr_within(proc, seconds) -> str:
   """The rest of `proc`'s stderr once it exits; a failure, not a hang, if it does not."""
   try:
