@@ -41,7 +41,7 @@ def extract(forward, params, data_cfg, which: str, mesh, *, batch_size: int,
       data_cfg, which, global_batch_size=batch_size, augment=augment, seed=seed)
   parts = []
   for number, batch in enumerate(dataset):
-    watchdog.beat(f'inference on {which}, batch {number}')
+    watchdog.beat(f'inference on {which}, batch {number}', compiling=number == 0)
     batch = parallel.global_batch(batch, mesh)
     features, logits = forward(params, batch['image'])
     parts.append({'features': features, 'logits': logits, 'label': batch['label'],

@@ -102,6 +102,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, placement, stag
       continue
     logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
                  dict(placement.mesh.shape))
+    watchdog.beat(f'the start of {name}', compiling=True)  # a restore, an init
     STAGES[name].run(config, workdir, placement)
 
 

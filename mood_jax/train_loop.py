@@ -256,8 +256,8 @@ def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
         batch = parallel.global_batch(next(data_iter), mesh)
         if batch_fn is not None:
           batch = batch_fn(batch)
+        watchdog.beat(f'{name} step {step}', compiling=step == start + 1)
         state, metrics = train_step(state, batch)
-        watchdog.beat(f'{name} step {step}')
         window = _add_to_window(window, metrics, state.step)
         window_steps += 1
         if step == start + 1:  # keep compilation out of the images/s figures

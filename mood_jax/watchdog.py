@@ -30,17 +30,20 @@ class Watchdog:
   def __init__(self, timeout_s: float,
                on_stall: Callable[[str], None] = _dump_stacks_and_exit):
     self._timeout_s, self._on_stall = timeout_s, on_stall
-    self._last, self._what = time.monotonic(), 'the start'
+    # Paused until the first beat: what comes before it (restoring, initializing) compiles.
+    self._last, self._what, self._paused = time.monotonic(), 'the start', True
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._watch, name='watchdog', daemon=True)
 
-  def beat(self, what: str) -> None:
-    self._last, self._what = time.monotonic(), what  # one tuple store each: no lock needed
+  def beat(self, what: str, compiling: bool = False) -> None:
+    """Progress: `what` happened. `compiling`: what follows compiles first (minutes for a
+    large model), so the watch pauses until the next beat."""
+    self._paused, self._last, self._what = compiling, time.monotonic(), what
 
   def _watch(self) -> None:
     while not self._stop.wait(min(1.0, self._timeout_s / 10)):
       idle = time.monotonic() - self._last
-      if idle > self._timeout_s:
+      if idle > self._timeout_s and not self._paused:
         self._stop.set()
         self._on_stall(
             f'stalled: no progress for {idle:.0f}s since {self._what} (a step, collective or '
@@ -58,10 +61,11 @@ class Watchdog:
 _active: Watchdog | None = None
 
 
-def beat(what: str) -> None:
-  """Tells the running watchdog, if any, that `what` (e.g. 'pretrain step 12') happened."""
+def beat(what: str, compiling: bool = False) -> None:
+  """Tells the running watchdog, if any, that `what` (e.g. 'pretrain step 12') happened;
+  see Watchdog.beat for `compiling`."""
   if _active is not None:
-    _active.beat(what)
+    _active.beat(what, compiling)
 
 
 @contextlib.contextmanager

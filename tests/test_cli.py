@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from mood_jax import host_malloc, run_config, train_loop, workdir_lock
+from mood_jax import evaluate_parts, host_malloc, run_config, train_loop, workdir_lock
 from mood_jax.ood import scorers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -311,6 +311,30 @@ def test_a_stop_signal_as_the_run_ends_exits_0_or_42(smoke_run, data_dir, tmp_pa
   stderr = _stderr_within(proc, 120)
   assert proc.returncode in (0, train_loop.PREEMPTED_EXIT_CODE), stderr[-2000:]
   assert 'Traceback' not in stderr
+
+
+def test_evaluate_resumes_from_its_finished_model_scorer_parts(smoke_run, data_dir, tmp_path):
+  workdir = _trained_copy(smoke_run, tmp_path)
+  args = ['--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
+          '--config.stages=evaluate', '--config.evaluate.scorers=msp,energy']
+  proc = _main(*args, data_dir=data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'results' / 'results.json') as f:
+    whole = json.load(f)
+  # As a run stopped in logit_ft's energy fit leaves it.
+  shutil.rmtree(workdir / 'results')
+  (workdir / evaluate_parts.DIR / 'logit_ft' / 'energy').unlink()
+  proc = _main(*args, data_dir=data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for model in ('finetune', 'logit_ft'):
+    assert f'[evaluate] {model}: msp as a stopped run finished it' in proc.stderr
+  assert '[evaluate] finetune: energy as a stopped run finished it' in proc.stderr
+  assert '[evaluate] logit_ft: energy fitted on' in proc.stderr
+  with open(workdir / 'results' / 'results.json') as f:
+    assert json.load(f) == whole
+  # Another setting: nothing is taken from the parts.
+  proc = _main(*args, '--config.evaluate.batch_size=32', data_dir=data_dir)
+  assert proc.returncode == 0 and 'as a stopped run finished it' not in proc.stderr
 
 
 def test_a_config_file_that_is_not_there_is_one_line(tmp_path, data_dir):

@@ -118,6 +118,18 @@ def test_the_watchdog_fires_after_the_timeout_without_beats_only():
   assert 'exit status 42' in line and 'stall_timeout_s' in line
 
 
+def test_the_watchdog_does_not_time_compilation():
+  stalls = []
+  with watchdog.watching(0.3, stalls.append):
+    time.sleep(0.8)  # before the first beat
+    watchdog.beat('pretrain step 1', compiling=True)
+    time.sleep(0.8)
+    assert stalls == []
+    watchdog.beat('pretrain step 2')
+    _wait_for(stalls, 3)
+  assert 'since pretrain step 2' in stalls[0]
+
+
 def test_no_watchdog_when_the_timeout_is_zero():
   with watchdog.watching(0, pytest.fail):
     assert watchdog._active is None  # pylint: disable=protected-access
