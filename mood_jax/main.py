@@ -175,6 +175,7 @@ def main(argv) -> None:
       # default signal handlers and then takes seconds to free JAX's backends, so that a stop
       # signal then ended a finished run with 143.
       sys.stdout.flush()
+      sys.stderr.flush()
       exit_now('', 0)
   except UserError as e:
     # Grain appends a note on its filtered traceback to errors raised under its iterators.

@@ -198,9 +198,10 @@ def initialize_distributed(coordinator_address: str | None = None,
   if not (explicit or _launched_as_one_of_many()):
     return
   address = coordinator_address or 'the address JAX read from the cluster environment'
+  which = f' (process {process_id} of {num_processes})' if process_id is not None else ''
   timer = threading.Timer(join_timeout_s, exit_now, (
-      f'error: could not join the run at coordinator {address} within {join_timeout_s:g}s '
-      f'(process {process_id} of {num_processes}): start every process with the same '
+      f'error: could not join the run at coordinator {address} within {join_timeout_s:g}s'
+      f'{which}: start every process with the same '
       '--coordinator_address (process 0\'s host:port, reachable from every host) and check '
       'the network; --config.coordinator_timeout_s sets the wait', 1))
   timer.daemon = True
