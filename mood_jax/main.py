@@ -132,13 +132,12 @@ def _watch_peers(config, workdir: str) -> peer_watch.PeerWatch | None:
 
 
 def _end(watch: peer_watch.PeerWatch | None, line: str, status: int):
-  """Exits with `line` on stderr: in a multi-process run at once, past JAX's shutdown
-  barrier, where peers that ended otherwise would hold it up, then abort it."""
+  """Exits with `line` on stderr: in a multi-process run by the peer watch's `leave`, past
+  JAX's shutdown barrier, where peers that ended otherwise would hold it up, then abort."""
   if watch is None:
     logging.flush()
     sys.exit(line if status == 1 else status)
-  watch.stop()
-  exit_now(line, status)
+  watch.leave(line, status)
 
 
 def main(argv) -> None:

@@ -18,7 +18,7 @@ first; an exited peer is not lost.
 
 import threading
 import time
-from typing import Callable
+from typing import Callable, NoReturn
 
 from mood_jax.exit_now import PREEMPTED_EXIT_CODE, exit_now
 
@@ -39,7 +39,7 @@ class PeerWatch:
     self._peers = [p for p in range(num_processes) if p != process_id]
     self._num_processes, self._coordinator = num_processes, coordinator
     self._last_checkpoint = last_checkpoint
-    self._on_lost = on_lost or (lambda line: exit_now(line, PREEMPTED_EXIT_CODE))
+    self._on_lost = on_lost or (lambda line: self.leave(line, PREEMPTED_EXIT_CODE))
     self._interval_s = min(1.0, timeout_s / 5)
     self._lock = threading.Lock()
     now = time.monotonic()
@@ -73,19 +73,23 @@ class PeerWatch:
             self._seen[peer] = (count, now)
       self._stop.wait(self._interval_s)
 
-  def lost(self) -> str | None:
-    """The line for a lost peer or coordinator, or None while all is well."""
+  def _silent(self) -> list[int]:
+    """The peers, not exited, whose count stood still for timeout_s."""
     now = time.monotonic()
     with self._lock:
-      if now - self._answered > self._timeout_s:
-        what = f'process 0 (the coordinator at {self._coordinator}) does not answer'
-      else:
-        silent = [p for p in self._peers if p not in self._exited
-                  and now - self._seen[p][1] > self._timeout_s]
-        if not silent:
-          return None
-        what = (f'process{"es" if len(silent) > 1 else ""} {", ".join(map(str, silent))} '
-                'gave no sign of life')
+      return [p for p in self._peers
+              if p not in self._exited and now - self._seen[p][1] > self._timeout_s]
+
+  def lost(self) -> str | None:
+    """The line for a lost peer or coordinator, or None while all is well."""
+    if time.monotonic() - self._answered > self._timeout_s:
+      what = f'process 0 (the coordinator at {self._coordinator}) does not answer'
+    else:
+      silent = self._silent()
+      if not silent:
+        return None
+      what = (f'process{"es" if len(silent) > 1 else ""} {", ".join(map(str, silent))} '
+              'gave no sign of life')
     return (f'lost a peer: {what} for {self._timeout_s:g}s (killed, preempted or unreachable; '
             f'process {self._me} of {self._num_processes} stops too). Last checkpoint: '
             f'{self._last_checkpoint()}; rerun every process to resume from it (exit status '
@@ -115,6 +119,23 @@ class PeerWatch:
                 f'(exit status {PREEMPTED_EXIT_CODE})')
       time.sleep(self._interval_s / 2)
     return None
+
+  def leave(self, line: str, status: int) -> NoReturn:
+    """Ends this process with `line` and `status`, marked exited first. Process 0 goes last
+    (waiting at most timeout_s for the others to mark themselves): JAX aborts a process
+    whose coordinator is gone at once (status 134), before it could say anything."""
+    gone = set(self._silent())  # lost peers never mark themselves
+    self.stop()
+    deadline = time.monotonic() + self._timeout_s
+    while self._me == 0 and time.monotonic() < deadline:
+      try:
+        exited = {int(key[len(EXITED):]) for key, _ in self._client.key_value_dir_get(EXITED)}
+      except Exception:  # pylint: disable=broad-except  # the service is failing: go
+        break
+      if set(self._peers) <= exited | gone:
+        break
+      time.sleep(self._interval_s / 2)
+    exit_now(line, status)
 
   def stop(self) -> None:
     """Marks this process exited (so that peers still finishing do not take it for lost) and

@@ -115,7 +115,7 @@ def test_processes_that_run_different_things_all_stop_naming_the_difference(
     processes, data_dir, env, tmp_path):
   two = processes(str(tmp_path / 'workdir'), data_dir, env,
                   extra=[(), ('--config.seed=1', '--config.pretrain.lr=0.5')])
-  assert two.wait(timeout=300) == [1, 1]
+  assert two.wait(timeout_s=300) == [1, 1]
   for i in range(2):
     last_line = two.log(i).strip().splitlines()[-1]
     assert last_line.startswith('error: the processes of this run do not run the same thing '

@@ -105,6 +105,23 @@ def test_a_failed_collective_without_a_lost_peer_is_not_explained_away():
   assert lost == []
 
 
+def test_process_0_leaves_after_the_others(monkeypatch):
+  """JAX aborts a process whose coordinator is gone: process 0 waits for the others' marks."""
+  store, exits = FakeStore(), []
+  monkeypatch.setattr(peer_watch, 'exit_now', lambda line, status: exits.append(
+      (line, status, time.monotonic())))
+  coordinator = _watch(store, [], timeout_s=5)
+  peer = _watch(store, [], timeout_s=5, process_id=1)
+  leaving = threading.Thread(target=coordinator.leave, args=('error: x', 1))
+  leaving.start()
+  time.sleep(0.5)
+  assert exits == []  # process 1 is still running
+  peer.leave('error: x', 1)
+  leaving.join(timeout=5)
+  assert [(line, status) for line, status, _ in exits] == [('error: x', 1)] * 2
+  assert exits[0][2] <= exits[1][2]  # process 1 first
+
+
 def test_the_watchdog_fires_after_the_timeout_without_beats_only():
   stalls = []
   with watchdog.watching(0.4, stalls.append):
