@@ -135,8 +135,9 @@ def test_a_coordinator_that_is_not_there_is_named_after_the_wait(tmp_path, env):
 
 
 @pytest.mark.slow  # three interrupted runs and their reruns, two processes each: minutes
+# The smoke config logs (and saves) every 2 steps of 4.
 @pytest.mark.parametrize('stage, pattern', [
-    ('pretrain', r'\[pretrain\] step 3/'), ('finetune', r'\[finetune\] step 3/'),
+    ('pretrain', r'\[pretrain\] step 2/'), ('finetune', r'\[finetune\] step 2/'),
     ('evaluate', r'\[inference\] ')])
 # Process 1: a lost process 0 (the coordination service's host) makes JAX abort the others
 # at once, status 134, which the launchers read (tests/test_launch.py).
