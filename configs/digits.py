@@ -47,6 +47,14 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # dry_run_devices=N compiles for N fake CPU devices (e.g. a pod's mesh on a laptop).
   config.dry_run = False
   config.dry_run_devices = 0
+  # When things go wrong (README, "When things go wrong"), each ends the run with status 42
+  # (launchers rerun it; it resumes): a process of a multi-process run that gives no sign of
+  # life for peer_timeout_s is lost, and the others stop; no training step, evaluation batch
+  # or scorer fit for stall_timeout_s (0: no watchdog) dumps every thread's stack. At start, a
+  # process waits coordinator_timeout_s to join the run (then status 1, naming the address).
+  config.peer_timeout_s = 30
+  config.stall_timeout_s = 1800
+  config.coordinator_timeout_s = 300
 
   config.data = data_config.default_data_config()
   config.data.id_classes = tuple(range(10))

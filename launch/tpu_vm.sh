@@ -4,6 +4,7 @@
 set -uo pipefail
 
 PREEMPTED=42  # mood_jax.train_loop.PREEMPTED_EXIT_CODE
+JAX_LOST_PEER='JAX distributed service detected fatal errors'  # its abort's message
 REMOTE_DIR='~/mood_jax'
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SELF="$REPO/launch/tpu_vm.sh"
@@ -158,13 +159,19 @@ run() {
 
 supervise() {
   if [ $# -lt 2 ]; then echo 'tpu_vm.sh: supervise needs CONFIG WORKDIR' >&2; exit 2; fi
-  local main args status
+  local main args output statuses status restarts=0
   # A recreated VM gets the commit the run started with, whatever the checkout holds by then.
   commit=$(git -C "$REPO" rev-parse HEAD) allow_dirty=1
   main=$(printf '%q ' python -m mood_jax.main "--config=$1" "--workdir=$2" "${@:3}")
-  # Each worker records its exit status; worker 0's says whether the run was preempted.
-  args="cd $REMOTE_DIR && . .venv/bin/activate && { $main > run.log 2>&1; echo \$? > run.status; }"
-  for ((attempt = 0; ; attempt++)); do
+  # Each worker reports its exit status in one tagged line; one that failed otherwise than
+  # by a preemption (status $PREEMPTED) adds the last lines of its log, tagged with its host.
+  # JAX aborts a process whose coordinator (process 0) is gone at once (status 134, before
+  # our peer watch can say so): that is a lost peer too.
+  args="cd $REMOTE_DIR && . .venv/bin/activate && { $main > run.log 2>&1; s=\$?; \
+if [ \$s = 134 ] && tail -n 200 run.log | grep -q '$JAX_LOST_PEER'; then s=$PREEMPTED; fi; \
+echo \$s > run.status; echo \"mood_jax-status \$(hostname) \$s\"; \
+if [ \$s != 0 ] && [ \$s != $PREEMPTED ]; then tail -n 20 run.log | sed \"s/^/[\$(hostname)] /\"; fi; }"
+  while true; do
     case "$(state)" in
       READY) ;;
       PREEMPTED|TERMINATED|MISSING)  # a preempted spot VM comes back only by recreating it
@@ -172,21 +179,31 @@ supervise() {
         create && setup || exit 1 ;;
       *) echo "tpu_vm.sh: VM $name is $(state); waiting" >&2; sleep 60; continue ;;
     esac
-    on_workers all "$args"
-    if [ "$dry_run" = 1 ]; then return 0; fi
-    status=$("${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 \
-             "--command=cat $REMOTE_DIR/run.status" 2>/dev/null || echo "$PREEMPTED")
-    if [ "$status" = 0 ]; then echo "tpu_vm.sh: finished" >&2; return 0; fi
-    # An ssh cut off by the VM's preemption reads as preempted too: the state check decides.
-    if [ "$status" != "$PREEMPTED" ] && [ "$(state)" = READY ]; then
-      echo "tpu_vm.sh: the run failed with status $status; see: launch/tpu_vm.sh logs" >&2
+    if [ "$dry_run" = 1 ]; then on_workers all "$args"; return 0; fi
+    output=$(on_workers all "$args" 2>&1)
+    statuses=$(sed -n 's/^mood_jax-status \([^ ]*\) \([0-9]*\)$/\1 \2/p' <<< "$output")
+    # A status other than 0 and $PREEMPTED on any worker stops the supervision: a rerun would
+    # fail alike. Its log's last lines say why.
+    status=$(awk -v p="$PREEMPTED" '$2 != 0 && $2 != p {print $2; exit}' <<< "$statuses")
+    if [ -n "$status" ] && [ "$(state)" = READY ]; then
+      echo "tpu_vm.sh: the run failed with status $status on" \
+           "$(awk -v p="$PREEMPTED" '$2 != 0 && $2 != p {print $1}' <<< "$statuses" | xargs);" \
+           "the last lines of its log:" >&2
+      grep '^\[' <<< "$output" >&2
       return "$status"
     fi
-    if [ "$attempt" -ge "$max_restarts" ]; then
+    # Every worker reported 0: done. Otherwise (42s, or workers that never reported because
+    # their VM went away) it was preempted: the state check above decides on recreating.
+    if [ -n "$statuses" ] && awk '$2 != 0 {exit 1}' <<< "$statuses"; then
+      echo "tpu_vm.sh: finished" >&2; return 0
+    fi
+    if [ "$restarts" -ge "$max_restarts" ]; then
       echo "tpu_vm.sh: still preempted after $max_restarts restarts; giving up" >&2
       return "$PREEMPTED"
     fi
-    echo "tpu_vm.sh: preempted (status $status); relaunching to resume" >&2
+    restarts=$((restarts + 1))
+    echo "tpu_vm.sh: preempted (worker statuses: $(tr '\n' ' ' <<< "$statuses")); relaunching" \
+         "to resume, restart $restarts of at most $max_restarts" >&2
   done
 }
 

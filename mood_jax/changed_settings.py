@@ -4,11 +4,13 @@ training stage's checkpoints.
 A stage that is skipped (finished) or resumed keeps what it computed under the saved
 settings, so a field that changes what the stage computes stops the run, listing each such
 field, unless `--allow_changed_settings` is given: then the run goes on, and
-WORKDIR/changed_settings.json (and results.json) record which stages ran under which other
+WORKDIR/changed_settings.json (each such run, and every later one, with its command and its
+differences) and results.json (the latest run's) record which stages ran under which other
 settings. Fields that change only evaluation, logging, checkpoint cadence, placement or
 speed pass.
 """
 
+import datetime
 import json
 import os
 
@@ -16,7 +18,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import checkpoint
+from mood_jax import checkpoint, run_config
 from mood_jax.errors import UserError
 from mood_jax.ood import report
 
@@ -36,14 +38,15 @@ _PASS = ('model.remat', 'data.data_dir', 'data.num_workers', 'data.ood_sets',
 _STAGE_PASS = ('log_every', 'ckpt_every', 'keep_checkpoints', 'eval_every', 'eval_scorer')
 
 
-def _flat(tree: dict, prefix: str = '') -> dict:
-  flat = {}
+def flat(tree: dict, prefix: str = '') -> dict:
+  """{'a.b': value} of a nested dict."""
+  fields = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flat(value, f'{prefix}{key}.'))
+      fields.update(flat(value, f'{prefix}{key}.'))
     else:
-      flat[f'{prefix}{key}'] = value
-  return flat
+      fields[f'{prefix}{key}'] = value
+  return fields
 
 
 def _computes(field: str, stage: str) -> bool:
@@ -56,7 +59,7 @@ def _computes(field: str, stage: str) -> bool:
 def differences(saved: dict, current: dict, stage: str) -> list[str]:
   """'field: saved -> current' for each field that changes what `stage` computes; `current`
   goes through JSON as the saved config did (tuples become lists)."""
-  saved, current = _flat(saved), _flat(json.loads(json.dumps(current)))
+  saved, current = flat(saved), flat(json.loads(json.dumps(current)))
   return [f'{field}: {saved.get(field, "(unset)")!r} -> {current.get(field, "(unset)")!r}'
           for field in sorted(set(saved) | set(current))
           if _computes(field, stage) and saved.get(field) != current.get(field)]
@@ -75,13 +78,33 @@ def _saved_config(workdir: str, stage: str) -> dict | None:
       return None
 
 
-def load(workdir: str) -> dict:
-  """{stage: [differences]} of the stages that ran under other settings, or {}."""
+def _runs(workdir: str) -> list[dict]:
+  """The record's runs, oldest first (a record from before there were runs is one run)."""
   path = os.path.join(workdir, RECORD_FILE)
   if not os.path.exists(path):
-    return {}
+    return []
   with open(path) as f:
-    return json.load(f)
+    record = json.load(f)
+  return record['runs'] if 'runs' in record else [{'changed': record}]
+
+
+def load(workdir: str) -> dict:
+  """{stage: [differences]} of the stages that the latest run went on from under other
+  settings, or {}."""
+  runs = _runs(workdir)
+  return runs[-1]['changed'] if runs else {}
+
+
+def _record(workdir: str, changed: dict) -> None:
+  """Adds this run, with its differences (none too, once there is a record: the latest run
+  is then seen to have none), to WORKDIR/changed_settings.json."""
+  runs = _runs(workdir)
+  if jax.process_index() != 0 or not (changed or runs):
+    return
+  started = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')
+  runs.append({'started': started, 'command': run_config.command(), 'changed': changed})
+  report.write_atomically(os.path.join(workdir, RECORD_FILE),
+                          (json.dumps({'runs': runs}, indent=2) + '\n').encode())
 
 
 def check(config: ml_collections.ConfigDict, workdir: str, stages: list[str],
@@ -95,17 +118,13 @@ def check(config: ml_collections.ConfigDict, workdir: str, stages: list[str],
       diff = differences(saved, config.to_dict(), stage)
       if diff:
         changed[stage] = diff
-  if not changed:
-    return
-  listing = '; '.join(f'{stage}: {", ".join(diff)}' for stage, diff in changed.items())
-  if not allow:
-    raise UserError(
-        f'the checkpoints in {workdir} were made under other settings ({listing}): rerun with '
-        'the saved settings, use a new workdir, or pass --allow_changed_settings to go on '
-        'from them (results.json then records it)')
-  logging.warning('going on from checkpoints made under other settings (%s); recorded in %s',
-                  listing, os.path.join(workdir, RECORD_FILE))
-  if jax.process_index() == 0:
-    record = {**load(workdir), **changed}
-    report.write_atomically(os.path.join(workdir, RECORD_FILE),
-                            (json.dumps(record, indent=2) + '\n').encode())
+  if changed:
+    listing = '; '.join(f'{stage}: {", ".join(diff)}' for stage, diff in changed.items())
+    if not allow:
+      raise UserError(
+          f'the checkpoints in {workdir} were made under other settings ({listing}): rerun '
+          'with the saved settings, use a new workdir, or pass --allow_changed_settings to go '
+          'on from them (results.json then records it)')
+    logging.warning('going on from checkpoints made under other settings (%s); recorded in %s',
+                    listing, os.path.join(workdir, RECORD_FILE))
+  _record(workdir, changed)

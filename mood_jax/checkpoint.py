@@ -162,6 +162,19 @@ def final_step(workdir: str, stage: str) -> int | None:
     return mngr.latest_step()
 
 
+def last_saved(workdir: str, stages) -> str:
+  """'finetune step 40': the newest finished save of the latest of `stages` (in their order)
+  that has one, or 'none yet'. From the directory listing alone (orbax's finished steps; a
+  save cut off midway is only a temporary directory), with no manager: it has barriers, and
+  this is asked when a process of the run may be gone."""
+  for stage in reversed(stages):
+    path = checkpoint_dir(workdir, stage)
+    steps = ocp.path.step.checkpoint_steps(path)  # [] where there is no directory
+    if steps:
+      return f'{stage} step {max(steps)} in {path}'
+  return 'none yet'
+
+
 def _params(mngr: ocp.CheckpointManager, step: int, abstract_params):
   """The params of checkpoint `step` alone, into `abstract_params` (shapes and shardings);
   the optimizer state is not read."""

@@ -8,7 +8,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mood_jax import parallel
+from mood_jax import parallel, watchdog
 from mood_jax.data import input_pipeline
 
 
@@ -40,7 +40,8 @@ def extract(forward, params, data_cfg, which: str, mesh, *, batch_size: int,
   dataset, num_examples = input_pipeline.eval_dataset(
       data_cfg, which, global_batch_size=batch_size, augment=augment, seed=seed)
   parts = []
-  for batch in dataset:
+  for number, batch in enumerate(dataset):
+    watchdog.beat(f'inference on {which}, batch {number}', compiling=number == 0)
     batch = parallel.global_batch(batch, mesh)
     features, logits = forward(params, batch['image'])
     parts.append({'features': features, 'logits': logits, 'label': batch['label'],

@@ -1,5 +1,6 @@
 """Command line: python -m mood_jax.main --config=configs/digits.py --workdir=DIR [--config.x=y]."""
 
+import atexit
 import errno
 import logging as std_logging
 import os
@@ -7,10 +8,13 @@ import signal
 import sys
 
 import jax
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mood_jax import checkpoint, host_malloc, parallel, pipeline, train_loop, workdir_lock
+from mood_jax import (checkpoint, host_malloc, parallel, peer_watch, pipeline, same_run,
+                      train_loop)
+from mood_jax.exit_now import exit_now
 from mood_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
@@ -59,18 +63,10 @@ def quiet_abandoned_reads(unraisable) -> None:
 
 def stop(signum, frame) -> None:
   """Outside a training loop (which saves first), a stop signal ends the run at once: it is
-  restartable from its checkpoints, prepared data and results, all written atomically.
-
-  By os._exit, not by raising: an exception raised wherever the main thread happens to be
-  can leave a lock inside a library's thread pool held, and unwinding then waits on it
-  forever (seen in orbax's CheckpointManager, whose executor joins a worker blocked on the
-  semaphore lock the interrupted thread took). os.write: stderr's buffered writer may be
-  mid-write in the interrupted code."""
+  restartable from its checkpoints, prepared data and results, all written atomically."""
   del frame
-  workdir_lock.release_at_exit()
-  os.write(2, f'stopped by {signal.Signals(signum).name}: rerun the same command to resume '
-              f'(exit status {train_loop.PREEMPTED_EXIT_CODE})\n'.encode())
-  os._exit(train_loop.PREEMPTED_EXIT_CODE)
+  exit_now(f'stopped by {signal.Signals(signum).name}: rerun the same command to resume '
+           f'(exit status {train_loop.PREEMPTED_EXIT_CODE})', train_loop.PREEMPTED_EXIT_CODE)
 
 
 # The environment, not the program: one line with the path and the fix, no traceback.
@@ -100,6 +96,13 @@ def file_system_error(error: BaseException) -> str | None:
   return None
 
 
+def _unreadable_config(error: OSError) -> str:
+  """ml_collections keeps a config file it cannot read as an error raised by the first use of
+  the config: a --config.* override, or `main`."""
+  return (f'error: --config: {str(error).strip().splitlines()[-1].strip()}: pass an existing '
+          'config file, e.g. --config=configs/digits.py')
+
+
 def parse_flags(argv):
   """absl's parsing, with every bad flag reported as one line instead of a traceback."""
   try:
@@ -108,9 +111,33 @@ def parse_flags(argv):
     # Config-file errors carry the file's traceback as text; its last line is the message.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     sys.exit(f'error: {lines[0] if len(lines) == 1 else lines[0] + " " + lines[-1]}')
+  except OSError as e:
+    sys.exit(_unreadable_config(e))
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
     sys.exit(f'error: a --config.* override names a field the config does not have: {e}; '
              'the config file lists the valid fields')
+
+
+def _watch_peers(config, workdir: str) -> peer_watch.PeerWatch | None:
+  """The peer watch of a multi-process run, marked exited when this process ends through
+  Python (atexit runs it before JAX's shutdown barrier, registered earlier)."""
+  if jax.process_count() == 1:
+    return None
+  watch = peer_watch.PeerWatch(
+      ocp.multihost.get_jax_distributed_client(), jax.process_index(), jax.process_count(),
+      config.peer_timeout_s, lambda: checkpoint.last_saved(workdir, train_loop.TRAINING_STAGES),
+      coordinator=_COORDINATOR.value or 'the coordinator').start()
+  atexit.register(watch.stop)
+  return watch
+
+
+def _end(watch: peer_watch.PeerWatch | None, line: str, status: int):
+  """Exits with `line` on stderr: in a multi-process run by the peer watch's `leave`, past
+  JAX's shutdown barrier, where peers that ended otherwise would hold it up, then abort."""
+  if watch is None:
+    logging.flush()
+    sys.exit(line if status == 1 else status)
+  watch.leave(line, status)
 
 
 def main(argv) -> None:
@@ -118,36 +145,54 @@ def main(argv) -> None:
   sys.unraisablehook = quiet_abandoned_reads
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; set config fields as --config.a.b=value')
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+  except OSError as e:
+    sys.exit(_unreadable_config(e))
   if config.dry_run and config.dry_run_devices:
     # Fake devices exist only if asked for before JAX starts a backend; CPU, so that an
     # accelerator's own devices do not count.
     jax.config.update('jax_platforms', 'cpu')
     jax.config.update('jax_num_cpu_devices', config.dry_run_devices)
   else:
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    join_timeout_s=config.coordinator_timeout_s,
+                                    peer_timeout_s=config.peer_timeout_s)
     if jax.default_backend() == 'cpu' and not host_malloc.caching_malloc():
       logging.info('running on CPU with the C library\'s malloc: preloading tcmalloc makes '
                    'the training steps about 1.2x faster (README, "CPU training")')
+  watch = _watch_peers(config, _WORKDIR.value)
   for sig in train_loop.stop_signals():
     signal.signal(sig, stop)
   try:
+    if watch is not None:
+      same_run.check(ocp.multihost.get_jax_distributed_client(), jax.process_index(),
+                     jax.process_count(), config, _WORKDIR.value, config.coordinator_timeout_s)
     pipeline.run(config, _WORKDIR.value, _ALLOW_CHANGED_SETTINGS.value)
+    if watch is None:
+      # Done, all written: ended here, not by Python's finalization, which first restores the
+      # default signal handlers and then takes seconds to free JAX's backends, so that a stop
+      # signal then ended a finished run with 143.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      exit_now('', 0)
   except UserError as e:
-    logging.flush()
     # Grain appends a note on its filtered traceback to errors raised under its iterators.
-    sys.exit(f'error: {str(e).split(_GRAIN_NOTE)[0]}')
+    _end(watch, f'error: {str(e).split(_GRAIN_NOTE)[0]}', 1)
   except train_loop.Preempted as e:
     logging.warning('%s: rerun the same command to resume (exit status %d)', e,
                     train_loop.PREEMPTED_EXIT_CODE)
-    logging.flush()
-    sys.exit(train_loop.PREEMPTED_EXIT_CODE)
+    _end(watch, '', train_loop.PREEMPTED_EXIT_CODE)
   except Exception as e:  # pylint: disable=broad-except
     line = file_system_error(e)
-    if line is None:
-      raise  # a bug of ours: its traceback helps
-    logging.flush()
-    sys.exit(f'error: {line}')
+    if line is not None:
+      _end(watch, f'error: {line}', 1)
+    # A collective that failed since a peer is gone (gloo: "Connection closed by peer"): the
+    # watch names it, in at most peer_timeout_s.
+    verdict = watch and watch.wait_for_verdict()
+    if verdict:
+      _end(watch, verdict, train_loop.PREEMPTED_EXIT_CODE)
+    raise  # a bug of ours: its traceback helps
 
 
 if __name__ == '__main__':

@@ -23,12 +23,14 @@ import importlib.util
 import math
 import os
 import re
+import threading
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mood_jax.errors import UserError
+from mood_jax.exit_now import exit_now
 
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
@@ -182,12 +184,31 @@ def _launched_as_one_of_many() -> bool:
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None, *,
+                           join_timeout_s: float = 300, peer_timeout_s: float = 30) -> None:
   """Joins a multi-process run; call before anything else uses JAX.
 
   Explicit arguments for any launcher; SLURM, Open MPI and Cloud TPU VMs need none. A plain
-  single process does not initialize anything.
+  single process does not initialize anything. A process that cannot join within
+  `join_timeout_s` (the coordinator unreachable, a process missing) ends with one line naming
+  the address; JAX's own wait, and its heartbeat timeout, are set longer, as backstops to
+  ours (exit_now's line, peer_watch's), since both end in a C++ abort.
   """
   explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
-  if explicit or _launched_as_one_of_many():
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  if not (explicit or _launched_as_one_of_many()):
+    return
+  address = coordinator_address or 'the address JAX read from the cluster environment'
+  which = f' (process {process_id} of {num_processes})' if process_id is not None else ''
+  timer = threading.Timer(join_timeout_s, exit_now, (
+      f'error: could not join the run at coordinator {address} within {join_timeout_s:g}s'
+      f'{which}: start every process with the same '
+      '--coordinator_address (process 0\'s host:port, reachable from every host) and check '
+      'the network; --config.coordinator_timeout_s sets the wait', 1))
+  timer.daemon = True
+  timer.start()
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=int(join_timeout_s) + 60,
+                               heartbeat_timeout_seconds=int(2 * peer_timeout_s) + 10)
+  finally:
+    timer.cancel()

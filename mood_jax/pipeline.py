@@ -8,7 +8,7 @@ import ml_collections
 from absl import logging
 
 from mood_jax import (changed_settings, checkpoint, config_checks, dry_run, one_class, parallel,
-                      optim, run_config, stages as all_stages, workdir_lock)
+                      optim, run_config, stages as all_stages, watchdog, workdir_lock)
 from mood_jax.data import catalogue, data_config
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -54,6 +54,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     data_source.num_classes()
   except ValueError as e:
     raise UserError(str(e)) from None
+  if not config.dry_run:  # before the workdir's lock: a run that cannot read leaves nothing
+    data_source.check_prepared()
   for name in stages:
     if name in TRAINING_STAGES:
       _check_training_stage(config, name, mesh)
@@ -87,15 +89,21 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                            allow_changed_settings)
     run_config.write(workdir, config)  # after the check: a refused run leaves the last record
     catalogue.source(config.data).prepare()
-    for name in stages:
-      if (name in TRAINING_STAGES
-          and checkpoint.final_step(workdir, name) == config[name].num_steps):
-        logging.info('[%s] skipped: its final checkpoint (step %d) is already in %s', name,
-                     config[name].num_steps, checkpoint.checkpoint_dir(workdir, name))
-        continue
-      logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
-                   dict(placement.mesh.shape))
-      STAGES[name].run(config, workdir, placement)
+    with watchdog.watching(config.stall_timeout_s):
+      _run_stages(config, workdir, placement, stages)
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: str, placement, stages) -> None:
+  for name in stages:
+    if (name in TRAINING_STAGES
+        and checkpoint.final_step(workdir, name) == config[name].num_steps):
+      logging.info('[%s] skipped: its final checkpoint (step %d) is already in %s', name,
+                   config[name].num_steps, checkpoint.checkpoint_dir(workdir, name))
+      continue
+    logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
+                 dict(placement.mesh.shape))
+    watchdog.beat(f'the start of {name}', compiling=True)  # a restore, an init
+    STAGES[name].run(config, workdir, placement)
 
 
 def run_one_class_each(config: ml_collections.ConfigDict, workdir: str,

@@ -14,11 +14,15 @@ from mood_jax.ood import report
 FILE = 'config.json'
 
 
+def command() -> str:
+  """This process's command line, as a user would type it."""
+  return shlex.join(['python', '-m', 'mood_jax.main', *sys.argv[1:]])
+
+
 def write(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() != 0:
     return
-  document = {'command': shlex.join(['python', '-m', 'mood_jax.main', *sys.argv[1:]]),
-              'config': config.to_dict()}
+  document = {'command': command(), 'config': config.to_dict()}
   report.write_atomically(os.path.join(workdir, FILE),
                           (json.dumps(document, indent=2) + '\n').encode())
 

@@ -13,9 +13,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import checkpoint, metrics_log, parallel, progress
+from mood_jax import checkpoint, metrics_log, parallel, progress, watchdog
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
+from mood_jax.exit_now import PREEMPTED_EXIT_CODE
 from mood_jax.training_stage import LossFn, TrainingStage
 
 
@@ -168,11 +169,6 @@ def _check_state_finite(stage: str, step: int, state: TrainState) -> None:
                     f'saving it. {_fix_hint(stage)}')
 
 
-# The exit status of a run stopped by a preemption after saving its checkpoint; launch
-# scripts rerun the same command on it, and the run resumes there.
-PREEMPTED_EXIT_CODE = 42
-
-
 class Preempted(BaseException):
   """The run stopped on a preemption notice or Ctrl-C, whatever could be saved saved.
 
@@ -260,6 +256,7 @@ def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
         batch = parallel.global_batch(next(data_iter), mesh)
         if batch_fn is not None:
           batch = batch_fn(batch)
+        watchdog.beat(f'{name} step {step}', compiling=step == start + 1)
         state, metrics = train_step(state, batch)
         window = _add_to_window(window, metrics, state.step)
         window_steps += 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from mood_jax import host_malloc, run_config, train_loop, workdir_lock
+from mood_jax import evaluate_parts, host_malloc, run_config, train_loop, workdir_lock
 from mood_jax.ood import scorers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -300,6 +300,67 @@ def test_sigterm_during_evaluate_exits_for_a_rerun(smoke_run, data_dir, tmp_path
   assert 'stopped by SIGTERM: rerun the same command to resume' in stderr
   assert 'Traceback' not in stderr
   assert (workdir / workdir_lock.LOCK_FILE).read_text() == ''  # released
+
+
+def test_a_stop_signal_as_the_run_ends_exits_0_or_42(smoke_run, data_dir, tmp_path):
+  """After the results, while the detector is saved and JAX shuts down: no window where the
+  signal's default action (status 143) ends the run."""
+  workdir = _trained_copy(smoke_run, tmp_path)
+  cmd = [sys.executable, '-m', 'mood_jax.main', '--config=configs/digits.py:split,smoke',
+         f'--workdir={workdir}', '--config.stages=evaluate', '--config.evaluate.scorers=msp',
+         f'--config.data.data_dir={data_dir}']
+  proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+  for line in proc.stderr:
+    if ' detector (' in line:  # its last line, once it is in place
+      proc.send_signal(signal.SIGTERM)
+      break
+  stderr = _stderr_within(proc, 120)
+  assert proc.returncode in (0, train_loop.PREEMPTED_EXIT_CODE), stderr[-2000:]
+  assert 'Traceback' not in stderr
+
+
+def test_evaluate_resumes_from_its_finished_model_scorer_parts(smoke_run, data_dir, tmp_path):
+  workdir = _trained_copy(smoke_run, tmp_path)
+  args = ['--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
+          '--config.stages=evaluate', '--config.evaluate.scorers=msp,energy']
+  proc = _main(*args, data_dir=data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'results' / 'results.json') as f:
+    whole = json.load(f)
+  # As a run stopped in logit_ft's energy fit leaves it.
+  shutil.rmtree(workdir / 'results')
+  (workdir / evaluate_parts.DIR / 'logit_ft' / 'energy').unlink()
+  proc = _main(*args, data_dir=data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for model in ('finetune', 'logit_ft'):
+    assert f'[evaluate] {model}: msp as a stopped run finished it' in proc.stderr
+  assert '[evaluate] finetune: energy as a stopped run finished it' in proc.stderr
+  assert '[evaluate] logit_ft: energy fitted on' in proc.stderr
+  with open(workdir / 'results' / 'results.json') as f:
+    assert json.load(f) == whole
+  # Another setting: nothing is taken from the parts.
+  proc = _main(*args, '--config.evaluate.batch_size=32', data_dir=data_dir)
+  assert proc.returncode == 0 and 'as a stopped run finished it' not in proc.stderr
+
+
+def test_a_config_file_that_is_not_there_is_one_line(tmp_path, data_dir):
+  line = _error_line(_main('--config=configs/no_such.py', f'--workdir={tmp_path / "w"}',
+                           data_dir=data_dir))
+  assert line == ("error: --config: [Errno 2] No such file or directory: 'configs/no_such.py': "
+                  'pass an existing config file, e.g. --config=configs/digits.py')
+
+
+def test_a_bad_data_dir_is_one_line_before_the_workdir_is_locked(tmp_path):
+  (tmp_path / 'notes').write_text('precious')
+  workdir = tmp_path / 'workdir'
+  line = _error_line(_main('--config=configs/digits.py:smoke', f'--workdir={workdir}',
+                           data_dir=tmp_path / 'notes' / 'tfds'))
+  assert line == (f"error: data.data_dir='{tmp_path / 'notes' / 'tfds'}': {tmp_path / 'notes'} "
+                  'is a file, where a directory is needed: use another path')
+  line = _error_line(_main('--config=configs/cifar10.py', f'--workdir={workdir}',
+                           data_dir=tmp_path / 'empty'))
+  assert line.startswith(f'error: cifar10') and f'is not prepared in {tmp_path / "empty"}' in line
+  assert not workdir.exists()  # neither the workdir nor its .lock
 
 
 def _stderr_within(proc, seconds) -> str:

@@ -4,11 +4,13 @@ The dataset, class and OOD set names are checked where they are looked up (`cata
 """
 
 import math
+import os
 
 import ml_collections
 
 from mood_jax import config_checks
 from mood_jax.data.sources import embedded
+from mood_jax.errors import UserError
 
 # A stage's `augment` (`input_pipeline.train_transforms`).
 AUGMENT_CHOICES = (True, False, 'crop')
@@ -55,8 +57,22 @@ def default_data_config() -> ml_collections.ConfigDict:
   ))
 
 
+def _check_data_dir(data_dir: str) -> None:
+  """A local data_dir whose path runs into a file: before the workdir's lock is taken (the
+  datasets are built there after it). A remote one (gs://) is the store's to check."""
+  if '://' in data_dir:
+    return
+  path = os.path.abspath(os.path.expanduser(data_dir))
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise UserError(f'data.data_dir={data_dir!r}: {path} is a file, where a directory is '
+                    'needed: use another path')
+
+
 def check_config(data_cfg) -> None:
-  """`config.data`'s ranges."""
+  """`config.data`'s ranges, and a data_dir that can be a directory."""
+  _check_data_dir(data_cfg.data_dir)
   config_checks.at_least('data.image_size', data_cfg.image_size, 1, 24)
   config_checks.inside('data.std', data_cfg.std, 0, math.inf, 0.5)
   config_checks.at_least('data.ood_examples_per_set', data_cfg.ood_examples_per_set, 1, 500)

@@ -17,6 +17,8 @@ it prepared. A prepared dataset is never overwritten.
 """
 
 import argparse
+import hashlib
+import http.client
 import os
 import sys
 import time
@@ -34,9 +36,12 @@ from mood_jax.errors import UserError
 DEFAULT_DATA_DIR = '~/tensorflow_datasets'
 _DOWNLOAD_TIMEOUT_S = 30
 
-# (file name, where it is published: a URL to download it from, or how to get it).
-_CIFAR10 = ('cifar-10-python.tar.gz', 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz')
-_CIFAR100 = ('cifar-100-python.tar.gz', 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz')
+# (file name, where it is published: a URL to download it from, or how to get it[, its md5
+# where the publisher gives one: the CIFAR page does]).
+_CIFAR10 = ('cifar-10-python.tar.gz', 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
+            'c58f30108f718f92721af3b95e74349a')
+_CIFAR100 = ('cifar-100-python.tar.gz', 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz',
+             'eb9058c3a382ffc7106e4002c42a8d85')
 _SVHN = 'http://ufldl.stanford.edu/housenumbers/'
 _DTD = ('dtd-r1.0.1.tar.gz', 'https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz')
 _PLACES = 'http://data.csail.mit.edu/places/places365/'
@@ -46,11 +51,11 @@ _FLOWERS = 'https://www.robots.ox.ac.uk/~vgg/data/flowers/102/'
 _DOGS = 'http://vision.stanford.edu/aditya86/ImageNetDogs/'
 _PETS = 'https://www.robots.ox.ac.uk/~vgg/data/pets/data/'
 
-Fetch = Callable[[str, str], str]  # (file name, where published) -> local path
+Fetch = Callable[..., str]  # (file name, where published[, md5]) -> local path
 Splits = dict[str, Iterator[archives.Example]]
 
 
-def _cifar(fetch: Fetch, archive: tuple[str, str], top: str, train: tuple[str, ...],
+def _cifar(fetch: Fetch, archive: tuple[str, str, str], top: str, train: tuple[str, ...],
            test: str, label_keys: dict[str, str]) -> Splits:
   path = fetch(*archive)
   return {'train': archives.cifar(path, tuple(f'{top}/{b}' for b in train), label_keys, 'train_'),
@@ -138,30 +143,73 @@ SOURCES = {'cifar10': _cifar10, 'cifar100': _cifar100, 'svhn_cropped': _svhn, 'd
 _LABEL_NAMES = {'stanford_dogs': _dog_breeds}
 
 
-def _download(url: str, path: str) -> None:
-  """`url` to `path` through `path.part`, renamed when complete, removed if not."""
-  part = path + '.part'
-  try:
-    with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, \
-        open(part, 'wb') as out:
-      size, done, last_log = int(response.headers.get('Content-Length') or 0), 0, 0.0
+_DOWNLOAD_TRIES = 5  # a cut connection resumes (or starts over) this many times in one run
+_CUT = (OSError, http.client.HTTPException)  # a reset, a timeout, an IncompleteRead
+
+
+def _get(url: str, part: str) -> None:
+  """One try: appends to `part` from where it ends if the server takes a Range request,
+  else writes it afresh (and says so); an error of _CUT if the transfer stops short of the
+  size the server announced."""
+  have = os.path.getsize(part) if os.path.exists(part) else 0
+  request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
+  with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+    resumed = have and response.status == 206
+    if have and not resumed:
+      logging.warning('%s: the server does not resume downloads; starting it over',
+                      os.path.basename(part))
+    start = have if resumed else 0
+    size = start + int(response.headers.get('Content-Length') or 0)
+    with open(part, 'ab' if resumed else 'wb') as out:
+      done, last_log = start, 0.0
       while chunk := response.read(1 << 20):
         out.write(chunk)
         done += len(chunk)
         if time.monotonic() - last_log > 10:
           last_log = time.monotonic()
-          logging.info('%s: %.0f of %s MB', os.path.basename(path), done / 1e6,
-                       f'{size / 1e6:.0f}' if size else '?')
-  except BaseException:
-    if os.path.exists(part):
-      os.remove(part)
-    raise
+          logging.info('%s: %.0f of %s MB', os.path.basename(part), done / 1e6,
+                       f'{size / 1e6:.0f}' if size > start else '?')
+  if size > start and done != size:
+    raise http.client.IncompleteRead(b'', size - done)
+
+
+def _md5(path: str) -> str:
+  digest = hashlib.md5()
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _download(url: str, path: str, md5: str | None = None) -> None:
+  """`url` to `path` through `path.part`, renamed when complete and, with `md5`, when its
+  md5 is that. A cut transfer resumes from the part (HTTP Range) where the server allows,
+  up to _DOWNLOAD_TRIES times; the part is kept for the next run's resume if they all fail."""
+  part = path + '.part'
+  for attempt in range(1, _DOWNLOAD_TRIES + 1):
+    try:
+      _get(url, part)
+      break
+    except _CUT as e:
+      if attempt == _DOWNLOAD_TRIES:
+        if os.path.exists(part) and not os.path.getsize(part):
+          os.remove(part)
+        raise
+      logging.warning('%s: download cut off (%s); resuming, try %d of %d',
+                      os.path.basename(path), e, attempt + 1, _DOWNLOAD_TRIES)
+  if md5 is not None and (found := _md5(part)) != md5:
+    os.remove(part)
+    raise UserError(f'{os.path.basename(path)} downloaded from {url} has md5 {found}, not the '
+                    f'{md5} its publisher gives: refused (removed); rerun to download it again, '
+                    f'or put the right file in {os.path.dirname(path)}')
   os.replace(part, path)
 
 
 def fetcher(manual_dir: str) -> Fetch:
-  """A `Fetch` that finds files in `manual_dir`, downloading the public ones that are absent."""
-  def fetch(name: str, published: str) -> str:
+  """A `Fetch` that finds files in `manual_dir`, downloading the public ones that are absent
+  (a download is checked against the size its server announces and the md5 its publisher
+  gives, if any; files put there by hand are the user's)."""
+  def fetch(name: str, published: str, md5: str | None = None) -> str:
     path = os.path.join(manual_dir, name)
     if os.path.isfile(path):
       return path
@@ -171,10 +219,11 @@ def fetcher(manual_dir: str) -> Fetch:
     logging.info('Downloading %s from %s', name, published)
     os.makedirs(manual_dir, exist_ok=True)
     try:
-      _download(published, path)
-    except (OSError, urllib.error.URLError) as e:  # offline, refused, timed out, disk full
-      raise UserError(f'could not download {name} ({getattr(e, "reason", e)}): put it in '
-                      f'--manual_dir={manual_dir} (published at {published})') from None
+      _download(published, path, md5)
+    except (*_CUT, urllib.error.URLError) as e:  # offline, refused, timed out, disk full
+      raise UserError(f'could not download {name} ({getattr(e, "reason", e)}): rerun to '
+                      f'resume, or put it in --manual_dir={manual_dir} (published at '
+                      f'{published})') from None
     return path
   return fetch
 

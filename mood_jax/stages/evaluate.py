@@ -17,8 +17,8 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from mood_jax import (changed_settings, checkpoint, config_checks, detector, inference,
-                      metrics_log)
+from mood_jax import (changed_settings, checkpoint, config_checks, detector, evaluate_parts,
+                      inference, metrics_log, watchdog)
 from mood_jax.data import catalogue, data_config
 from mood_jax.data.sources import embedded, source
 from mood_jax.errors import UserError
@@ -84,6 +84,7 @@ def swept_names(cfg, selected: list[scorers.Scorer]) -> list[str]:
 # `evaluate.id_train_augment` reaches these scorers' bank only.
 FITS_AUGMENTED_BANK = ('mahalanobis_mood',)
 AUGMENTED_ID_TRAIN = 'id_train_augmented'
+ID_TRAIN_BANKS = ('id_train', AUGMENTED_ID_TRAIN)  # fitted on, not scored
 
 
 def id_train_banks(cfg, scorer_names: list[str]) -> dict[str, bool | str]:
@@ -206,6 +207,38 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
   return scorer.with_hparams(**best), record
 
 
+def _score(model_name: str, scorer, swept: bool, model, config, sets: dict, head,
+           groups: dict, extract, mesh) -> dict:
+  """One (model, scorer) part: the scorer (its hparams chosen first if `swept`) fitted on ID
+  train and applied to every other set; its scores, stats, hparams, sweep and metric rows."""
+  cfg, sweep_record = config.evaluate, None
+  if swept:
+    scorer, sweep_record = _choose_hparams(scorer, cfg, sets, head, groups, config.seed, mesh)
+  queries = {name: s for name, s in sets.items() if name not in ID_TRAIN_BANKS}
+  if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
+    moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
+    perturbed = inference.make_forward(model, mesh, input_perturbation=moved)
+    queries = {name: extract(perturbed, which=name) for name in queries}
+  train = fit_rows(scorer.name, cfg, sets, config.seed)
+  logging.info('[evaluate] %s: %s fitted on %d ID examples', model_name, scorer.name,
+               len(train['label']))
+  stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
+                      mesh=mesh)
+  by_set = {name: scorers.score(scorer, stats, s['features'], s['logits'], mesh=mesh)
+            for name, s in queries.items()}
+  by_set['id'] = by_set.pop('id_test')
+  rows = []
+  for ood_set, group in groups.items():
+    # With an ID validation split, validation scores read no test data at all.
+    against_id_val = group == VALIDATION and ID_VAL in by_set
+    values = metrics.ood_metrics(by_set[ID_VAL if against_id_val else 'id'], by_set[ood_set])
+    rows.append({'scorer': scorer.name, 'ood_set': ood_set, 'ood_group': group,
+                 **{k: float(v) for k, v in values.items()},
+                 **({'id_set': ID_VAL} if against_id_val else {})})  # absent: id_test
+  return {'scores': by_set, 'stats': stats, 'hparams': dict(scorer.hparams),
+          'sweep': sweep_record, 'rows': rows}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
   cfg, mesh = config.evaluate, placement.mesh
   data_source = catalogue.source(config.data)
@@ -215,58 +248,54 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
   to_sweep = swept_names(cfg, selected)
   rows, id_accuracy, all_scores, used_hparams, sweeps, fitted = [], {}, {}, {}, {}, {}
   trained_with = {}  # model -> one line on its training, for the report
-  for model_name in model_names(cfg.models, workdir):
+  names = model_names(cfg.models, workdir)
+  parts = evaluate_parts.Parts(workdir, config, names)  # what a stopped run finished
+  for model_name in names:
     if model_name == logit_ft.NAME:
       trained_with[model_name] = logit_ft.trained_with(workdir)
-    model, params, has_head = MODELS[model_name](config, workdir, placement)
-    extract = functools.partial(inference.extract, params=params, data_cfg=config.data,
-                                mesh=mesh, batch_size=cfg.batch_size, seed=config.seed)
-    forward = inference.make_forward(model, mesh)
-    banks = id_train_banks(cfg, [scorer.name for scorer in selected])
-    sets = {name: extract(forward, which='id_train', augment=augment)
-            for name, augment in banks.items()}
-    sets.update({name: extract(forward, which=name)
-                 for name in (*id_sets, *groups) if name != 'id_train'})
-    ids = {'id' if name == 'id_test' else name: data_source.example_ids(name, s['index'])
-           for name, s in sets.items() if name not in banks}
+    model_part = parts.get(model_name)
+    if model_part is None or any(parts.get(model_name, s.name) is None for s in selected
+                                 if model_part['has_head'] or not s.needs_logits):
+      model, params, has_head = MODELS[model_name](config, workdir, placement)
+      extract = functools.partial(inference.extract, params=params, data_cfg=config.data,
+                                  mesh=mesh, batch_size=cfg.batch_size, seed=config.seed)
+      forward = inference.make_forward(model, mesh)
+      banks = id_train_banks(cfg, [scorer.name for scorer in selected])
+      sets = {name: extract(forward, which='id_train', augment=augment)
+              for name, augment in banks.items()}
+      sets.update({name: extract(forward, which=name)
+                   for name in (*id_sets, *groups) if name != 'id_train'})
+      model_part = {
+          'has_head': has_head,
+          'ids': {'id' if name == 'id_test' else name: data_source.example_ids(name, s['index'])
+                  for name, s in sets.items() if name not in ID_TRAIN_BANKS},
+          'id_accuracy': float(metrics.accuracy(sets['id_test']['logits'],
+                                                sets['id_test']['label'])) if has_head else None}
+      parts.put(model_name, model_part)
+    ids, has_head = model_part['ids'], model_part['has_head']
     if has_head:
-      id_accuracy[model_name] = float(metrics.accuracy(sets['id_test']['logits'],
-                                                       sets['id_test']['label']))
-    head = params['head'] if has_head else None
+      id_accuracy[model_name] = model_part['id_accuracy']
     all_scores[model_name], used_hparams[model_name], sweeps[model_name] = {}, {}, {}
     fitted[model_name] = {}
     for scorer in selected:
+      watchdog.beat(f'evaluate: {model_name}, {scorer.name}')
       if scorer.needs_logits and not has_head:
         logging.info('[evaluate] %s: skipping %s (no trained classifier head)', model_name,
                      scorer.name)
         continue
-      if scorer.name in to_sweep:
-        scorer, sweeps[model_name][scorer.name] = _choose_hparams(
-            scorer, cfg, sets, head, groups, config.seed, mesh)
-      queries = {name: s for name, s in sets.items() if name not in banks}
-      if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
-        moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
-        perturbed = inference.make_forward(model, mesh, input_perturbation=moved)
-        queries = {name: extract(perturbed, which=name) for name in queries}
-      train = fit_rows(scorer.name, cfg, sets, config.seed)
-      logging.info('[evaluate] %s: %s fitted on %d ID examples', model_name, scorer.name,
-                   len(train['label']))
-      stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
-                          mesh=mesh)
-      by_set = {name: scorers.score(scorer, stats, s['features'], s['logits'], mesh=mesh)
-                for name, s in queries.items()}
-      by_set['id'] = by_set.pop('id_test')
-      all_scores[model_name][scorer.name] = by_set
-      fitted[model_name][scorer.name] = (scorer, stats)
-      used_hparams[model_name][scorer.name] = dict(scorer.hparams)
-      for ood_set, group in groups.items():
-        # With an ID validation split, validation scores read no test data at all.
-        against_id_val = group == VALIDATION and ID_VAL in by_set
-        values = metrics.ood_metrics(by_set[ID_VAL if against_id_val else 'id'],
-                                     by_set[ood_set])
-        rows.append({'model': model_name, 'scorer': scorer.name, 'ood_set': ood_set,
-                     'ood_group': group, **{k: float(v) for k, v in values.items()},
-                     **({'id_set': ID_VAL} if against_id_val else {})})  # absent: id_test
+      part = parts.get(model_name, scorer.name)
+      if part is None:
+        part = _score(model_name, scorer, scorer.name in to_sweep, model, config, sets,
+                      params['head'] if has_head else None, groups, extract, mesh)
+        parts.put(model_name, part, scorer.name)
+      else:
+        logging.info('[evaluate] %s: %s as a stopped run finished it', model_name, scorer.name)
+      all_scores[model_name][scorer.name] = part['scores']
+      fitted[model_name][scorer.name] = (scorer.with_hparams(**part['hparams']), part['stats'])
+      used_hparams[model_name][scorer.name] = part['hparams']
+      if part['sweep'] is not None:
+        sweeps[model_name][scorer.name] = part['sweep']
+      rows.extend({'model': model_name, **row} for row in part['rows'])
   if jax.process_index() == 0:
     results_dir = os.path.join(workdir, 'results')
     summary = report.summarize(rows)  # each set's row and each group's mean

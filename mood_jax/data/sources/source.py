@@ -236,14 +236,21 @@ class Source(abc.ABC):
 
   # --- Preparation.
 
-  def prepare(self) -> None:
-    """Makes sure every split and OOD set the config reads is in data_dir: builds the generated
-    ones that are absent (never touching existing ones) and checks the rest, which are never
-    downloaded here (UserError naming the command that prepares a missing one)."""
-    locations = [self.locate(which) for which in dict.fromkeys((*ID_SPLITS, *self.cfg.ood_sets))]
-    for location in locations:
+  def _locations(self) -> list[Location]:
+    return [self.locate(which) for which in dict.fromkeys((*ID_SPLITS, *self.cfg.ood_sets))]
+
+  def check_prepared(self) -> None:
+    """UserError naming the command that prepares a split or OOD set the config reads that
+    is not generated and not in data_dir (they are never downloaded by a run). Reads only."""
+    for location in self._locations():
       if not location.generated:
         self._check_prepared(location)
+
+  def prepare(self) -> None:
+    """Makes sure every split and OOD set the config reads is in data_dir: builds the generated
+    ones that are absent (never touching existing ones) and checks the rest."""
+    self.check_prepared()
+    locations = self._locations()
     generated = {(location.dataset, location.config.name): location
                  for location in locations if location.generated}
     for location in generated.values():  # one build makes all of a dataset's splits
