@@ -44,10 +44,11 @@ from absl import flags
 from mood_jax.data import input_pipeline, transforms
 
 SIZE = 224
-# XLA's count for configs/imagenet.py's finetune step (`--config.dry_run=True
-# --config.dry_run_devices=8`: BEiT-L/16, batch 16 a device), per image; the forward alone is
-# ~1/3 of it, 2 x the 61.6 G multiply-adds of Dosovitskiy et al. 2021, table 6.
-VIT_L16_TRAIN_FLOPS = 372e9
+# XLA's count for configs/imagenet.py's finetune step (BEiT-L/16 at 224, bfloat16, fused
+# attention), per image: `--config.dry_run=True --config.dry_run_devices=8
+# --config.stages=finetune` prints 5920.0 GFLOPs a step per device for its 16 images a device.
+# About 3x the forward's 2 x 61.6 G multiply-adds (Dosovitskiy et al. 2021, table 6).
+VIT_L16_TRAIN_FLOPS = 5920e9 / 16
 TARGET_MFU = 0.5
 # Dense bf16 peak per chip (mood_jax/utilisation.py's table and sources).
 CHIPS = {'H100 SXM': 989e12, 'TPU v4': 275e12}
@@ -199,7 +200,8 @@ def measure(num_images: int, repeats: int, workers, batch: int) -> dict:
                  'cores': TARGET_MFU * peak / VIT_L16_TRAIN_FLOPS / train_per_core}
           for chip, peak in CHIPS.items()}
   notes.append(f'1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, '
-               f'on {cores} cores: rates are of one core under that load')
+               f'on {cores} cores: the per-core rates are per CPU second of this process, '
+               'grain\'s per wall second, which that load lowers')
   return {'images': num_images, 'repeats': repeats, 'cores': cores,
           'cpu': platform.processor(), 'pillow': PIL.__version__, 'default_decoder': default,
           'per_core': table, 'grain_train': loaders, 'feed_at_50pct_mfu': feed,

@@ -4,7 +4,7 @@
   python -m benchmarks.train_step [--steps=20 --warmup=3 --batch_size=128 --variant=Ti/4
                                    --image_size=32 --out=benchmarks/results/train_step.json
                                    --gpu --peak_flops=FLOPS --scan --remat
-                                   --attention=auto|einsum|fused]
+                                   --attention=auto|einsum|fused --compare_attention]
 
 Two steps, each in two implementations, on one fixed random batch (no input pipeline):
 
@@ -74,6 +74,9 @@ _SCAN = flags.DEFINE_bool('scan', False, 'Ours: config.model.scan (lax.scan over
 _REMAT = flags.DEFINE_bool('remat', False, 'Ours: config.model.remat.')
 _ATTENTION = flags.DEFINE_enum('attention', 'auto', vit.ATTENTIONS,
                                'Ours: config.model.attention.')
+_COMPARE_ATTENTION = flags.DEFINE_bool(
+    'compare_attention', False, 'Instead of ours against torch: ours with the einsum and with '
+    'the fused attention, alternating (what model.attention=auto picks on CPU rests on).')
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/train_step.json', 'JSON results file.')
 
 SETTINGS = {
@@ -305,6 +308,22 @@ def torch_step(step: str, config, gpu: bool, images, labels):
   return run_step
 
 
+def attention_comparison(step: str, setting: dict, mesh, images, labels, warmup: int,
+                         steps: int, model_options: dict | None = None) -> dict:
+  """Our `step` with model.attention einsum and fused (and `model_options`), timed
+  alternating: {'einsum': summary, 'fused': summary, 'einsum_over_fused_step_time': ...}."""
+  runs = {}
+  for attention in ('einsum', 'fused'):
+    config = config_for(dict(setting, attention=attention))
+    config.model.update(model_options or {})
+    runs[attention] = ours_step(step, config, mesh, images, labels)
+  timing = time_steps(runs, warmup, steps)
+  result = {name: summary(row, setting['batch_size'], 1.0, None) for name, row in timing.items()}
+  result['einsum_over_fused_step_time'] = (result['einsum']['median_step_ms']
+                                           / result['fused']['median_step_ms'])
+  return result
+
+
 # --- Timing and the report. ---
 
 def time_steps(run_steps: dict, warmup: int, steps: int) -> dict:
@@ -394,6 +413,9 @@ def main(argv) -> None:
   labels = rng.integers(0, catalogue.source(config.data).num_classes(), setting['batch_size'],
                         dtype=np.int32)
   load_before = os.getloadavg()
+  if _COMPARE_ATTENTION.value:
+    _compare_attention(setting, mesh, images, labels, load_before)
+    return
   results = {}
   for step in ('pretrain', 'finetune'):
     timing = time_steps({'ours': ours_step(step, config, mesh, images, labels),
@@ -418,6 +440,23 @@ def main(argv) -> None:
   with open(_OUT.value, 'w') as f:
     json.dump(report, f, indent=2)
   _print_table(results, notes)
+  print(f'wrote {_OUT.value}')
+
+
+def _compare_attention(setting: dict, mesh, images, labels, load_before) -> None:
+  results = {step: attention_comparison(step, setting, mesh, images, labels, _WARMUP.value,
+                                        _STEPS.value) for step in ('pretrain', 'finetune')}
+  load_after = os.getloadavg()
+  for step, row in results.items():
+    print(f'{step:9s} einsum {row["einsum"]["median_step_ms"]:9.1f} ms, fused '
+          f'{row["fused"]["median_step_ms"]:9.1f} ms: einsum/fused step time '
+          f'{row["einsum_over_fused_step_time"]:.3f}')
+  print(f'note: medians of {_STEPS.value} timed steps after {_WARMUP.value} warm-up ones, '
+        f'alternating; 1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} '
+        f'after, on {os.cpu_count()} cores')
+  with open(_OUT.value, 'w') as f:
+    json.dump({'setting': setting, 'load_average': [load_before, load_after],
+               'results': results}, f, indent=2)
   print(f'wrote {_OUT.value}')
 
 

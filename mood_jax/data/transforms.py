@@ -27,7 +27,7 @@ def converted(image: PIL.Image.Image, channels: int) -> np.ndarray:
   return array if channels == 3 else array[..., None]
 
 
-# JPEGs decode through simplejpeg (libjpeg-turbo's own API): 1.5x PIL's rate on one core,
+# JPEGs decode through simplejpeg (libjpeg-turbo's own API): 1.46x PIL's rate on one core,
 # the same pixels (benchmarks/input_pipeline.py; README "Performance on accelerators").
 DEFAULT_DECODER = 'simplejpeg'
 # Largest |simplejpeg - PIL| per pixel accepted, in uint8 levels: decoders may round the
