@@ -9,7 +9,8 @@ Each measurement runs in a process of its own (this one never starts a JAX backe
 holds no device memory), and the JSON and its Markdown summary (OUT with .md) are rewritten
 after each part, so a window that closes early keeps what was measured. Parts, in order:
 
-  train_step  MAE pretraining (75% masked) and fine-tuning, B/16 at 224 px in bfloat16, batch
+  train_step  MAE pretraining (75% masked) and fine-tuning, B/16 at 224 px, model.dtype='auto'
+              (bfloat16 on an accelerator) and model.attention='auto' (fused there), batch
               128, on one device: benchmarks/train_step.py's steps, ours and timm/PyTorch's
               alternating. Images/s; MFU from the dry run's FLOP count (mood_jax/dry_run.py:
               XLA's count of the step, the figure `--config.dry_run=True` prints) and from
@@ -19,11 +20,18 @@ after each part, so a window that closes early keeps what was measured. Parts, i
               as the dry run is, and against XLA's plan for the device itself. With more than
               one device, the step again data-parallel over all of them (the batch per device
               unchanged) and its scaling efficiency.
+  attention   our two steps again with the einsum and the fused attention
+              (jax.nn.dot_product_attention: cuDNN's kernel on a GPU in bfloat16), alternating;
+              the fine-tune step with BEiT's relative position bias per block, its bias.
+  input_pipeline  benchmarks/input_pipeline.py on the device host's cores: the decoders x
+              ImageNet transforms per core, grain with 0..16 workers, and the cores that feed
+              one H100 or TPU v4 chip at 50% MFU at the measured rate.
   scoring     knn and MOOD's Mahalanobis, fit + score (benchmarks/ood_scoring.py's runs), on
               a 50,000 x 768 bank and 10,000 queries, on the device and on the host CPU.
   digits      the main job on configs/digits.py as a user runs it (data-parallel over every
-              visible device), its wall time per stage, and its results against the CPU
-              reference of the same code: ID accuracy and every metric the rows carry.
+              visible device), its wall time per stage, the MFU its log lines report (median
+              per stage; none where the device's peak is unknown), and its results against
+              the CPU reference of the same code: ID accuracy and every metric the rows carry.
 
 --smoke runs every part at tiny sizes on CPU, with 2 fake devices for data parallelism (the
 digits job: its smoke config, finetune and evaluate only): tests/test_accelerator_check.py
@@ -59,17 +67,20 @@ import numpy as np
 from mood_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ('train_step', 'scoring', 'digits')
+PARTS = ('train_step', 'attention', 'input_pipeline', 'scoring', 'digits')
 STEPS = ('pretrain', 'finetune')
 SIZES = {
     'gpu': dict(train=dict(variant='B/16', image_size=224, batch_size=128, data='imagenet2012',
-                           dtype='bfloat16'),
+                           dtype='auto'),  # bfloat16 on an accelerator
                 steps=20, warmup=3, bank=50_000, queries=10_000, dim=768, repeats=5,
+                jpegs=64, grain_workers=(0, 1, 2, 4, 8, 16),
                 digits_flags='--config=configs/digits.py'),
-    # float32: XLA:CPU compiles the bfloat16 step ~1.5x slower, and the code path is the same
+    # 'auto' is float32 on CPU: XLA:CPU compiles the bfloat16 step ~1.5x slower, and the code
+    # path is the same
     'smoke': dict(train=dict(variant='mu/8', image_size=16, batch_size=8, data='cifar10',
-                             dtype='float32'),
+                             dtype='auto'),
                   steps=2, warmup=1, bank=512, queries=128, dim=32, repeats=1,
+                  jpegs=8, grain_workers=(0, 1),
                   # two stages: the job's plumbing, not its every stage, is rehearsed
                   digits_flags='--config=configs/digits.py:smoke --config.stages=finetune,'
                                'evaluate --config.finetune.init_from=scratch'),
@@ -81,6 +92,7 @@ TOLERANCES = {'id_accuracy': 0.02, 'auroc': 0.03, 'other': 0.05}
 KEY_FIELDS = ('model', 'scorer', 'ood_set')
 # The issue's targets, reported as measured, never asserted.
 TARGETS = {'finetune MFU (dry-run FLOPs)': '>= 0.45', 'pretrain / finetune images/s': '>= 2.5',
+           'einsum / fused attention step time': '>= 1.0',
            'ours / torch images/s': '>= 1.0', 'measured peak / dry-run estimate': '0.9 to 1.1'}
 # pipeline.run's line as a stage starts (logit_ft's "starting from ..." is not one).
 STAGE_START = re.compile(r'\] \[(\w+)\] starting(?! from)')
@@ -93,30 +105,20 @@ def _train_child(step: str, sizes: dict) -> dict:
   """One training step on one device, ours and torch's; its memory against the dry run's
   estimate; then data-parallel over every device when there are several."""
   import jax  # noqa: PLC0415 (children only: the parent holds no device)
-  from jax.sharding import AxisType  # noqa: PLC0415
 
   from benchmarks import train_step  # noqa: PLC0415
   from mood_jax import dry_run, parallel  # noqa: PLC0415
-  from mood_jax.data import catalogue  # noqa: PLC0415
-
-  def mesh_of(devices):
-    return jax.make_mesh((len(devices),), ('data',), (AxisType.Auto,), devices=devices)
-
-  def batch(config, size):
-    rng = np.random.default_rng(0)
-    side, channels = config.data.image_size, catalogue.source(config.data).channels
-    return (rng.standard_normal((size, side, side, channels), np.float32),
-            rng.integers(0, catalogue.source(config.data).num_classes(), size, dtype=np.int32))
+  from mood_jax.models import vit  # noqa: PLC0415
 
   setting, devices = sizes['train'], jax.devices()
   gpu = jax.default_backend() == 'gpu'
-  config, one_device = train_step.config_for(setting), mesh_of(devices[:1])
+  config, one_device = train_step.config_for(setting), _mesh_of(devices[:1])
   peak, peak_how = train_step.peak_flops()
   # The dry run as a user runs it, compiled for the host CPU; and XLA's plan for the device.
   estimate, = dry_run.compile_steps(config, [step],
-                                    parallel.Placement(mesh_of(jax.devices('cpu')[:1])))
+                                    parallel.Placement(_mesh_of(jax.devices('cpu')[:1])))
   device_plan, = dry_run.compile_steps(config, [step], parallel.Placement(one_device))
-  images, labels = batch(config, setting['batch_size'])
+  images, labels = _random_batch(config, setting['batch_size'])
   impls, notes = {'ours': train_step.ours_step(step, config, one_device, images, labels)}, []
   try:
     impls['torch'] = train_step.torch_step(step, config, gpu, images, labels)
@@ -130,7 +132,8 @@ def _train_child(step: str, sizes: dict) -> dict:
             for name, row in timing.items()}
   ours = result['ours']
   result.update(
-      setting=setting, backend=jax.default_backend(), device=devices[0].device_kind,
+      setting=setting, compute=vit.compute_settings(config.model),
+      backend=jax.default_backend(), device=devices[0].device_kind,
       peak_flops=peak, peak_flops_how=peak_how, notes=notes,
       flops_per_step_dry_run=estimate['flops_per_device'],
       flops_per_step_analytic=flops * setting['batch_size'],
@@ -151,14 +154,63 @@ def _train_child(step: str, sizes: dict) -> dict:
   if len(devices) > 1:
     many = dict(setting, batch_size=setting['batch_size'] * len(devices))
     config = train_step.config_for(many)
-    run_step = train_step.ours_step(step, config, mesh_of(devices),
-                                    *batch(config, many['batch_size']))
+    run_step = train_step.ours_step(step, config, _mesh_of(devices),
+                                    *_random_batch(config, many['batch_size']))
     timing = train_step.time_steps({'ours': run_step}, sizes['warmup'], sizes['steps'])
     row = train_step.summary(timing['ours'], many['batch_size'], flops, peak)
     result['data_parallel'] = {
         'devices': len(devices), 'batch_size': many['batch_size'], **row,
         'scaling_efficiency': row['images_per_s'] / (len(devices) * ours['images_per_s'])}
   return result
+
+
+def _mesh_of(devices):
+  import jax  # noqa: PLC0415
+  from jax.sharding import AxisType  # noqa: PLC0415
+  return jax.make_mesh((len(devices),), ('data',), (AxisType.Auto,), devices=devices)
+
+
+def _random_batch(config, size: int):
+  from mood_jax.data import catalogue  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  side, channels = config.data.image_size, catalogue.source(config.data).channels
+  return (rng.standard_normal((size, side, side, channels), np.float32),
+          rng.integers(0, catalogue.source(config.data).num_classes(), size, dtype=np.int32))
+
+
+# The fine-tune step as the paper configs run it (BEiT: relative position bias per block, q/v
+# biases), where fused attention takes the bias; pretraining is MAE's, without one.
+BEIT_OPTIONS = dict(posemb='none', rel_pos_bias='block', qkv_bias='qv', layer_scale=0.1)
+
+
+def _attention_child(step: str, sizes: dict) -> dict:
+  """Our step with the einsum and the fused attention, alternating, on one device."""
+  import jax  # noqa: PLC0415
+
+  from benchmarks import train_step  # noqa: PLC0415
+  from mood_jax.models import vit  # noqa: PLC0415
+
+  setting, mesh = sizes['train'], _mesh_of(jax.devices()[:1])
+  config = train_step.config_for(setting)
+  options = BEIT_OPTIONS if step == 'finetune' else {}
+  result = train_step.attention_comparison(step, setting, mesh,
+                                           *_random_batch(config, setting['batch_size']),
+                                           sizes['warmup'], sizes['steps'], options)
+  settings = vit.compute_settings(dict(config.model, attention='fused'))
+  spec = vit.parse_variant(setting['variant'])
+  implementation = vit.fused_implementation(jax.default_backend(), vit.DTYPES[settings['dtype']],
+                                            spec['width'] // spec['num_heads'])
+  result.update(setting=setting, options=options, compute=settings,
+                backend=jax.default_backend(), fused_implementation=implementation or 'xla')
+  return result
+
+
+def _input_child(sizes: dict) -> dict:
+  """benchmarks/input_pipeline.py on this host's cores."""
+  from benchmarks import input_pipeline  # noqa: PLC0415
+  workers = [w for w in sizes['grain_workers'] if w <= (os.cpu_count() or 1)]
+  return input_pipeline.measure(sizes['jpegs'], sizes['repeats'], workers,
+                                batch=max(1, sizes['jpegs'] // 8))
 
 
 def _live_gib(report: dict) -> float:
@@ -240,6 +292,28 @@ def _train_part(smoke: bool, scratch: str, log: str) -> dict:
   return part
 
 
+def _attention_part(smoke: bool, scratch: str, log: str) -> dict:
+  env = _child_env(smoke, JAX_COMPILATION_CACHE_DIR=os.path.join(scratch, 'jax_cache'))
+  return {step: _run_child(['--child=attention', f'--step={step}', *_smoke_flag(smoke)], env, log)
+          for step in STEPS}
+
+
+def _input_part(smoke: bool, log: str) -> dict:
+  return _run_child(['--child=input_pipeline', *_smoke_flag(smoke)], _child_env(smoke), log)
+
+
+def _mfu_from_log(workdir: str) -> dict:
+  """{stage: median MFU of its training log rows}, None where the rows have none (a device
+  without a known peak)."""
+  from mood_jax import metrics_log  # noqa: PLC0415 (imports JAX: the parent uses no device)
+  by_stage = {}
+  for row in metrics_log.read(workdir):
+    if row.get('kind', 'train') == 'train':
+      by_stage.setdefault(row['stage'], []).append(row.get('mfu'))
+  return {stage: float(np.median(values)) if None not in values else None
+          for stage, values in by_stage.items()}
+
+
 def _scoring_part(smoke: bool, scratch: str, log: str) -> dict:
   part, scores = {}, {}
   for where, platforms in (('device', {}), ('cpu', {'JAX_PLATFORMS': 'cpu'})):
@@ -282,7 +356,8 @@ def _digits_part(sizes: dict, args, workdir: str, log: str) -> dict:
     results = json.load(f)
   part = {'command': ' '.join(command[1:]), 'workdir': workdir, 'total_s': total,
           'before_first_stage_s': marks[0][1] if marks else None, 'stage_s': stage_s,
-          'id_accuracy': results['id_accuracy'], 'rows': results['rows']}
+          'id_accuracy': results['id_accuracy'], 'rows': results['rows'],
+          'compute': results.get('compute', {}), 'mfu_from_log': _mfu_from_log(workdir)}
   if not marks:
     part['note'] = 'no stage-start lines in the log: per-stage times unknown'
   part['comparison'] = _against_reference(args.reference, sizes['digits_flags'], results)
@@ -408,7 +483,9 @@ def _num(value, digits: int = 2) -> str:
 def _train_lines(train: dict) -> list[str]:
   setting = train['pretrain']['setting']
   lines = ['## Train step', '',
-           f'{setting["variant"]} at {setting["image_size"]} px, {setting["dtype"]}, batch '
+           f'{setting["variant"]} at {setting["image_size"]} px, '
+           f'{train["pretrain"]["compute"]["dtype"]} (model.dtype={setting["dtype"]}), '
+           f'{train["pretrain"]["compute"]["attention"]} attention, batch '
            f'{setting["batch_size"]}, one device; peak {train["pretrain"]["peak_flops_how"]}.', '',
            '| step | ours images/s | torch images/s | ours/torch | MFU (dry-run FLOPs) | '
            'MFU (analytic) | peak GiB | dry-run estimate GiB | measured/estimate | '
@@ -434,6 +511,24 @@ def _train_lines(train: dict) -> list[str]:
   return lines
 
 
+def _attention_lines(attention: dict) -> list[str]:
+  lines = ['## Attention: einsum against fused', '',
+           '| step | compute | fused implementation | einsum ms | fused ms | einsum/fused |',
+           '|---|---|---|---:|---:|---:|']
+  for step in STEPS:
+    row = attention[step]
+    lines.append(f'| {step} | {row["compute"]["dtype"]} | '
+                 f'{row["fused_implementation"]} | {row["einsum"]["median_step_ms"]:.1f} | '
+                 f'{row["fused"]["median_step_ms"]:.1f} | '
+                 f'{row["einsum_over_fused_step_time"]:.2f} |')
+  return lines
+
+
+def _input_lines(report: dict) -> list[str]:
+  from benchmarks import input_pipeline  # noqa: PLC0415
+  return ['## Input pipeline (this host)', '', input_pipeline.markdown(report)]
+
+
 def _scoring_lines(scoring: dict) -> list[str]:
   lines = ['## Scoring (fit + score)', '',
            f'Device {scoring["device"]["device"]} against the host CPU.', '',
@@ -448,9 +543,10 @@ def _scoring_lines(scoring: dict) -> list[str]:
 
 def _digits_lines(digits: dict) -> list[str]:
   stages = ', '.join(f'{name} {s:.1f} s' for name, s in digits['stage_s'].items())
+  mfu = ', '.join(f'{stage} {_pct(value)}' for stage, value in digits['mfu_from_log'].items())
   lines = ['## Digits main job', '', f'`{digits["command"]}`: {digits["total_s"]:.1f} s in '
            f'all; before the first stage {_num(digits["before_first_stage_s"], 1)} s; {stages}.',
-           '']
+           f'Compute {digits["compute"]}; MFU from the log (median per stage): {mfu}.', '']
   comparison = digits['comparison']
   if not comparison['compared']:
     return [*lines, f'Not compared: {comparison["why"]}.']
@@ -484,7 +580,9 @@ def markdown(report: dict) -> str:
            f'{device.get("device_count", "?")} x {device.get("device_kind", "?")} '
            f'({device.get("backend", "?")}), jax {device.get("jax", "?")}; commit '
            f'{report["commit"]}; `{report["command"]}`', '']
-  sections = {'train_step': _train_lines, 'scoring': _scoring_lines, 'digits': _digits_lines}
+  sections = {'train_step': _train_lines, 'attention': _attention_lines,
+              'input_pipeline': _input_lines, 'scoring': _scoring_lines,
+              'digits': _digits_lines}
   for part, section in sections.items():
     if part in report['parts']:
       lines += [*section(report['parts'][part]), '']
@@ -497,6 +595,10 @@ def markdown(report: dict) -> str:
 
 
 def _target_value(report: dict, name: str) -> str:
+  if name == 'einsum / fused attention step time':
+    attention = report['parts'].get('attention')
+    return ', '.join(f'{step} {_num(attention[step]["einsum_over_fused_step_time"])}'
+                     for step in STEPS) if attention else 'not measured'
   train = report['parts'].get('train_step')
   if not train:
     return 'not measured'
@@ -546,6 +648,8 @@ def check(args) -> dict:
             'device': device, 'sizes': sizes, 'targets': TARGETS, 'parts': {}, 'part_s': {},
             'errors': {}, 'log': log}
   runs = {'train_step': lambda: _train_part(args.smoke, scratch, log),
+          'attention': lambda: _attention_part(args.smoke, scratch, log),
+          'input_pipeline': lambda: _input_part(args.smoke, log),
           'scoring': lambda: _scoring_part(args.smoke, scratch, log),
           'digits': lambda: _digits_part(sizes, args, args.digits_workdir
                                          or os.path.join(scratch, 'digits'), log)}
@@ -592,7 +696,8 @@ def main() -> None:
   parser.add_argument('--digits_flags', default=None,
                       help='With --write_reference: the config flags WORKDIR ran with '
                       '(default: the check\'s own, with or without --smoke).')
-  parser.add_argument('--child', choices=('probe', 'train_step', 'scoring'), help=argparse.SUPPRESS)
+  parser.add_argument('--child', choices=('probe', 'train_step', 'attention', 'input_pipeline',
+                                          'scoring'), help=argparse.SUPPRESS)
   parser.add_argument('--step', choices=STEPS, help=argparse.SUPPRESS)
   parser.add_argument('--scores', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -600,6 +705,8 @@ def main() -> None:
   if args.child:
     result = {'probe': _probe_child,
               'train_step': lambda: _train_child(args.step, sizes),
+              'attention': lambda: _attention_child(args.step, sizes),
+              'input_pipeline': lambda: _input_child(sizes),
               'scoring': lambda: _scoring_child(sizes, args.scores)}[args.child]()
     print(json.dumps(result))
     return

@@ -3,7 +3,8 @@
   pip install -r requirements.txt -r requirements-test.txt -e . && pip install --no-deps timm==1.0.29
   python -m benchmarks.train_step [--steps=20 --warmup=3 --batch_size=128 --variant=Ti/4
                                    --image_size=32 --out=benchmarks/results/train_step.json
-                                   --gpu --peak_flops=FLOPS --scan --remat]
+                                   --gpu --peak_flops=FLOPS --scan --remat
+                                   --attention=auto|einsum|fused --compare_attention]
 
 Two steps, each in two implementations, on one fixed random batch (no input pipeline):
 
@@ -55,7 +56,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import digits
-from mood_jax import host_malloc, parallel, train_loop
+from mood_jax import host_malloc, parallel, train_loop, utilisation
 from mood_jax.data import catalogue
 from mood_jax.models import vit
 from mood_jax.stages import finetune, pretrain
@@ -68,9 +69,14 @@ _VARIANT = flags.DEFINE_string('variant', None, '<size>/<patch> of mood_jax/mode
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'Default: 32 on CPU, 224 on GPU.')
 _GPU = flags.DEFINE_bool('gpu', False, 'The GPU setting; the default when JAX runs on a GPU.')
 _PEAK_FLOPS = flags.DEFINE_float('peak_flops', None, 'Peak FLOP/s of the device for MFU; '
-                                 'default: a table for GPUs, an estimate for CPUs.')
+                                 'default: mood_jax/utilisation.py\'s table, an estimate for CPUs.')
 _SCAN = flags.DEFINE_bool('scan', False, 'Ours: config.model.scan (lax.scan over the blocks).')
 _REMAT = flags.DEFINE_bool('remat', False, 'Ours: config.model.remat.')
+_ATTENTION = flags.DEFINE_enum('attention', 'auto', vit.ATTENTIONS,
+                               'Ours: config.model.attention.')
+_COMPARE_ATTENTION = flags.DEFINE_bool(
+    'compare_attention', False, 'Instead of ours against torch: ours with the einsum and with '
+    'the fused attention, alternating (what model.attention=auto picks on CPU rests on).')
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/train_step.json', 'JSON results file.')
 
 SETTINGS = {
@@ -78,8 +84,6 @@ SETTINGS = {
     'gpu': dict(variant='B/16', image_size=224, batch_size=128, data='imagenet2012',
                 dtype='bfloat16'),
 }
-# Dense bf16 tensor-core peaks (vendor data sheets, SXM parts), by `device_kind` substring.
-GPU_PEAK_BF16 = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'L4': 121e12}
 # Embeddings, not weights: no weight decay in either implementation (optim.decay_mask).
 TORCH_EMBEDDINGS = ('cls_token', 'pos_embed', 'mask_token')
 
@@ -103,7 +107,8 @@ def setting_from_flags(gpu: bool) -> dict:
                     ('batch_size', _BATCH_SIZE)):
     if flag.value is not None:
       setting[key] = flag.value
-  return {**setting, 'scan': _SCAN.value, 'remat': _REMAT.value}
+  return {**setting, 'scan': _SCAN.value, 'remat': _REMAT.value,
+          'attention': vit.resolve_auto('attention', _ATTENTION.value)}
 
 
 def config_for(setting: dict):
@@ -116,6 +121,7 @@ def config_for(setting: dict):
   config.pretrain.batch_size = config.finetune.batch_size = setting['batch_size']
   config.model.dtype = setting['dtype']  # compute dtype; params stay float32
   config.model.scan, config.model.remat = setting.get('scan', False), setting.get('remat', False)
+  config.model.attention = setting.get('attention', 'auto')
   return config
 
 
@@ -166,9 +172,9 @@ def peak_flops(override: float | None = None) -> tuple[float | None, str]:
   if jax.default_backend() == 'cpu':
     return _cpu_peak()
   kind = jax.devices()[0].device_kind
-  peak = next((value for name, value in GPU_PEAK_BF16.items() if name in kind), None)
-  return peak, (f'dense bf16 data-sheet peak of {kind}' if peak else
-                f'unknown for {kind}: pass --peak_flops (MFU left out)')
+  peak, source = utilisation.peak_flops(kind)
+  return peak, (f'dense bf16 data-sheet peak of {kind} ({source})' if peak else
+                f'{source}: pass --peak_flops (MFU left out)')
 
 
 # --- Ours: the stages' own steps. ---
@@ -302,6 +308,22 @@ def torch_step(step: str, config, gpu: bool, images, labels):
   return run_step
 
 
+def attention_comparison(step: str, setting: dict, mesh, images, labels, warmup: int,
+                         steps: int, model_options: dict | None = None) -> dict:
+  """Our `step` with model.attention einsum and fused (and `model_options`), timed
+  alternating: {'einsum': summary, 'fused': summary, 'einsum_over_fused_step_time': ...}."""
+  runs = {}
+  for attention in ('einsum', 'fused'):
+    config = config_for(dict(setting, attention=attention))
+    config.model.update(model_options or {})
+    runs[attention] = ours_step(step, config, mesh, images, labels)
+  timing = time_steps(runs, warmup, steps)
+  result = {name: summary(row, setting['batch_size'], 1.0, None) for name, row in timing.items()}
+  result['einsum_over_fused_step_time'] = (result['einsum']['median_step_ms']
+                                           / result['fused']['median_step_ms'])
+  return result
+
+
 # --- Timing and the report. ---
 
 def time_steps(run_steps: dict, warmup: int, steps: int) -> dict:
@@ -391,6 +413,9 @@ def main(argv) -> None:
   labels = rng.integers(0, catalogue.source(config.data).num_classes(), setting['batch_size'],
                         dtype=np.int32)
   load_before = os.getloadavg()
+  if _COMPARE_ATTENTION.value:
+    _compare_attention(setting, mesh, images, labels, load_before)
+    return
   results = {}
   for step in ('pretrain', 'finetune'):
     timing = time_steps({'ours': ours_step(step, config, mesh, images, labels),
@@ -415,6 +440,23 @@ def main(argv) -> None:
   with open(_OUT.value, 'w') as f:
     json.dump(report, f, indent=2)
   _print_table(results, notes)
+  print(f'wrote {_OUT.value}')
+
+
+def _compare_attention(setting: dict, mesh, images, labels, load_before) -> None:
+  results = {step: attention_comparison(step, setting, mesh, images, labels, _WARMUP.value,
+                                        _STEPS.value) for step in ('pretrain', 'finetune')}
+  load_after = os.getloadavg()
+  for step, row in results.items():
+    print(f'{step:9s} einsum {row["einsum"]["median_step_ms"]:9.1f} ms, fused '
+          f'{row["fused"]["median_step_ms"]:9.1f} ms: einsum/fused step time '
+          f'{row["einsum_over_fused_step_time"]:.3f}')
+  print(f'note: medians of {_STEPS.value} timed steps after {_WARMUP.value} warm-up ones, '
+        f'alternating; 1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} '
+        f'after, on {os.cpu_count()} cores')
+  with open(_OUT.value, 'w') as f:
+    json.dump({'setting': setting, 'load_average': [load_before, load_after],
+               'results': results}, f, indent=2)
   print(f'wrote {_OUT.value}')
 
 

@@ -84,7 +84,9 @@ def paper_config(name: str, train_examples: int, ood_sets: tuple[str, ...],
       qkv_bias='qv',           # BEiT: q, v biases
       layer_scale=1e-5,        # BEiT README: LayerScale init 0.1 for base, 1e-5 for large
                                # (converted weights bring their own gammas)
-      pool='mean')             # BEiT/MOOD features: mean of patch tokens + LayerNorm
+      pool='mean',             # BEiT/MOOD features: mean of patch tokens + LayerNorm
+      dtype='auto')            # bfloat16 compute on GPU/TPU, float32 on CPU (BEiT, hence MOOD,
+                               # fine-tunes under torch.cuda.amp.autocast: 16-bit compute too)
 
   # Pretraining runs only in the from_scratch preset: BEiT's recipe, pixel targets.
   config.pretrain.update(

@@ -55,6 +55,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.peer_timeout_s = 30
   config.stall_timeout_s = 1800
   config.coordinator_timeout_s = 300
+  # 'START,COUNT': a jax.profiler trace of steps START to START + COUNT - 1 of each training
+  # stage in WORKDIR/tensorboard/profile/, for TensorBoard's profile plugin (mood_jax/utilisation.py).
+  config.profile_steps = ''
 
   config.data = data_config.default_data_config()
   config.data.id_classes = tuple(range(10))
@@ -64,7 +67,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       qkv_bias='qkv',           # 'qv': BEiT's q and v biases, none on k; or 'none'
       layer_scale=config_dict.placeholder(float),  # LayerScale init value (BEiT: 0.1)
       rel_pos_bias='none',      # 'block' (a table per block) or 'shared' (one, BEiT's option)
-      dtype='float32',          # compute dtype: 'bfloat16' on TPU/GPU (params stay float32)
+      dtype='float32',          # compute dtype (params stay float32): 'auto' is bfloat16 on
+                                # GPU/TPU, float32 on CPU (the paper configs' choice)
+      attention='auto',         # 'einsum' or 'fused' (jax.nn.dot_product_attention); 'auto':
+                                # fused on GPU/TPU, einsum on CPU (faster there, README)
       remat=False,              # recompute block activations in the backward pass
       scan=False,               # lax.scan over the blocks: one block to compile, same params
   )

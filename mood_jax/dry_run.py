@@ -5,7 +5,8 @@ With `--config.dry_run_devices=N` the steps compile for N fake CPU devices (the 
 `config.mesh` over them), so a pod's config can be checked on a laptop before renting it.
 Memory is XLA's analysis of the compiled SPMD program, so it is per device. FLOPs are XLA's
 count on the lowered program with its loops unrolled (a loop's body is counted once, not per
-trip), divided by the devices.
+trip), divided by the devices. `model.dtype` and `model.attention` 'auto' resolve for the machine
+the run is for: this one's backend, or an accelerator's with fake devices (`for_target`).
 """
 
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 
 from mood_jax import inference, parallel, stages, train_loop
 from mood_jax.data import catalogue
+from mood_jax.models import vit
 from mood_jax.stages import finetune
 
 _GIB = 2.0**30
@@ -90,9 +92,25 @@ def step_flops(name: str, config: ml_collections.ConfigDict, placement: parallel
   return lowered.cost_analysis()['flops'] / placement.mesh.size
 
 
-def table(reports: list[dict], mesh) -> str:
+def target_backend(config: ml_collections.ConfigDict) -> str:
+  """The backend the dry-run program is for: fake devices stand in for a pod's
+  accelerators, otherwise it is this machine's."""
+  return 'accelerator' if config.dry_run_devices else jax.default_backend()
+
+
+def for_target(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with model.dtype and model.attention 'auto' resolved for `target_backend`,
+  so that the program compiled and costed is the one the run will execute."""
+  config = config.copy_and_resolve_references()
+  config.model.update(vit.compute_settings(config.model, target_backend(config)))
+  return config
+
+
+def table(reports: list[dict], mesh, config: ml_collections.ConfigDict) -> str:
   lines = [f'Dry run on {jax.device_count()} {jax.devices()[0].platform} devices, mesh '
            f'{dict(mesh.shape)}; memory (XLA\'s compiled program) and FLOPs per device',
+           f'Compute: {config.model.dtype}, {config.model.attention} attention (\'auto\' '
+           f'resolved for {target_backend(config)})',
            '| step | batch/device | params+inputs GiB | outputs GiB | temporaries GiB | '
            'GFLOPs/step |', '|---|---:|---:|---:|---:|---:|']
   for r in reports:

@@ -8,7 +8,8 @@ import ml_collections
 from absl import logging
 
 from mood_jax import (changed_settings, checkpoint, config_checks, dry_run, one_class, parallel,
-                      optim, run_config, stages as all_stages, watchdog, workdir_lock)
+                      optim, run_config, stages as all_stages, utilisation, watchdog,
+                      workdir_lock)
 from mood_jax.data import catalogue, data_config
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -47,6 +48,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   stages = selected_stages(config)
   data_config.check_config(config.data)
   vit.check_config(config.model, config.data.image_size)
+  utilisation.parse_profile_steps(config.profile_steps)
   mesh = parallel.make_mesh(config.mesh)
   try:  # the data module's own checks: dataset name, classes, OOD set names
     data_source = catalogue.source(config.data)
@@ -82,7 +84,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   stages = validate(config, workdir)
   placement = parallel.Placement.from_config(config)
   if config.dry_run:
-    print(dry_run.table(dry_run.compile_steps(config, stages, placement), placement.mesh))
+    config = dry_run.for_target(config)
+    print(dry_run.table(dry_run.compile_steps(config, stages, placement), placement.mesh,
+                        config))
     return
   with workdir_lock.held(workdir):
     changed_settings.check(config, workdir, [s for s in stages if s in TRAINING_STAGES],

@@ -13,10 +13,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import checkpoint, metrics_log, parallel, progress, watchdog
+from mood_jax import checkpoint, metrics_log, parallel, progress, utilisation, watchdog
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.exit_now import PREEMPTED_EXIT_CODE
+from mood_jax.models import vit
 from mood_jax.training_stage import LossFn, TrainingStage
 
 
@@ -215,6 +216,13 @@ class _PreemptionNotice:
     return self._signalled or self._mngr.reached_preemption(step)
 
 
+def _step_flops(stage: TrainingStage, config: ml_collections.ConfigDict,
+                placement: parallel.Placement) -> float:
+  """FLOPs of one step per device, XLA's count as the dry run makes it."""
+  from mood_jax import dry_run  # noqa: PLC0415 (dry_run builds on this module)
+  return dry_run.step_flops(stage.name, config, placement)
+
+
 def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
           placement: parallel.Placement, *, start_params: Callable[[], Any] | None = None,
           batch_fn: Callable[[dict], dict] | None = None, keep_steps: tuple[int, ...] = (),
@@ -236,6 +244,7 @@ def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
   clock = progress.Clock(cfg.num_steps, cfg.batch_size, _later_images(config, workdir, name))
   init, abstract, shardings = abstract_state(stage, placement)
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir, name), cfg, keep_steps)
+  profiler = utilisation.Profiler(workdir, config.profile_steps)
   try:
     state = checkpoint.restore_latest(mngr, abstract, data_iter)
     if state is not None:
@@ -247,6 +256,10 @@ def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
       state = jax.jit(init, out_shardings=shardings)()
 
     train_step = make_train_step(stage, shardings, mesh)
+    logging.info('[%s] compute: %s', name, vit.compute_record(config.model))
+    # MFU only where the device's peak is known: elsewhere (CPU) the FLOPs are not counted.
+    peak, _ = utilisation.peak_flops(jax.devices()[0].device_kind)
+    flops = _step_flops(stage, config, placement) if peak else None
     start = int(state.step)
     tick, tick_step = time.perf_counter(), start
     window, window_steps = None, 0
@@ -257,7 +270,9 @@ def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
         if batch_fn is not None:
           batch = batch_fn(batch)
         watchdog.beat(f'{name} step {step}', compiling=step == start + 1)
+        profiler.before(step)
         state, metrics = train_step(state, batch)
+        profiler.after(step, state)
         window = _add_to_window(window, metrics, state.step)
         window_steps += 1
         if step == start + 1:  # keep compilation out of the images/s figures
@@ -274,6 +289,9 @@ def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
           now = time.perf_counter()
           if step > tick_step:
             metrics['images_per_s'] = cfg.batch_size * (step - tick_step) / (now - tick)
+            if peak:
+              metrics['mfu'] = utilisation.mfu(flops, metrics['images_per_s'], cfg.batch_size,
+                                               peak)
           metrics['lr'] = float(stage.lr_schedule(step - 1))
           tick, tick_step = now, step
           writer.write(step, metrics, progress=clock.line(step))
@@ -292,6 +310,7 @@ def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
           raise Preempted(f'{name} preempted at step {step}; its checkpoint is saved')
     logging.info('[%s] done: %s', name, clock.summary(cfg.num_steps - start, jax.device_count()))
   finally:  # an async save still in flight would be lost on exit
+    profiler.stop()
     mngr.wait_until_finished()
     mngr.close()
   return state

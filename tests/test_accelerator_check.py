@@ -10,9 +10,12 @@ import sys
 import pytest
 
 from benchmarks import accelerator_check
+from mood_jax.data import transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_FLAGS = accelerator_check.SIZES['smoke']['digits_flags']
+# The default rehearsal's parts; the attention and input pipeline parts run in a slow test.
+MAIN_PARTS = ('train_step', 'scoring', 'digits')
 
 
 def _check(*args, env):
@@ -24,7 +27,8 @@ def _check(*args, env):
 def smoke(tmp_path_factory, data_dir, env):
   """(out dir, report) of one --smoke run, its digits workdir kept in OUT/digits."""
   out = tmp_path_factory.mktemp('check')
-  run = _check('--smoke', f'--out={out}/check.json', f'--data_dir={data_dir}',
+  run = _check('--smoke', f'--parts={",".join(MAIN_PARTS)}', f'--out={out}/check.json',
+               f'--data_dir={data_dir}',
                f'--digits_workdir={out}/digits', f'--reference={out}/no_reference.json', env=env)
   assert run.returncode == 0, run.stdout + run.stderr
   with open(out / 'check.json') as f:
@@ -33,10 +37,11 @@ def smoke(tmp_path_factory, data_dir, env):
 
 def test_the_rehearsal_runs_every_part(smoke):
   out, report = smoke
-  assert report['errors'] == {} and set(report['parts']) == set(accelerator_check.PARTS)
+  assert report['errors'] == {} and set(report['parts']) == set(MAIN_PARTS)
   train = report['parts']['train_step']
   for step in accelerator_check.STEPS:
     row = train[step]
+    assert row['compute'] == {'dtype': 'float32', 'attention': 'einsum'}  # 'auto' on CPU
     assert row['ours']['images_per_s'] > 0 and row['ratio_ours_to_torch'] > 0
     assert 0 < row['mfu_dry_run'] < 1
     # XLA's count and the analytic one describe the same step.
@@ -50,8 +55,37 @@ def test_the_rehearsal_runs_every_part(smoke):
   assert list(digits['stage_s']) == ['finetune', 'evaluate']
   assert all(seconds > 0 for seconds in digits['stage_s'].values())
   assert not digits['comparison']['compared'] and 'no reference' in digits['comparison']['why']
+  assert digits['compute'] == {'backend': 'cpu', 'dtype': 'float32', 'attention': 'einsum'}
+  assert digits['mfu_from_log'] == {'finetune': None}  # no peak FLOP/s known for a CPU
   summary = (out / 'check.md').read_text()
   assert '## Train step' in summary and 'Not compared: no reference' in summary
+
+
+@pytest.mark.slow
+def test_the_rehearsal_times_both_attentions_and_the_input_pipeline(tmp_path, env):
+  run = _check('--smoke', '--parts=attention,input_pipeline', f'--out={tmp_path}/check.json',
+               env=env)
+  assert run.returncode == 0, run.stdout + run.stderr
+  report = json.loads((tmp_path / 'check.json').read_text())
+  assert report['errors'] == {}
+  for step in accelerator_check.STEPS:
+    row = report['parts']['attention'][step]
+    assert row['einsum']['median_step_ms'] > 0 and row['fused']['median_step_ms'] > 0
+    assert row['fused_implementation'] == 'xla'  # cuDNN's only on a GPU
+    assert row['einsum_over_fused_step_time'] == pytest.approx(
+        row['einsum']['median_step_ms'] / row['fused']['median_step_ms'])
+  assert report['parts']['attention']['finetune']['options']['rel_pos_bias'] == 'block'
+  pipeline = report['parts']['input_pipeline']
+  assert set(pipeline['per_core']) >= {'PIL', 'simplejpeg'}
+  assert all(row['train'] > 0 and row['pixels_vs_pil']['max_abs'] <= transforms.DECODER_TOLERANCE
+             for row in pipeline['per_core'].values())
+  assert set(pipeline['grain_train']) == {'0', '1'}  # JSON keys
+  for chip in ('H100 SXM', 'TPU v4'):
+    feed = pipeline['feed_at_50pct_mfu'][chip]
+    assert feed['cores'] == pytest.approx(
+        feed['images_per_s'] / pipeline['per_core'][pipeline['default_decoder']]['train'])
+  summary = (tmp_path / 'check.md').read_text()
+  assert '## Attention: einsum against fused' in summary and '## Input pipeline' in summary
 
 
 def test_a_reference_from_a_cpu_run_flags_exactly_what_differs(smoke, env, tmp_path):

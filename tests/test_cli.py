@@ -53,6 +53,9 @@ def test_end_to_end_writes_results(smoke_run):
   assert all(0.0 <= acc <= 1.0 for acc in results['id_accuracy'].values())
   assert os.path.exists(os.path.join(workdir, 'results', 'results.csv'))
   assert '| mahalanobis_mood |' in proc.stdout  # the Markdown table is printed
+  # How the scored model ran; CPU's 'auto' attention is the einsum one.
+  assert results['compute'] == {'backend': 'cpu', 'dtype': 'float32', 'attention': 'einsum'}
+  assert "compute: {'backend': 'cpu', 'dtype': 'float32', 'attention': 'einsum'}" in proc.stderr
   # CPU training without a caching malloc says how to get faster steps (host_malloc.py).
   assert ('preloading tcmalloc' in proc.stderr) == (host_malloc.caching_malloc() is None)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:

@@ -253,6 +253,46 @@ def test_decode_names_the_bad_example():
     transforms.Decode('svhn (test)').map_with_index(7, {'image': b'not an image'})
 
 
+def _encoded(pixels: np.ndarray, mode: str | None = None, **save) -> bytes:
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(pixels, mode).save(buffer, **save)
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize('how', ['jpeg_420', 'jpeg_444', 'progressive', 'gray_jpeg', 'cmyk_jpeg',
+                                 'png', 'one_channel'])
+def test_decode_gives_pils_pixels_within_the_decoder_tolerance(how):
+  """JPEGs decode through simplejpeg (faster), the rest through PIL: the same pixels within
+  transforms.DECODER_TOLERANCE either way."""
+  rng = np.random.default_rng(0)
+  rows, cols = np.mgrid[:61, :83]
+  photo = np.clip(np.stack([rows * 3, cols * 2, rows + cols], -1) + rng.normal(0, 20, (61, 83, 3)),
+                  0, 255).astype(np.uint8)
+  data, channels = {
+      'jpeg_420': (_encoded(photo, format='JPEG', quality=90), 3),
+      'jpeg_444': (_encoded(photo, format='JPEG', quality=95, subsampling=0), 3),
+      'progressive': (_encoded(photo, format='JPEG', progressive=True), 3),
+      'gray_jpeg': (_encoded(photo[..., 0], format='JPEG'), 3),
+      'cmyk_jpeg': (_encoded(np.concatenate([photo, photo[..., :1]], -1), 'CMYK',
+                             format='JPEG'), 3),
+      'png': (_encoded(photo, format='PNG'), 3),
+      'one_channel': (_encoded(photo, format='JPEG'), 1)}[how]
+  decoded = transforms.Decode('test', channels).map_with_index(0, {'image': data})['image']
+  with PIL.Image.open(io.BytesIO(data)) as image:
+    expected = transforms.converted(image, channels)
+  assert decoded.shape == expected.shape == (61, 83, channels) and decoded.dtype == np.uint8
+  assert np.abs(decoded.astype(int) - expected).max() <= transforms.DECODER_TOLERANCE
+  # simplejpeg takes exactly the 3-channel YCbCr and grayscale JPEGs; PIL the rest.
+  used_simplejpeg = transforms.decode_jpeg(data, channels) is not None
+  assert used_simplejpeg == (how in ('jpeg_420', 'jpeg_444', 'progressive', 'gray_jpeg'))
+
+
+def test_a_damaged_jpeg_is_reported_by_pil():
+  data = _encoded(np.zeros((16, 16, 3), np.uint8), format='JPEG')[:40]
+  with pytest.raises(UserError, match=r'cifar \(test\): example 3 does not decode'):
+    transforms.Decode('cifar (test)').map_with_index(3, {'image': data})
+
+
 def test_missing_dataset_names_dataset_dir_and_command(tmp_path):
   data = _config('cifar10').data
   data.data_dir = str(tmp_path)

@@ -40,11 +40,21 @@ def test_dry_run_compiles_every_stage_on_8_fake_devices_and_writes_nothing(tmp_p
       '--config.finetune.grad_accum_steps=2', '--config.model.remat=True',
       '--config.model.scan=True', "--config.sharding_rules=(('fc1/kernel', ('fsdp', None)),)")
   assert "Dry run on 8 cpu devices, mesh {'data': 4, 'fsdp': 2}" in stdout
+  # digits sets float32; its attention 'auto' is the accelerator's, whose pod this stands for.
+  assert "Compute: float32, fused attention ('auto' resolved for accelerator)" in stdout
   assert set(rows) == {'pretrain', 'finetune', 'logit_ft', 'evaluate'}
   assert rows['finetune'][0] == 128 // 8 and rows['evaluate'][0] == 256 // 8
   # A training step is ~3x a forward (4x with remat), here on half evaluate's batch: its
   # FLOPs count every block and micro-batch, not a scan's or accumulation loop's body once.
   assert 1.5 < rows['finetune'][4] / rows['evaluate'][4] < 2.5
+
+
+def test_a_paper_config_runs_bfloat16_and_fused_attention_on_an_accelerator(tmp_path):
+  # The smoke sizes, with a batch and images large enough for the table's GFLOPs to show.
+  stdout, rows = _dry_run(tmp_path, 'cifar10.py:smoke', '--config.stages=finetune',
+                          '--config.finetune.batch_size=128', '--config.data.image_size=32')
+  assert "Compute: bfloat16, fused attention ('auto' resolved for accelerator)" in stdout
+  assert set(rows) == {'finetune'}
 
 
 @pytest.mark.slow

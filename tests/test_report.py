@@ -49,7 +49,7 @@ def test_write_results_files(tmp_path):
   with open(os.path.join(results_dir, 'results.json')) as f:
     document = json.load(f)
   assert set(document) == {'conventions', 'id_accuracy', 'rows', 'hparams', 'sweeps',
-                           'models', 'changed_settings', 'preprocessing'}
+                           'models', 'changed_settings', 'preprocessing', 'compute'}
   assert 'OOD positive' in document['conventions']['fpr95']
   assert 'ID positive' in document['conventions']['fpr95_id']
   assert document['id_accuracy'] == {'finetune': 0.9712}

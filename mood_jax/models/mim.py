@@ -42,6 +42,7 @@ class Decoder(nn.Module):
   num_patches: int
   patch_dim: int
   dtype: jnp.dtype = jnp.float32  # compute dtype, as the encoder's (see vit.py)
+  attention: str = 'einsum'       # as the encoder's
 
   @nn.compact
   def __call__(self, tokens, restore_ids):
@@ -55,7 +56,8 @@ class Decoder(nn.Module):
     patches = patches + jnp.asarray(vit.sincos_posemb_2d(grid, self.width))[None]
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     for i in range(self.depth):
-      x = vit.Block(self.num_heads, 4 * self.width, dtype=self.dtype, name=f'block{i}')(x)
+      x = vit.Block(self.num_heads, 4 * self.width, dtype=self.dtype, attention=self.attention,
+                    name=f'block{i}')(x)
     x = nn.LayerNorm(name='norm')(x)
     return nn.Dense(self.patch_dim, name='pred')(x[:, 1:])
 
@@ -81,5 +83,6 @@ class MaskedImageModel(nn.Module):
       tokens = nn.LayerNorm(name='norm')(tokens)
       return Decoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
                      num_patches=masks['mask'].shape[-1], patch_dim=patch_dim,
-                     dtype=self.encoder.dtype, name='decoder')(tokens, masks['restore_ids'])
+                     dtype=self.encoder.dtype, attention=self.encoder.attention,
+                     name='decoder')(tokens, masks['restore_ids'])
     raise ValueError(f'unknown masking scheme {self.scheme!r}: use one of {masking.SCHEMES}')

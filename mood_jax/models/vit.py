@@ -45,6 +45,8 @@ POSEMBS = ('learn', 'sincos2d', 'none')
 POOLS = ('mean', 'cls')
 QKV_BIASES = ('qkv', 'qv', 'none')
 REL_POS_BIASES = ('none', 'block', 'shared')
+# 'auto' resolves by backend (`resolve_auto`); the modules take the others.
+ATTENTIONS = ('auto', 'einsum', 'fused')
 
 
 def _check_choice(option: str, value: str, valid: tuple[str, ...]) -> None:
@@ -80,8 +82,9 @@ def check_config(model_cfg, image_size: int) -> None:
     # Flax's strided patch embedding would drop the last rows and columns without a word.
     config_checks.fail('model.variant', model_cfg.variant, f'has a patch size that does not '
                        f'divide data.image_size={image_size}', 'mu/4')
-  for field, valid in (('posemb', POSEMBS), ('pool', POOLS), ('dtype', tuple(DTYPES)),
-                       ('qkv_bias', QKV_BIASES), ('rel_pos_bias', REL_POS_BIASES)):
+  for field, valid in (('posemb', POSEMBS), ('pool', POOLS), ('dtype', ('auto', *DTYPES)),
+                       ('qkv_bias', QKV_BIASES), ('rel_pos_bias', REL_POS_BIASES),
+                       ('attention', ATTENTIONS)):
     config_checks.choice(f'model.{field}', model_cfg[field], valid)
   if model_cfg.get('layer_scale') is not None:
     config_checks.at_least('model.layer_scale', model_cfg.layer_scale, 0, 0.1)
@@ -174,8 +177,9 @@ class DropPath(nn.Module):
 
 
 class SplitHeads(nn.Module):
-  """[B, T, W] -> [k, B, heads, T, W / heads]: nn.Dense(k * W)'s params and product, with
-  the result laid out heads-first, as attention uses it.
+  """[B, T, W] -> [k, B, heads, T, W / heads] (`heads_first`, as the einsum attention uses
+  it) or [k, B, T, heads, W / heads] (as jax.nn.dot_product_attention takes it): nn.Dense(k *
+  W)'s params and product, laid out by the matmul itself.
 
   Folding the layout into the matmul's einsum, instead of reshaping and transposing the
   Dense output, saved a quarter of attention's time (forward and backward) on CPU.
@@ -184,6 +188,7 @@ class SplitHeads(nn.Module):
   num_heads: int
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
+  heads_first: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -194,23 +199,65 @@ class SplitHeads(nn.Module):
             if self.use_bias else jnp.zeros((self.num_outputs * width,)))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     shape = (self.num_outputs, self.num_heads, width // self.num_heads)
-    out = jnp.einsum('btw,wkhd->kbhtd', x, kernel.reshape(width, *shape))
-    return out + bias.reshape(shape[0], 1, shape[1], 1, shape[2])
+    layout = 'kbhtd' if self.heads_first else 'kbthd'
+    out = jnp.einsum(f'btw,wkhd->{layout}', x, kernel.reshape(width, *shape))
+    return out + bias.reshape(shape[0], 1, *_over_tokens(*shape[1:], self.heads_first))
+
+
+def _over_tokens(heads: int, head_dim: int, heads_first: bool) -> tuple[int, ...]:
+  """The shape that adds a [heads * head_dim] bias to each token of a heads-first
+  [..., heads, T, head_dim] or a tokens-first [..., T, heads, head_dim] tensor."""
+  return (heads, 1, head_dim) if heads_first else (1, heads, head_dim)
 
 
 class MergeHeads(nn.Module):
-  """[B, heads, T, D] -> [B, T, heads * D] through nn.Dense(heads * D)'s params (see
-  SplitHeads)."""
+  """[B, heads, T, D] (`heads_first`) or [B, T, heads, D] -> [B, T, heads * D] through
+  nn.Dense(heads * D)'s params (see SplitHeads)."""
   dtype: jnp.dtype = jnp.float32
+  heads_first: bool = True
 
   @nn.compact
   def __call__(self, x):
-    _, heads, _, head_dim = x.shape
+    heads, head_dim = (x.shape[1], x.shape[3]) if self.heads_first else x.shape[2:]
     width = heads * head_dim
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (width, width))
     bias = self.param('bias', nn.initializers.zeros, (width,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jnp.einsum('bhtd,hdw->btw', x, kernel.reshape(heads, head_dim, width)) + bias
+    layout = 'bhtd' if self.heads_first else 'bthd'
+    return jnp.einsum(f'{layout},hdw->btw', x, kernel.reshape(heads, head_dim, width)) + bias
+
+
+def fused_implementation(backend: str, dtype, head_dim: int) -> str | None:
+  """jax.nn.dot_product_attention's `implementation`: cuDNN's fused (flash) kernel where it
+  runs (a GPU, 16-bit inputs, head_dim a multiple of 8 up to 128: the limits of
+  jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention on pre-Hopper GPUs), else
+  None: XLA's own attention (on TPU and CPU the only one JAX offers there)."""
+  if (backend == 'gpu' and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return 'cudnn'
+  return None
+
+
+def fused_attention(q, k, v, bias=None, *, implementation: str | None = None,
+                    pad_to: int = 1):
+  """softmax(q k^T / sqrt(D) + bias) v through jax.nn.dot_product_attention, the logits and
+  softmax in float32; q, k, v [B, T, heads, D], `bias` [heads, T, T] (relative position
+  bias). `pad_to`: the tokens padded to a multiple of it, the padded keys masked out by
+  `key_value_seq_lengths` and the padded queries dropped, since cuDNN's kernel trains with a
+  bias only on an even token count (BEiT at 224 px has 197 tokens)."""
+  tokens = q.shape[1]
+  padding = -tokens % pad_to
+  lengths = None
+  if padding:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, padding), (0, 0), (0, 0))) for x in (q, k, v))
+    bias = None if bias is None else jnp.pad(bias, ((0, 0), (0, padding), (0, padding)))
+    lengths = jnp.full((q.shape[0],), tokens, jnp.int32)
+  if bias is not None:
+    # XLA's path adds the bias to float32 logits; cuDNN's takes it in the inputs' dtype.
+    bias = bias[None].astype(q.dtype if implementation == 'cudnn' else jnp.float32)
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :tokens]
 
 
 class Attention(nn.Module):
@@ -219,27 +266,38 @@ class Attention(nn.Module):
   qkv_bias: 'qkv' (one fused bias), 'qv' (BEiT: q and v biases, none on k) or 'none'.
   `bias` ([heads, T, T]) is added to the attention logits (relative position bias);
   `rel_pos_grid` gives this block its own relative position bias for that patch grid.
+  attention: 'einsum' (the logits [B, heads, T, T] written out by our einsums) or 'fused'
+  (`fused_attention`); the same params and, up to float rounding, the same function.
   """
   num_heads: int
   qkv_bias: str = 'qkv'
   rel_pos_grid: int | None = None
   dtype: jnp.dtype = jnp.float32
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, x, bias=None):
     _check_choice('qkv_bias', self.qkv_bias, QKV_BIASES)
+    _check_choice('attention', self.attention, ATTENTIONS[1:])
     width = x.shape[-1]
     head_dim = width // self.num_heads
+    heads_first = self.attention == 'einsum'
     q, k, v = SplitHeads(3, self.num_heads, use_bias=self.qkv_bias == 'qkv', dtype=self.dtype,
-                         name='qkv')(x)
+                         heads_first=heads_first, name='qkv')(x)
     if self.qkv_bias == 'qv':
+      per_head = _over_tokens(self.num_heads, head_dim, heads_first)
       q_bias = self.param('q_bias', nn.initializers.zeros, (width,))
       v_bias = self.param('v_bias', nn.initializers.zeros, (width,))
-      q = q + q_bias.reshape(self.num_heads, 1, head_dim).astype(q.dtype)
-      v = v + v_bias.reshape(self.num_heads, 1, head_dim).astype(v.dtype)
+      q = q + q_bias.reshape(per_head).astype(q.dtype)
+      v = v + v_bias.reshape(per_head).astype(v.dtype)
     if self.rel_pos_grid is not None:
       own = RelativePositionBias(self.num_heads, self.rel_pos_grid, name='rel_pos_bias')()
       bias = own if bias is None else bias + own
+    if self.attention == 'fused':
+      implementation = fused_implementation(jax.default_backend(), q.dtype, head_dim)
+      out = fused_attention(q, k, v, bias, implementation=implementation,
+                            pad_to=2 if implementation == 'cudnn' else 1)
+      return MergeHeads(self.dtype, heads_first=False, name='proj')(out)
     logits = jnp.einsum('bhtd,bhsd->bhts', q * jnp.asarray(head_dim**-0.5, q.dtype), k)
     logits = logits.astype(jnp.float32)
     if bias is not None:
@@ -258,12 +316,13 @@ class Block(nn.Module):
   layer_scale: float | None = None
   rel_pos_grid: int | None = None
   dtype: jnp.dtype = jnp.float32
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, rel_pos_bias=None):
     drop = DropPath(self.drop_path)
-    y = Attention(self.num_heads, self.qkv_bias, self.rel_pos_grid, self.dtype, name='attn')(
-        nn.LayerNorm(name='norm1')(x), rel_pos_bias)
+    y = Attention(self.num_heads, self.qkv_bias, self.rel_pos_grid, self.dtype, self.attention,
+                  name='attn')(nn.LayerNorm(name='norm1')(x), rel_pos_bias)
     x = x + drop(self._scale('gamma_1', y), deterministic)
     # The MLP sees tokens as rows of one matrix: XLA:CPU's 2-D matmuls (forward and
     # backward) ran 12% faster than the same ones batched over [B, T].
@@ -291,6 +350,7 @@ class Encoder(nn.Module):
   (less memory, about a third more compute).
   scan: run the blocks as one `lax.scan` over their stacked params, so XLA compiles one
   block instead of `depth` (see _scan_blocks).
+  attention: 'einsum' or 'fused' (see Attention).
   """
   width: int
   depth: int
@@ -303,6 +363,7 @@ class Encoder(nn.Module):
   layer_scale: float | None = None
   rel_pos_bias: str = 'none'
   dtype: jnp.dtype = jnp.float32
+  attention: str = 'einsum'
   remat: bool = False
   scan: bool = False
 
@@ -331,7 +392,7 @@ class Encoder(nn.Module):
     block = functools.partial(nn.remat(Block, static_argnums=(2,)) if self.remat else Block,
                               self.num_heads, self.mlp_dim, qkv_bias=self.qkv_bias,
                               layer_scale=self.layer_scale, dtype=self.dtype,
-                              rel_pos_grid=grid_h if self.rel_pos_bias == 'block' else None)
+                              attention=self.attention, rel_pos_grid=grid_h if self.rel_pos_bias == 'block' else None)
     if self.scan and not self.is_initializing():
       return self._scan_blocks(block, x, rates, train, shared)
     for i in range(self.depth):
@@ -400,15 +461,43 @@ class Classifier(nn.Module):
 # The encoder's BEiT options and their defaults, which a config.model may leave out.
 ENCODER_OPTIONS = dict(qkv_bias='qkv', layer_scale=None, rel_pos_bias='none')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# What 'auto' means for model.dtype and model.attention, by backend. On CPU: float32, since
+# XLA:CPU has no fast bfloat16 matmuls, and the einsum attention, which ran the train step
+# faster there than jax.nn.dot_product_attention (README, "Performance on accelerators").
+AUTO = {'dtype': {'cpu': 'float32', 'accelerator': 'bfloat16'},
+        'attention': {'cpu': 'einsum', 'accelerator': 'fused'}}
+
+
+def resolve_auto(field: str, value: str, backend: str | None = None) -> str:
+  """`value` of model.`field` ('dtype' or 'attention'), with 'auto' replaced by the choice
+  for `backend` (default: JAX's default backend)."""
+  if value != 'auto':
+    return value
+  backend = backend or jax.default_backend()
+  return AUTO[field]['cpu' if backend == 'cpu' else 'accelerator']
+
+
+def compute_settings(model_cfg, backend: str | None = None) -> dict[str, str]:
+  """{'dtype': ..., 'attention': ...} as a model of `config.model` runs on `backend`."""
+  return {field: resolve_auto(field, model_cfg.get(field, 'auto' if field == 'attention'
+                                                   else 'float32'), backend)
+          for field in AUTO}
+
+
+def compute_record(model_cfg) -> dict[str, str]:
+  """How a model of `config.model` runs in this process: {'backend', 'dtype', 'attention'}."""
+  return {'backend': jax.default_backend(), **compute_settings(model_cfg)}
 
 
 def encoder_from_config(model_cfg, drop_path: float = 0.0) -> Encoder:
-  """The encoder that `config.model` describes."""
+  """The encoder that `config.model` describes, its 'auto' options resolved for this
+  backend."""
   options = {name: model_cfg.get(name, default) for name, default in ENCODER_OPTIONS.items()}
+  settings = compute_settings(model_cfg)
   return Encoder(**parse_variant(model_cfg.variant), posemb=model_cfg.posemb,
-                 drop_path=drop_path, dtype=DTYPES[model_cfg.get('dtype', 'float32')],
-                 remat=model_cfg.get('remat', False), scan=model_cfg.get('scan', False),
-                 **options)
+                 drop_path=drop_path, dtype=DTYPES[settings['dtype']],
+                 attention=settings['attention'], remat=model_cfg.get('remat', False),
+                 scan=model_cfg.get('scan', False), **options)
 
 
 # --- Loading pretrained weights into a model's params. ---

@@ -210,7 +210,7 @@ def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, flo
                   scores: dict | None = None, hparams: dict | None = None,
                   sweeps: dict | None = None, models: dict | None = None,
                   changed_settings: dict | None = None, ids: dict | None = None,
-                  preprocessing: dict | None = None) -> str:
+                  preprocessing: dict | None = None, compute: dict | None = None) -> str:
   """Writes results.{json,csv,md} (and scores.npz if `scores`); returns the Markdown.
 
   `scores` is {model: {scorer: {'id': [N], ood_set: [M], ...}}}, stored under keys
@@ -221,12 +221,14 @@ def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, flo
   `models`, {model: one line on how it was trained}, and `changed_settings` {stage: its
   fields that differ}, of the stages that ran under other settings than the rest
   (mood_jax/changed_settings.py). `preprocessing` says how every image became the network's
-  input (detector.preprocessing).
+  input (detector.preprocessing), `compute` how the scored model ran: backend, compute dtype
+  and attention (vit.compute_record).
   """
   os.makedirs(results_dir, exist_ok=True)
   document = {'conventions': CONVENTIONS, 'id_accuracy': id_accuracy, 'rows': rows,
               'hparams': hparams or {}, 'sweeps': sweeps or {}, 'models': models or {},
-              'changed_settings': changed_settings or {}, 'preprocessing': preprocessing or {}}
+              'changed_settings': changed_settings or {}, 'preprocessing': preprocessing or {},
+              'compute': compute or {}}
   table = markdown_table(rows, id_accuracy, hparams, sweeps, models)
   outputs = {'results.json': json.dumps(document, indent=2) + '\n',
              'results.csv': _csv_text(rows), 'results.md': table}

@@ -22,6 +22,7 @@ from mood_jax import (changed_settings, checkpoint, config_checks, detector, eva
 from mood_jax.data import catalogue, data_config
 from mood_jax.data.sources import embedded, source
 from mood_jax.errors import UserError
+from mood_jax.models import vit
 from mood_jax.ood import metrics, report, scorers, sweep
 from mood_jax.stages import finetune, logit_ft
 
@@ -304,7 +305,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
                                  models=trained_with, ids=ids,
                                  changed_settings=changed_settings.load(workdir),
                                  preprocessing=detector.preprocessing(config.data,
-                                                                      data_source.channels))
+                                                                      data_source.channels),
+                                 compute=vit.compute_record(config.model))
     metrics_log.write_evaluation(workdir, summary, id_accuracy)
     if cfg.plots:
       report.plot_scores(results_dir, all_scores, groups)
