@@ -11,7 +11,7 @@ after each part, so a window that closes early keeps what was measured. Parts, i
 
   train_step  MAE pretraining (75% masked) and fine-tuning, B/16 at 224 px in bfloat16, batch
               128, on one device: benchmarks/train_step.py's steps, ours and timm/PyTorch's
-              alternating. Images/s; MFU from the dry run's FLOP count (mood_jax/dry_run.py:
+              alternating. Images/s; MFU from the dry run's FLOP count (mood_jax/run/dry_run.py:
               XLA's count of the step, the figure `--config.dry_run=True` prints) and from
               train_step.py's analytic count, over the device's dense bf16 peak (its source
               in the JSON); our step's peak device memory (the allocator's peak_bytes_in_use)
@@ -96,7 +96,8 @@ def _train_child(step: str, sizes: dict) -> dict:
   from jax.sharding import AxisType  # noqa: PLC0415
 
   from benchmarks import train_step  # noqa: PLC0415
-  from mood_jax import dry_run, parallel  # noqa: PLC0415
+  from mood_jax import parallel  # noqa: PLC0415
+  from mood_jax.run import dry_run
   from mood_jax.data import catalogue  # noqa: PLC0415
 
   def mesh_of(devices):

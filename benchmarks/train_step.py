@@ -55,7 +55,9 @@ import numpy as np
 from absl import app, flags
 
 from configs import digits
-from mood_jax import host_malloc, parallel, train_loop
+from mood_jax import parallel
+from mood_jax.run import allocator
+from mood_jax.train import loop as train_loop
 from mood_jax.data import catalogue
 from mood_jax.models import vit
 from mood_jax.stages import finetune, pretrain
@@ -376,12 +378,12 @@ def main(argv) -> None:
   if not gpu:  # its default may be below the core count; JAX's CPU client uses every core
     torch.set_num_threads(os.cpu_count())
   peak, peak_how = peak_flops(_PEAK_FLOPS.value)
-  allocator = host_malloc.caching_malloc() or 'libc malloc'
+  allocator = allocator.caching_malloc() or 'libc malloc'
   notes = [f'peak FLOP/s {peak_how}',
            f'medians of {_STEPS.value} timed steps after {_WARMUP.value} warm-up ones, ours '
            'and torch alternating; other processes on the machine load both alike',
            f'allocator: {allocator}, for both '
-           'implementations (see mood_jax/host_malloc.py)']
+           'implementations (see mood_jax/run/allocator.py)']
   if gpu:
     notes.append('GPU setting: UNTESTED, written without a GPU')
   mesh = parallel.make_mesh(config.mesh)

@@ -88,7 +88,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       log_every=50, ckpt_every=100, keep_checkpoints=2,
       grad_accum_steps=1,       # > 1: the batch in that many sequential micro-batches
       # Every eval_every steps (0: never): ID test accuracy and eval_scorer's AUROC on each
-      # validation OOD set (mood_jax/train_eval.py), in the log and TensorBoard.
+      # validation OOD set (mood_jax/train/periodic_eval.py), in the log and TensorBoard.
       eval_every=100, eval_scorer='msp',
   )
   # UM's loss (flooding) by default, as the paper. Recorded on the 'letters' OOD validation

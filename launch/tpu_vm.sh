@@ -3,7 +3,7 @@
 # automatic relaunch after a preemption.
 set -uo pipefail
 
-PREEMPTED=42  # mood_jax.train_loop.PREEMPTED_EXIT_CODE
+PREEMPTED=42  # mood_jax.train.loop.PREEMPTED_EXIT_CODE
 REMOTE_DIR='~/mood_jax'
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SELF="$REPO/launch/tpu_vm.sh"

@@ -30,7 +30,8 @@ import orbax.checkpoint as ocp
 import PIL.Image
 from absl import logging
 
-from mood_jax import config_checks, inference, parallel
+from mood_jax import config_checks, parallel
+from mood_jax.ood import extraction
 from mood_jax.data import catalogue, transforms
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -292,9 +293,9 @@ class Detector:
   @functools.cached_property
   def forwards(self) -> dict:
     """A jitted forward pass per scorer: ODIN's moves the inputs first, the rest share one."""
-    plain = inference.make_forward(self.model, self.mesh)
+    plain = extraction.make_forward(self.model, self.mesh)
     std = self.meta['preprocessing']['std']
-    return {s.name: plain if s.perturb is None else inference.make_forward(
+    return {s.name: plain if s.perturb is None else extraction.make_forward(
         self.model, self.mesh, functools.partial(s.perturb, pixel_std=std, **s.hparams))
             for s in self.scorers}
 

@@ -17,7 +17,9 @@ import sys
 
 import ml_collections
 
-from mood_jax import checkpoint, detector, inference, parallel
+from mood_jax import detector, parallel
+from mood_jax.ood import extraction
+from mood_jax.train import checkpoint
 from mood_jax.data import catalogue
 from mood_jax.errors import UserError
 from mood_jax.ood import scorers
@@ -52,9 +54,9 @@ def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: 
   fitted and scored as the evaluate stage does; `hparams` is {scorer: its hparams}."""
   model, params, has_head = evaluate.MODELS[model_name](config, workdir, placement)
   mesh = placement.mesh
-  extract = functools.partial(inference.extract, params=params, data_cfg=config.data, mesh=mesh,
+  extract = functools.partial(extraction.extract, params=params, data_cfg=config.data, mesh=mesh,
                               batch_size=config.evaluate.batch_size, seed=config.seed)
-  plain = inference.make_forward(model, mesh)
+  plain = extraction.make_forward(model, mesh)
   cfg = config.evaluate
   sets = {'id_train': extract(plain, which='id_train', augment=cfg.id_train_augment)}
   if cfg.fit_on_id_validation.strip() and catalogue.source(config.data).has_id_val():
@@ -66,7 +68,7 @@ def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: 
     queries = test
     if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
       moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
-      queries = extract(inference.make_forward(model, mesh, input_perturbation=moved),
+      queries = extract(extraction.make_forward(model, mesh, input_perturbation=moved),
                         which='id_test')
     train = evaluate.fit_rows(name, cfg, sets, config.seed)
     stats = scorers.fit(scorer, train['features'], train['logits'], train['label'],

@@ -21,7 +21,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from mood_jax import checkpoint, parallel, train_loop
+from mood_jax import parallel
+from mood_jax.train import checkpoint, loop as train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import mim, vit
@@ -345,7 +346,8 @@ _RESTORE_ON_FSDP_MESH = '''
 import sys
 import numpy as np
 from flax import traverse_util
-from mood_jax import checkpoint, parallel
+from mood_jax import parallel
+from mood_jax.train import checkpoint
 from mood_jax.stages import pretrain
 sys.path.insert(0, 'configs')
 import digits

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import digits
-from mood_jax import host_malloc, run_config, train_loop, workdir_lock
+from mood_jax.run import allocator, config_json, workdir_lock
+from mood_jax.train import loop as train_loop
 from mood_jax.ood import scorers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +54,8 @@ def test_end_to_end_writes_results(smoke_run):
   assert all(0.0 <= acc <= 1.0 for acc in results['id_accuracy'].values())
   assert os.path.exists(os.path.join(workdir, 'results', 'results.csv'))
   assert '| mahalanobis_mood |' in proc.stdout  # the Markdown table is printed
-  # CPU training without a caching malloc says how to get faster steps (host_malloc.py).
-  assert ('preloading tcmalloc' in proc.stderr) == (host_malloc.caching_malloc() is None)
+  # CPU training without a caching malloc says how to get faster steps (allocator.py).
+  assert ('preloading tcmalloc' in proc.stderr) == (allocator.caching_malloc() is None)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     logged = [json.loads(line) for line in f]
   assert {m['stage'] for m in logged} == {'pretrain', 'finetune', 'logit_ft'}
@@ -93,7 +94,7 @@ def test_progress_lines_tensorboard_and_config_json(smoke_run, data_dir, tensorb
   expected = digits.get_config('split,smoke')
   expected.finetune.eval_every, expected.logit_ft.eval_every = 2, 4
   expected.data.data_dir = data_dir
-  assert run_config.load(os.path.join(workdir, 'config.json')) == expected
+  assert config_json.load(os.path.join(workdir, 'config.json')) == expected
 
 
 def test_finished_stages_are_skipped(smoke_run, data_dir):
@@ -309,7 +310,8 @@ def _stderr_within(proc, seconds) -> str:
 # an exception raised by the signal handler interrupted it mid-lock: exit must not wait on it.
 _BLOCKED_WORKER = """
 import signal, sys, threading
-from mood_jax import main, workdir_lock
+from mood_jax import main
+from mood_jax.run import workdir_lock
 never = threading.Event()
 with workdir_lock.held(sys.argv[1]):
   threading.Thread(target=never.wait).start()

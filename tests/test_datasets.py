@@ -20,7 +20,8 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.features import image_feature
 
-from mood_jax import convert, pipeline
+from mood_jax import convert
+from mood_jax.run import pipeline
 from mood_jax.data import catalogue, data_config, input_pipeline, randaugment, transforms
 from mood_jax.errors import UserError
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from mood_jax import optim
+from mood_jax.train import optim
 from mood_jax.models import weight_mask
 from mood_jax.stages import logit_ft
 
@@ -183,7 +183,8 @@ def test_flooding_acts_on_the_whole_batch_whatever_the_accumulation():
   """gamma lies between the two micro-batches' CEs, above their mean: the whole batch is
   flooded (CE ascends), though flooding each micro-batch would descend on one of them. The
   loss and the update are those of one batch for 1, 2 and 4 micro-batches."""
-  from mood_jax import parallel, train_loop, training_stage
+  from mood_jax import parallel
+  from mood_jax.train import loop as train_loop, stage as training_stage
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, 8))

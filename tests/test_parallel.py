@@ -21,7 +21,8 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec as P
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # as a script, for mood_jax
 
-from mood_jax import inference, parallel, train_loop  # noqa: E402
+from mood_jax import parallel, train_loop  # noqa: E402
+from mood_jax.ood import extraction
 from mood_jax.data import catalogue  # noqa: E402
 from mood_jax.errors import UserError  # noqa: E402
 from mood_jax.models import vit  # noqa: E402
@@ -84,8 +85,8 @@ def _eval_run(mesh, config) -> dict:
   logits), id_test against one OOD set."""
   model, init_params = finetune.classifier(config, drop_path=0.0)
   params = parallel.Placement(mesh).create(init_params)
-  forward = inference.make_forward(model, mesh)
-  sets = {name: inference.extract(forward, params, config.data, name, mesh,
+  forward = extraction.make_forward(model, mesh)
+  sets = {name: extraction.extract(forward, params, config.data, name, mesh,
                                  batch_size=config.evaluate.batch_size)
           for name in ('id_test', 'uniform_noise')}
   score = {name: s['features'][:, 0] for name, s in sets.items()}

@@ -5,7 +5,7 @@ through the command line for the exit status and the single line."""
 import pytest
 
 from configs import digits
-from mood_jax import pipeline
+from mood_jax.run import pipeline
 from mood_jax.errors import UserError
 
 

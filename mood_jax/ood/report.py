@@ -218,7 +218,7 @@ def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, flo
   how they were chosen}} (see stages/evaluate.py), both kept in results.json, as are
   `models`, {model: one line on how it was trained}, and `changed_settings` {stage: its
   fields that differ}, of the stages that ran under other settings than the rest
-  (mood_jax/changed_settings.py).
+  (mood_jax/train/changed_settings.py).
   """
   os.makedirs(results_dir, exist_ok=True)
   document = {'conventions': CONVENTIONS, 'id_accuracy': id_accuracy, 'rows': rows,

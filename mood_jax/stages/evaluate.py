@@ -17,8 +17,9 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from mood_jax import (changed_settings, checkpoint, config_checks, detector, inference,
-                      metrics_log)
+from mood_jax import config_checks, detector
+from mood_jax.ood import extraction
+from mood_jax.train import changed_settings, checkpoint, metrics_log
 from mood_jax.data import catalogue, data_config
 from mood_jax.data.sources import embedded, source
 from mood_jax.errors import UserError
@@ -198,9 +199,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     if model_name == logit_ft.NAME:
       trained_with[model_name] = logit_ft.trained_with(workdir)
     model, params, has_head = MODELS[model_name](config, workdir, placement)
-    extract = functools.partial(inference.extract, params=params, data_cfg=config.data,
+    extract = functools.partial(extraction.extract, params=params, data_cfg=config.data,
                                 mesh=mesh, batch_size=cfg.batch_size, seed=config.seed)
-    forward = inference.make_forward(model, mesh)
+    forward = extraction.make_forward(model, mesh)
     sets = {name: extract(forward, which=name,
                           augment=cfg.id_train_augment if name == 'id_train' else False)
             for name in (*id_sets, *groups)}
@@ -223,7 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
       queries = {name: s for name, s in sets.items() if name != 'id_train'}
       if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
         moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
-        perturbed = inference.make_forward(model, mesh, input_perturbation=moved)
+        perturbed = extraction.make_forward(model, mesh, input_perturbation=moved)
         queries = {name: extract(perturbed, which=name) for name in queries}
       train = fit_rows(scorer.name, cfg, sets, config.seed)
       logging.info('[evaluate] %s: %s fitted on %d ID examples', model_name, scorer.name,

@@ -9,7 +9,9 @@ import ml_collections
 import optax
 from absl import logging
 
-from mood_jax import checkpoint, convert, optim, train_eval, train_loop, training_stage
+from mood_jax import convert
+from mood_jax.train import (checkpoint, loop as train_loop, optim, periodic_eval,
+                            stage as training_stage)
 from mood_jax.data import catalogue
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -44,7 +46,7 @@ def check_labelled(config: ml_collections.ConfigDict) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """This stage's config errors, before anything runs (the converted weights' presence is
   checked last, by pipeline.validate)."""
-  train_eval.check_config(config, NAME)
+  periodic_eval.check_config(config, NAME)
   check_labelled(config)
 
 
@@ -130,7 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     logging.info('[%s] encoder initialised from the %s checkpoint', NAME, stage.cfg.init_from)
     return params
 
-  eval_fn = (train_eval.make_eval_fn(config, NAME, stage.model, placement.mesh)
+  eval_fn = (periodic_eval.make_eval_fn(config, NAME, stage.model, placement.mesh)
              if stage.cfg.eval_every > 0 else None)
   train_loop.train(stage, config, workdir, placement,
                    start_params=None if stage.cfg.init_from == 'scratch' else start_params,

@@ -41,8 +41,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import (checkpoint, inference, metrics_log, optim, train_eval, train_loop,
-                      training_stage)
+from mood_jax.ood import extraction
+from mood_jax.train import (checkpoint, loop as train_loop, metrics_log, optim, periodic_eval,
+                            stage as training_stage)
 from mood_jax.data import catalogue
 from mood_jax.errors import UserError
 from mood_jax.models import vit, weight_mask
@@ -82,7 +83,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if cfg.trainable == 'last_n_blocks' and not 1 <= cfg.last_n_blocks <= depth:
     raise UserError(f'logit_ft.last_n_blocks={cfg.last_n_blocks} must be in [1, {depth}] '
                     f'(the model has {depth} blocks)')
-  train_eval.check_config(config, NAME)
+  periodic_eval.check_config(config, NAME)
   finetune.check_labelled(config)
 
 
@@ -189,7 +190,7 @@ def per_sample_ce(model, params, config, mesh) -> np.ndarray:
   """Eval-mode cross-entropy of every ID training example (no augmentation), against the
   stage's label-smoothed targets: gamma must be on the scale of the loss it constrains.
   In batches of the stage's own size (the result does not depend on it beyond rounding)."""
-  out = inference.extract(inference.make_forward(model, mesh), params, config.data, 'id_train',
+  out = extraction.extract(extraction.make_forward(model, mesh), params, config.data, 'id_train',
                           mesh, batch_size=config.logit_ft.batch_size)
   logits = jnp.asarray(out['logits'], jnp.float32)
   targets = optax.smooth_labels(jax.nn.one_hot(out['label'], logits.shape[-1]),
@@ -279,7 +280,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
 
   batch_fn = None
   if stage.batch_fields:
-    teacher_forward = inference.make_forward(finetune_model, placement.mesh)
+    teacher_forward = extraction.make_forward(finetune_model, placement.mesh)
     teacher = finetuned()
 
     def batch_fn(batch):
@@ -287,7 +288,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
 
   eval_fn = None
   if cfg.eval_every > 0:
-    eval_fn = train_eval.make_eval_fn(config, NAME, stage.model, placement.mesh,
+    eval_fn = periodic_eval.make_eval_fn(config, NAME, stage.model, placement.mesh,
                                       _effective_params(cfg))
   train_loop.train(stage, config, workdir, placement, start_params=start_params,
                    batch_fn=batch_fn, eval_fn=eval_fn)

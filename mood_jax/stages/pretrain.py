@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mood_jax import config_checks, optim, train_loop, training_stage
+from mood_jax import config_checks
+from mood_jax.train import loop as train_loop, optim, stage as training_stage
 from mood_jax.data import catalogue
 from mood_jax.models import masking, mim, vit
 

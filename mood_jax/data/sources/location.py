@@ -11,7 +11,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mood_jax import checkpoint
+from mood_jax.train import checkpoint
 from mood_jax.data import build_lock, folder
 from mood_jax.errors import UserError
 

@@ -13,10 +13,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import checkpoint, metrics_log, parallel, progress
+from mood_jax import parallel
+from mood_jax.train import checkpoint, metrics_log, progress
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
-from mood_jax.training_stage import LossFn, TrainingStage
+from mood_jax.train.stage import LossFn, TrainingStage
 
 
 @flax.struct.dataclass

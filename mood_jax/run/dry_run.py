@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mood_jax import inference, parallel, stages, train_loop
+from mood_jax import parallel, stages
+from mood_jax.ood import extraction
+from mood_jax.train import loop as train_loop
 from mood_jax.data import catalogue
 from mood_jax.stages import finetune
 
@@ -34,7 +36,7 @@ def _lower(name: str, config: ml_collections.ConfigDict,
     model, init_params = finetune.classifier(config, drop_path=0.0)
     params = placement.placed(jax.eval_shape(init_params))
     batch_size = config.evaluate.batch_size
-    forward = inference.make_forward(model, mesh)
+    forward = extraction.make_forward(model, mesh)
     return forward.lower(params, _images(config, batch_size, mesh)), batch_size
   stage = stages.TRAINING[name].describe(config)
   _, state, shardings = train_loop.abstract_state(stage, placement)

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import checkpoint
+from mood_jax.train import checkpoint
 from mood_jax.errors import UserError
 from mood_jax.ood import report
 
@@ -32,7 +32,7 @@ _SHARED = ('seed', 'model.', 'data.')
 _PASS = ('model.remat', 'data.data_dir', 'data.num_workers', 'data.ood_sets',
          'data.validation_ood_sets', 'data.ood_examples_per_set',
          'data.heldout_validation_classes')
-# Evaluation during training (train_eval.py) only watches: it changes no param.
+# Evaluation during training (periodic_eval.py) only watches: it changes no param.
 _STAGE_PASS = ('log_every', 'ckpt_every', 'keep_checkpoints', 'eval_every', 'eval_scorer')
 
 

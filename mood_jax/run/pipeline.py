@@ -7,8 +7,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import (changed_settings, checkpoint, config_checks, dry_run, one_class, parallel,
-                      optim, run_config, stages as all_stages, workdir_lock)
+from mood_jax import config_checks, parallel, stages as all_stages
+from mood_jax.run import config_json, dry_run, one_class, workdir_lock
+from mood_jax.train import changed_settings, checkpoint, optim
 from mood_jax.data import catalogue, data_config
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -85,7 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   with workdir_lock.held(workdir):
     changed_settings.check(config, workdir, [s for s in stages if s in TRAINING_STAGES],
                            allow_changed_settings)
-    run_config.write(workdir, config)  # after the check: a refused run leaves the last record
+    config_json.write(workdir, config)  # after the check: a refused run leaves the last record
     catalogue.source(config.data).prepare()
     for name in stages:
       if (name in TRAINING_STAGES
@@ -109,7 +110,7 @@ def run_one_class_each(config: ml_collections.ConfigDict, workdir: str,
   # A dry run writes nothing, the workdir included.
   with contextlib.nullcontext() if config.dry_run else workdir_lock.held(workdir):
     if not config.dry_run:  # each class's run writes its own config.json too
-      run_config.write(workdir, config)
+      config_json.write(workdir, config)
     for label, class_config in configs.items():
       logging.info('[one-class] class %s of %s', label, list(configs))
       run(class_config, one_class.class_workdir(workdir, label), allow_changed_settings)
