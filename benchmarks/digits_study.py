@@ -60,10 +60,10 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from configs import digits
-from mood_jax import parallel
+from mood_jax import parallel, stages as all_stages
 from mood_jax.ood import extraction
 from mood_jax.run import dry_run, pipeline
-from mood_jax.train import checkpoint, loop as train_loop, metrics_log
+from mood_jax.train import checkpoint, metrics_log
 from mood_jax.stages import finetune
 
 _OUT = flags.DEFINE_string('out', 'workdir/study', 'Directory of the runs and the tables.')
@@ -100,7 +100,7 @@ MACHINE = f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores
 # and study.json: small, committed, so the study resumes anywhere; OUT can be redone.
 RECORDS = ('benchmarks', 'results', 'digits_study')
 UM_BASE = 'um_base'  # the long fine-tune: its record also holds the curves along it
-TRAINING_STAGES = train_loop.TRAINING_STAGES
+TRAINING_STAGES = list(all_stages.TRAINING)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import sys
 
 import ml_collections
 
-from mood_jax import detector, parallel
+from mood_jax import detector, parallel, stages
 from mood_jax.ood import extraction
 from mood_jax.train import checkpoint
 from mood_jax.data import catalogue
@@ -25,13 +25,10 @@ from mood_jax.errors import UserError
 from mood_jax.ood import scorers
 from mood_jax.stages import evaluate
 
-# Newest first: logit_ft's config holds every stage's settings as they were last run.
-_STAGES = ('logit_ft', 'finetune', 'pretrain')
-
-
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config saved with the newest finished stage's final checkpoint."""
-  for stage in _STAGES:
+  """The config saved with the newest finished stage's final checkpoint (the last stage's
+  config holds every stage's settings as they were last run)."""
+  for stage in reversed(stages.TRAINING):
     step = checkpoint.final_step(workdir, stage)
     if step is not None:
       with checkpoint.manager(checkpoint.checkpoint_dir(workdir, stage)) as mngr:
@@ -65,17 +62,10 @@ def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: 
   fitted, id_scores = {}, {}
   for name, values in hparams.items():
     scorer = scorers.get(name).with_hparams(**values)
-    queries = test
-    if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
-      moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
-      queries = extract(extraction.make_forward(model, mesh, input_perturbation=moved),
-                        which='id_test')
-    train = evaluate.fit_rows(name, cfg, sets, config.seed)
-    stats = scorers.fit(scorer, train['features'], train['logits'], train['label'],
-                        params['head'] if has_head else None, mesh=mesh)
-    fitted[name] = (scorer, stats)
-    id_scores[name] = scorers.score(scorer, stats, queries['features'], queries['logits'],
-                                    mesh=mesh)
+    stats, by_set = evaluate.fit_and_score(config, scorer, sets, {'id_test': test},
+                                           params['head'] if has_head else None, model,
+                                           extract, mesh)
+    fitted[name], id_scores[name] = (scorer, stats), by_set['id_test']
   return params, fitted, id_scores
 
 

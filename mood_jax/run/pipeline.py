@@ -15,8 +15,8 @@ from mood_jax.errors import UserError
 from mood_jax.models import vit
 from mood_jax.stages import finetune
 
-# A training stage is skipped once its last step is saved.
 STAGES = all_stages.ALL
+# A training stage is skipped once its last step is saved.
 TRAINING_STAGES = all_stages.TRAINING
 
 
@@ -96,7 +96,19 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         continue
       logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
                    dict(placement.mesh.shape))
-      STAGES[name].run(config, workdir, placement)
+      if name in TRAINING_STAGES:
+        STAGES[name].run(config, workdir, placement,
+                         later_images=_later_images(config, workdir, stages, name))
+      else:
+        STAGES[name].run(config, workdir, placement)
+
+
+def _later_images(config: ml_collections.ConfigDict, workdir: str, stages: list[str],
+                  stage: str) -> int:
+  """Images still to train on in the selected training stages after `stage`, for the ETA."""
+  later = [name for name in stages[stages.index(stage) + 1:] if name in TRAINING_STAGES]
+  return sum((config[name].num_steps - (checkpoint.final_step(workdir, name) or 0))
+             * config[name].batch_size for name in later)
 
 
 def run_one_class_each(config: ml_collections.ConfigDict, workdir: str,

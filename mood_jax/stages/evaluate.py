@@ -186,7 +186,30 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
   return scorer.with_hparams(**best), record
 
 
+def fit_and_score(config: ml_collections.ConfigDict, scorer: scorers.Scorer, sets: dict,
+                  queries: dict, head, model, extract, mesh) -> tuple[dict, dict]:
+  """(stats, {query set: scores}) of one configured scorer: fitted on its rows of `sets`
+  (fit_rows), scoring the extracted `queries`. The evaluate stage and export share it.
+
+  A scorer that moves its inputs (ODIN) scores the queries extracted again through its
+  perturbed forward; `extract(forward, which=name)` extracts set `name` of config.data.
+  """
+  if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
+    moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
+    perturbed = extraction.make_forward(model, mesh, input_perturbation=moved)
+    queries = {name: extract(perturbed, which=name) for name in queries}
+  train = fit_rows(scorer.name, config.evaluate, sets, config.seed)
+  logging.info('[evaluate] %s fitted on %d ID examples', scorer.name, len(train['label']))
+  stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
+                      mesh=mesh)
+  return stats, {name: scorers.score(scorer, stats, s['features'], s['logits'], mesh=mesh)
+                 for name, s in queries.items()}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
+  """Scores every model of `evaluate.models` with every scorer of `evaluate.scorers` on the ID
+  test split and each OOD set; writes WORKDIR/results/ (results.{json,csv,md}, scores.npz,
+  plots) and, with `evaluate.detector.write`, WORKDIR/detector/."""
   cfg, mesh = config.evaluate, placement.mesh
   data_source = catalogue.source(config.data)
   groups = data_source.ood_groups()
@@ -222,17 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
         scorer, sweeps[model_name][scorer.name] = _choose_hparams(
             scorer, cfg, sets, head, groups, config.seed, mesh)
       queries = {name: s for name, s in sets.items() if name != 'id_train'}
-      if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
-        moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
-        perturbed = extraction.make_forward(model, mesh, input_perturbation=moved)
-        queries = {name: extract(perturbed, which=name) for name in queries}
-      train = fit_rows(scorer.name, cfg, sets, config.seed)
-      logging.info('[evaluate] %s: %s fitted on %d ID examples', model_name, scorer.name,
-                   len(train['label']))
-      stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
-                          mesh=mesh)
-      by_set = {name: scorers.score(scorer, stats, s['features'], s['logits'], mesh=mesh)
-                for name, s in queries.items()}
+      stats, by_set = fit_and_score(config, scorer, sets, queries, head, model, extract, mesh)
       by_set['id'] = by_set.pop('id_test')
       all_scores[model_name][scorer.name] = by_set
       fitted[model_name][scorer.name] = (scorer, stats)

@@ -121,7 +121,10 @@ def kept_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return (init_step,) if init_step > 0 else ()
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
+def run(config: ml_collections.ConfigDict, workdir: str, placement, later_images: int = 0) -> None:
+  """Fine-tunes the classifier on the ID labels from `finetune.init_from` (the pretrain
+  checkpoint, converted weights or scratch), resuming from WORKDIR/ckpt/finetune;
+  `later_images` is for the run's ETA (train_loop.train)."""
   stage = describe(config)
 
   def start_params():
@@ -136,4 +139,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
              if stage.cfg.eval_every > 0 else None)
   train_loop.train(stage, config, workdir, placement,
                    start_params=None if stage.cfg.init_from == 'scratch' else start_params,
-                   keep_steps=kept_steps(config), eval_fn=eval_fn)
+                   keep_steps=kept_steps(config), eval_fn=eval_fn, later_images=later_images)

@@ -257,7 +257,9 @@ def describe(config: ml_collections.ConfigDict,
       batch_loss=make_batch_loss(cfg, gamma))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
+def run(config: ml_collections.ConfigDict, workdir: str, placement, later_images: int = 0) -> None:
+  """Logit fine-tunes the finetuned classifier under `logit_ft.loss` (module docstring),
+  resuming from WORKDIR/ckpt/logit_ft; `later_images` is for the run's ETA (train_loop.train)."""
   cfg = config.logit_ft
   finetune_model, finetune_init = finetune.classifier(config, drop_path=0.0)  # eval only
   # The finetuned params are read at most once: the start point, gamma and the teacher.
@@ -289,9 +291,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
   eval_fn = None
   if cfg.eval_every > 0:
     eval_fn = periodic_eval.make_eval_fn(config, NAME, stage.model, placement.mesh,
-                                      _effective_params(cfg))
+                                         _effective_params(cfg))
   train_loop.train(stage, config, workdir, placement, start_params=start_params,
-                   batch_fn=batch_fn, eval_fn=eval_fn)
+                   batch_fn=batch_fn, eval_fn=eval_fn, later_images=later_images)
 
 
 def _effective_params(cfg: ml_collections.ConfigDict):

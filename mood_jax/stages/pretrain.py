@@ -75,5 +75,7 @@ def describe(config: ml_collections.ConfigDict) -> training_stage.TrainingStage:
       rng=training_stage.rng_stream(config.seed, 'pretrain/step'))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
-  train_loop.train(describe(config), config, workdir, placement)
+def run(config: ml_collections.ConfigDict, workdir: str, placement, later_images: int = 0) -> None:
+  """Pretrains the encoder by masked-image modeling on the ID training images, resuming
+  from WORKDIR/ckpt/pretrain; `later_images` is for the run's ETA (train_loop.train)."""
+  train_loop.train(describe(config), config, workdir, placement, later_images=later_images)

@@ -27,18 +27,6 @@ class TrainState:
   opt_state: Any
 
 
-# The stages that train, in the order they run (registered in mood_jax/stages/).
-TRAINING_STAGES = ('pretrain', 'finetune', 'logit_ft')
-
-
-def _later_images(config: ml_collections.ConfigDict, workdir: str, stage: str) -> int:
-  """Images still to train on in the selected training stages after `stage`, for the ETA."""
-  later = TRAINING_STAGES[TRAINING_STAGES.index(stage) + 1:]
-  selected = [name.strip() for name in config.stages.split(',')]
-  return sum((config[name].num_steps - (checkpoint.final_step(workdir, name) or 0))
-             * config[name].batch_size for name in later if name in selected)
-
-
 def abstract_state(stage: TrainingStage, placement: parallel.Placement):
   """(init, abstract state, shardings): the stage's train state's shapes as `placement`
   places them, without allocating it; `jax.jit(init, out_shardings=shardings)` creates it."""
@@ -223,7 +211,7 @@ class _PreemptionNotice:
 def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
           placement: parallel.Placement, *, start_params: Callable[[], Any] | None = None,
           batch_fn: Callable[[dict], dict] | None = None, keep_steps: tuple[int, ...] = (),
-          eval_fn: Callable[[Any], dict] | None = None) -> TrainState:
+          eval_fn: Callable[[Any], dict] | None = None, later_images: int = 0) -> TrainState:
   """Runs the stage's `num_steps` steps on ID training batches, resuming from its latest
   checkpoint if any.
 
@@ -233,12 +221,13 @@ def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
   Checkpoints of `keep_steps` are kept beside the latest `keep_checkpoints`. Logged metrics
   are means over the steps since the previous log line. `eval_fn(params)` runs every
   `eval_every` steps and at the last, its metrics logged as kind 'eval'. On a preemption
-  notice it saves at the end of the current step and raises `Preempted`.
+  notice it saves at the end of the current step and raises `Preempted`. `later_images`:
+  the images the run's later training stages still train on, for the run's ETA.
   """
   name, cfg, tx, mesh = stage.name, stage.cfg, stage.tx, placement.mesh
   data_iter = iter(input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
                                                 seed=config.seed, augment=cfg.augment))
-  clock = progress.Clock(cfg.num_steps, cfg.batch_size, _later_images(config, workdir, name))
+  clock = progress.Clock(cfg.num_steps, cfg.batch_size, later_images)
   init, abstract, shardings = abstract_state(stage, placement)
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir, name), cfg, keep_steps)
   try:
