@@ -11,9 +11,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mood_jax import parallel
-from mood_jax.run import allocator, pipeline, workdir_lock
-from mood_jax.train import checkpoint, loop as train_loop
-from mood_jax.errors import UserError
+from mood_jax.errors import UserError, error_line
+from mood_jax.run import allocator, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
                                           lock_config=True)
@@ -69,6 +68,7 @@ def stop(signum, frame) -> None:
   semaphore lock the interrupted thread took). os.write: stderr's buffered writer may be
   mid-write in the interrupted code."""
   del frame
+  from mood_jax.train import loop as train_loop  # noqa: PLC0415 (loaded by main already)
   workdir_lock.release_at_exit()
   os.write(2, f'stopped by {signal.Signals(signum).name}: rerun the same command to resume '
               f'(exit status {train_loop.PREEMPTED_EXIT_CODE})\n'.encode())
@@ -98,7 +98,7 @@ def file_system_error(error: BaseException) -> str | None:
   text = str(error)
   for code in (errno.ENOSPC, errno.EROFS, errno.EACCES):
     if os.strerror(code) in text:
-      return f'{checkpoint.error_line(error)}: {_FILE_SYSTEM_HINTS[code]}'
+      return f'{error_line(error)}: {_FILE_SYSTEM_HINTS[code]}'
   return None
 
 
@@ -116,6 +116,9 @@ def parse_flags(argv):
 
 
 def main(argv) -> None:
+  # The program is imported here, not at the top: --help and a bad flag answer at once.
+  from mood_jax.run import pipeline  # noqa: PLC0415
+  from mood_jax.train import loop as train_loop  # noqa: PLC0415
   logging.get_absl_handler().addFilter(QuietLibraries())
   sys.unraisablehook = quiet_abandoned_reads
   if len(argv) > 1:

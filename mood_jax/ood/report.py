@@ -8,14 +8,16 @@ import csv
 import io
 import json
 import os
-import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from sklearn import metrics as sk_metrics
 
+from mood_jax import files
 from mood_jax.data.sources.source import ID_VAL
 from mood_jax.ood import metrics
+
+if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
+  from matplotlib.figure import Figure
 
 METRICS = ('auroc', 'fpr95', 'fpr95_id', 'aupr_in', 'aupr_out')
 FIELDS = ('model', 'scorer', 'ood_set', 'ood_group', *METRICS)
@@ -174,19 +176,6 @@ def markdown_table(rows: list[dict], id_accuracy: dict[str, float],
       *_hparams_lines(hparams or {}, sweeps or {}), _CONVENTIONS_LINE, ''])
 
 
-def write_atomically(path: str, data: bytes) -> None:
-  directory = os.path.dirname(path)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp_')  # same filesystem
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.chmod(tmp_path, 0o644)  # mkstemp's 0600 would hide results from other users
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.remove(tmp_path)
-    raise
-
-
 def _csv_text(rows: list[dict]) -> str:
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator='\n')
@@ -228,16 +217,17 @@ def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, flo
   outputs = {'results.json': json.dumps(document, indent=2) + '\n',
              'results.csv': _csv_text(rows), 'results.md': table}
   for name, text in outputs.items():
-    write_atomically(os.path.join(results_dir, name), text.encode())
+    files.write_atomically(os.path.join(results_dir, name), text.encode())
   if scores is not None:
-    write_atomically(os.path.join(results_dir, 'scores.npz'), _npz_bytes(scores, ids or {}))
+    files.write_atomically(os.path.join(results_dir, 'scores.npz'),
+                           _npz_bytes(scores, ids or {}))
   return table
 
 
-def _save_figure(figure: Figure, path: str) -> None:
+def _save_figure(figure: 'Figure', path: str) -> None:
   buffer = io.BytesIO()
   figure.savefig(buffer, format='png', dpi=100)
-  write_atomically(path, buffer.getvalue())
+  files.write_atomically(path, buffer.getvalue())
 
 
 def _histograms(by_set: dict) -> tuple[np.ndarray, dict, bool]:
@@ -267,9 +257,10 @@ def _histograms(by_set: dict) -> tuple[np.ndarray, dict, bool]:
 _SETS_PER_PANEL = 4
 
 
-def _histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> Figure:
+def _histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> 'Figure':
   """ID filled in grey, each OOD set a coloured outline over it; `groups` ({set: group})
   splits crowded sets into a panel per group, validation / near / far."""
+  from matplotlib.figure import Figure  # noqa: PLC0415 (here: ~1 s to import, plots only)
   by_set = {name: values for name, values in by_set.items() if name != ID_VAL}
   bins, heights, symlog = _histograms(by_set)
   ood = [name for name in by_set if name != 'id']
@@ -293,10 +284,12 @@ def _histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> F
   return figure
 
 
-def _roc_figure(title: str, by_set: dict, groups: dict | None = None) -> Figure:
+def _roc_figure(title: str, by_set: dict, groups: dict | None = None) -> 'Figure':
   """ROC curves, ID positive; each marked at OpenOOD's FPR@95 point, where 95% of the OOD
   set is caught (5% accepted) and FPR@95 is the share of ID rejected there. Validation sets
   (`groups`) are against 'id_val' when there is one, as evaluate scores them."""
+  from matplotlib.figure import Figure  # noqa: PLC0415 (as in _histogram_figure)
+  from sklearn import metrics as sk_metrics  # noqa: PLC0415 (here: ~1 s to import, plots only)
   figure = Figure(figsize=(5, 5), layout='constrained')
   axes = figure.subplots()
   for dataset, ood_scores in by_set.items():

@@ -9,7 +9,7 @@ import sys
 import jax
 import ml_collections
 
-from mood_jax.ood import report
+from mood_jax import files
 
 FILE = 'config.json'
 
@@ -19,8 +19,8 @@ def write(workdir: str, config: ml_collections.ConfigDict) -> None:
     return
   document = {'command': shlex.join(['python', '-m', 'mood_jax.main', *sys.argv[1:]]),
               'config': config.to_dict()}
-  report.write_atomically(os.path.join(workdir, FILE),
-                          (json.dumps(document, indent=2) + '\n').encode())
+  files.write_atomically(os.path.join(workdir, FILE),
+                         (json.dumps(document, indent=2) + '\n').encode())
 
 
 def _tuples(value):

@@ -18,7 +18,7 @@ from absl import logging
 
 from mood_jax.train import checkpoint
 from mood_jax.errors import UserError
-from mood_jax.ood import report
+from mood_jax import files
 
 RECORD_FILE = 'changed_settings.json'
 
@@ -107,5 +107,5 @@ def check(config: ml_collections.ConfigDict, workdir: str, stages: list[str],
                   listing, os.path.join(workdir, RECORD_FILE))
   if jax.process_index() == 0:
     record = {**load(workdir), **changed}
-    report.write_atomically(os.path.join(workdir, RECORD_FILE),
-                            (json.dumps(record, indent=2) + '\n').encode())
+    files.write_atomically(os.path.join(workdir, RECORD_FILE),
+                           (json.dumps(record, indent=2) + '\n').encode())

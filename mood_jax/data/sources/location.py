@@ -11,9 +11,8 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mood_jax.train import checkpoint
 from mood_jax.data import build_lock, folder
-from mood_jax.errors import UserError
+from mood_jax.errors import UserError, error_line
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -115,5 +114,5 @@ class _ReportDamage(Sequence):
     except Exception as e:  # array_record, riegeli and PIL raise many types
       directory = self._source.dataset_info.data_dir
       raise UserError(f'{self._which}: record {index} in {directory} cannot be read '
-                      f'({checkpoint.error_line(e)}): its files are damaged. Move {directory} '
+                      f'({error_line(e)}): its files are damaged. Move {directory} '
                       f'aside and {self._rebuild}') from None
