@@ -9,12 +9,11 @@ import ml_collections
 import optax
 from absl import logging
 
-from mood_jax import convert
 from mood_jax.train import (checkpoint, loop as train_loop, optim, periodic_eval,
                             stage as training_stage)
 from mood_jax.data import catalogue
 from mood_jax.errors import UserError
-from mood_jax.models import vit
+from mood_jax.models import converted, vit
 from mood_jax.stages import pretrain
 
 NAME = 'finetune'
@@ -65,7 +64,7 @@ def check_converted(config) -> None:
   """A missing converted checkpoint stops the run before any work, naming where the public
   weights are and the command that converts them for this config."""
   path, cfg = converted_path(config), config.finetune
-  if convert.is_converted(path):
+  if converted.is_converted(path):
     return
   if not cfg.init_url:
     raise UserError(f'finetune.init_from={path} is not a directory written by `python -m '
@@ -84,11 +83,8 @@ def params_from_converted(config, init_params, placement,
   """(fresh classifier params with the converted checkpoint in finetune.init_from copied
   in, whether it had a head); its head too if `with_head` (a classifier scored as released)."""
   check_converted(config)
-  path = converted_path(config)
-  pretrained = convert.read(path, config.model)
-  params = vit.merge_pretrained(placement.create(init_params), pretrained, source=path,
-                                with_head=with_head)
-  return params, 'head' in pretrained
+  return converted.load(converted_path(config), config.model, placement.create(init_params),
+                        with_head=with_head)
 
 
 def _make_loss_fn(model, cfg: ml_collections.ConfigDict) -> training_stage.LossFn:
