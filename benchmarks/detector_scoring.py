@@ -30,11 +30,8 @@ import jax
 import numpy as np
 import PIL.Image
 
-from mood_jax import detector as detector_lib
-from mood_jax import parallel
-from mood_jax.ood import extraction
-from mood_jax import score as score_cli
-from mood_jax.ood import scorers
+from mood_jax import detector as detector_lib, parallel, score as score_cli
+from mood_jax.ood import detector_format, extraction, scorers
 from mood_jax.stages import finetune
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,10 +48,10 @@ def synthetic_detector(out: str) -> str:
   features, logits = (np.asarray(a) for a in extraction.make_forward(model, mesh)(params, images))
   scorer = scorers.get(SCORER)
   stats = scorers.fit(scorer, features, logits, np.zeros(len(features), np.int32), None)
-  meta = detector_lib.metadata(
+  meta = detector_format.metadata(
       config, model='finetune', num_classes=logits.shape[-1], channels=1, scorers=[scorer],
       id_scores={SCORER: scorers.score(scorer, stats, features, logits)}, chosen_by='benchmark')
-  detector_lib.save(out, meta, params, {SCORER: stats}, replace=False)
+  detector_format.save(out, meta, params, {SCORER: stats}, replace=False)
   return out
 
 

@@ -1,4 +1,4 @@
-"""Writes a detector directory from a finished run (see mood_jax/detector.py).
+"""Command line: writes a detector directory from a finished run (see mood_jax/detector.py).
 
     python -m mood_jax.export --workdir=WORKDIR --out=DIR [--model=auto] [--scorers=auto]
         [--tprs=0.95,0.99] [--data_dir=...]
@@ -17,12 +17,12 @@ import sys
 
 import ml_collections
 
-from mood_jax import detector, parallel, stages
+from mood_jax import parallel, stages
 from mood_jax.ood import extraction
 from mood_jax.train import checkpoint
 from mood_jax.data import catalogue
 from mood_jax.errors import UserError
-from mood_jax.ood import scorers
+from mood_jax.ood import detector_choice, detector_format, scorers
 from mood_jax.stages import evaluate
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -79,12 +79,12 @@ def export(workdir: str, out: str, *, model: str = 'auto', scorer_names: str = '
   config.evaluate.detector = dict(write=True, model=model, scorers=scorer_names, tprs=tprs)
   if data_dir:
     config.data.data_dir = data_dir
-  detector.check_tprs(tprs, '--tprs')
+  detector_choice.check_tprs(tprs, '--tprs')
   if os.path.exists(out):
     raise UserError(f'{out} already exists: choose another --out (a detector is never '
                     'overwritten)')
   results = _results(workdir)
-  model_name, names, why = detector.choose(
+  model_name, names, why = detector_choice.choose(
       results['rows'], config.evaluate, {m: list(by) for m, by in results['hparams'].items()})
   mesh = parallel.make_mesh((('data', -1),))
   parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
@@ -93,11 +93,11 @@ def export(workdir: str, out: str, *, model: str = 'auto', scorer_names: str = '
   params, fitted, id_scores = fit_chosen(
       config, workdir, parallel.Placement(mesh), model_name,
       {n: results['hparams'][model_name][n] for n in names})
-  meta = detector.metadata(
+  meta = detector_format.metadata(
       config, model=model_name, num_classes=data_source.num_classes(),
       channels=data_source.channels,
       scorers=[scorer for scorer, _ in fitted.values()], id_scores=id_scores, chosen_by=why)
-  detector.save(out, meta, params, {n: stats for n, (_, stats) in fitted.items()},
+  detector_format.save(out, meta, params, {n: stats for n, (_, stats) in fitted.items()},
                 replace=False)
   print(f'detector: {model_name} with {", ".join(names)} ({why}) in {out}')
 

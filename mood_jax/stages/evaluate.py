@@ -17,13 +17,13 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from mood_jax import config_checks, detector
+from mood_jax import config_checks
 from mood_jax.ood import extraction
 from mood_jax.train import changed_settings, checkpoint, metrics_log
 from mood_jax.data import catalogue, data_config
 from mood_jax.data.sources import embedded, source
 from mood_jax.errors import UserError
-from mood_jax.ood import metrics, report, scorers, sweep
+from mood_jax.ood import detector_choice, detector_format, metrics, report, scorers, sweep
 from mood_jax.stages import finetune, logit_ft
 
 NAME = 'evaluate'
@@ -110,7 +110,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 for scorer in scorers.resolve(cfg.scorers)}
   except (KeyError, ValueError) as e:
     raise UserError(f'evaluate: {e.args[0]}') from None
-  detector.check_config(cfg)
+  detector_choice.check_config(cfg)
   for name in config_checks.names(cfg.fit_on_id_validation):
     if name not in selected:
       raise UserError(f'evaluate.fit_on_id_validation names {name!r}, which evaluate.scorers '
@@ -272,7 +272,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     logging.info('[evaluate] results in %s', results_dir)
   if cfg.detector.write:  # after the results, so they are kept if this fails; every
     # process, as the params' save is collective
-    detector.write_from_run(
+    detector_format.write_from_run(
         os.path.join(workdir, 'detector'), config, rows, fitted,
         {model: {name: by_set['id'] for name, by_set in by_scorer.items()}
          for model, by_scorer in all_scores.items()},
