@@ -65,9 +65,9 @@ def paper_config(name: str, train_examples: int, ood_sets: tuple[str, ...],
   data.num_workers = 8                      # ours: keeps an accelerator host fed (benchmarks/)
 
   # MOOD's README: fine-tune beit_large_patch16_224_pt22k; its run_class_finetuning.py copies
-  # the checkpoint's shared relative position table into every block (--rel-pos-per-block).
+  # the checkpoint's shared relative position table into every block (--rel_pos_per_block).
   config.stages = 'finetune,evaluate'
-  use_public_weights(config, PT22K, '--rel-pos-per-block')
+  use_public_weights(config, PT22K, '--rel_pos_per_block')
 
   config.model.update(
       variant='L/16',          # MOOD: beit_large_patch16_224

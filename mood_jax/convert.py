@@ -1,12 +1,12 @@
 """Command line: public ViT/BEiT weights as a checkpoint to fine-tune.
 
   python -m mood_jax.convert --src model.safetensors --variant B/16 --out DIR \\
-      [--image-size 224] [--keep-head | --drop-head] [--rel-pos-per-block]
+      [--image_size 224] [--keep_head | --drop_head] [--rel_pos_per_block]
 
 reads a timm `vit_*` / `beit_*` / `beitv2_*` state dict and writes DIR: an orbax checkpoint
 of our param tree and the model options to run it with (mood_jax/models/converted.py says
 how). `--config.finetune.init_from=DIR` with those options starts fine-tuning from it.
-`--rel-pos-per-block` gives every block its own copy of a BEiT pretraining checkpoint's
+`--rel_pos_per_block` gives every block its own copy of a BEiT pretraining checkpoint's
 shared relative position table, as MOOD does before fine-tuning.
 """
 
@@ -14,22 +14,24 @@ import argparse
 import os
 import sys
 
+from mood_jax import command_line
 from mood_jax.errors import UserError
 from mood_jax.models import converted
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser = command_line.parser('mood_jax.convert', __doc__)
   parser.add_argument('--src', required=True, help='.safetensors or .pth state dict')
   parser.add_argument('--variant', required=True, help='our model variant, e.g. B/16')
   parser.add_argument('--out', required=True, help='new directory for the checkpoint')
-  parser.add_argument('--image-size', type=int, default=None,
-                      help='image size to resample position tables to (default: the file\'s)')
+  parser.add_argument('--image_size', type=int, default=None,
+                      help='image size to resample position tables to; None: the file\'s')
   head = parser.add_mutually_exclusive_group()
-  head.add_argument('--keep-head', dest='keep_head', action='store_true',
+  head.add_argument('--keep_head', dest='keep_head', action='store_true',
                     help='keep the classifier head (fine-tuning trains a fresh one anyway)')
-  head.add_argument('--drop-head', dest='keep_head', action='store_false', help='(default)')
-  parser.add_argument('--rel-pos-per-block', action='store_true',
+  head.add_argument('--drop_head', dest='keep_head', action='store_false',
+                    default=argparse.SUPPRESS, help='leave the classifier head out (the default)')
+  parser.add_argument('--rel_pos_per_block', action='store_true',
                       help='copy a shared relative position table into every block (MOOD)')
   args = parser.parse_args(argv)
   try:

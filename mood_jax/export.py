@@ -9,7 +9,6 @@ on the ID training set again and their thresholds set on the ID test split, as e
 an existing DIR is never overwritten.
 """
 
-import argparse
 import functools
 import json
 import os
@@ -17,13 +16,12 @@ import sys
 
 import ml_collections
 
-from mood_jax import parallel, stages
-from mood_jax.ood import extraction
-from mood_jax.train import checkpoint
+from mood_jax import command_line, parallel, stages
 from mood_jax.data import catalogue
 from mood_jax.errors import UserError
-from mood_jax.ood import detector_choice, detector_format, scorers
+from mood_jax.ood import detector_choice, detector_format, extraction, scorers
 from mood_jax.stages import evaluate
+from mood_jax.train import checkpoint
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config saved with the newest finished stage's final checkpoint (the last stage's
@@ -103,8 +101,7 @@ def export(workdir: str, out: str, *, model: str = 'auto', scorer_names: str = '
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m mood_jax.export', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = command_line.parser('mood_jax.export', __doc__)
   parser.add_argument('--workdir', required=True, help='a finished run of mood_jax.main')
   parser.add_argument('--out', required=True, help='the detector directory to write')
   parser.add_argument('--model', default='auto', help='finetune, logit_ft, pretrain or auto')

@@ -104,7 +104,7 @@ def test_missing_converted_checkpoint_names_it_where_it_is_and_the_command(tmp_p
   assert str(error.value) == (
       f'no converted checkpoint at {tmp_path / "pt22k"}: download beit_large_patch16_224_pt22k.pth '
       f'from {url} and convert it with `python -m mood_jax.convert --src '
-      'beit_large_patch16_224_pt22k.pth --variant L/16 --image-size 224 --rel-pos-per-block '
+      'beit_large_patch16_224_pt22k.pth --variant L/16 --image_size 224 --rel_pos_per_block '
       f'--out {tmp_path / "pt22k"}`')
   assert not (tmp_path / 'work').exists()
 

@@ -177,7 +177,7 @@ def source_image_size(state: dict) -> int:
   tables = [value for name, value in state.items() if name.endswith('bias_table')]
   if tables:
     return (math.isqrt(tables[0].shape[0] - 3) + 1) // 2 * patch
-  raise UserError('cannot tell the image size from the file: pass --image-size')
+  raise UserError('cannot tell the image size from the file: pass --image_size')
 
 
 def _sizes(state: dict) -> str:

@@ -40,7 +40,7 @@ def _pretrain_encoder(config, workdir, placement):
 def _converted(config, workdir, placement):
   """Public weights as converted (finetune.init_from), not trained here: MOOD's ImageNet-1k
   row scores BEiT's pt22k_ft1k classifier as released, its one-class CIFAR rows the pt22k
-  encoder. The head is scored if the conversion kept it (--keep-head)."""
+  encoder. The head is scored if the conversion kept it (--keep_head)."""
   model, init_params = finetune.classifier(config, drop_path=0.0)
   params, has_head = finetune.params_from_converted(config, init_params, placement,
                                                     with_head=True)

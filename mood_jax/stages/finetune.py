@@ -74,7 +74,7 @@ def check_converted(config) -> None:
   flags = f' {cfg.init_convert_flags}' if cfg.init_convert_flags else ''
   raise UserError(f'no converted checkpoint at {path}: download {src} from {cfg.init_url} '
                   f'and convert it with `python -m mood_jax.convert --src {src} --variant '
-                  f'{config.model.variant} --image-size {config.data.image_size}{flags} '
+                  f'{config.model.variant} --image_size {config.data.image_size}{flags} '
                   f'--out {path}`')
 
 
