@@ -8,6 +8,7 @@ used on the test sets. Test OOD sets never take part in the choice, nor, with 'i
 the ID test split: the validation sets' metrics are then scored against 'id_val' too.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -88,7 +89,7 @@ def fit_rows(scorer_name: str, cfg, sets: dict, seed: int) -> dict:
     return sets['id_train']
   if ID_VAL in sets:
     return sets[ID_VAL]
-  return _hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)[1]
+  return hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)[1]
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -156,7 +157,7 @@ def model_names(models: str, workdir: str) -> list[str]:
           if checkpoint.final_step(workdir, name) is not None] or ['pretrain']
 
 
-def _hold_out(train: dict, fraction: float, seed: int) -> tuple[dict, dict]:
+def hold_out(train: dict, fraction: float, seed: int) -> tuple[dict, dict]:
   """(fit part, ID validation part) of the ID training set, by a seeded permutation: the
   validation rows must not be in the bank a scorer fits (knn would find each one itself)."""
   order = np.random.default_rng(seed).permutation(len(train['label']))
@@ -172,7 +173,7 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
   if ID_VAL in sets:  # never trained on, so the scorer's bank can be all of ID train
     fit_part, id_val = sets['id_train'], sets[ID_VAL]
   else:
-    fit_part, id_val = _hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)
+    fit_part, id_val = hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)
   ood_val = {key: np.concatenate([sets[name][key] for name in validation_sets])
              for key in ('features', 'logits', 'label')}
   best, trials = sweep.select_hparams(scorer, cfg.sweep_grids[scorer.name].to_dict(),
@@ -206,6 +207,36 @@ def fit_and_score(config: ml_collections.ConfigDict, scorer: scorers.Scorer, set
                  for name, s in queries.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Scored:
+  """One (model, scorer) the evaluate stage scored."""
+  model: str
+  scorer: scorers.Scorer  # configured: the hparams it ran with (chosen, if it was swept)
+  stats: dict             # what it fitted on the ID rows
+  scores: dict            # {'id': ID test scores, set: scores} for every other set
+  sweep: dict | None      # how its hparams were chosen, if swept
+
+
+def _per_model(scored: list[Scored], models: list[str], value) -> dict:
+  """{model: {scorer: value(record)}} with every evaluated model, in evaluation order;
+  records whose value is None are left out."""
+  return {model: {s.scorer.name: value(s) for s in scored
+                  if s.model == model and value(s) is not None} for model in models}
+
+
+def _metric_rows(s: Scored, groups: dict) -> list[dict]:
+  """One results row per OOD set of a (model, scorer)."""
+  rows = []
+  for ood_set, group in groups.items():
+    # With an ID validation split, validation scores read no test data at all.
+    against_id_val = group == VALIDATION and ID_VAL in s.scores
+    values = metrics.ood_metrics(s.scores[ID_VAL if against_id_val else 'id'], s.scores[ood_set])
+    rows.append({'model': s.model, 'scorer': s.scorer.name, 'ood_set': ood_set,
+                 'ood_group': group, **{k: float(v) for k, v in values.items()},
+                 **({'id_set': ID_VAL} if against_id_val else {})})  # absent: id_test
+  return rows
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
   """Scores every model of `evaluate.models` with every scorer of `evaluate.scorers` on the ID
   test split and each OOD set; writes WORKDIR/results/ (results.{json,csv,md}, scores.npz,
@@ -216,9 +247,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
   id_sets = data_source.id_sets()
   selected = [scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
-  rows, id_accuracy, all_scores, used_hparams, sweeps, fitted = [], {}, {}, {}, {}, {}
+  models = model_names(cfg.models, workdir)
+  scored, id_accuracy = [], {}
   trained_with = {}  # model -> one line on its training, for the report
-  for model_name in model_names(cfg.models, workdir):
+  for model_name in models:
     if model_name == logit_ft.NAME:
       trained_with[model_name] = logit_ft.trained_with(workdir)
     model, params, has_head = MODELS[model_name](config, workdir, placement)
@@ -234,35 +266,27 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
       id_accuracy[model_name] = float(metrics.accuracy(sets['id_test']['logits'],
                                                        sets['id_test']['label']))
     head = params['head'] if has_head else None
-    all_scores[model_name], used_hparams[model_name], sweeps[model_name] = {}, {}, {}
-    fitted[model_name] = {}
     for scorer in selected:
       if scorer.needs_logits and not has_head:
         logging.info('[evaluate] %s: skipping %s (no trained classifier head)', model_name,
                      scorer.name)
         continue
+      chosen = None
       if scorer.name in to_sweep:
-        scorer, sweeps[model_name][scorer.name] = _choose_hparams(
-            scorer, cfg, sets, head, groups, config.seed, mesh)
+        scorer, chosen = _choose_hparams(scorer, cfg, sets, head, groups, config.seed, mesh)
       queries = {name: s for name, s in sets.items() if name != 'id_train'}
       stats, by_set = fit_and_score(config, scorer, sets, queries, head, model, extract, mesh)
       by_set['id'] = by_set.pop('id_test')
-      all_scores[model_name][scorer.name] = by_set
-      fitted[model_name][scorer.name] = (scorer, stats)
-      used_hparams[model_name][scorer.name] = dict(scorer.hparams)
-      for ood_set, group in groups.items():
-        # With an ID validation split, validation scores read no test data at all.
-        against_id_val = group == VALIDATION and ID_VAL in by_set
-        values = metrics.ood_metrics(by_set[ID_VAL if against_id_val else 'id'],
-                                     by_set[ood_set])
-        rows.append({'model': model_name, 'scorer': scorer.name, 'ood_set': ood_set,
-                     'ood_group': group, **{k: float(v) for k, v in values.items()},
-                     **({'id_set': ID_VAL} if against_id_val else {})})  # absent: id_test
+      scored.append(Scored(model_name, scorer, stats, by_set, chosen))
+  rows = [row for s in scored for row in _metric_rows(s, groups)]
+  all_scores = _per_model(scored, models, lambda s: s.scores)
+  hparams = _per_model(scored, models, lambda s: dict(s.scorer.hparams))
   if jax.process_index() == 0:
     results_dir = os.path.join(workdir, 'results')
     summary = report.summarize(rows)  # each set's row and each group's mean
     table = report.write_results(results_dir, summary, id_accuracy,
-                                 scores=all_scores, hparams=used_hparams, sweeps=sweeps,
+                                 scores=all_scores, hparams=hparams,
+                                 sweeps=_per_model(scored, models, lambda s: s.sweep),
                                  models=trained_with, ids=ids,
                                  changed_settings=changed_settings.load(workdir))
     metrics_log.write_evaluation(workdir, summary, id_accuracy)
@@ -273,7 +297,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
   if cfg.detector.write:  # after the results, so they are kept if this fails; every
     # process, as the params' save is collective
     detector_format.write_from_run(
-        os.path.join(workdir, 'detector'), config, rows, fitted,
-        {model: {name: by_set['id'] for name, by_set in by_scorer.items()}
-         for model, by_scorer in all_scores.items()},
+        os.path.join(workdir, 'detector'), config, rows,
+        _per_model(scored, models, lambda s: (s.scorer, s.stats)),
+        _per_model(scored, models, lambda s: s.scores['id']),
         lambda model: MODELS[model](config, workdir, placement)[1], replace=True)

@@ -101,6 +101,8 @@ def _make_loss_fn(model, cfg: ml_collections.ConfigDict) -> training_stage.LossF
 
 
 def describe(config: ml_collections.ConfigDict) -> training_stage.TrainingStage:
+  """The fine-tune step: the ViT classifier with drop path, the layer-decayed optimizer and
+  label-smoothed cross-entropy (`config.finetune`)."""
   cfg = config.finetune
   model, init_params = classifier(config, cfg.drop_path)
   return training_stage.TrainingStage(

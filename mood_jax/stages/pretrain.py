@@ -52,6 +52,8 @@ def _make_loss_fn(model, cfg: ml_collections.ConfigDict) -> training_stage.LossF
 
 
 def describe(config: ml_collections.ConfigDict) -> training_stage.TrainingStage:
+  """The pretraining step: the masked image model (encoder and pixel decoder), its masks
+  drawn per step (`pretrain.scheme`), and the loss on the masked patches (`config.pretrain`)."""
   cfg = config.pretrain
   size, channels = config.data.image_size, catalogue.source(config.data).channels
   encoder = vit.encoder_from_config(config.model, drop_path=cfg.drop_path)
