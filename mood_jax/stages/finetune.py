@@ -17,6 +17,7 @@ from mood_jax.models import converted, vit
 from mood_jax.stages import pretrain
 
 NAME = 'finetune'
+RNG_STREAMS = {'step': 2}  # training_stage.rng_stream
 
 
 def classifier(config: ml_collections.ConfigDict, drop_path: float):
@@ -109,7 +110,7 @@ def describe(config: ml_collections.ConfigDict) -> training_stage.TrainingStage:
       name=NAME, cfg=cfg, model=model, init_params=init_params,
       tx=optim.make_optimizer(cfg, model.encoder.depth), lr_schedule=optim.make_schedule(cfg),
       loss_fn=_make_loss_fn(model, cfg),
-      rng=training_stage.rng_stream(config.seed, 'finetune/step'))
+      rng=training_stage.rng_stream(config.seed, RNG_STREAMS['step']))
 
 
 def kept_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:

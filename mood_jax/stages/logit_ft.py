@@ -50,6 +50,7 @@ from mood_jax.models import vit, weight_mask
 from mood_jax.stages import finetune
 
 NAME = 'logit_ft'
+RNG_STREAMS = {'umap_scores': 3, 'gamma_mask': 4, 'step': 5}  # training_stage.rng_stream
 LOSSES = ('um', 'sample_mask', 'ce')
 GAMMA_SOURCES = ('masked_model', 'quantile', 'fixed')
 UMAP_MODES = ('none', 'scores', 'both')
@@ -105,7 +106,7 @@ def _init_and_tx(config: ml_collections.ConfigDict):
     params = {'model': classifier_init()}
     if cfg.umap != 'none':
       params['scores'] = weight_mask.init_scores(
-          training_stage.rng_stream(config.seed, 'logit_ft/umap_scores'), params['model'],
+          training_stage.rng_stream(config.seed, RNG_STREAMS['umap_scores']), params['model'],
           lambda path: adapts_layer('/'.join(path), cfg, depth))
     return params
 
@@ -209,7 +210,7 @@ def estimate_gamma(config, model, params, mesh) -> float:
     return float(cfg.gamma)
   if cfg.gamma_from == 'quantile':
     return float(np.quantile(per_sample_ce(model, params, config, mesh), cfg.gamma_quantile))
-  key = training_stage.rng_stream(config.seed, 'logit_ft/gamma_mask')
+  key = training_stage.rng_stream(config.seed, RNG_STREAMS['gamma_mask'])
   masked = jax.jit(lambda p: weight_mask.apply_masks(
       p, weight_mask.random_masks(key, p, cfg.weight_keep_ratio)))(params)
   return float(per_sample_ce(model, masked, config, mesh).mean())
@@ -253,7 +254,7 @@ def describe(config: ml_collections.ConfigDict,
   return training_stage.TrainingStage(
       name=NAME, cfg=cfg, model=model, init_params=init_params, tx=tx,
       lr_schedule=optim.make_schedule(cfg), loss_fn=_make_loss_fn(model, cfg),
-      rng=training_stage.rng_stream(config.seed, 'logit_ft/step'), batch_fields=fields,
+      rng=training_stage.rng_stream(config.seed, RNG_STREAMS['step']), batch_fields=fields,
       batch_loss=make_batch_loss(cfg, gamma))
 
 

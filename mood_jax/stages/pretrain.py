@@ -11,6 +11,7 @@ from mood_jax.models import masking, mim, vit
 
 
 NAME = 'pretrain'
+RNG_STREAMS = {'step': 1}  # training_stage.rng_stream
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -74,7 +75,7 @@ def describe(config: ml_collections.ConfigDict) -> training_stage.TrainingStage:
       name=NAME, cfg=cfg, model=model, init_params=init_params,
       tx=optim.make_optimizer(cfg, encoder.depth), lr_schedule=optim.make_schedule(cfg),
       loss_fn=_make_loss_fn(model, cfg),
-      rng=training_stage.rng_stream(config.seed, 'pretrain/step'))
+      rng=training_stage.rng_stream(config.seed, RNG_STREAMS['step']))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, placement, later_images: int = 0) -> None:
