@@ -31,6 +31,7 @@ def smoke(tmp_path_factory, data_dir, env):
     return out, json.load(f)
 
 
+@pytest.mark.slow  # the rehearsal: minutes of runs
 def test_the_rehearsal_runs_every_part(smoke):
   out, report = smoke
   assert report['errors'] == {} and set(report['parts']) == set(accelerator_check.PARTS)
@@ -54,6 +55,7 @@ def test_the_rehearsal_runs_every_part(smoke):
   assert '## Train step' in summary and 'Not compared: no reference' in summary
 
 
+@pytest.mark.slow  # the rehearsal: minutes of runs
 def test_a_reference_from_a_cpu_run_flags_exactly_what_differs(smoke, env, tmp_path):
   out, report = smoke
   path = tmp_path / 'reference.json'

@@ -230,7 +230,7 @@ def _save_figure(figure: 'Figure', path: str) -> None:
   files.write_atomically(path, buffer.getvalue())
 
 
-def _histograms(by_set: dict) -> tuple[np.ndarray, dict, bool]:
+def histograms(by_set: dict) -> tuple[np.ndarray, dict, bool]:
   """(shared bin edges, {set: bar heights}, whether the axis is symmetric-log)."""
   # Shared bins over the central 98% of all scores, so the sets' densities compare bar for
   # bar and a long tail does not squeeze the rest into a few bars; tail values are clipped
@@ -257,12 +257,12 @@ def _histograms(by_set: dict) -> tuple[np.ndarray, dict, bool]:
 _SETS_PER_PANEL = 4
 
 
-def _histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> 'Figure':
+def histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> 'Figure':
   """ID filled in grey, each OOD set a coloured outline over it; `groups` ({set: group})
   splits crowded sets into a panel per group, validation / near / far."""
   from matplotlib.figure import Figure  # noqa: PLC0415 (here: ~1 s to import, plots only)
   by_set = {name: values for name, values in by_set.items() if name != ID_VAL}
-  bins, heights, symlog = _histograms(by_set)
+  bins, heights, symlog = histograms(by_set)
   ood = [name for name in by_set if name != 'id']
   panels = {'OOD': ood}
   if groups and len(ood) > _SETS_PER_PANEL:
@@ -284,11 +284,11 @@ def _histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> '
   return figure
 
 
-def _roc_figure(title: str, by_set: dict, groups: dict | None = None) -> 'Figure':
+def roc_figure(title: str, by_set: dict, groups: dict | None = None) -> 'Figure':
   """ROC curves, ID positive; each marked at OpenOOD's FPR@95 point, where 95% of the OOD
   set is caught (5% accepted) and FPR@95 is the share of ID rejected there. Validation sets
   (`groups`) are against 'id_val' when there is one, as evaluate scores them."""
-  from matplotlib.figure import Figure  # noqa: PLC0415 (as in _histogram_figure)
+  from matplotlib.figure import Figure  # noqa: PLC0415 (as in histogram_figure)
   from sklearn import metrics as sk_metrics  # noqa: PLC0415 (here: ~1 s to import, plots only)
   figure = Figure(figsize=(5, 5), layout='constrained')
   axes = figure.subplots()
@@ -328,8 +328,8 @@ def plot_scores(results_dir: str, scores: dict, groups: dict | None = None) -> l
     for scorer, by_set in by_scorer.items():
       by_set = {name: np.asarray(values, np.float64) for name, values in by_set.items()}
       title = f'{model} / {scorer}'
-      for kind, figure in (('hist', _histogram_figure(title, by_set, groups)),
-                           ('roc', _roc_figure(title, by_set, groups))):
+      for kind, figure in (('hist', histogram_figure(title, by_set, groups)),
+                           ('roc', roc_figure(title, by_set, groups))):
         path = os.path.join(plots_dir, f'{model}_{scorer}_{kind}.png')
         _save_figure(figure, path)
         paths.append(path)

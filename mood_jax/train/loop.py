@@ -147,7 +147,7 @@ def _finite_leaves(tree):
   return jax.tree.map(lambda x: jnp.isfinite(x).all(), tree)
 
 
-def _check_state_finite(stage: str, step: int, state: TrainState) -> None:
+def check_state_finite(stage: str, step: int, state: TrainState) -> None:
   """Finite loss and gradients do not bound an update (e.g. a huge lr): check what is saved."""
   finite = jax.tree_util.tree_flatten_with_path(jax.device_get(_finite_leaves(state)))[0]
   bad = [jax.tree_util.keystr(path) for path, ok in finite if not ok]
@@ -277,7 +277,7 @@ def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
           tick += spent  # not training time: out of images/s and the ETA's speed
           clock.exclude(spent)
         if must_save:
-          _check_state_finite(name, step, state)
+          check_state_finite(name, step, state)
           checkpoint.save(mngr, step, state, data_iter, config)
         if preempted:
           mngr.wait_until_finished()
