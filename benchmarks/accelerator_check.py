@@ -122,7 +122,7 @@ def _train_child(step: str, sizes: dict) -> dict:
   try:
     impls['torch'] = train_step.torch_step(step, config, gpu, images, labels)
   except ImportError as e:
-    notes.append(f'torch/timm not importable ({e}): ours only; the README\'s "Benchmarks" '
+    notes.append(f'torch/timm not importable ({e}): ours only; docs/benchmarks.md '
                  'has the install line')
   timing = train_step.time_steps(impls, sizes['warmup'], sizes['steps'])
   measured = (devices[0].memory_stats() or {}).get('peak_bytes_in_use')
@@ -539,8 +539,8 @@ def check(args) -> dict:
   open(log, 'w').close()
   device = _run_child(['--child=probe'], _child_env(args.smoke), log)
   if device['backend'] == 'cpu' and not args.smoke:
-    raise UserError('JAX sees no accelerator (backend cpu): install jax for your GPU (README, '
-                    '"Benchmarks"), or run --smoke for the CPU rehearsal')
+    raise UserError('JAX sees no accelerator (backend cpu): install jax for your GPU '
+                    '(docs/benchmarks.md), or run --smoke for the CPU rehearsal')
   scratch = tempfile.mkdtemp(prefix='accelerator_check_')
   report = {'command': ' '.join(['python -m benchmarks.accelerator_check', *sys.argv[1:]]),
             'smoke': args.smoke, 'commit': _commit(), 'code_digest': code_digest(),

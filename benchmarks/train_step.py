@@ -89,7 +89,7 @@ TORCH_EMBEDDINGS = ('cls_token', 'pos_embed', 'mask_token')
 def torch_and_timm():
   """torch and timm, with tests/test_convert.py's inert torchvision when none is installed:
   timm imports torchvision for data transforms only, and PyPI's builds of it are CUDA ones
-  that do not load beside the CPU torch (see README)."""
+  that do not load beside the CPU torch (see docs/public_weights.md)."""
   import torch  # noqa: PLC0415 (after the flags: JAX is set up first)
   from tests import test_convert  # noqa: PLC0415
   test_convert._stand_in_for_torchvision()  # idempotent; importing it already did

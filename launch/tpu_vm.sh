@@ -29,7 +29,7 @@ Commands:
                              preemption: exit status $PREEMPTED means the run saved and asks to
                              be rerun; a preempted spot VM is deleted, recreated and set up again
                              first. Up to --max-restarts times. This machine must stay up: a
-                             laptop that sleeps stops it (README: "Installing for GPU/TPU").
+                             laptop that sleeps stops it (docs/launching.md).
   supervise CONFIG WORKDIR [--config.x=y ...]
                              the supervisor itself, in the foreground
   status                     the VM's state (READY, PREEMPTED, ...), and the supervisor's

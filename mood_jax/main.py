@@ -133,7 +133,7 @@ def main(argv) -> None:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if jax.default_backend() == 'cpu' and not allocator.caching_malloc():
       logging.info('running on CPU with the C library\'s malloc: preloading tcmalloc makes '
-                   'the training steps about 1.2x faster (README, "CPU training")')
+                   'the training steps about 1.2x faster (docs/precision.md)')
   for sig in train_loop.stop_signals():
     signal.signal(sig, stop)
   try:

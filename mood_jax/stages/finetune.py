@@ -69,8 +69,8 @@ def check_converted(config) -> None:
     return
   if not cfg.init_url:
     raise UserError(f'finetune.init_from={path} is not a directory written by `python -m '
-                    'mood_jax.convert`: convert public weights (README "Starting from public '
-                    'weights"), or use pretrain or scratch')
+                    'mood_jax.convert`: convert public weights (docs/public_weights.md), or use '
+                    'pretrain or scratch')
   src = os.path.basename(cfg.init_url)
   flags = f' {cfg.init_convert_flags}' if cfg.init_convert_flags else ''
   raise UserError(f'no converted checkpoint at {path}: download {src} from {cfg.init_url} '

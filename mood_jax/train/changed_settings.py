@@ -27,7 +27,7 @@ RECORD_FILE = 'changed_settings.json'
 # are read by evaluate only, or say where and how fast data is read (eval_crop_fraction is
 # not among them: logit_ft's gamma reads ID train through the eval transforms). mesh and
 # sharding_rules are not compared either: they change placement, and the result only up to
-# float rounding (README "Meshes and sharding").
+# float rounding (docs/sharding.md).
 _SHARED = ('seed', 'model.', 'data.')
 _PASS = ('model.remat', 'data.data_dir', 'data.num_workers', 'data.ood_sets',
          'data.validation_ood_sets', 'data.ood_examples_per_set',

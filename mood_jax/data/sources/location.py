@@ -56,7 +56,7 @@ class Location:
     records = tfds.data_source(self.dataset, split=self.split, data_dir=data_dir, download=False,
                                builder_kwargs=self._builder_kwargs(), **kwargs)
     return _ReportDamage(records, which, 'rerun: it is rebuilt' if self.generated else
-                         'prepare it again (README, "Real datasets")')
+                         'prepare it again (docs/datasets.md)')
 
   def labels(self, data_dir: str, label_key: str) -> np.ndarray:
     """Every record's `label_key`, in order."""
