@@ -15,6 +15,7 @@ FILE = 'config.json'
 
 
 def write(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """WORKDIR/config.json of this run (process 0): its command line and resolved `config`."""
   if jax.process_index() != 0:
     return
   document = {'command': shlex.join(['python', '-m', 'mood_jax.main', *sys.argv[1:]]),

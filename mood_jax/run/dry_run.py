@@ -93,6 +93,7 @@ def step_flops(name: str, config: ml_collections.ConfigDict, placement: parallel
 
 
 def table(reports: list[dict], mesh) -> str:
+  """The dry run's printed report: one Markdown row per compiled step of `compile_steps`."""
   lines = [f'Dry run on {jax.device_count()} {jax.devices()[0].platform} devices, mesh '
            f'{dict(mesh.shape)}; memory (XLA\'s compiled program) and FLOPs per device',
            '| step | batch/device | params+inputs GiB | outputs GiB | temporaries GiB | '
