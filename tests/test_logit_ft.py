@@ -154,8 +154,8 @@ def test_gamma_from_masked_model_matches_direct_computation(monkeypatch, smoothi
     assert which == 'id_train'
     return {'logits': np.asarray(forward(params, features)[1]), 'label': labels}
 
-  monkeypatch.setattr(logit_ft.inference, 'extract', fake_extract)
-  monkeypatch.setattr(logit_ft.inference, 'make_forward',
+  monkeypatch.setattr(logit_ft.extraction, 'extract', fake_extract)
+  monkeypatch.setattr(logit_ft.extraction, 'make_forward',
                       lambda model, mesh: lambda p, x: (x, model.apply({'params': p}, x)[0]))
   config = ml_collections.ConfigDict(dict(seed=3, data={}, logit_ft=dict(
       batch_size=8, gamma_from='masked_model', weight_keep_ratio=0.75, gamma_quantile=0.5, gamma=0.,
