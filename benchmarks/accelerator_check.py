@@ -12,7 +12,7 @@ after each part, so a window that closes early keeps what was measured. Parts, i
   train_step  MAE pretraining (75% masked) and fine-tuning, B/16 at 224 px, model.dtype='auto'
               (bfloat16 on an accelerator) and model.attention='auto' (fused there), batch
               128, on one device: benchmarks/train_step.py's steps, ours and timm/PyTorch's
-              alternating. Images/s; MFU from the dry run's FLOP count (mood_jax/dry_run.py:
+              alternating. Images/s; MFU from the dry run's FLOP count (mood_jax/run/dry_run.py:
               XLA's count of the step, the figure `--config.dry_run=True` prints) and from
               train_step.py's analytic count, over the device's dense bf16 peak (its source
               in the JSON); our step's peak device memory (the allocator's peak_bytes_in_use)
@@ -107,8 +107,9 @@ def _train_child(step: str, sizes: dict) -> dict:
   import jax  # noqa: PLC0415 (children only: the parent holds no device)
 
   from benchmarks import train_step  # noqa: PLC0415
-  from mood_jax import dry_run, parallel  # noqa: PLC0415
+  from mood_jax import parallel  # noqa: PLC0415
   from mood_jax.models import vit  # noqa: PLC0415
+  from mood_jax.run import dry_run  # noqa: PLC0415
 
   setting, devices = sizes['train'], jax.devices()
   gpu = jax.default_backend() == 'gpu'
@@ -123,7 +124,7 @@ def _train_child(step: str, sizes: dict) -> dict:
   try:
     impls['torch'] = train_step.torch_step(step, config, gpu, images, labels)
   except ImportError as e:
-    notes.append(f'torch/timm not importable ({e}): ours only; the README\'s "Benchmarks" '
+    notes.append(f'torch/timm not importable ({e}): ours only; docs/benchmarks.md '
                  'has the install line')
   timing = train_step.time_steps(impls, sizes['warmup'], sizes['steps'])
   measured = (devices[0].memory_stats() or {}).get('peak_bytes_in_use')
@@ -305,7 +306,7 @@ def _input_part(smoke: bool, log: str) -> dict:
 def _mfu_from_log(workdir: str) -> dict:
   """{stage: median MFU of its training log rows}, None where the rows have none (a device
   without a known peak)."""
-  from mood_jax import metrics_log  # noqa: PLC0415 (imports JAX: the parent uses no device)
+  from mood_jax.train import metrics_log  # noqa: PLC0415 (imports JAX: the parent uses no device)
   by_stage = {}
   for row in metrics_log.read(workdir):
     if row.get('kind', 'train') == 'train':
@@ -640,8 +641,8 @@ def check(args) -> dict:
   open(log, 'w').close()
   device = _run_child(['--child=probe'], _child_env(args.smoke), log)
   if device['backend'] == 'cpu' and not args.smoke:
-    raise UserError('JAX sees no accelerator (backend cpu): install jax for your GPU (README, '
-                    '"Benchmarks"), or run --smoke for the CPU rehearsal')
+    raise UserError('JAX sees no accelerator (backend cpu): install jax for your GPU '
+                    '(docs/benchmarks.md), or run --smoke for the CPU rehearsal')
   scratch = tempfile.mkdtemp(prefix='accelerator_check_')
   report = {'command': ' '.join(['python -m benchmarks.accelerator_check', *sys.argv[1:]]),
             'smoke': args.smoke, 'commit': _commit(), 'code_digest': code_digest(),

@@ -5,7 +5,7 @@
 On a folder of generated PNGs (64x64 RGB, so the detector's channel and resize rule runs),
 medians over `repeats` runs, each after a warm-up (compilation excluded):
 
-  forward    the bare jitted forward pass (inference.make_forward) on the decoded, resized,
+  forward    the bare jitted forward pass (extraction.make_forward) on the decoded, resized,
              normalised batches, in the detector's batch size
   scored     Detector.score_prepared on the same decoded uint8 images: normalise, forward,
              every scorer, decisions (the overhead the issue bounds at 10%)
@@ -30,10 +30,8 @@ import jax
 import numpy as np
 import PIL.Image
 
-from mood_jax import detector as detector_lib
-from mood_jax import inference, parallel
-from mood_jax import score as score_cli
-from mood_jax.ood import scorers
+from mood_jax import detector as detector_lib, parallel, score as score_cli
+from mood_jax.ood import detector_format, extraction, scorers
 from mood_jax.stages import finetune
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,13 +45,13 @@ def synthetic_detector(out: str) -> str:
   params, mesh = init_params(), parallel.make_mesh((('data', -1),))
   size = config.data.image_size
   images = np.random.default_rng(0).normal(size=(512, size, size, 1)).astype(np.float32)
-  features, logits = (np.asarray(a) for a in inference.make_forward(model, mesh)(params, images))
+  features, logits = (np.asarray(a) for a in extraction.make_forward(model, mesh)(params, images))
   scorer = scorers.get(SCORER)
   stats = scorers.fit(scorer, features, logits, np.zeros(len(features), np.int32), None)
-  meta = detector_lib.metadata(
+  meta = detector_format.metadata(
       config, model='finetune', num_classes=logits.shape[-1], channels=1, scorers=[scorer],
       id_scores={SCORER: scorers.score(scorer, stats, features, logits)}, chosen_by='benchmark')
-  detector_lib.save(out, meta, params, {SCORER: stats}, replace=False)
+  detector_format.save(out, meta, params, {SCORER: stats}, replace=False)
   return out
 
 

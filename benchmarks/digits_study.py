@@ -60,8 +60,10 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from configs import digits
-from mood_jax import (checkpoint, dry_run, inference, metrics_log, parallel, pipeline,
-                      train_loop)
+from mood_jax import parallel, stages as all_stages
+from mood_jax.ood import extraction
+from mood_jax.run import dry_run, pipeline
+from mood_jax.train import checkpoint, metrics_log
 from mood_jax.stages import finetune
 
 _OUT = flags.DEFINE_string('out', 'workdir/study', 'Directory of the runs and the tables.')
@@ -98,7 +100,7 @@ MACHINE = f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores
 # and study.json: small, committed, so the study resumes anywhere; OUT can be redone.
 RECORDS = ('benchmarks', 'results', 'digits_study')
 UM_BASE = 'um_base'  # the long fine-tune: its record also holds the curves along it
-TRAINING_STAGES = train_loop.TRAINING_STAGES
+TRAINING_STAGES = list(all_stages.TRAINING)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,14 +423,14 @@ def memorisation(cell: Cell, seed: int, out: str, smoke: bool) -> list[dict]:
   config.seed, config.data.data_dir = seed, os.path.join(out, 'tfds')
   placement = parallel.Placement.from_config(config)
   model, init_params = finetune.classifier(config, drop_path=0.0)
-  forward = inference.make_forward(model, placement.mesh)
+  forward = extraction.make_forward(model, placement.mesh)
   with checkpoint.manager(checkpoint.checkpoint_dir(directory, 'finetune')) as mngr:
     steps = sorted(step for step in mngr.all_steps() if step % config.finetune.ckpt_every == 0
                    or step == config.finetune.num_steps)
   ce, right = {}, {}
   for step in steps:
     params = checkpoint.restore_params(directory, 'finetune', init_params, placement, step)
-    train = inference.extract(forward, params, config.data, 'id_train', placement.mesh,
+    train = extraction.extract(forward, params, config.data, 'id_train', placement.mesh,
                               batch_size=config.evaluate.batch_size)
     logits, labels = train['logits'].astype(np.float64), train['label']
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -816,7 +818,7 @@ def render(rows: list[dict], meta: dict) -> str:
       'sides of every comparison whose difference on its claim metric is under two seed '
       'standard deviations. '
       'Training FLOPs: XLA\'s count of one lowered step of each stage '
-      '(`mood_jax.dry_run.step_flops`) times its steps.',
+      '(`mood_jax.run.dry_run.step_flops`) times its steps.',
       f'- **Claims:** each comparison rests on one metric: MIM\'s on {mim_scorer} '
       f'{mim_set} {mim_metric.upper()} (MOOD\'s scorer), UM\'s on {um_scorer} {um_set} '
       f'{um_metric.upper()} (UM\'s README runs its post-hoc example with `--energy` and '

@@ -50,7 +50,7 @@ SIZE = 224
 # About 3x the forward's 2 x 61.6 G multiply-adds (Dosovitskiy et al. 2021, table 6).
 VIT_L16_TRAIN_FLOPS = 5920e9 / 16
 TARGET_MFU = 0.5
-# Dense bf16 peak per chip (mood_jax/utilisation.py's table and sources).
+# Dense bf16 peak per chip (mood_jax/train/utilisation.py's table and sources).
 CHIPS = {'H100 SXM': 989e12, 'TPU v4': 275e12}
 
 

@@ -56,7 +56,9 @@ import numpy as np
 from absl import app, flags
 
 from configs import digits
-from mood_jax import host_malloc, parallel, train_loop, utilisation
+from mood_jax import parallel
+from mood_jax.run import allocator
+from mood_jax.train import loop as train_loop, utilisation
 from mood_jax.data import catalogue
 from mood_jax.models import vit
 from mood_jax.stages import finetune, pretrain
@@ -69,7 +71,7 @@ _VARIANT = flags.DEFINE_string('variant', None, '<size>/<patch> of mood_jax/mode
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'Default: 32 on CPU, 224 on GPU.')
 _GPU = flags.DEFINE_bool('gpu', False, 'The GPU setting; the default when JAX runs on a GPU.')
 _PEAK_FLOPS = flags.DEFINE_float('peak_flops', None, 'Peak FLOP/s of the device for MFU; '
-                                 'default: mood_jax/utilisation.py\'s table, an estimate for CPUs.')
+                                 'default: mood_jax/train/utilisation.py\'s table, an estimate for CPUs.')
 _SCAN = flags.DEFINE_bool('scan', False, 'Ours: config.model.scan (lax.scan over the blocks).')
 _REMAT = flags.DEFINE_bool('remat', False, 'Ours: config.model.remat.')
 _ATTENTION = flags.DEFINE_enum('attention', 'auto', vit.ATTENTIONS,
@@ -91,7 +93,7 @@ TORCH_EMBEDDINGS = ('cls_token', 'pos_embed', 'mask_token')
 def torch_and_timm():
   """torch and timm, with tests/test_convert.py's inert torchvision when none is installed:
   timm imports torchvision for data transforms only, and PyPI's builds of it are CUDA ones
-  that do not load beside the CPU torch (see README)."""
+  that do not load beside the CPU torch (see docs/public_weights.md)."""
   import torch  # noqa: PLC0415 (after the flags: JAX is set up first)
   from tests import test_convert  # noqa: PLC0415
   test_convert._stand_in_for_torchvision()  # idempotent; importing it already did
@@ -398,12 +400,12 @@ def main(argv) -> None:
   if not gpu:  # its default may be below the core count; JAX's CPU client uses every core
     torch.set_num_threads(os.cpu_count())
   peak, peak_how = peak_flops(_PEAK_FLOPS.value)
-  allocator = host_malloc.caching_malloc() or 'libc malloc'
+  allocator = allocator.caching_malloc() or 'libc malloc'
   notes = [f'peak FLOP/s {peak_how}',
            f'medians of {_STEPS.value} timed steps after {_WARMUP.value} warm-up ones, ours '
            'and torch alternating; other processes on the machine load both alike',
            f'allocator: {allocator}, for both '
-           'implementations (see mood_jax/host_malloc.py)']
+           'implementations (see mood_jax/run/allocator.py)']
   if gpu:
     notes.append('GPU setting: UNTESTED, written without a GPU')
   mesh = parallel.make_mesh(config.mesh)

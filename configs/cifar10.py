@@ -1,8 +1,8 @@
 """MOOD on CIFAR-10 (ID) with BEiT-L/16 at 224 px; OOD = OpenOOD v1.5's CIFAR-10 benchmark lists.
 
   --config=configs/cifar10.py               MOOD's pipeline: fine-tune BEiT's public ImageNet-22k
-                                            checkpoint (converted, README "Reproducing MOOD"), then
-                                            score (needs the datasets prepared, README)
+                                            checkpoint (converted, docs/reproducing_mood.md), then
+                                            score (needs the datasets prepared, docs/datasets.md)
   --config=configs/cifar10.py:from_scratch  ours instead of the public weights: MIM pretraining on
                                             the ID data with *pixel* targets (BEiT's blockwise
                                             masks), then the same fine-tune; MOOD's BEiT predicts
@@ -74,9 +74,9 @@ def paper_config(name: str, train_examples: int, ood_sets: tuple[str, ...],
   data.num_workers = 8                      # ours: keeps an accelerator host fed (benchmarks/)
 
   # MOOD's README: fine-tune beit_large_patch16_224_pt22k; its run_class_finetuning.py copies
-  # the checkpoint's shared relative position table into every block (--rel-pos-per-block).
+  # the checkpoint's shared relative position table into every block (--rel_pos_per_block).
   config.stages = 'finetune,evaluate'
-  use_public_weights(config, PT22K, '--rel-pos-per-block')
+  use_public_weights(config, PT22K, '--rel_pos_per_block')
 
   config.model.update(
       variant='L/16',          # MOOD: beit_large_patch16_224
@@ -133,7 +133,7 @@ def paper_config(name: str, train_examples: int, ood_sets: tuple[str, ...],
 
   config.evaluate.update(
       scorers='mahalanobis_mood,msp,energy,maxlogit,vim,knn',  # MOOD's own + MOODv2's ViM
-      sweep='',                # no validation OOD set by default; see README "Real datasets"
+      sweep='',                # no validation OOD set by default; see docs/datasets.md
       id_train_augment=True,   # MOOD eval_with_features.py: the ID bank with train transforms
       batch_size=256, plots=True)
 

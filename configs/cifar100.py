@@ -1,6 +1,6 @@
 """MOOD on CIFAR-100 (ID) with BEiT-L/16 at 224 px; recipe as configs/cifar10.py.
 
-  --config=configs/cifar100.py          the paper's recipe (needs the datasets prepared, README)
+  --config=configs/cifar100.py          the paper's recipe (datasets prepared: docs/datasets.md)
   --config=configs/cifar100.py:from_scratch  our pixel-target MIM pretraining instead (cifar10.py)
   --config=configs/cifar100.py:smoke    a seconds-long CPU run for tests (TFDS mock data)
 

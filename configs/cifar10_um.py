@@ -1,6 +1,6 @@
 """Unleashing Mask's logit fine-tune schedule on CIFAR-10, after MOOD's pretrain and finetune.
 
-  --config=configs/cifar10_um.py          UM's recipe for the logit_ft stage (datasets: README)
+  --config=configs/cifar10_um.py          UM's recipe for logit_ft (datasets: docs/datasets.md)
   --config=configs/cifar10_um.py:smoke    a seconds-long CPU run for tests (TFDS mock data)
 
 Everything but `logit_ft` is configs/cifar10.py (MOOD's BEiT-L/16 recipe). UM's `logit_ft`

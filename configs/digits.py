@@ -56,7 +56,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.stall_timeout_s = 1800
   config.coordinator_timeout_s = 300
   # 'START,COUNT': a jax.profiler trace of steps START to START + COUNT - 1 of each training
-  # stage in WORKDIR/tensorboard/profile/, for TensorBoard's profile plugin (mood_jax/utilisation.py).
+  # stage in WORKDIR/tensorboard/profile/, for TensorBoard's profile plugin (mood_jax/train/utilisation.py).
   config.profile_steps = ''
 
   config.data = data_config.default_data_config()
@@ -92,7 +92,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.finetune = dict(
       init_from='pretrain',     # or 'scratch', or a DIR from `python -m mood_jax.convert`
       init_url='',              # DIR only: where its public weights are (named if DIR is missing)
-      init_convert_flags='',    # DIR only: the convert flags beyond --variant, --image-size
+      init_convert_flags='',    # DIR only: the convert flags beyond --variant, --image_size
       drop_path=0.1,
       label_smoothing=0.1,
       augment=True,
@@ -102,7 +102,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       log_every=50, ckpt_every=100, keep_checkpoints=2,
       grad_accum_steps=1,       # > 1: the batch in that many sequential micro-batches
       # Every eval_every steps (0: never): ID test accuracy and eval_scorer's AUROC on each
-      # validation OOD set (mood_jax/train_eval.py), in the log and TensorBoard.
+      # validation OOD set (mood_jax/train/periodic_eval.py), in the log and TensorBoard.
       eval_every=100, eval_scorer='msp',
   )
   # UM's loss (flooding) by default, as the paper. Recorded on the 'letters' OOD validation

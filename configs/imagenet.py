@@ -41,5 +41,5 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     # eval_with_features.py (Mahalanobis) and eval_with_logits.py without further training.
     config.stages = 'evaluate'
     config.evaluate.models = 'converted'
-    _cifar10['use_public_weights'](config, 'beit_large_patch16_224_pt22k_ft1k', '--keep-head')
+    _cifar10['use_public_weights'](config, 'beit_large_patch16_224_pt22k_ft1k', '--keep_head')
   return config

@@ -1,6 +1,6 @@
 """MOOD on ImageNet-30 (ID) with BEiT-L/16 at 224 px; recipe as configs/cifar10.py.
 
-  --config=configs/imagenet30.py          the paper's recipe (needs the datasets prepared, README)
+  --config=configs/imagenet30.py          the paper's recipe (datasets prepared: docs/datasets.md)
   --config=configs/imagenet30.py:from_scratch  our pixel-target MIM pretraining instead (cifar10.py)
   --config=configs/imagenet30.py:smoke    a seconds-long CPU run for tests (TFDS mock data)
 

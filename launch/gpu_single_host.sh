@@ -3,7 +3,7 @@
 # it after a preemption (exit status 42: the run saved its checkpoint and asks to be rerun).
 set -uo pipefail
 
-PREEMPTED=42  # mood_jax.train_loop.PREEMPTED_EXIT_CODE
+PREEMPTED=42  # mood_jax.train.loop.PREEMPTED_EXIT_CODE
 
 usage() {
   cat <<USAGE

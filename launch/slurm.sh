@@ -3,7 +3,7 @@
 # The same file is the submitter and the batch job: sbatch runs it again with MOOD_IN_JOB=1.
 set -uo pipefail
 
-PREEMPTED=42  # mood_jax.train_loop.PREEMPTED_EXIT_CODE
+PREEMPTED=42  # mood_jax.exit_now.PREEMPTED_EXIT_CODE
 JAX_LOST_PEER='JAX distributed service detected fatal errors'  # its abort's message
 
 usage() {

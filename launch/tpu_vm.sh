@@ -3,7 +3,7 @@
 # automatic relaunch after a preemption.
 set -uo pipefail
 
-PREEMPTED=42  # mood_jax.train_loop.PREEMPTED_EXIT_CODE
+PREEMPTED=42  # mood_jax.exit_now.PREEMPTED_EXIT_CODE
 JAX_LOST_PEER='JAX distributed service detected fatal errors'  # its abort's message
 REMOTE_DIR='~/mood_jax'
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,7 +30,7 @@ Commands:
                              preemption: exit status $PREEMPTED means the run saved and asks to
                              be rerun; a preempted spot VM is deleted, recreated and set up again
                              first. Up to --max-restarts times. This machine must stay up: a
-                             laptop that sleeps stops it (README: "Installing for GPU/TPU").
+                             laptop that sleeps stops it (docs/launching.md).
   supervise CONFIG WORKDIR [--config.x=y ...]
                              the supervisor itself, in the foreground
   status                     the VM's state (READY, PREEMPTED, ...), and the supervisor's

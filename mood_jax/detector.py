@@ -15,197 +15,29 @@ Loading needs neither the workdir, nor a config file, nor a dataset:
 Scores are "higher = more in-distribution"; an image is flagged OOD at a threshold when
 its score is below it. The threshold at ID true-positive rate 95% accepts 95% of the ID
 images it was set on (the older ODIN/MOOD convention, as `fpr95_id`).
+
+Which model and scorers a detector keeps: mood_jax/ood/detector_choice.py; writing the
+directory: mood_jax/ood/detector_format.py.
 """
 
 import dataclasses
 import functools
 import json
 import os
-import shutil
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import PIL.Image
-from absl import logging
 
-from mood_jax import config_checks, inference, parallel
-from mood_jax.data import catalogue, transforms
+from mood_jax import parallel
+from mood_jax.data import transforms
 from mood_jax.errors import UserError
 from mood_jax.models import vit
-from mood_jax.ood import scorers as scorers_lib
-from mood_jax.ood import sweep
+from mood_jax.ood import extraction, scorers as scorers_lib
+from mood_jax.ood.detector_format import ARRAYS_DIR, FORMAT, META_FILE
 
-FORMAT = 2
-META_FILE = 'detector.json'
-ARRAYS_DIR = 'arrays'
-# The ID images thresholds are set on must be ones the network never trained on; none of our
-# datasets has an ID validation split apart from the training images, so it is the ID test split.
-THRESHOLD_SPLIT = 'id_test'
-
-
-def tpr_name(tpr: float) -> str:
-  return f'tpr{100 * tpr:g}'
-
-
-def thresholds(id_scores: np.ndarray, tprs) -> dict[str, float]:
-  """{'tpr95': t, ...}: the highest t with at least `tpr` of `id_scores` >= t."""
-  ranked = np.sort(np.asarray(id_scores, np.float64))
-  # The epsilon keeps (1 - 0.9) * 30 = 2.999999999999999 from flooring to 2.
-  return {tpr_name(tpr): float(ranked[int(np.floor((1 - tpr) * len(ranked) + 1e-9))])
-          for tpr in tprs}
-
-
-# --- Which model and scorers the detector keeps. ---
-
-def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """`evaluate.detector`'s errors, before anything runs."""
-  det = cfg.detector
-  if det.scorers != 'auto':
-    stray = (set(config_checks.names(det.scorers))
-             - {s.name for s in scorers_lib.resolve(cfg.scorers)})
-    if stray:
-      raise UserError(f'evaluate.detector.scorers names {sorted(stray)}, which '
-                      'evaluate.scorers does not select: add them there, or set it to auto')
-  if det.model != 'auto' and cfg.models != 'auto' and det.model not in cfg.models.split(','):
-    raise UserError(f'evaluate.detector.model={det.model!r} is not in evaluate.models='
-                    f'{cfg.models!r}: add it there, or set it to auto')
-  check_tprs(det.tprs, 'evaluate.detector.tprs')
-
-
-def check_tprs(tprs, what: str) -> None:
-  if not tprs or not all(0 < tpr < 1 for tpr in tprs):
-    raise UserError(f'{what}={tuple(tprs)}: give ID true-positive rates inside (0, 1), '
-                    'e.g. 0.95')
-
-
-def choose(rows: list[dict], cfg: ml_collections.ConfigDict,
-           scored: dict[str, list[str]]) -> tuple[str, list[str], str]:
-  """(model, scorers, why) that `evaluate.detector` names; 'auto' is the best on the
-  'validation' OOD sets by `evaluate.sweep_metric` (mean over those sets). `scored` is
-  {model: scorers it has scores of}, in evaluation order."""
-  det = cfg.detector
-  models = list(scored) if det.model == 'auto' else [det.model]
-  if det.model != 'auto' and det.model not in scored:
-    raise UserError(f'evaluate.detector.model={det.model!r} was not evaluated: valid: '
-                    f'{list(scored)}')
-  wanted = None if det.scorers == 'auto' else config_checks.names(det.scorers)
-  # Each candidate is a model with one scorer ('auto') or with all the named ones.
-  candidates = [(model, [s] if wanted is None else wanted) for model in models
-                for s in (scored[model] if wanted is None else [None])]
-  candidates = [(m, names) for m, names in candidates if set(names) <= set(scored[m])]
-  if not candidates:
-    raise UserError(f'no evaluated model has every scorer of evaluate.detector.scorers='
-                    f'{det.scorers!r}; evaluated: {scored}')
-  metric = cfg.sweep_metric
-  values = {}
-  for model, names in candidates:
-    picked = [row[metric] for row in rows if row['model'] == model and row['scorer'] in names
-              and row['ood_group'] == 'validation']
-    if picked:
-      values[(model, tuple(names))] = float(np.mean(picked))
-  if len(candidates) == 1:
-    return *candidates[0], 'as evaluate.detector names it'
-  if not values:
-    model, names = candidates[0]
-    return model, names, ('no validation OOD set to choose on: the first model and scorer '
-                          'evaluated')
-  best = (max if metric in sweep.HIGHER_IS_BETTER else min)(values, key=values.get)
-  return best[0], list(best[1]), (f'best mean {metric} on the validation OOD sets '
-                                  f'({values[best]:.4f})')
-
-
-# --- Writing. ---
-
-def preprocessing(data_cfg, channels: int) -> dict:
-  """How an image becomes the network's input, as the evaluate stage does it for `data_cfg`.
-
-  A source stored at image_size (the embedded digits) is evaluated as it is: other sizes get a
-  plain resize-and-centre-crop (fraction 1). Real datasets keep their own eval crop.
-  """
-  fixed_size = catalogue.source(data_cfg).fixed_size
-  fraction = 1.0 if fixed_size else data_cfg.eval_crop_fraction
-  native = 0 if fixed_size else data_cfg.native_size
-  return {'image_size': data_cfg.image_size, 'channels': channels, 'native_size': native,
-          'mean': data_cfg.mean, 'std': data_cfg.std, 'crop_fraction': fraction,
-          'rule': (f'converted to {"grayscale" if channels == 1 else "RGB"} (PIL); '
-                   + (f'first brought to the ID set\'s {native} px (the central square of '
-                      'the shorter side, bilinear; OpenOOD\'s pre_size/img_size); '
-                      if native else '')
-                   + f'the shorter side resized (bicubic) to {data_cfg.image_size} / '
-                   f'{fraction:g} px and the central {data_cfg.image_size} px square kept'
-                   + (' (an image of that size is kept as it is)' if fraction == 1 else '')
-                   + '; then (x / 255 - mean) / std')}
-
-
-def metadata(config: ml_collections.ConfigDict, *, model: str, num_classes: int,
-             channels: int, scorers: list, id_scores: dict[str, np.ndarray],
-             chosen_by: str) -> dict:
-  """detector.json's content; `scorers` are configured Scorers, `id_scores` their ID-test
-  scores."""
-  tprs = tuple(config.evaluate.detector.tprs)
-  return {
-      'format': FORMAT,
-      'model': {'name': model, 'config': config.model.to_dict(), 'num_classes': num_classes},
-      'preprocessing': preprocessing(config.data, channels),
-      'scorers': {s.name: dict(s.hparams) for s in scorers},
-      'thresholds': {s.name: thresholds(id_scores[s.name], tprs) for s in scorers},
-      'thresholds_set_on': {
-          'split': THRESHOLD_SPLIT, 'examples': len(next(iter(id_scores.values()))),
-          'why': 'ID images the network did not train on (the dataset has no separate ID '
-                 'validation split)'},
-      'chosen_by': chosen_by,
-      'batch_size': config.evaluate.batch_size,
-      'trained_on': {'data': config.data.name, 'id_classes': list(config.data.id_classes)},
-  }
-
-
-def save(directory: str, meta: dict, params, stats: dict, *, replace: bool) -> None:
-  """Writes the detector beside `directory`, then moves it into place: a failure leaves any
-  detector already there as it was. Without `replace`, an existing one is an error."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not replace:
-    raise UserError(f'{directory} already exists: choose another --out (a detector is never '
-                    'overwritten)')
-  staging = f'{directory}.partial'
-  if jax.process_index() == 0 and os.path.exists(staging):  # a killed earlier write
-    shutil.rmtree(staging)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(staging, ARRAYS_DIR), {'params': params, 'stats': stats})
-  checkpointer.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(staging, META_FILE), 'w') as f:
-      json.dump(meta, f, indent=2)
-    old = f'{directory}.old'
-    if os.path.exists(directory):
-      os.replace(directory, old)
-    os.replace(staging, directory)
-    if os.path.exists(old):
-      shutil.rmtree(old)
-  logging.info('detector (%s: %s) in %s', meta['model']['name'], ', '.join(meta['scorers']),
-               directory)
-
-
-def write_from_run(directory: str, config: ml_collections.ConfigDict, rows: list[dict],
-                   fitted: dict, id_scores: dict, load_params, *, replace: bool) -> None:
-  """The detector `evaluate.detector` chooses among what was evaluated.
-
-  `fitted` is {model: {scorer: (configured Scorer, stats)}}, `id_scores` {model: {scorer:
-  ID test scores}}, and `load_params(model)` gives a model's params.
-  """
-  model, names, why = choose(rows, config.evaluate, {m: list(f) for m, f in fitted.items()})
-  logging.info('[detector] %s with %s: %s', model, ', '.join(names), why)
-  data_source = catalogue.source(config.data)
-  meta = metadata(config, model=model, num_classes=data_source.num_classes(),
-                  channels=data_source.channels,
-                  scorers=[fitted[model][n][0] for n in names],
-                  id_scores=id_scores[model], chosen_by=why)
-  save(directory, meta, load_params(model), {n: fitted[model][n][1] for n in names},
-       replace=replace)
-
-
-# --- Reading and scoring. ---
 
 @dataclasses.dataclass(frozen=True)
 class Result:
@@ -298,9 +130,9 @@ class Detector:
   @functools.cached_property
   def forwards(self) -> dict:
     """A jitted forward pass per scorer: ODIN's moves the inputs first, the rest share one."""
-    plain = inference.make_forward(self.model, self.mesh)
+    plain = extraction.make_forward(self.model, self.mesh)
     std = self.meta['preprocessing']['std']
-    return {s.name: plain if s.perturb is None else inference.make_forward(
+    return {s.name: plain if s.perturb is None else extraction.make_forward(
         self.model, self.mesh, functools.partial(s.perturb, pixel_std=std, **s.hparams))
             for s in self.scorers}
 

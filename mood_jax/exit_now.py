@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from absl import logging
 
-from mood_jax import workdir_lock
+from mood_jax.run import workdir_lock
 
 # The exit status of a run stopped with everything saved (a preemption, a lost peer, a stall);
 # launch scripts rerun the same command on it, and the run resumes.

@@ -1,4 +1,4 @@
-"""Writes a detector directory from a finished run (see mood_jax/detector.py).
+"""Command line: writes a detector directory from a finished run (see mood_jax/detector.py).
 
     python -m mood_jax.export --workdir=WORKDIR --out=DIR [--model=auto] [--scorers=auto]
         [--tprs=0.95,0.99] [--data_dir=...]
@@ -9,7 +9,6 @@ on the ID training set again and their thresholds set on the ID test split, as e
 an existing DIR is never overwritten.
 """
 
-import argparse
 import functools
 import json
 import os
@@ -17,19 +16,17 @@ import sys
 
 import ml_collections
 
-from mood_jax import checkpoint, detector, inference, parallel
+from mood_jax import command_line, parallel, stages
 from mood_jax.data import catalogue
 from mood_jax.errors import UserError
-from mood_jax.ood import scorers
+from mood_jax.ood import detector_choice, detector_format, extraction, scorers
 from mood_jax.stages import evaluate
-
-# Newest first: logit_ft's config holds every stage's settings as they were last run.
-_STAGES = ('logit_ft', 'finetune', 'pretrain')
-
+from mood_jax.train import checkpoint
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config saved with the newest finished stage's final checkpoint."""
-  for stage in _STAGES:
+  """The config saved with the newest finished stage's final checkpoint (the last stage's
+  config holds every stage's settings as they were last run)."""
+  for stage in reversed(stages.TRAINING):
     step = checkpoint.final_step(workdir, stage)
     if step is not None:
       with checkpoint.manager(checkpoint.checkpoint_dir(workdir, stage)) as mngr:
@@ -52,9 +49,9 @@ def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: 
   fitted and scored as the evaluate stage does; `hparams` is {scorer: its hparams}."""
   model, params, has_head = evaluate.MODELS[model_name](config, workdir, placement)
   mesh = placement.mesh
-  extract = functools.partial(inference.extract, params=params, data_cfg=config.data, mesh=mesh,
+  extract = functools.partial(extraction.extract, params=params, data_cfg=config.data, mesh=mesh,
                               batch_size=config.evaluate.batch_size, seed=config.seed)
-  plain = inference.make_forward(model, mesh)
+  plain = extraction.make_forward(model, mesh)
   cfg = config.evaluate
   sets = {name: extract(plain, which='id_train', augment=augment)
           for name, augment in evaluate.id_train_banks(cfg, list(hparams)).items()}
@@ -64,17 +61,10 @@ def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: 
   fitted, id_scores = {}, {}
   for name, values in hparams.items():
     scorer = scorers.get(name).with_hparams(**values)
-    queries = test
-    if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
-      moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
-      queries = extract(inference.make_forward(model, mesh, input_perturbation=moved),
-                        which='id_test')
-    train = evaluate.fit_rows(name, cfg, sets, config.seed)
-    stats = scorers.fit(scorer, train['features'], train['logits'], train['label'],
-                        params['head'] if has_head else None, mesh=mesh)
-    fitted[name] = (scorer, stats)
-    id_scores[name] = scorers.score(scorer, stats, queries['features'], queries['logits'],
-                                    mesh=mesh)
+    stats, by_set = evaluate.fit_and_score(config, scorer, sets, {'id_test': test},
+                                           params['head'] if has_head else None, model,
+                                           extract, mesh)
+    fitted[name], id_scores[name] = (scorer, stats), by_set['id_test']
   return params, fitted, id_scores
 
 
@@ -88,12 +78,12 @@ def export(workdir: str, out: str, *, model: str = 'auto', scorer_names: str = '
   config.evaluate.detector = dict(write=True, model=model, scorers=scorer_names, tprs=tprs)
   if data_dir:
     config.data.data_dir = data_dir
-  detector.check_tprs(tprs, '--tprs')
+  detector_choice.check_tprs(tprs, '--tprs')
   if os.path.exists(out):
     raise UserError(f'{out} already exists: choose another --out (a detector is never '
                     'overwritten)')
   results = _results(workdir)
-  model_name, names, why = detector.choose(
+  model_name, names, why = detector_choice.choose(
       results['rows'], config.evaluate, {m: list(by) for m, by in results['hparams'].items()})
   mesh = parallel.make_mesh((('data', -1),))
   parallel.check_batch_size(config.evaluate.batch_size, mesh, 'evaluate.batch_size')
@@ -102,18 +92,17 @@ def export(workdir: str, out: str, *, model: str = 'auto', scorer_names: str = '
   params, fitted, id_scores = fit_chosen(
       config, workdir, parallel.Placement(mesh), model_name,
       {n: results['hparams'][model_name][n] for n in names})
-  meta = detector.metadata(
+  meta = detector_format.metadata(
       config, model=model_name, num_classes=data_source.num_classes(),
       channels=data_source.channels,
       scorers=[scorer for scorer, _ in fitted.values()], id_scores=id_scores, chosen_by=why)
-  detector.save(out, meta, params, {n: stats for n, (_, stats) in fitted.items()},
+  detector_format.save(out, meta, params, {n: stats for n, (_, stats) in fitted.items()},
                 replace=False)
   print(f'detector: {model_name} with {", ".join(names)} ({why}) in {out}')
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m mood_jax.export', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = command_line.parser('mood_jax.export', __doc__)
   parser.add_argument('--workdir', required=True, help='a finished run of mood_jax.main')
   parser.add_argument('--out', required=True, help='the detector directory to write')
   parser.add_argument('--model', default='auto', help='finetune, logit_ft, pretrain or auto')

@@ -12,10 +12,10 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mood_jax import (checkpoint, host_malloc, parallel, peer_watch, pipeline, same_run,
-                      train_loop)
-from mood_jax.exit_now import exit_now
-from mood_jax.errors import UserError
+from mood_jax import parallel
+from mood_jax.errors import UserError, error_line
+from mood_jax.exit_now import PREEMPTED_EXIT_CODE, exit_now
+from mood_jax.run import allocator, peer_watch
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
                                           lock_config=True)
@@ -66,7 +66,7 @@ def stop(signum, frame) -> None:
   restartable from its checkpoints, prepared data and results, all written atomically."""
   del frame
   exit_now(f'stopped by {signal.Signals(signum).name}: rerun the same command to resume '
-           f'(exit status {train_loop.PREEMPTED_EXIT_CODE})', train_loop.PREEMPTED_EXIT_CODE)
+           f'(exit status {PREEMPTED_EXIT_CODE})', PREEMPTED_EXIT_CODE)
 
 
 # The environment, not the program: one line with the path and the fix, no traceback.
@@ -92,7 +92,7 @@ def file_system_error(error: BaseException) -> str | None:
   text = str(error)
   for code in (errno.ENOSPC, errno.EROFS, errno.EACCES):
     if os.strerror(code) in text:
-      return f'{checkpoint.error_line(error)}: {_FILE_SYSTEM_HINTS[code]}'
+      return f'{error_line(error)}: {_FILE_SYSTEM_HINTS[code]}'
   return None
 
 
@@ -123,9 +123,11 @@ def _watch_peers(config, workdir: str) -> peer_watch.PeerWatch | None:
   Python (atexit runs it before JAX's shutdown barrier, registered earlier)."""
   if jax.process_count() == 1:
     return None
+  from mood_jax import stages  # noqa: PLC0415 (the program, imported by main)
+  from mood_jax.train import checkpoint  # noqa: PLC0415
   watch = peer_watch.PeerWatch(
       ocp.multihost.get_jax_distributed_client(), jax.process_index(), jax.process_count(),
-      config.peer_timeout_s, lambda: checkpoint.last_saved(workdir, train_loop.TRAINING_STAGES),
+      config.peer_timeout_s, lambda: checkpoint.last_saved(workdir, stages.TRAINING),
       coordinator=_COORDINATOR.value or 'the coordinator').start()
   atexit.register(watch.stop)
   return watch
@@ -141,6 +143,10 @@ def _end(watch: peer_watch.PeerWatch | None, line: str, status: int):
 
 
 def main(argv) -> None:
+  # The program is imported here, not at the top: --help and a bad flag answer at once.
+  from mood_jax import same_run  # noqa: PLC0415
+  from mood_jax.run import pipeline  # noqa: PLC0415
+  from mood_jax.train import loop as train_loop  # noqa: PLC0415
   logging.get_absl_handler().addFilter(QuietLibraries())
   sys.unraisablehook = quiet_abandoned_reads
   if len(argv) > 1:
@@ -158,9 +164,9 @@ def main(argv) -> None:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     join_timeout_s=config.coordinator_timeout_s,
                                     peer_timeout_s=config.peer_timeout_s)
-    if jax.default_backend() == 'cpu' and not host_malloc.caching_malloc():
+    if jax.default_backend() == 'cpu' and not allocator.caching_malloc():
       logging.info('running on CPU with the C library\'s malloc: preloading tcmalloc makes '
-                   'the training steps about 1.2x faster (README, "CPU training")')
+                   'the training steps about 1.2x faster (docs/precision.md)')
   watch = _watch_peers(config, _WORKDIR.value)
   for sig in train_loop.stop_signals():
     signal.signal(sig, stop)
@@ -181,8 +187,8 @@ def main(argv) -> None:
     _end(watch, f'error: {str(e).split(_GRAIN_NOTE)[0]}', 1)
   except train_loop.Preempted as e:
     logging.warning('%s: rerun the same command to resume (exit status %d)', e,
-                    train_loop.PREEMPTED_EXIT_CODE)
-    _end(watch, '', train_loop.PREEMPTED_EXIT_CODE)
+                    PREEMPTED_EXIT_CODE)
+    _end(watch, '', PREEMPTED_EXIT_CODE)
   except Exception as e:  # pylint: disable=broad-except
     line = file_system_error(e)
     if line is not None:
@@ -191,7 +197,7 @@ def main(argv) -> None:
     # watch names it, in at most peer_timeout_s.
     verdict = watch and watch.wait_for_verdict()
     if verdict:
-      _end(watch, verdict, train_loop.PREEMPTED_EXIT_CODE)
+      _end(watch, verdict, PREEMPTED_EXIT_CODE)
     raise  # a bug of ours: its traceback helps
 
 

@@ -15,7 +15,7 @@ wins, e.g. (('pos_embedding', ()), ('fc[12]/kernel', (None, 'fsdp'))); a spec ha
 axis name (or None, or a tuple of names) per dim, () is replicated.
 
 Evaluation gathers features, logits and labels once, to every process, after the last batch
-(`inference.extract`): the scorers fit on a whole set (a feature bank, class statistics).
+(`extraction.extract`): the scorers fit on a whole set (a feature bank, class statistics).
 """
 
 import dataclasses

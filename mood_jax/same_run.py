@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from mood_jax import changed_settings
+from mood_jax.train import changed_settings
 from mood_jax.errors import UserError
 
 _KEY = 'mood_jax/same_run/'

@@ -11,7 +11,6 @@ Unreadable files are listed with the reason and skipped; the exit status is non-
 when no image could be scored.
 """
 
-import argparse
 import concurrent.futures
 import csv
 import glob
@@ -24,6 +23,7 @@ import time
 import numpy as np
 import PIL.Image
 
+from mood_jax import command_line
 from mood_jax.data import folder
 from mood_jax.detector import Detector
 from mood_jax.errors import UserError
@@ -143,8 +143,7 @@ def run(detector_dir: str, out: str, paths: list[str]) -> None:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m mood_jax.score', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = command_line.parser('mood_jax.score', __doc__)
   parser.add_argument('--detector', required=True,
                       help='WORKDIR/detector, or the --out of python -m mood_jax.export')
   parser.add_argument('--out', required=True, help='results: .csv, or .jsonl for JSON Lines')

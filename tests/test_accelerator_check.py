@@ -35,6 +35,7 @@ def smoke(tmp_path_factory, data_dir, env):
     return out, json.load(f)
 
 
+@pytest.mark.slow  # the rehearsal: minutes of runs
 def test_the_rehearsal_runs_every_part(smoke):
   out, report = smoke
   assert report['errors'] == {} and set(report['parts']) == set(MAIN_PARTS)
@@ -88,6 +89,7 @@ def test_the_rehearsal_times_both_attentions_and_the_input_pipeline(tmp_path, en
   assert '## Attention: einsum against fused' in summary and '## Input pipeline' in summary
 
 
+@pytest.mark.slow  # the rehearsal: minutes of runs
 def test_a_reference_from_a_cpu_run_flags_exactly_what_differs(smoke, env, tmp_path):
   out, report = smoke
   path = tmp_path / 'reference.json'

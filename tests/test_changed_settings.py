@@ -7,7 +7,7 @@ import runpy
 
 import pytest
 
-from mood_jax import changed_settings
+from mood_jax.train import changed_settings
 from mood_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,7 +21,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from mood_jax import checkpoint, parallel, train_loop
+from mood_jax import parallel
+from mood_jax.train import checkpoint, loop as train_loop
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.models import mim, vit
@@ -249,7 +250,7 @@ def test_non_finite_state_is_never_saved():
   state = train_loop.TrainState(step=jnp.int32(5), params={'w': jnp.array([1.0, jnp.inf])},
                                 opt_state=())
   with pytest.raises(UserError, match=r"non-finite values in \.params\['w'\] after step 5"):
-    train_loop._check_state_finite('pretrain', 5, state)
+    train_loop.check_state_finite('pretrain', 5, state)
 
 
 def test_kept_steps_outlive_keep_checkpoints_and_others_are_named_missing(tmp_path):
@@ -319,6 +320,7 @@ def test_hand_off_resamples_and_copies_the_encoder():
   np.testing.assert_array_equal(merged['head']['kernel'], fresh['head']['kernel'])
 
 
+@pytest.mark.slow  # a mesh change: runs on 1 and on 8 fake devices
 def test_resume_on_another_mesh(reference, data_dir, env, tmp_path):
   """A 1-device checkpoint resumed data-parallel on 8 devices; its 8-device checkpoint then
   restored onto 1 device."""
@@ -345,7 +347,8 @@ _RESTORE_ON_FSDP_MESH = '''
 import sys
 import numpy as np
 from flax import traverse_util
-from mood_jax import checkpoint, parallel
+from mood_jax import parallel
+from mood_jax.train import checkpoint
 from mood_jax.stages import pretrain
 sys.path.insert(0, 'configs')
 import digits
@@ -357,6 +360,7 @@ np.savez(sys.argv[2], spec=str(params['encoder']['block0']['fc1']['kernel'].shar
 '''
 
 
+@pytest.mark.slow  # a mesh change: a restore on 8 fake devices
 def test_dp_checkpoint_restores_onto_an_fsdp_mesh(reference, data_dir, env, tmp_path):
   """A checkpoint written data-parallel on 8 devices, read back FSDP-split on a 4x2 mesh."""
   eight_devices = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from configs import digits
-from mood_jax import evaluate_parts, host_malloc, run_config, train_loop, workdir_lock
+from mood_jax.run import allocator, config_json, workdir_lock
+from mood_jax.stages import evaluate_parts
+from mood_jax.train import loop as train_loop
 from mood_jax.ood import scorers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,18 +26,8 @@ def _main(*args, data_dir):
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope='module')
-def smoke_run(tmp_path_factory, data_dir):
-  workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
-  proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
-               '--config.finetune.eval_every=2', '--config.logit_ft.eval_every=4',
-               data_dir=data_dir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc
-
-
 def test_end_to_end_writes_results(smoke_run):
-  workdir, proc = smoke_run
+  workdir, proc = smoke_run.workdir, smoke_run  # conftest.py: one run, shared read-only
   with open(os.path.join(workdir, 'results', 'results.json')) as f:
     results = json.load(f)
   ood_sets = {'digits_heldout', 'textures', 'photos', 'lfw_faces', 'uniform_noise',
@@ -56,8 +48,8 @@ def test_end_to_end_writes_results(smoke_run):
   # How the scored model ran; CPU's 'auto' attention is the einsum one.
   assert results['compute'] == {'backend': 'cpu', 'dtype': 'float32', 'attention': 'einsum'}
   assert "compute: {'backend': 'cpu', 'dtype': 'float32', 'attention': 'einsum'}" in proc.stderr
-  # CPU training without a caching malloc says how to get faster steps (host_malloc.py).
-  assert ('preloading tcmalloc' in proc.stderr) == (host_malloc.caching_malloc() is None)
+  # CPU training without a caching malloc says how to get faster steps (allocator.py).
+  assert ('preloading tcmalloc' in proc.stderr) == (allocator.caching_malloc() is None)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     logged = [json.loads(line) for line in f]
   assert {m['stage'] for m in logged} == {'pretrain', 'finetune', 'logit_ft'}
@@ -75,8 +67,8 @@ def test_end_to_end_writes_results(smoke_run):
     assert '- logit_ft: loss=um' in f.read()
 
 
-def test_progress_lines_tensorboard_and_config_json(smoke_run, data_dir, tensorboard_steps):
-  workdir, proc = smoke_run
+def test_progress_lines_tensorboard_and_config_json(smoke_run, tensorboard_steps):
+  workdir, proc = smoke_run.workdir, smoke_run
   for stage in ('pretrain', 'finetune', 'logit_ft'):  # totals are the config's: 4 steps
     assert re.search(rf'\[{stage}\] step 2/4 \(50%\), ETA \w+, run ETA \w+: ', proc.stderr)
     assert re.search(rf'\[{stage}\] done: 4 steps in \w+, [\d.e-]+ device-hours on 1 '
@@ -100,30 +92,32 @@ def test_progress_lines_tensorboard_and_config_json(smoke_run, data_dir, tensorb
     assert '--config.finetune.eval_every=2' in json.load(f)['command']
   expected = digits.get_config('split,smoke')
   expected.finetune.eval_every, expected.logit_ft.eval_every = 2, 4
-  expected.data.data_dir = data_dir
-  assert run_config.load(os.path.join(workdir, 'config.json')) == expected
+  expected.evaluate.detector.update(model='finetune', scorers='mahalanobis_mood,msp',
+                                    tprs=(0.95, 0.8))
+  expected.data.data_dir = smoke_run.data_dir
+  assert config_json.load(os.path.join(workdir, 'config.json')) == expected
 
 
-def test_finished_stages_are_skipped(smoke_run, data_dir):
-  workdir, _ = smoke_run
+def test_finished_stages_are_skipped(smoke_run, tmp_path):
+  workdir = _trained_copy(smoke_run, tmp_path)
   proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
-               '--config.stages=pretrain,finetune,logit_ft', data_dir=data_dir)
+               '--config.stages=pretrain,finetune,logit_ft', data_dir=smoke_run.data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for stage in ('pretrain', 'finetune', 'logit_ft'):
     assert f'[{stage}] skipped' in proc.stderr
 
 
-def test_logit_ft_flooding_umap_teacher(smoke_run, data_dir, tmp_path):
+def test_logit_ft_flooding_umap_teacher(smoke_run, tmp_path):
   """UM's flooding with UMAP scores + weights and logits-based targets, together, from an
   earlier finetune checkpoint."""
   workdir = tmp_path / 'workdir'
-  shutil.copytree(smoke_run[0], workdir,
+  shutil.copytree(smoke_run.workdir, workdir,
                   ignore=shutil.ignore_patterns('logit_ft*', 'results', 'metrics.jsonl'))
   proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
                '--config.stages=logit_ft,evaluate', '--config.evaluate.models=logit_ft',
                '--config.evaluate.scorers=msp', '--config.logit_ft.init_step=2',
                '--config.logit_ft.umap=both', '--config.logit_ft.teacher_alpha=0.9',
-               '--config.logit_ft.eval_every=4', data_dir=data_dir)
+               '--config.logit_ft.eval_every=4', data_dir=smoke_run.data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(workdir / 'metrics.jsonl') as f:
     logged = [json.loads(line) for line in f]
@@ -145,16 +139,16 @@ def test_logit_ft_flooding_umap_teacher(smoke_run, data_dir, tmp_path):
   assert 'umap=both' in results['models']['logit_ft']
 
 
-def test_evaluate_only_runs_every_scorer_with_hparams_chosen_on_validation(smoke_run, data_dir,
-                                                                           tmp_path):
+def test_evaluate_only_runs_every_scorer_with_hparams_chosen_on_validation(smoke_run, tmp_path):
   """Scoring trained checkpoints again, with no training: every scorer, and the hparams of
   those with a grid chosen on the 'letters' validation set, never on a test set."""
   workdir = tmp_path / 'workdir'
-  shutil.copytree(smoke_run[0], workdir, ignore=shutil.ignore_patterns('results', 'metrics*'))
+  shutil.copytree(smoke_run.workdir, workdir,
+                  ignore=shutil.ignore_patterns('results', 'metrics*'))
   proc = _main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
                '--config.stages=evaluate', '--config.evaluate.models=finetune',
                '--config.evaluate.scorers=all', '--config.evaluate.hparams.odin.epsilon=0.002',
-               data_dir=data_dir)
+               data_dir=smoke_run.data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert not (workdir / 'metrics.jsonl').exists()  # nothing trained
   with open(workdir / 'results' / 'results.json') as f:
@@ -195,38 +189,12 @@ def test_one_class_runs_each_class_and_averages(tmp_path, data_dir):
   assert 'Mean over the one-class runs of classes 3, 5' in proc.stdout
 
 
+# The command line's side of bad input: a flag-parsing error and a validation error, each one
+# line and a non-zero exit, nothing created. The validation messages themselves are checked
+# in-process in test_validation.py.
 @pytest.mark.parametrize('args,message', [
     (['--config.finetune.no_such_field=1'], 'no_such_field'),
     (['--config.stages=pretrain,tune'], "unknown stage 'tune': valid choices are pretrain"),
-    (['--config.model.variant=XL/16'], 'unknown model variant'),
-    (['--config.evaluate.scorers=msp,nope'], "unknown scorer 'nope'"),
-    (['--config.data.ood_sets=moon', '--config.data.ood_sets=photos'], 'moon'),
-    (['--config.stages=finetune', '--config.data.id_classes=(3,)'], 'one-class'),
-    (['--config.logit_ft.loss=flood'], "unknown logit_ft.loss 'flood'"),
-    (['--config.logit_ft.weight_keep_ratio=1.5'], 'weight_keep_ratio=1.5 is outside'),
-    (['--config.logit_ft.init_step=3'], 'logit_ft.init_step=3 is not a step finetune saves'),
-    (['--config.model.rel_pos_bias=shared'], 'use --config.pretrain.scheme=blockwise'),
-    (['--config.model.qkv_bias=kv'], "unknown model.qkv_bias 'kv'"),
-    (['--config.finetune.grad_accum_steps=3'],
-     'finetune.batch_size=16 does not split into finetune.grad_accum_steps=3'),
-    (['--config.evaluate.scorers=knn', '--config.data.ood_sets=("photos",)'],
-     'needs an OOD validation set: add one to data.ood_sets (digits: letters'),
-    (['--config.evaluate.scorers=knn', '--config.evaluate.sweep=react'],
-     "names 'react', which evaluate.scorers does not select"),
-    (['--config.evaluate.scorers=odin', '--config.evaluate.sweep=odin'], 'odin is not swept'),
-    (['--config.evaluate.scorers=msp', '--config.evaluate.fit_on_id_validation=react'],
-     "fit_on_id_validation names 'react', which evaluate.scorers does not select"),
-    (['--config.evaluate.scorers=knn', '--config.evaluate.sweep_metric=accuracy'],
-     "unknown evaluate.sweep_metric 'accuracy'"),
-    (['--config.evaluate.scorers=knn', '--config.evaluate.sweep_grids.knn.k=()'],
-     'evaluate.sweep_grids.knn has an empty list'),
-    (['--config.finetune.eval_every=2', '--config.finetune.eval_scorer=nope'],
-     "finetune.eval_scorer: unknown scorer 'nope'"),
-    (['--config.logit_ft.eval_every=2', '--config.logit_ft.eval_scorer=odin'],
-     'logit_ft.eval_scorer=odin perturbs the inputs'),
-    # More of them in test_validation.py, in-process.
-    (['--config.pretrain.mask_ratio=1.5'], 'pretrain.mask_ratio=1.5 must be inside (0, 1)'),
-    (['--config.stages='], "stages='' selects no stage"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, data_dir, args, message):
   workdir = tmp_path / 'workdir'
@@ -250,7 +218,7 @@ def test_workdir_that_is_a_file_is_refused_and_kept(tmp_path, data_dir):
 
 def _trained_copy(smoke_run, tmp_path):
   workdir = tmp_path / 'workdir'
-  shutil.copytree(smoke_run[0], workdir, ignore=shutil.ignore_patterns('results'))
+  shutil.copytree(smoke_run.workdir, workdir, ignore=shutil.ignore_patterns('results'))
   return workdir
 
 
@@ -261,38 +229,38 @@ def _error_line(proc) -> str:
   return lines[0]
 
 
-def test_changed_settings_stop_the_run_unless_allowed_and_then_are_recorded(smoke_run, data_dir,
-                                                                           tmp_path):
+def test_changed_settings_stop_the_run_unless_allowed_and_then_are_recorded(smoke_run, tmp_path):
   workdir = _trained_copy(smoke_run, tmp_path)
   args = ['--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
           '--config.finetune.lr=0.01', '--config.stages=finetune,evaluate',
           '--config.evaluate.models=finetune', '--config.evaluate.scorers=msp']
-  line = _error_line(_main(*args, data_dir=data_dir))
+  line = _error_line(_main(*args, data_dir=smoke_run.data_dir))
   assert (f'the checkpoints in {workdir} were made under other settings (finetune: '
           "finetune.lr: 0.002 -> 0.01)") in line and '--allow_changed_settings' in line
   assert not (workdir / 'results').exists()
-  proc = _main(*args, '--allow_changed_settings', data_dir=data_dir)
+  proc = _main(*args, '--allow_changed_settings', data_dir=smoke_run.data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '[finetune] skipped' in proc.stderr
   with open(workdir / 'results' / 'results.json') as f:
     assert json.load(f)['changed_settings'] == {'finetune': ['finetune.lr: 0.002 -> 0.01']}
 
 
-def test_a_held_workdir_is_refused_at_once(smoke_run, data_dir, tmp_path):
+def test_a_held_workdir_is_refused_at_once(smoke_run, tmp_path):
   workdir = _trained_copy(smoke_run, tmp_path)
   before = sorted(p.name for p in workdir.rglob('*'))
   with workdir_lock.held(str(workdir)):
     line = _error_line(_main('--config=configs/digits.py:split,smoke', f'--workdir={workdir}',
-                             data_dir=data_dir))
+                             data_dir=smoke_run.data_dir))
   assert f'workdir {workdir} is in use by another run (host ' in line
   assert f'pid {os.getpid()}, started ' in line
   assert sorted(p.name for p in workdir.rglob('*')) == before
 
 
-def test_sigterm_during_evaluate_exits_for_a_rerun(smoke_run, data_dir, tmp_path):
+def test_sigterm_during_evaluate_exits_for_a_rerun(smoke_run, tmp_path):
   workdir = _trained_copy(smoke_run, tmp_path)
   cmd = [sys.executable, '-m', 'mood_jax.main', '--config=configs/digits.py:split,smoke',
-         f'--workdir={workdir}', '--config.stages=evaluate', f'--config.data.data_dir={data_dir}']
+         f'--workdir={workdir}', '--config.stages=evaluate',
+         f'--config.data.data_dir={smoke_run.data_dir}']
   proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
   for line in proc.stderr:
     if '[evaluate] starting' in line:
@@ -379,7 +347,8 @@ def _stderr_within(proc, seconds) -> str:
 # an exception raised by the signal handler interrupted it mid-lock: exit must not wait on it.
 _BLOCKED_WORKER = """
 import signal, sys, threading
-from mood_jax import main, workdir_lock
+from mood_jax import main
+from mood_jax.run import workdir_lock
 never = threading.Event()
 with workdir_lock.held(sys.argv[1]):
   threading.Thread(target=never.wait).start()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mood_jax import convert
+from mood_jax.models import converted
 from mood_jax.errors import UserError
 from mood_jax.models import vit
 
@@ -106,7 +106,7 @@ def _ours(params, options, variant, images):
 @pytest.mark.parametrize('name', sorted(TIMM_MODELS))
 def test_converted_forward_equals_timm(name, size):
   model = _random_timm(name, size)
-  params, options = convert.convert(_state(model), 't/8', keep_head=True)
+  params, options = converted.convert(_state(model), 't/8', keep_head=True)
   images = torch.randn(3, 3, size, size)
   with torch.no_grad():
     timm_features = model.forward_head(model.forward_features(images), pre_logits=True)
@@ -120,8 +120,8 @@ def test_shared_table_expanded_per_block_equals_timm():
   """MOOD's fine-tuning start from a pt22k checkpoint: each block its own copy of the
   shared relative position table, the same forward as timm's shared-table model."""
   model = _random_timm('beit_relpos_shared', 32)
-  state = convert.expand_shared_rel_pos(_state(model))
-  params, options = convert.convert(state, 't/8', keep_head=True)
+  state = converted.expand_shared_rel_pos(_state(model))
+  params, options = converted.convert(state, 't/8', keep_head=True)
   assert options['rel_pos_bias'] == 'block' and 'rel_pos_bias' not in params['encoder']
   images = torch.randn(2, 3, 32, 32)
   with torch.no_grad():
@@ -135,8 +135,8 @@ def test_pth_and_safetensors_files_read_the_same(tmp_path):
   model = _random_timm('vit_mean', 32)
   save_file(model.state_dict(), tmp_path / 'm.safetensors')
   torch.save({'model': model.state_dict()}, tmp_path / 'm.pth')  # nested, as training saves
-  from_pth = convert.read_state_dict(str(tmp_path / 'm.pth'))
-  from_safetensors = convert.read_state_dict(str(tmp_path / 'm.safetensors'))
+  from_pth = converted.read_state_dict(str(tmp_path / 'm.pth'))
+  from_safetensors = converted.read_state_dict(str(tmp_path / 'm.safetensors'))
   assert from_pth.keys() == from_safetensors.keys() == model.state_dict().keys()
   for name, value in from_pth.items():
     np.testing.assert_array_equal(value, from_safetensors[name])
@@ -150,11 +150,11 @@ def test_beit_release_files_load_safely(tmp_path):
   ddp = {f'module.{name}': value for name, value in model.state_dict().items()}
   torch.save({'model': ddp, 'epoch': 3, 'args': argparse.Namespace(lr=5e-4, model='beit')},
              tmp_path / 'release.pth')
-  read = convert.read_state_dict(str(tmp_path / 'release.pth'))
+  read = converted.read_state_dict(str(tmp_path / 'release.pth'))
   assert read.keys() == model.state_dict().keys()
   torch.save({'model': model.state_dict(), 'args': _NotAllowed()}, tmp_path / 'code.pth')
   with pytest.raises(UserError, match='cannot read .*code.pth as a PyTorch state dict'):
-    convert.read_state_dict(str(tmp_path / 'code.pth'))
+    converted.read_state_dict(str(tmp_path / 'code.pth'))
 
 
 class _NotAllowed:
@@ -162,15 +162,15 @@ class _NotAllowed:
 
 
 def test_options_are_read_off_the_names():
-  assert convert.model_options(_state(_random_timm('beit_relpos_block', 32))) == dict(
+  assert converted.model_options(_state(_random_timm('beit_relpos_block', 32))) == dict(
       posemb='none', qkv_bias='qv', layer_scale=1.0, rel_pos_bias='block', pool='mean')
-  assert convert.model_options(_state(_random_timm('vit_cls', 32))) == dict(
+  assert converted.model_options(_state(_random_timm('vit_cls', 32))) == dict(
       posemb='learn', qkv_bias='qkv', layer_scale=None, rel_pos_bias='none', pool='cls')
 
 
 def test_position_tables_are_resampled_to_the_image_size():
   state = _state(_random_timm('beit_relpos_shared', 32))  # absolute and relative
-  params, options = convert.convert(state, 't/8', image_size=48)
+  params, options = converted.convert(state, 't/8', image_size=48)
   assert 'head' not in params  # dropped by default
   encoder = params['encoder']
   assert encoder['pos_embedding'].shape == (1, 1 + 6 * 6, 64)
@@ -197,7 +197,7 @@ def test_a_misfit_lists_unmatched_missing_and_conflicting_params():
   del state['blocks.1.mlp.fc2.bias']
   state['blocks.0.mlp.fc1.weight'] = np.zeros((128, 64), np.float32)
   with pytest.raises(UserError) as error:
-    convert.convert(state, 't/8')
+    converted.convert(state, 't/8')
   message = str(error.value)
   assert 'Unmatched names in the file: dist_token.' in message
   assert 'Missing params: encoder/block1/fc2/bias.' in message

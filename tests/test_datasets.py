@@ -20,7 +20,9 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.features import image_feature
 
-from mood_jax import convert, detector, pipeline
+from mood_jax import convert
+from mood_jax.ood import detector_format
+from mood_jax.run import pipeline
 from mood_jax.data import catalogue, data_config, input_pipeline, randaugment, transforms
 from mood_jax.errors import UserError
 
@@ -103,7 +105,7 @@ def test_missing_converted_checkpoint_names_it_where_it_is_and_the_command(tmp_p
   assert str(error.value) == (
       f'no converted checkpoint at {tmp_path / "pt22k"}: download beit_large_patch16_224_pt22k.pth '
       f'from {url} and convert it with `python -m mood_jax.convert --src '
-      'beit_large_patch16_224_pt22k.pth --variant L/16 --image-size 224 --rel-pos-per-block '
+      'beit_large_patch16_224_pt22k.pth --variant L/16 --image_size 224 --rel_pos_per_block '
       f'--out {tmp_path / "pt22k"}`')
   assert not (tmp_path / 'work').exists()
 
@@ -442,8 +444,8 @@ def test_cifar_benchmarks_bring_every_image_to_the_id_size_first():
   resize (its preprocessor.py), so an OOD set of larger images is not sharper than CIFAR."""
   data = _config('cifar10').data
   assert data.native_size == 32
-  assert detector.preprocessing(data, 3)['native_size'] == 32
-  assert '32 px' in detector.preprocessing(data, 3)['rule']
+  assert detector_format.preprocessing(data, 3)['native_size'] == 32
+  assert '32 px' in detector_format.preprocessing(data, 3)['rule']
   ood_set = 'openood:cifar10/test_tin'
   with _mock_tfds():
     source = catalogue.source(data)

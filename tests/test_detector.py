@@ -27,18 +27,10 @@ def _run(module, *args, env):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, data_dir, env):
-  """configs/digits.py:smoke fine-tuned (from scratch, for speed) and evaluated, keeping two
-  scorers and two thresholds in its detector."""
-  workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
-  proc = _run('mood_jax.main', '--config=configs/digits.py:smoke', f'--workdir={workdir}',
-              '--config.stages=finetune,evaluate', '--config.finetune.init_from=scratch',
-              f'--config.evaluate.scorers={",".join(SCORERS)}',
-              f'--config.evaluate.detector.scorers={",".join(SCORERS)}',
-              '--config.evaluate.detector.tprs=(0.95,0.8)',
-              f'--config.data.data_dir={data_dir}', env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
+def trained(smoke_run):
+  """The shared smoke run (conftest.py), read-only: its detector keeps the fine-tuned model
+  with two scorers and two thresholds."""
+  return smoke_run.workdir
 
 
 @pytest.fixture(scope='module')
@@ -60,7 +52,7 @@ def _error(main, argv) -> str:
 
 def _uint8_images(data_dir, which):
   """The first PER_SET images of `which` as evaluate reads them, back to uint8."""
-  config = digits.get_config('smoke')
+  config = digits.get_config('split,smoke')  # the smoke run's config
   config.data.data_dir = data_dir
   batches, _ = input_pipeline.eval_dataset(config.data, which, global_batch_size=PER_SET)
   batch = next(iter(batches))
@@ -68,12 +60,12 @@ def _uint8_images(data_dir, which):
 
 
 @pytest.fixture(scope='module')
-def pngs(trained, data_dir, tmp_path_factory):
+def pngs(smoke_run, tmp_path_factory):
   """{set: (uint8 images, PNG paths)}: ID test and OOD test images written as files."""
   root = tmp_path_factory.mktemp('pngs')
   written = {}
   for which, folder in (('id_test', 'id'), (OOD_SET, 'ood')):
-    images = _uint8_images(data_dir, which)
+    images = _uint8_images(smoke_run.data_dir, which)
     os.makedirs(root / folder)
     paths = [str(root / folder / f'{i:03d}.png') for i in range(len(images))]
     for image, path in zip(images, paths):
@@ -107,7 +99,9 @@ def test_scores_npz_carries_each_examples_split_index(trained):
     for which in ('id', OOD_SET):
       ids = npz[f'ids/{which}']
       assert ids.dtype.kind == 'i' and len(ids) == len(npz[f'{MODEL}/msp/{which}'])
-      np.testing.assert_array_equal(ids, np.arange(len(ids)))  # every digit is ID: all kept
+    # Every texture is OOD: all kept, in order. ID is digits 0-4 of the test split: some kept.
+    np.testing.assert_array_equal(npz[f'ids/{OOD_SET}'], np.arange(len(npz[f'ids/{OOD_SET}'])))
+    assert (np.diff(npz['ids/id']) > 0).all() and npz['ids/id'][-1] >= len(npz['ids/id'])
 
 
 def test_thresholds_accept_their_true_positive_rate_of_id_test(trained):

@@ -24,7 +24,7 @@ def test_help(script):
 
 
 def test_preempted_exit_code_matches_the_training_loop():
-  from mood_jax import train_loop
+  from mood_jax.train import loop as train_loop
   assert train_loop.PREEMPTED_EXIT_CODE == PREEMPTED
   for script in ('gpu_single_host.sh', 'tpu_vm.sh', 'slurm.sh'):
     with open(os.path.join(REPO, 'launch', script)) as f:

@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 from configs import digits
-from mood_jax import metrics_log, optim
+from mood_jax.train import metrics_log, optim
 from mood_jax.models import weight_mask
 from mood_jax.stages import logit_ft
 
@@ -197,7 +197,7 @@ class _Linear:
 
 
 def _fake_training_set(monkeypatch, clean, augmented, labels):
-  """inference.extract over ID train, as features of a linear model: `augmented` stands for
+  """extraction.extract over ID train, as features of a linear model: `augmented` stands for
   one draw of the training transforms, `clean` for the eval ones. Returns the calls' list."""
   calls = []
 
@@ -207,8 +207,8 @@ def _fake_training_set(monkeypatch, clean, augmented, labels):
     x = augmented if augment else clean
     return {'logits': np.asarray(forward(params, x)[1]), 'label': labels}
 
-  monkeypatch.setattr(logit_ft.inference, 'extract', fake_extract)
-  monkeypatch.setattr(logit_ft.inference, 'make_forward',
+  monkeypatch.setattr(logit_ft.extraction, 'extract', fake_extract)
+  monkeypatch.setattr(logit_ft.extraction, 'make_forward',
                       lambda model, mesh: lambda p, x: (x, model.apply({'params': p}, x)[0]))
   return calls
 
@@ -338,7 +338,8 @@ def test_flooding_acts_on_the_whole_batch_whatever_the_accumulation():
   """gamma lies between the two micro-batches' CEs, above their mean: the whole batch is
   flooded (CE ascends), though flooding each micro-batch would descend on one of them. The
   loss and the update are those of one batch for 1, 2 and 4 micro-batches."""
-  from mood_jax import parallel, train_loop, training_stage
+  from mood_jax import parallel
+  from mood_jax.train import loop as train_loop, stage as training_stage
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, 8))

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mood_jax import optim
+from mood_jax.train import optim
 from mood_jax.errors import UserError
 from mood_jax.models import vit
 

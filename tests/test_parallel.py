@@ -21,12 +21,13 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec as P
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # as a script, for mood_jax
 
-from mood_jax import inference, parallel, train_loop  # noqa: E402
+from mood_jax import parallel  # noqa: E402
 from mood_jax.data import catalogue  # noqa: E402
 from mood_jax.errors import UserError  # noqa: E402
 from mood_jax.models import vit  # noqa: E402
-from mood_jax.ood import metrics  # noqa: E402
+from mood_jax.ood import extraction, metrics  # noqa: E402
 from mood_jax.stages import finetune, pretrain  # noqa: E402
+from mood_jax.train import loop as train_loop  # noqa: E402
 
 NUM_STEPS = 5
 # Sums over the batch reorder across devices: float32 rounding, compounded over 5 Adam steps.
@@ -36,6 +37,8 @@ LOSS_RTOL = 1e-4
 # is DP on one device, the reference. Each mesh is a compile of the step (most of the time).
 MESHES = [('dp1', (('data', 1),)), ('dp8', (('data', 8),)), ('fsdp2', (('fsdp', 2),)),
           ('fsdp8', (('fsdp', 8),)), ('both8', (('data', 4), ('fsdp', 2)))]
+# The 8-device subprocess trains every mesh of MESHES: minutes, so in the slow tier.
+SLOW_8_DEVICES = pytest.mark.slow
 
 
 def _smoke_config(data_dir=None):
@@ -84,8 +87,8 @@ def _eval_run(mesh, config) -> dict:
   logits), id_test against one OOD set."""
   model, init_params = finetune.classifier(config, drop_path=0.0)
   params = parallel.Placement(mesh).create(init_params)
-  forward = inference.make_forward(model, mesh)
-  sets = {name: inference.extract(forward, params, config.data, name, mesh,
+  forward = extraction.make_forward(model, mesh)
+  sets = {name: extraction.extract(forward, params, config.data, name, mesh,
                                  batch_size=config.evaluate.batch_size)
           for name in ('id_test', 'uniform_noise')}
   score = {name: s['features'][:, 0] for name, s in sets.items()}
@@ -120,16 +123,19 @@ def trained(on_8_devices):
   return on_8_devices['train']
 
 
+@SLOW_8_DEVICES
 @pytest.mark.parametrize('name', [name for name, _ in MESHES[1:]])
 def test_loss_trajectory_matches_one_device(trained, name):
   np.testing.assert_allclose(trained[name]['losses'], trained['dp1']['losses'], rtol=LOSS_RTOL)
 
 
+@SLOW_8_DEVICES
 def test_masks_do_not_depend_on_the_mesh(trained):
   for name, _ in MESHES[1:]:
     assert trained[name]['masks'] == trained['dp1']['masks'], name
 
 
+@SLOW_8_DEVICES
 def test_fsdp_splits_large_params_and_their_moments(trained):
   for name in ('fsdp2', 'fsdp8', 'both8'):
     # fc1 is (96, 384): the larger dim; its bias (384 elements) is under FSDP_MIN_SIZE.
@@ -140,6 +146,7 @@ def test_fsdp_splits_large_params_and_their_moments(trained):
     assert trained[name]['kernel_spec'] == str(P()), name
 
 
+@SLOW_8_DEVICES
 def test_eval_on_8_devices_gives_the_one_device_metrics(on_8_devices):
   results = dict(on_8_devices['eval'])
   one = results.pop('dp1')
@@ -212,6 +219,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes of a smoke run and the one-process reference
 def test_two_processes_give_the_single_process_results(data_dir, env, tmp_path):
   """Two OS processes train and evaluate; one process evaluating the same checkpoint agrees."""
   workdir = str(tmp_path / 'workdir')

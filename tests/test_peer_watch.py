@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from mood_jax import peer_watch, watchdog
+from mood_jax import watchdog
+from mood_jax.run import peer_watch
 
 
 class FakeStore:

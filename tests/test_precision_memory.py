@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from configs import digits
-from mood_jax import parallel, train_loop
+from mood_jax import parallel
+from mood_jax.train import loop as train_loop
 from mood_jax.models import masking, mim, vit
 from mood_jax.stages import finetune
 

@@ -20,7 +20,7 @@ import pytest
 import scipy.io
 import tensorflow_datasets as tfds
 
-from mood_jax import pipeline
+from mood_jax.run import pipeline
 from mood_jax.data import catalogue, data_config, folder, prepare
 from mood_jax.data.sources import ood_sets, openood
 from mood_jax.data.sources.source import HELDOUT_SUFFIX

@@ -146,14 +146,14 @@ def test_plot_scores_writes_histogram_and_roc_per_model_and_scorer(tmp_path):
 def test_histogram_bins_distance_scores_on_a_log_axis_so_id_and_ood_both_show():
   rng = np.random.default_rng(0)
   distances = {'id': -rng.uniform(30, 300, 200), 'far': -rng.uniform(1e3, 1e4, 200)}
-  _, heights, symlog = report._histograms(distances)
+  _, heights, symlog = report.histograms(distances)
   assert symlog
   # Every set fills several bars, and each set's bars sum to one (fractions of the set).
   for bars in heights.values():
     assert (bars > 0).sum() >= 5 and np.isclose(bars.sum(), 1)
-  assert report._histogram_figure('mahalanobis', distances).axes[0].get_xscale() == 'symlog'
+  assert report.histogram_figure('mahalanobis', distances).axes[0].get_xscale() == 'symlog'
   logits = {'id': rng.normal(1, 1, 100), 'far': rng.normal(0, 1, 80)}
-  assert not report._histograms(logits)[2]
+  assert not report.histograms(logits)[2]
 
 
 def test_histogram_draws_id_filled_and_a_panel_per_group_when_sets_crowd():
@@ -161,7 +161,7 @@ def test_histogram_draws_id_filled_and_a_panel_per_group_when_sets_crowd():
   by_set = {'id': rng.normal(1, 1, 100), **{f'far{i}': rng.normal(0, 1, 50) for i in range(4)},
             'near0': rng.normal(0.5, 1, 50), 'letters': rng.normal(0, 1, 50)}
   groups = {'near0': 'near', 'letters': 'validation', **{f'far{i}': 'far' for i in range(4)}}
-  figure = report._histogram_figure('msp', by_set, groups)
+  figure = report.histogram_figure('msp', by_set, groups)
   assert [axes.get_title() for axes in figure.axes] == [
       'msp: validation', 'msp: near', 'msp: far']
   for axes in figure.axes:
@@ -171,13 +171,13 @@ def test_histogram_draws_id_filled_and_a_panel_per_group_when_sets_crowd():
   assert [patch.get_label() for patch in figure.axes[2].patches[1:]] == [
       'far0', 'far1', 'far2', 'far3']
   few = {name: by_set[name] for name in ('id', 'far0', 'near0')}
-  assert len(report._histogram_figure('msp', few, groups).axes) == 1  # not crowded
+  assert len(report.histogram_figure('msp', few, groups).axes) == 1  # not crowded
 
 
 def test_roc_marks_the_fpr95_point_of_each_set():
   rng = np.random.default_rng(0)
   by_set = {'id': rng.normal(2, 1, 400), 'svhn': rng.normal(0, 1, 300)}
-  axes = report._roc_figure('msp', by_set).axes[0]
+  axes = report.roc_figure('msp', by_set).axes[0]
   fpr95 = float(metrics.ood_metrics(by_set['id'], by_set['svhn'])['fpr95'])
   markers = [line for line in axes.lines if line.get_marker() == 'o']
   assert len(markers) == 1

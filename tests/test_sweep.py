@@ -87,7 +87,7 @@ def test_fit_on_id_validation_fits_the_held_out_part_only_for_the_named_scorers(
   held_out = evaluate.fit_rows('react', cfg, {'id_train': id_train}, seed=0)
   assert len(held_out['label']) == 20  # sweep_id_fraction 0.2
   # The same rows the sweeps validate on, none of those a sweep fits on.
-  _, id_val = evaluate._hold_out(id_train, 0.2, 0)
+  _, id_val = evaluate.hold_out(id_train, 0.2, 0)
   np.testing.assert_array_equal(held_out['features'], id_val['features'])
   assert evaluate.fit_rows('klm', cfg, {'id_train': id_train}, seed=0)['features'].shape == (
       20, 1)

@@ -7,7 +7,9 @@ import os
 import pytest
 
 from configs import digits
-from mood_jax import dry_run, metrics_log, parallel, pipeline, utilisation
+from mood_jax import parallel
+from mood_jax.run import dry_run, pipeline
+from mood_jax.train import metrics_log, utilisation
 from mood_jax.errors import UserError
 
 

@@ -1,11 +1,11 @@
 """Every config field a run reads is checked before any work: one line naming the field, the
-value, the rule and a valid example. In-process (no data, no compile); test_cli.py runs a few
+value, the rule and a valid example. In-process (no data, no compile); test_cli.py runs two
 through the command line for the exit status and the single line."""
 
 import pytest
 
 from configs import digits
-from mood_jax import pipeline
+from mood_jax.run import pipeline
 from mood_jax.errors import UserError
 
 
@@ -44,6 +44,33 @@ from mood_jax.errors import UserError
     ({'evaluate.batch_size': 0}, 'evaluate.batch_size=0'),
     ({'model.layer_scale': -1.0}, 'model.layer_scale=-1.0'),
     ({'mesh': (('model', 2),)}, 'name each of the axes'),
+    ({'stages': 'pretrain,tune'}, "unknown stage 'tune': valid choices are pretrain"),
+    ({'model.variant': 'XL/16'}, 'unknown model variant'),
+    ({'evaluate.scorers': 'msp,nope'}, "unknown scorer 'nope'"),
+    ({'data.ood_sets': ('moon', 'photos')}, 'moon'),
+    ({'stages': 'finetune', 'data.id_classes': (3,)}, 'one-class'),
+    ({'logit_ft.loss': 'flood'}, "unknown logit_ft.loss 'flood'"),
+    ({'logit_ft.weight_keep_ratio': 1.5}, 'weight_keep_ratio=1.5 is outside'),
+    ({'logit_ft.init_step': 3}, 'logit_ft.init_step=3 is not a step finetune saves'),
+    ({'model.rel_pos_bias': 'shared'}, 'use --config.pretrain.scheme=blockwise'),
+    ({'model.qkv_bias': 'kv'}, "unknown model.qkv_bias 'kv'"),
+    ({'finetune.grad_accum_steps': 3},
+     'finetune.batch_size=16 does not split into finetune.grad_accum_steps=3'),
+    ({'evaluate.scorers': 'knn', 'data.ood_sets': ('photos',)},
+     'needs an OOD validation set: add one to data.ood_sets (digits: letters'),
+    ({'evaluate.scorers': 'knn', 'evaluate.sweep': 'react'},
+     "names 'react', which evaluate.scorers does not select"),
+    ({'evaluate.scorers': 'odin', 'evaluate.sweep': 'odin'}, 'odin is not swept'),
+    ({'evaluate.scorers': 'msp', 'evaluate.fit_on_id_validation': 'react'},
+     "fit_on_id_validation names 'react', which evaluate.scorers does not select"),
+    ({'evaluate.scorers': 'knn', 'evaluate.sweep_metric': 'accuracy'},
+     "unknown evaluate.sweep_metric 'accuracy'"),
+    ({'evaluate.scorers': 'knn', 'evaluate.sweep_grids.knn.k': ()},
+     'evaluate.sweep_grids.knn has an empty list'),
+    ({'finetune.eval_every': 2, 'finetune.eval_scorer': 'nope'},
+     "finetune.eval_scorer: unknown scorer 'nope'"),
+    ({'logit_ft.eval_every': 2, 'logit_ft.eval_scorer': 'odin'},
+     'logit_ft.eval_scorer=odin perturbs the inputs'),
 ])
 def test_bad_value_names_field_value_rule_and_example(overrides, message, tmp_path):
   config = digits.get_config('smoke')

@@ -14,7 +14,9 @@ import textwrap
 import pytest
 
 from configs import digits
-from mood_jax import changed_settings, main, workdir_lock
+from mood_jax import main
+from mood_jax.run import workdir_lock
+from mood_jax.train import changed_settings
 from mood_jax.data import catalogue, input_pipeline
 from mood_jax.errors import UserError
 
@@ -26,7 +28,7 @@ def test_a_second_process_is_refused_with_the_holders_name(tmp_path, caplog):
   holder = subprocess.Popen(
       [sys.executable, '-c', textwrap.dedent(f'''
           import sys, time
-          from mood_jax import workdir_lock
+          from mood_jax.run import workdir_lock
           with workdir_lock.held({workdir!r}):
             print('held', flush=True)
             time.sleep(120)''')],

@@ -1,7 +1,7 @@
 """The data catalogue: `source(data_cfg)` is the one place where data.name chooses a Source.
 
 Adding a source: one `sources.source.Source` subclass in mood_jax/data/sources/, listed in
-SOURCES here (README, "Adding a dataset source").
+SOURCES here (docs/extending.md).
 """
 
 from mood_jax.data.sources import embedded, labelled_folder, tfds_dataset

@@ -14,7 +14,6 @@ example's id in scores.npz). Each file is decoded once first; the ones that fail
 by name and left out. A dataset that is already built is never rebuilt or overwritten.
 """
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -24,6 +23,8 @@ from absl import logging
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+
+from mood_jax import command_line
 
 PREFIX = 'folder:'
 SPLIT = 'test'  # the unlabelled sets' one split, and the labelled ones' test split
@@ -202,8 +203,7 @@ def build(name: str, source: str, data_dir: str, *, labelled: bool = False,
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m mood_jax.data.folder', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = command_line.parser('mood_jax.data.folder', __doc__)
   parser.add_argument('--name', required=True, help='the dataset becomes folder:NAME')
   parser.add_argument('--source', required=True, help='image folder, or text file of paths')
   parser.add_argument('--data_dir', default='~/tensorflow_datasets',

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from absl import logging
 import tensorflow_datasets as tfds
 
+from mood_jax import command_line
 from mood_jax.data import archives, build_lock, folder
 from mood_jax.data.sources import openood
 from mood_jax.errors import UserError
@@ -300,13 +301,12 @@ def command(name: str, data_dir: str) -> str:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m mood_jax.data.prepare', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = command_line.parser('mood_jax.data.prepare', __doc__)
   parser.add_argument('name', help=f'one of {sorted(SOURCES)}, or openood:BENCHMARK/LIST')
   parser.add_argument('--data_dir', default=DEFAULT_DATA_DIR,
                       help="TFDS data dir: the config's data.data_dir")
   parser.add_argument('--manual_dir', default=None,
-                      help='folder of the official files (default DATA_DIR/downloads/manual); '
+                      help='folder of the official files (None: DATA_DIR/downloads/manual); '
                            "for openood:..., OpenOOD's data/ folder")
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)

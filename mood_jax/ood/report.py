@@ -8,14 +8,16 @@ import csv
 import io
 import json
 import os
-import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from sklearn import metrics as sk_metrics
 
+from mood_jax import files
 from mood_jax.data.sources.source import ID_VAL
 from mood_jax.ood import metrics
+
+if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
+  from matplotlib.figure import Figure
 
 METRICS = ('auroc', 'fpr95', 'fpr95_id', 'aupr_in', 'aupr_out')
 FIELDS = ('model', 'scorer', 'ood_set', 'ood_group', *METRICS)
@@ -175,19 +177,6 @@ def markdown_table(rows: list[dict], id_accuracy: dict[str, float],
       *_hparams_lines(hparams or {}, sweeps or {}), _CONVENTIONS_LINE, ''])
 
 
-def write_atomically(path: str, data: bytes) -> None:
-  directory = os.path.dirname(path)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp_')  # same filesystem
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.chmod(tmp_path, 0o644)  # mkstemp's 0600 would hide results from other users
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.remove(tmp_path)
-    raise
-
-
 def _csv_text(rows: list[dict]) -> str:
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator='\n')
@@ -220,8 +209,8 @@ def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, flo
   how they were chosen}} (see stages/evaluate.py), both kept in results.json, as are
   `models`, {model: one line on how it was trained}, and `changed_settings` {stage: its
   fields that differ}, of the stages that ran under other settings than the rest
-  (mood_jax/changed_settings.py). `preprocessing` says how every image became the network's
-  input (detector.preprocessing), `compute` how the scored model ran: backend, compute dtype
+  (mood_jax/train/changed_settings.py). `preprocessing` says how every image became the network's
+  input (ood/detector_format.preprocessing), `compute` how the scored model ran: backend, compute dtype
   and attention (vit.compute_record).
   """
   os.makedirs(results_dir, exist_ok=True)
@@ -233,19 +222,20 @@ def write_results(results_dir: str, rows: list[dict], id_accuracy: dict[str, flo
   outputs = {'results.json': json.dumps(document, indent=2) + '\n',
              'results.csv': _csv_text(rows), 'results.md': table}
   for name, text in outputs.items():
-    write_atomically(os.path.join(results_dir, name), text.encode())
+    files.write_atomically(os.path.join(results_dir, name), text.encode())
   if scores is not None:
-    write_atomically(os.path.join(results_dir, 'scores.npz'), _npz_bytes(scores, ids or {}))
+    files.write_atomically(os.path.join(results_dir, 'scores.npz'),
+                           _npz_bytes(scores, ids or {}))
   return table
 
 
-def _save_figure(figure: Figure, path: str) -> None:
+def _save_figure(figure: 'Figure', path: str) -> None:
   buffer = io.BytesIO()
   figure.savefig(buffer, format='png', dpi=100)
-  write_atomically(path, buffer.getvalue())
+  files.write_atomically(path, buffer.getvalue())
 
 
-def _histograms(by_set: dict) -> tuple[np.ndarray, dict, bool]:
+def histograms(by_set: dict) -> tuple[np.ndarray, dict, bool]:
   """(shared bin edges, {set: bar heights}, whether the axis is symmetric-log)."""
   # Shared bins over the central 98% of all scores, so the sets' densities compare bar for
   # bar and a long tail does not squeeze the rest into a few bars; tail values are clipped
@@ -272,11 +262,12 @@ def _histograms(by_set: dict) -> tuple[np.ndarray, dict, bool]:
 _SETS_PER_PANEL = 4
 
 
-def _histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> Figure:
+def histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> 'Figure':
   """ID filled in grey, each OOD set a coloured outline over it; `groups` ({set: group})
   splits crowded sets into a panel per group, validation / near / far."""
+  from matplotlib.figure import Figure  # noqa: PLC0415 (here: ~1 s to import, plots only)
   by_set = {name: values for name, values in by_set.items() if name != ID_VAL}
-  bins, heights, symlog = _histograms(by_set)
+  bins, heights, symlog = histograms(by_set)
   ood = [name for name in by_set if name != 'id']
   panels = {'OOD': ood}
   if groups and len(ood) > _SETS_PER_PANEL:
@@ -298,10 +289,12 @@ def _histogram_figure(title: str, by_set: dict, groups: dict | None = None) -> F
   return figure
 
 
-def _roc_figure(title: str, by_set: dict, groups: dict | None = None) -> Figure:
+def roc_figure(title: str, by_set: dict, groups: dict | None = None) -> 'Figure':
   """ROC curves, ID positive; each marked at OpenOOD's FPR@95 point, where 95% of the OOD
   set is caught (5% accepted) and FPR@95 is the share of ID rejected there. Validation sets
   (`groups`) are against 'id_val' when there is one, as evaluate scores them."""
+  from matplotlib.figure import Figure  # noqa: PLC0415 (as in histogram_figure)
+  from sklearn import metrics as sk_metrics  # noqa: PLC0415 (here: ~1 s to import, plots only)
   figure = Figure(figsize=(5, 5), layout='constrained')
   axes = figure.subplots()
   for dataset, ood_scores in by_set.items():
@@ -340,8 +333,8 @@ def plot_scores(results_dir: str, scores: dict, groups: dict | None = None) -> l
     for scorer, by_set in by_scorer.items():
       by_set = {name: np.asarray(values, np.float64) for name, values in by_set.items()}
       title = f'{model} / {scorer}'
-      for kind, figure in (('hist', _histogram_figure(title, by_set, groups)),
-                           ('roc', _roc_figure(title, by_set, groups))):
+      for kind, figure in (('hist', histogram_figure(title, by_set, groups)),
+                           ('roc', roc_figure(title, by_set, groups))):
         path = os.path.join(plots_dir, f'{model}_{scorer}_{kind}.png')
         _save_figure(figure, path)
         paths.append(path)

@@ -15,7 +15,7 @@ def select_hparams(scorer: scorers.Scorer, grid: Mapping[str, Sequence], train: 
   """The grid point with the best `metric` of ID validation vs OOD validation scores.
 
   `train`, `id_val` and `ood_val` hold 'features', 'logits' and 'label' arrays, as
-  `inference.extract` returns them; `train['head']` is the classifier head for the scorers
+  `extraction.extract` returns them; `train['head']` is the classifier head for the scorers
   that use one (absent or None for the others). The scorer is fitted on `train` and
   scored on the two validation sets only: the caller must not pass test data here, and
   the OOD validation set should be none of the OOD test sets.

@@ -8,6 +8,7 @@ used on the test sets. Test OOD sets never take part in the choice, nor, with 'i
 the ID test split: the validation sets' metrics are then scored against 'id_val' too.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -17,13 +18,15 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from mood_jax import (changed_settings, checkpoint, config_checks, detector, evaluate_parts,
-                      inference, metrics_log, watchdog)
+from mood_jax import config_checks, watchdog
 from mood_jax.data import catalogue, data_config
 from mood_jax.data.sources import embedded, source
 from mood_jax.errors import UserError
 from mood_jax.models import vit
-from mood_jax.ood import metrics, report, scorers, sweep
+from mood_jax.ood import (detector_choice, detector_format, extraction, metrics, report, scorers,
+                          sweep)
+from mood_jax.stages import evaluate_parts
+from mood_jax.train import changed_settings, checkpoint, metrics_log
 from mood_jax.stages import finetune, logit_ft
 
 NAME = 'evaluate'
@@ -40,7 +43,7 @@ def _pretrain_encoder(config, workdir, placement):
 def _converted(config, workdir, placement):
   """Public weights as converted (finetune.init_from), not trained here: MOOD's ImageNet-1k
   row scores BEiT's pt22k_ft1k classifier as released, its one-class CIFAR rows the pt22k
-  encoder. The head is scored if the conversion kept it (--keep-head)."""
+  encoder. The head is scored if the conversion kept it (--keep_head)."""
   model, init_params = finetune.classifier(config, drop_path=0.0)
   params, has_head = finetune.params_from_converted(config, init_params, placement,
                                                     with_head=True)
@@ -107,7 +110,7 @@ def fit_rows(scorer_name: str, cfg, sets: dict, seed: int) -> dict:
   if scorer_name in config_checks.names(cfg.fit_on_id_validation):
     if ID_VAL in sets:
       return sets[ID_VAL]
-    return _hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)[1]
+    return hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)[1]
   if scorer_name in FITS_AUGMENTED_BANK and AUGMENTED_ID_TRAIN in sets:
     return sets[AUGMENTED_ID_TRAIN]
   return sets['id_train']
@@ -132,7 +135,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 for scorer in scorers.resolve(cfg.scorers)}
   except (KeyError, ValueError) as e:
     raise UserError(f'evaluate: {e.args[0]}') from None
-  detector.check_config(cfg)
+  detector_choice.check_config(cfg)
   for name in config_checks.names(cfg.fit_on_id_validation):
     if name not in selected:
       raise UserError(f'evaluate.fit_on_id_validation names {name!r}, which evaluate.scorers '
@@ -178,7 +181,7 @@ def model_names(models: str, workdir: str) -> list[str]:
           if checkpoint.final_step(workdir, name) is not None] or ['pretrain']
 
 
-def _hold_out(train: dict, fraction: float, seed: int) -> tuple[dict, dict]:
+def hold_out(train: dict, fraction: float, seed: int) -> tuple[dict, dict]:
   """(fit part, ID validation part) of the ID training set, by a seeded permutation: the
   validation rows must not be in the bank a scorer fits (knn would find each one itself)."""
   order = np.random.default_rng(seed).permutation(len(train['label']))
@@ -194,7 +197,7 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
   if ID_VAL in sets:  # never trained on, so the scorer's bank can be all of ID train
     fit_part, id_val = sets['id_train'], sets[ID_VAL]
   else:
-    fit_part, id_val = _hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)
+    fit_part, id_val = hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)
   ood_val = {key: np.concatenate([sets[name][key] for name in validation_sets])
              for key in ('features', 'logits', 'label')}
   best, trials = sweep.select_hparams(scorer, cfg.sweep_grids[scorer.name].to_dict(),
@@ -208,59 +211,81 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
   return scorer.with_hparams(**best), record
 
 
-def _score(model_name: str, scorer, swept: bool, model, config, sets: dict, head,
-           groups: dict, extract, mesh) -> dict:
-  """One (model, scorer) part: the scorer (its hparams chosen first if `swept`) fitted on ID
-  train and applied to every other set; its scores, stats, hparams, sweep and metric rows."""
-  cfg, sweep_record = config.evaluate, None
-  if swept:
-    scorer, sweep_record = _choose_hparams(scorer, cfg, sets, head, groups, config.seed, mesh)
-  queries = {name: s for name, s in sets.items() if name not in ID_TRAIN_BANKS}
+def fit_and_score(config: ml_collections.ConfigDict, scorer: scorers.Scorer, sets: dict,
+                  queries: dict, head, model, extract, mesh) -> tuple[dict, dict]:
+  """(stats, {query set: scores}) of one configured scorer: fitted on its rows of `sets`
+  (fit_rows), scoring the extracted `queries`. The evaluate stage and export share it.
+
+  A scorer that moves its inputs (ODIN) scores the queries extracted again through its
+  perturbed forward; `extract(forward, which=name)` extracts set `name` of config.data.
+  """
   if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
     moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
-    perturbed = inference.make_forward(model, mesh, input_perturbation=moved)
+    perturbed = extraction.make_forward(model, mesh, input_perturbation=moved)
     queries = {name: extract(perturbed, which=name) for name in queries}
-  train = fit_rows(scorer.name, cfg, sets, config.seed)
-  logging.info('[evaluate] %s: %s fitted on %d ID examples', model_name, scorer.name,
-               len(train['label']))
+  train = fit_rows(scorer.name, config.evaluate, sets, config.seed)
+  logging.info('[evaluate] %s fitted on %d ID examples', scorer.name, len(train['label']))
   stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
                       mesh=mesh)
-  by_set = {name: scorers.score(scorer, stats, s['features'], s['logits'], mesh=mesh)
-            for name, s in queries.items()}
-  by_set['id'] = by_set.pop('id_test')
+  return stats, {name: scorers.score(scorer, stats, s['features'], s['logits'], mesh=mesh)
+                 for name, s in queries.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+  """One (model, scorer) the evaluate stage scored."""
+  model: str
+  scorer: scorers.Scorer  # configured: the hparams it ran with (chosen, if it was swept)
+  stats: dict             # what it fitted on the ID rows
+  scores: dict            # {'id': ID test scores, set: scores} for every other set
+  sweep: dict | None      # how its hparams were chosen, if swept
+
+
+def _per_model(scored: list[Scored], models: list[str], value) -> dict:
+  """{model: {scorer: value(record)}} with every evaluated model, in evaluation order;
+  records whose value is None are left out."""
+  return {model: {s.scorer.name: value(s) for s in scored
+                  if s.model == model and value(s) is not None} for model in models}
+
+
+def _metric_rows(s: Scored, groups: dict) -> list[dict]:
+  """One results row per OOD set of a (model, scorer)."""
   rows = []
   for ood_set, group in groups.items():
     # With an ID validation split, validation scores read no test data at all.
-    against_id_val = group == VALIDATION and ID_VAL in by_set
-    values = metrics.ood_metrics(by_set[ID_VAL if against_id_val else 'id'], by_set[ood_set])
-    rows.append({'scorer': scorer.name, 'ood_set': ood_set, 'ood_group': group,
-                 **{k: float(v) for k, v in values.items()},
+    against_id_val = group == VALIDATION and ID_VAL in s.scores
+    values = metrics.ood_metrics(s.scores[ID_VAL if against_id_val else 'id'], s.scores[ood_set])
+    rows.append({'model': s.model, 'scorer': s.scorer.name, 'ood_set': ood_set,
+                 'ood_group': group, **{k: float(v) for k, v in values.items()},
                  **({'id_set': ID_VAL} if against_id_val else {})})  # absent: id_test
-  return {'scores': by_set, 'stats': stats, 'hparams': dict(scorer.hparams),
-          'sweep': sweep_record, 'rows': rows}
+  return rows
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
+  """Scores every model of `evaluate.models` with every scorer of `evaluate.scorers` on the ID
+  test split and each OOD set; writes WORKDIR/results/ (results.{json,csv,md}, scores.npz,
+  plots) and, with `evaluate.detector.write`, WORKDIR/detector/."""
   cfg, mesh = config.evaluate, placement.mesh
   data_source = catalogue.source(config.data)
   groups = data_source.ood_groups()
   id_sets = data_source.id_sets()
   selected = [scorers.configured(scorer, cfg.hparams) for scorer in scorers.resolve(cfg.scorers)]
   to_sweep = swept_names(cfg, selected)
-  rows, id_accuracy, all_scores, used_hparams, sweeps, fitted = [], {}, {}, {}, {}, {}
+  models = model_names(cfg.models, workdir)
+  scored, id_accuracy = [], {}
   trained_with = {}  # model -> one line on its training, for the report
-  names = model_names(cfg.models, workdir)
-  parts = evaluate_parts.Parts(workdir, config, names)  # what a stopped run finished
-  for model_name in names:
+  parts = evaluate_parts.Parts(workdir, config, models)  # what a stopped run finished
+  for model_name in models:
     if model_name == logit_ft.NAME:
       trained_with[model_name] = logit_ft.trained_with(workdir)
     model_part = parts.get(model_name)
     if model_part is None or any(parts.get(model_name, s.name) is None for s in selected
                                  if model_part['has_head'] or not s.needs_logits):
       model, params, has_head = MODELS[model_name](config, workdir, placement)
-      extract = functools.partial(inference.extract, params=params, data_cfg=config.data,
+      head = params['head'] if has_head else None
+      extract = functools.partial(extraction.extract, params=params, data_cfg=config.data,
                                   mesh=mesh, batch_size=cfg.batch_size, seed=config.seed)
-      forward = inference.make_forward(model, mesh)
+      forward = extraction.make_forward(model, mesh)
       banks = id_train_banks(cfg, [scorer.name for scorer in selected])
       sets = {name: extract(forward, which='id_train', augment=augment)
               for name, augment in banks.items()}
@@ -276,8 +301,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     ids, has_head = model_part['ids'], model_part['has_head']
     if has_head:
       id_accuracy[model_name] = model_part['id_accuracy']
-    all_scores[model_name], used_hparams[model_name], sweeps[model_name] = {}, {}, {}
-    fitted[model_name] = {}
     for scorer in selected:
       watchdog.beat(f'evaluate: {model_name}, {scorer.name}')
       if scorer.needs_logits and not has_head:
@@ -286,26 +309,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
         continue
       part = parts.get(model_name, scorer.name)
       if part is None:
-        part = _score(model_name, scorer, scorer.name in to_sweep, model, config, sets,
-                      params['head'] if has_head else None, groups, extract, mesh)
+        chosen = None
+        if scorer.name in to_sweep:
+          scorer, chosen = _choose_hparams(scorer, cfg, sets, head, groups, config.seed, mesh)
+        queries = {name: s for name, s in sets.items() if name not in ID_TRAIN_BANKS}
+        stats, by_set = fit_and_score(config, scorer, sets, queries, head, model, extract, mesh)
+        by_set['id'] = by_set.pop('id_test')
+        part = {'scores': by_set, 'stats': stats, 'hparams': dict(scorer.hparams),
+                'sweep': chosen}
         parts.put(model_name, part, scorer.name)
       else:
         logging.info('[evaluate] %s: %s as a stopped run finished it', model_name, scorer.name)
-      all_scores[model_name][scorer.name] = part['scores']
-      fitted[model_name][scorer.name] = (scorer.with_hparams(**part['hparams']), part['stats'])
-      used_hparams[model_name][scorer.name] = part['hparams']
-      if part['sweep'] is not None:
-        sweeps[model_name][scorer.name] = part['sweep']
-      rows.extend({'model': model_name, **row} for row in part['rows'])
+      scored.append(Scored(model_name, scorer.with_hparams(**part['hparams']), part['stats'],
+                           part['scores'], part['sweep']))
+  rows = [row for s in scored for row in _metric_rows(s, groups)]
+  all_scores = _per_model(scored, models, lambda s: s.scores)
+  hparams = _per_model(scored, models, lambda s: dict(s.scorer.hparams))
   if jax.process_index() == 0:
     results_dir = os.path.join(workdir, 'results')
     summary = report.summarize(rows)  # each set's row and each group's mean
     table = report.write_results(results_dir, summary, id_accuracy,
-                                 scores=all_scores, hparams=used_hparams, sweeps=sweeps,
+                                 scores=all_scores, hparams=hparams,
+                                 sweeps=_per_model(scored, models, lambda s: s.sweep),
                                  models=trained_with, ids=ids,
                                  changed_settings=changed_settings.load(workdir),
-                                 preprocessing=detector.preprocessing(config.data,
-                                                                      data_source.channels),
+                                 preprocessing=detector_format.preprocessing(config.data,
+                                                                             data_source.channels),
                                  compute=vit.compute_record(config.model))
     metrics_log.write_evaluation(workdir, summary, id_accuracy)
     if cfg.plots:
@@ -314,8 +343,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     logging.info('[evaluate] results in %s', results_dir)
   if cfg.detector.write:  # after the results, so they are kept if this fails; every
     # process, as the params' save is collective
-    detector.write_from_run(
-        os.path.join(workdir, 'detector'), config, rows, fitted,
-        {model: {name: by_set['id'] for name, by_set in by_scorer.items()}
-         for model, by_scorer in all_scores.items()},
+    detector_format.write_from_run(
+        os.path.join(workdir, 'detector'), config, rows,
+        _per_model(scored, models, lambda s: (s.scorer, s.stats)),
+        _per_model(scored, models, lambda s: s.scores['id']),
         lambda model: MODELS[model](config, workdir, placement)[1], replace=True)

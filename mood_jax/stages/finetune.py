@@ -9,13 +9,15 @@ import ml_collections
 import optax
 from absl import logging
 
-from mood_jax import checkpoint, convert, optim, train_eval, train_loop, training_stage
+from mood_jax.train import (checkpoint, loop as train_loop, optim, periodic_eval,
+                            stage as training_stage)
 from mood_jax.data import catalogue
 from mood_jax.errors import UserError
-from mood_jax.models import vit
+from mood_jax.models import converted, vit
 from mood_jax.stages import pretrain
 
 NAME = 'finetune'
+RNG_STREAMS = {'step': 2}  # training_stage.rng_stream
 
 
 def classifier(config: ml_collections.ConfigDict, drop_path: float):
@@ -44,7 +46,7 @@ def check_labelled(config: ml_collections.ConfigDict) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """This stage's config errors, before anything runs (the converted weights' presence is
   checked last, by pipeline.validate)."""
-  train_eval.check_config(config, NAME)
+  periodic_eval.check_config(config, NAME)
   check_labelled(config)
 
 
@@ -63,17 +65,17 @@ def check_converted(config) -> None:
   """A missing converted checkpoint stops the run before any work, naming where the public
   weights are and the command that converts them for this config."""
   path, cfg = converted_path(config), config.finetune
-  if convert.is_converted(path):
+  if converted.is_converted(path):
     return
   if not cfg.init_url:
     raise UserError(f'finetune.init_from={path} is not a directory written by `python -m '
-                    'mood_jax.convert`: convert public weights (README "Starting from public '
-                    'weights"), or use pretrain or scratch')
+                    'mood_jax.convert`: convert public weights (docs/public_weights.md), or use '
+                    'pretrain or scratch')
   src = os.path.basename(cfg.init_url)
   flags = f' {cfg.init_convert_flags}' if cfg.init_convert_flags else ''
   raise UserError(f'no converted checkpoint at {path}: download {src} from {cfg.init_url} '
                   f'and convert it with `python -m mood_jax.convert --src {src} --variant '
-                  f'{config.model.variant} --image-size {config.data.image_size}{flags} '
+                  f'{config.model.variant} --image_size {config.data.image_size}{flags} '
                   f'--out {path}`')
 
 
@@ -82,11 +84,8 @@ def params_from_converted(config, init_params, placement,
   """(fresh classifier params with the converted checkpoint in finetune.init_from copied
   in, whether it had a head); its head too if `with_head` (a classifier scored as released)."""
   check_converted(config)
-  path = converted_path(config)
-  pretrained = convert.read(path, config.model)
-  params = vit.merge_pretrained(placement.create(init_params), pretrained, source=path,
-                                with_head=with_head)
-  return params, 'head' in pretrained
+  return converted.load(converted_path(config), config.model, placement.create(init_params),
+                        with_head=with_head)
 
 
 def _make_loss_fn(model, cfg: ml_collections.ConfigDict) -> training_stage.LossFn:
@@ -103,13 +102,15 @@ def _make_loss_fn(model, cfg: ml_collections.ConfigDict) -> training_stage.LossF
 
 
 def describe(config: ml_collections.ConfigDict) -> training_stage.TrainingStage:
+  """The fine-tune step: the ViT classifier with drop path, the layer-decayed optimizer and
+  label-smoothed cross-entropy (`config.finetune`)."""
   cfg = config.finetune
   model, init_params = classifier(config, cfg.drop_path)
   return training_stage.TrainingStage(
       name=NAME, cfg=cfg, model=model, init_params=init_params,
       tx=optim.make_optimizer(cfg, model.encoder.depth), lr_schedule=optim.make_schedule(cfg),
       loss_fn=_make_loss_fn(model, cfg),
-      rng=training_stage.rng_stream(config.seed, 'finetune/step'))
+      rng=training_stage.rng_stream(config.seed, RNG_STREAMS['step']))
 
 
 def kept_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -119,7 +120,10 @@ def kept_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return (init_step,) if init_step > 0 else ()
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
+def run(config: ml_collections.ConfigDict, workdir: str, placement, later_images: int = 0) -> None:
+  """Fine-tunes the classifier on the ID labels from `finetune.init_from` (the pretrain
+  checkpoint, converted weights or scratch), resuming from WORKDIR/ckpt/finetune;
+  `later_images` is for the run's ETA (train_loop.train)."""
   stage = describe(config)
 
   def start_params():
@@ -130,8 +134,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     logging.info('[%s] encoder initialised from the %s checkpoint', NAME, stage.cfg.init_from)
     return params
 
-  eval_fn = (train_eval.make_eval_fn(config, NAME, stage.model, placement.mesh)
+  eval_fn = (periodic_eval.make_eval_fn(config, NAME, stage.model, placement.mesh)
              if stage.cfg.eval_every > 0 else None)
   train_loop.train(stage, config, workdir, placement,
                    start_params=None if stage.cfg.init_from == 'scratch' else start_params,
-                   keep_steps=kept_steps(config), eval_fn=eval_fn)
+                   keep_steps=kept_steps(config), eval_fn=eval_fn, later_images=later_images)

@@ -45,14 +45,16 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import (checkpoint, inference, metrics_log, optim, train_eval, train_loop,
-                      training_stage)
+from mood_jax.ood import extraction
+from mood_jax.train import (checkpoint, loop as train_loop, metrics_log, optim, periodic_eval,
+                            stage as training_stage)
 from mood_jax.data import catalogue
 from mood_jax.errors import UserError
 from mood_jax.models import vit, weight_mask
 from mood_jax.stages import finetune
 
 NAME = 'logit_ft'
+RNG_STREAMS = {'umap_scores': 3, 'gamma_mask': 4, 'step': 5}  # training_stage.rng_stream
 LOSSES = ('um', 'sample_mask', 'ce')
 GAMMA_SOURCES = ('masked_model', 'quantile', 'fixed')
 GAMMA_TRANSFORMS = ('train', 'eval')
@@ -88,7 +90,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if cfg.trainable == 'last_n_blocks' and not 1 <= cfg.last_n_blocks <= depth:
     raise UserError(f'logit_ft.last_n_blocks={cfg.last_n_blocks} must be in [1, {depth}] '
                     f'(the model has {depth} blocks)')
-  train_eval.check_config(config, NAME)
+  periodic_eval.check_config(config, NAME)
   finetune.check_labelled(config)
 
 
@@ -110,7 +112,7 @@ def _init_and_tx(config: ml_collections.ConfigDict):
     params = {'model': classifier_init()}
     if cfg.umap != 'none':
       params['scores'] = weight_mask.init_scores(
-          training_stage.rng_stream(config.seed, 'logit_ft/umap_scores'), params['model'],
+          training_stage.rng_stream(config.seed, RNG_STREAMS['umap_scores']), params['model'],
           lambda path: adapts_layer('/'.join(path), cfg, depth))
     return params
 
@@ -209,12 +211,12 @@ def per_sample_ce(model, params, config, mesh, teacher=None) -> np.ndarray:
   model), read over the same images (the draws depend on the seed and the example only).
   In batches of the stage's own size (the result does not depend on it beyond rounding)."""
   cfg = config.logit_ft
-  forward = inference.make_forward(model, mesh)
+  forward = extraction.make_forward(model, mesh)
   augment = cfg.augment if cfg.gamma_transforms == 'train' else False
 
   def logits_and_labels(p):
-    out = inference.extract(forward, p, config.data, 'id_train', mesh,
-                            batch_size=cfg.batch_size, augment=augment, seed=config.seed)
+    out = extraction.extract(forward, p, config.data, 'id_train', mesh,
+                             batch_size=cfg.batch_size, augment=augment, seed=config.seed)
     return jnp.asarray(out['logits'], jnp.float32), out['label']
 
   logits, labels = logits_and_labels(params)
@@ -237,7 +239,7 @@ def estimate_gamma(config, model, params, mesh) -> float:
     return float(cfg.gamma)
   if cfg.gamma_from == 'quantile':
     return float(np.quantile(per_sample_ce(model, params, config, mesh), cfg.gamma_quantile))
-  key = training_stage.rng_stream(config.seed, 'logit_ft/gamma_mask')
+  key = training_stage.rng_stream(config.seed, RNG_STREAMS['gamma_mask'])
   masked = jax.jit(lambda p: weight_mask.apply_masks(
       p, weight_mask.random_masks(key, p, cfg.weight_keep_ratio)))(params)
   return float(per_sample_ce(model, masked, config, mesh, teacher=params).mean())
@@ -288,11 +290,13 @@ def describe(config: ml_collections.ConfigDict,
   return training_stage.TrainingStage(
       name=NAME, cfg=cfg, model=model, init_params=init_params, tx=tx,
       lr_schedule=optim.make_schedule(cfg), loss_fn=_make_loss_fn(model, cfg),
-      rng=training_stage.rng_stream(config.seed, 'logit_ft/step'), batch_fields=fields,
+      rng=training_stage.rng_stream(config.seed, RNG_STREAMS['step']), batch_fields=fields,
       batch_loss=make_batch_loss(cfg, gamma))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
+def run(config: ml_collections.ConfigDict, workdir: str, placement, later_images: int = 0) -> None:
+  """Logit fine-tunes the finetuned classifier under `logit_ft.loss` (module docstring),
+  resuming from WORKDIR/ckpt/logit_ft; `later_images` is for the run's ETA (train_loop.train)."""
   cfg = config.logit_ft
   finetune_model, finetune_init = finetune.classifier(config, drop_path=0.0)  # eval only
   # The finetuned params are read at most once: the start point, gamma and the teacher.
@@ -316,7 +320,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
 
   batch_fn = None
   if stage.batch_fields:
-    teacher_forward = inference.make_forward(finetune_model, placement.mesh)
+    teacher_forward = extraction.make_forward(finetune_model, placement.mesh)
     teacher = finetuned()
 
     def batch_fn(batch):
@@ -324,10 +328,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
 
   eval_fn = None
   if cfg.eval_every > 0:
-    eval_fn = train_eval.make_eval_fn(config, NAME, stage.model, placement.mesh,
-                                      _effective_params(cfg))
+    eval_fn = periodic_eval.make_eval_fn(config, NAME, stage.model, placement.mesh,
+                                         _effective_params(cfg))
   train_loop.train(stage, config, workdir, placement, start_params=start_params,
-                   batch_fn=batch_fn, eval_fn=eval_fn)
+                   batch_fn=batch_fn, eval_fn=eval_fn, later_images=later_images)
   if cfg.loss == 'um':
     _log_flooded_fraction(workdir, gamma)
 

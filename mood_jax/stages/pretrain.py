@@ -4,12 +4,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mood_jax import config_checks, optim, train_loop, training_stage
+from mood_jax import config_checks
+from mood_jax.train import loop as train_loop, optim, stage as training_stage
 from mood_jax.data import catalogue
 from mood_jax.models import masking, mim, vit
 
 
 NAME = 'pretrain'
+RNG_STREAMS = {'step': 1}  # training_stage.rng_stream
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -51,6 +53,8 @@ def _make_loss_fn(model, cfg: ml_collections.ConfigDict) -> training_stage.LossF
 
 
 def describe(config: ml_collections.ConfigDict) -> training_stage.TrainingStage:
+  """The pretraining step: the masked image model (encoder and pixel decoder), its masks
+  drawn per step (`pretrain.scheme`), and the loss on the masked patches (`config.pretrain`)."""
   cfg = config.pretrain
   size, channels = config.data.image_size, catalogue.source(config.data).channels
   encoder = vit.encoder_from_config(config.model, drop_path=cfg.drop_path)
@@ -71,8 +75,10 @@ def describe(config: ml_collections.ConfigDict) -> training_stage.TrainingStage:
       name=NAME, cfg=cfg, model=model, init_params=init_params,
       tx=optim.make_optimizer(cfg, encoder.depth), lr_schedule=optim.make_schedule(cfg),
       loss_fn=_make_loss_fn(model, cfg),
-      rng=training_stage.rng_stream(config.seed, 'pretrain/step'))
+      rng=training_stage.rng_stream(config.seed, RNG_STREAMS['step']))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
-  train_loop.train(describe(config), config, workdir, placement)
+def run(config: ml_collections.ConfigDict, workdir: str, placement, later_images: int = 0) -> None:
+  """Pretrains the encoder by masked-image modeling on the ID training images, resuming
+  from WORKDIR/ckpt/pretrain; `later_images` is for the run's ETA (train_loop.train)."""
+  train_loop.train(describe(config), config, workdir, placement, later_images=later_images)

@@ -11,9 +11,8 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mood_jax import checkpoint
 from mood_jax.data import build_lock, folder
-from mood_jax.errors import UserError
+from mood_jax.errors import UserError, error_line
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -57,7 +56,7 @@ class Location:
     records = tfds.data_source(self.dataset, split=self.split, data_dir=data_dir, download=False,
                                builder_kwargs=self._builder_kwargs(), **kwargs)
     return _ReportDamage(records, which, 'rerun: it is rebuilt' if self.generated else
-                         'prepare it again (README, "Real datasets")')
+                         'prepare it again (docs/datasets.md)')
 
   def labels(self, data_dir: str, label_key: str) -> np.ndarray:
     """Every record's `label_key`, in order."""
@@ -115,5 +114,5 @@ class _ReportDamage(Sequence):
     except Exception as e:  # array_record, riegeli and PIL raise many types
       directory = self._source.dataset_info.data_dir
       raise UserError(f'{self._which}: record {index} in {directory} cannot be read '
-                      f'({checkpoint.error_line(e)}): its files are damaged. Move {directory} '
+                      f'({error_line(e)}): its files are damaged. Move {directory} '
                       f'aside and {self._rebuild}') from None

@@ -19,16 +19,17 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 # batch_loss(mean loss of the whole batch) -> (objective, aux metrics), e.g. flooding
 BatchLossFn = Callable[[jax.Array], tuple[jax.Array, dict]]
 
-# The random streams drawn from config.seed, one per use, so that a setting that changes
-# one use (e.g. drop path) leaves the others' draws as they were. The numbers are part of
-# every saved run's results: never renumber.
-RNG_STREAMS = {'pretrain/step': 1, 'finetune/step': 2, 'logit_ft/umap_scores': 3,
-               'logit_ft/gamma_mask': 4, 'logit_ft/step': 5}
 
+def rng_stream(seed: int, number: int) -> jax.Array:
+  """The key of random stream `number`, drawn from config.seed; parameter init uses the
+  seed's own key.
 
-def rng_stream(seed: int, name: str) -> jax.Array:
-  """The key of stream `name` (see RNG_STREAMS); parameter init uses the seed's own key."""
-  return jax.random.fold_in(jax.random.key(seed), RNG_STREAMS[name])
+  Each stage numbers its streams in its module's RNG_STREAMS, one per use, so that a setting
+  that changes one use (e.g. drop path) leaves the others' draws as they were; the stage
+  registry (mood_jax/stages/__init__.py) refuses two uses of one number. The numbers are
+  part of every saved run's results: never renumber.
+  """
+  return jax.random.fold_in(jax.random.key(seed), number)
 
 
 @dataclasses.dataclass(frozen=True)

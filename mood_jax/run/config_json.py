@@ -9,7 +9,7 @@ import sys
 import jax
 import ml_collections
 
-from mood_jax.ood import report
+from mood_jax import files
 
 FILE = 'config.json'
 
@@ -20,11 +20,12 @@ def command() -> str:
 
 
 def write(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """WORKDIR/config.json of this run (process 0): its command line and resolved `config`."""
   if jax.process_index() != 0:
     return
   document = {'command': command(), 'config': config.to_dict()}
-  report.write_atomically(os.path.join(workdir, FILE),
-                          (json.dumps(document, indent=2) + '\n').encode())
+  files.write_atomically(os.path.join(workdir, FILE),
+                         (json.dumps(document, indent=2) + '\n').encode())
 
 
 def _tuples(value):

@@ -13,12 +13,13 @@ import numpy as np
 import optax
 from absl import logging
 
-from mood_jax import checkpoint, metrics_log, parallel, progress, utilisation, watchdog
+from mood_jax import parallel, watchdog
 from mood_jax.data import input_pipeline
 from mood_jax.errors import UserError
 from mood_jax.exit_now import PREEMPTED_EXIT_CODE
 from mood_jax.models import vit
-from mood_jax.training_stage import LossFn, TrainingStage
+from mood_jax.train import checkpoint, metrics_log, progress, utilisation
+from mood_jax.train.stage import LossFn, TrainingStage
 
 
 @flax.struct.dataclass
@@ -26,18 +27,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-# The stages that train, in the order they run (registered in mood_jax/stages/).
-TRAINING_STAGES = ('pretrain', 'finetune', 'logit_ft')
-
-
-def _later_images(config: ml_collections.ConfigDict, workdir: str, stage: str) -> int:
-  """Images still to train on in the selected training stages after `stage`, for the ETA."""
-  later = TRAINING_STAGES[TRAINING_STAGES.index(stage) + 1:]
-  selected = [name.strip() for name in config.stages.split(',')]
-  return sum((config[name].num_steps - (checkpoint.final_step(workdir, name) or 0))
-             * config[name].batch_size for name in later if name in selected)
 
 
 def abstract_state(stage: TrainingStage, placement: parallel.Placement):
@@ -160,7 +149,7 @@ def _finite_leaves(tree):
   return jax.tree.map(lambda x: jnp.isfinite(x).all(), tree)
 
 
-def _check_state_finite(stage: str, step: int, state: TrainState) -> None:
+def check_state_finite(stage: str, step: int, state: TrainState) -> None:
   """Finite loss and gradients do not bound an update (e.g. a huge lr): check what is saved."""
   finite = jax.tree_util.tree_flatten_with_path(jax.device_get(_finite_leaves(state)))[0]
   bad = [jax.tree_util.keystr(path) for path, ok in finite if not ok]
@@ -219,14 +208,14 @@ class _PreemptionNotice:
 def _step_flops(stage: TrainingStage, config: ml_collections.ConfigDict,
                 placement: parallel.Placement) -> float:
   """FLOPs of one step per device, XLA's count as the dry run makes it."""
-  from mood_jax import dry_run  # noqa: PLC0415 (dry_run builds on this module)
+  from mood_jax.run import dry_run  # noqa: PLC0415 (dry_run builds on this module)
   return dry_run.step_flops(stage.name, config, placement)
 
 
 def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
           placement: parallel.Placement, *, start_params: Callable[[], Any] | None = None,
           batch_fn: Callable[[dict], dict] | None = None, keep_steps: tuple[int, ...] = (),
-          eval_fn: Callable[[Any], dict] | None = None) -> TrainState:
+          eval_fn: Callable[[Any], dict] | None = None, later_images: int = 0) -> TrainState:
   """Runs the stage's `num_steps` steps on ID training batches, resuming from its latest
   checkpoint if any.
 
@@ -236,12 +225,13 @@ def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
   Checkpoints of `keep_steps` are kept beside the latest `keep_checkpoints`. Logged metrics
   are means over the steps since the previous log line. `eval_fn(params)` runs every
   `eval_every` steps and at the last, its metrics logged as kind 'eval'. On a preemption
-  notice it saves at the end of the current step and raises `Preempted`.
+  notice it saves at the end of the current step and raises `Preempted`. `later_images`:
+  the images the run's later training stages still train on, for the run's ETA.
   """
   name, cfg, tx, mesh = stage.name, stage.cfg, stage.tx, placement.mesh
   data_iter = iter(input_pipeline.train_dataset(config.data, global_batch_size=cfg.batch_size,
                                                 seed=config.seed, augment=cfg.augment))
-  clock = progress.Clock(cfg.num_steps, cfg.batch_size, _later_images(config, workdir, name))
+  clock = progress.Clock(cfg.num_steps, cfg.batch_size, later_images)
   init, abstract, shardings = abstract_state(stage, placement)
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir, name), cfg, keep_steps)
   profiler = utilisation.Profiler(workdir, config.profile_steps)
@@ -302,7 +292,7 @@ def train(stage: TrainingStage, config: ml_collections.ConfigDict, workdir: str,
           tick += spent  # not training time: out of images/s and the ETA's speed
           clock.exclude(spent)
         if must_save:
-          _check_state_finite(name, step, state)
+          check_state_finite(name, step, state)
           checkpoint.save(mngr, step, state, data_iter, config)
         if preempted:
           mngr.wait_until_finished()

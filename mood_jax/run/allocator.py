@@ -6,7 +6,7 @@ faults every page of its activations in again: the Ti/4 fine-tune step of
 benchmarks/train_step.py took 586k page faults and 0.79 s of system CPU per step on 2 cores,
 PyTorch's 17k and 0.08 s. tcmalloc keeps freed memory for reuse: no faults, and that step
 ran 1.22x faster (pretraining 1.25x). JAX has no setting for its CPU allocator, so the fix
-is to preload one (README, "CPU training").
+is to preload one (docs/precision.md).
 """
 
 import os

@@ -18,9 +18,10 @@ import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import checkpoint, run_config
+from mood_jax import files
 from mood_jax.errors import UserError
-from mood_jax.ood import report
+from mood_jax.run import config_json  # the run's command line, recorded per run
+from mood_jax.train import checkpoint
 
 RECORD_FILE = 'changed_settings.json'
 
@@ -29,12 +30,12 @@ RECORD_FILE = 'changed_settings.json'
 # are read by evaluate only, or say where and how fast data is read (eval_crop_fraction is
 # not among them: logit_ft's gamma may read ID train through the eval transforms). mesh and
 # sharding_rules are not compared either: they change placement, and the result only up to
-# float rounding (README "Meshes and sharding"); so does model.attention (tests/test_attention.py).
+# float rounding (docs/sharding.md); so does model.attention (tests/test_attention.py).
 _SHARED = ('seed', 'model.', 'data.')
 _PASS = ('model.remat', 'model.attention', 'data.data_dir', 'data.num_workers', 'data.ood_sets',
          'data.validation_ood_sets', 'data.ood_examples_per_set',
          'data.heldout_validation_classes')
-# Evaluation during training (train_eval.py) only watches: it changes no param.
+# Evaluation during training (periodic_eval.py) only watches: it changes no param.
 _STAGE_PASS = ('log_every', 'ckpt_every', 'keep_checkpoints', 'eval_every', 'eval_scorer')
 
 
@@ -102,8 +103,8 @@ def _record(workdir: str, changed: dict) -> None:
   if jax.process_index() != 0 or not (changed or runs):
     return
   started = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')
-  runs.append({'started': started, 'command': run_config.command(), 'changed': changed})
-  report.write_atomically(os.path.join(workdir, RECORD_FILE),
+  runs.append({'started': started, 'command': config_json.command(), 'changed': changed})
+  files.write_atomically(os.path.join(workdir, RECORD_FILE),
                           (json.dumps({'runs': runs}, indent=2) + '\n').encode())
 
 

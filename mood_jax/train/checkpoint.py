@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from mood_jax import parallel
-from mood_jax.errors import UserError
+from mood_jax.errors import UserError, error_line
 
 
 def checkpoint_dir(workdir: str, stage: str) -> str:
@@ -106,12 +106,6 @@ def _check_topology(mngr: ocp.CheckpointManager, step: int) -> None:
   if saved['device_count'] != now['device_count']:
     logging.info('restoring a checkpoint saved on %d devices onto %d', saved['device_count'],
                  now['device_count'])
-
-
-def error_line(error: Exception, max_chars: int = 300) -> str:
-  """The exception's type and the start of its first line: tensorstore's run to pages."""
-  line = (str(error).strip().splitlines() or [''])[0]
-  return f'{type(error).__name__}: {line[:max_chars]}{"..." if len(line) > max_chars else ""}'
 
 
 def _move_aside(mngr: ocp.CheckpointManager, unreadable: list, resumed_step: int) -> None:

@@ -7,16 +7,16 @@ import jax
 import ml_collections
 from absl import logging
 
-from mood_jax import (changed_settings, checkpoint, config_checks, dry_run, one_class, parallel,
-                      optim, run_config, stages as all_stages, utilisation, watchdog,
-                      workdir_lock)
+from mood_jax import config_checks, parallel, stages as all_stages, watchdog
+from mood_jax.run import config_json, dry_run, one_class, workdir_lock
+from mood_jax.train import changed_settings, checkpoint, optim, utilisation
 from mood_jax.data import catalogue, data_config
 from mood_jax.errors import UserError
 from mood_jax.models import vit
 from mood_jax.stages import finetune
 
-# A training stage is skipped once its last step is saved.
 STAGES = all_stages.ALL
+# A training stage is skipped once its last step is saved.
 TRAINING_STAGES = all_stages.TRAINING
 
 
@@ -91,7 +91,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   with workdir_lock.held(workdir):
     changed_settings.check(config, workdir, [s for s in stages if s in TRAINING_STAGES],
                            allow_changed_settings)
-    run_config.write(workdir, config)  # after the check: a refused run leaves the last record
+    config_json.write(workdir, config)  # after the check: a refused run leaves the last record
     catalogue.source(config.data).prepare()
     with watchdog.watching(config.stall_timeout_s):
       _run_stages(config, workdir, placement, stages)
@@ -107,7 +107,19 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, placement, stag
     logging.info('[%s] starting (%d devices, mesh %s)', name, jax.device_count(),
                  dict(placement.mesh.shape))
     watchdog.beat(f'the start of {name}', compiling=True)  # a restore, an init
-    STAGES[name].run(config, workdir, placement)
+    if name in TRAINING_STAGES:
+      STAGES[name].run(config, workdir, placement,
+                       later_images=_later_images(config, workdir, stages, name))
+    else:
+      STAGES[name].run(config, workdir, placement)
+
+
+def _later_images(config: ml_collections.ConfigDict, workdir: str, stages: list[str],
+                  stage: str) -> int:
+  """Images still to train on in the selected training stages after `stage`, for the ETA."""
+  later = [name for name in stages[stages.index(stage) + 1:] if name in TRAINING_STAGES]
+  return sum((config[name].num_steps - (checkpoint.final_step(workdir, name) or 0))
+             * config[name].batch_size for name in later)
 
 
 def run_one_class_each(config: ml_collections.ConfigDict, workdir: str,
@@ -121,7 +133,7 @@ def run_one_class_each(config: ml_collections.ConfigDict, workdir: str,
   # A dry run writes nothing, the workdir included.
   with contextlib.nullcontext() if config.dry_run else workdir_lock.held(workdir):
     if not config.dry_run:  # each class's run writes its own config.json too
-      run_config.write(workdir, config)
+      config_json.write(workdir, config)
     for label, class_config in configs.items():
       logging.info('[one-class] class %s of %s', label, list(configs))
       run(class_config, one_class.class_workdir(workdir, label), allow_changed_settings)

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mood_jax import inference, parallel, stages, train_loop
+from mood_jax import parallel, stages
+from mood_jax.ood import extraction
+from mood_jax.train import loop as train_loop
 from mood_jax.data import catalogue
 from mood_jax.models import vit
 from mood_jax.stages import finetune
@@ -36,7 +38,7 @@ def _lower(name: str, config: ml_collections.ConfigDict,
     model, init_params = finetune.classifier(config, drop_path=0.0)
     params = placement.placed(jax.eval_shape(init_params))
     batch_size = config.evaluate.batch_size
-    forward = inference.make_forward(model, mesh)
+    forward = extraction.make_forward(model, mesh)
     return forward.lower(params, _images(config, batch_size, mesh)), batch_size
   stage = stages.TRAINING[name].describe(config)
   _, state, shardings = train_loop.abstract_state(stage, placement)
@@ -107,6 +109,7 @@ def for_target(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def table(reports: list[dict], mesh, config: ml_collections.ConfigDict) -> str:
+  """The dry run's printed report: one Markdown row per compiled step of `compile_steps`."""
   lines = [f'Dry run on {jax.device_count()} {jax.devices()[0].platform} devices, mesh '
            f'{dict(mesh.shape)}; memory (XLA\'s compiled program) and FLOPs per device',
            f'Compute: {config.model.dtype}, {config.model.attention} attention (\'auto\' '

@@ -13,7 +13,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from mood_jax import inference
+from mood_jax.ood import extraction
 from mood_jax.data import catalogue
 from mood_jax.data.sources import source
 from mood_jax.errors import UserError
@@ -49,11 +49,11 @@ def make_eval_fn(config: ml_collections.ConfigDict, stage: str, model, mesh,
   ood_sets = validation_sets(config)
   with_id_val = catalogue.source(config.data).has_id_val()
   id_set, suffix = (source.ID_VAL, '_vs_id_val') if with_id_val else ('id_test', '')
-  forward = inference.make_forward(model, mesh)
+  forward = extraction.make_forward(model, mesh)
 
   def eval_fn(params):
     params = classifier_params(params)
-    extract = functools.partial(inference.extract, forward, params, config.data, mesh=mesh,
+    extract = functools.partial(extraction.extract, forward, params, config.data, mesh=mesh,
                                 batch_size=config.evaluate.batch_size, seed=config.seed)
     id_data = extract(which=id_set)
     accuracy_key = 'id_val_accuracy' if with_id_val else 'id_accuracy'

@@ -13,9 +13,9 @@ import os
 import shutil
 
 import jax
-import tensorboardX
 from absl import logging
 
+from mood_jax import files
 from mood_jax.ood import report
 
 METRICS_FILE = 'metrics.jsonl'
@@ -33,11 +33,18 @@ def read(workdir: str) -> list[dict]:
 
 def _write_rows(workdir: str, rows: list[dict]) -> None:
   """Replaces metrics.jsonl by `rows` in one rename, so a crash keeps the old or the new file."""
-  report.write_atomically(os.path.join(workdir, METRICS_FILE),
-                          ''.join(json.dumps(row) + '\n' for row in rows).encode())
+  files.write_atomically(os.path.join(workdir, METRICS_FILE),
+                         ''.join(json.dumps(row) + '\n' for row in rows).encode())
 
 
-def _add_scalars(writer: tensorboardX.SummaryWriter, row: dict) -> None:
+def _tensorboard_writer(run_dir: str, **options):
+  """A tensorboardX SummaryWriter, imported here: it imports torch where torch is installed
+  (~2 s), which a command that writes no metrics should not wait for."""
+  import tensorboardX  # noqa: PLC0415
+  return tensorboardX.SummaryWriter(run_dir, **options)
+
+
+def _add_scalars(writer, row: dict) -> None:
   kind = row.get('kind', 'train')  # rows from before 'kind' existed are training rows
   for name, value in row.items():
     if name not in ('stage', 'kind', 'step'):
@@ -52,7 +59,7 @@ def write_evaluation(workdir: str, rows: list[dict], id_accuracy: dict[str, floa
     return
   run_dir = os.path.join(workdir, TENSORBOARD_DIR, 'evaluate')
   shutil.rmtree(run_dir, ignore_errors=True)
-  writer = tensorboardX.SummaryWriter(run_dir)
+  writer = _tensorboard_writer(run_dir)
   for row in rows:
     for metric, value in row.items():
       if metric not in report.ROW_KEYS:
@@ -79,7 +86,7 @@ class Writer:
       _write_rows(workdir, kept)
     run_dir = os.path.join(workdir, TENSORBOARD_DIR, stage)
     shutil.rmtree(run_dir, ignore_errors=True)  # rebuilt from metrics.jsonl just below
-    self._tensorboard = tensorboardX.SummaryWriter(run_dir, flush_secs=30)
+    self._tensorboard = _tensorboard_writer(run_dir, flush_secs=30)
     for row in kept:
       if row['stage'] == stage:
         _add_scalars(self._tensorboard, row)

@@ -16,7 +16,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mood_jax import checkpoint, same_run
+from mood_jax import same_run
+from mood_jax.train import checkpoint
 from mood_jax.ood import report
 
 DIR = 'evaluate_parts'

@@ -36,7 +36,7 @@ def peak_flops(device_kind: str) -> tuple[float | None, str]:
   for name, peak, source in PEAK_FLOPS:
     if name == device_kind or (not name.startswith('TPU') and name in device_kind):
       return peak, source
-  return None, f'no peak FLOP/s known for {device_kind!r} (mood_jax/utilisation.py)'
+  return None, f'no peak FLOP/s known for {device_kind!r} (mood_jax/train/utilisation.py)'
 
 
 def mfu(flops_per_step: float, images_per_s: float, batch_size: int,
