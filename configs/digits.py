@@ -141,6 +141,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
           gen=dict(gamma=(0.01, 0.1, 0.5, 1., 2.), top_m=(2, 5, 10)),
           vim=dict(dim=(16, 32, 48, 64)),
           residual=dict(dim=(16, 32, 48, 64)),
+          scale=dict(percentile=(65, 70, 75, 80, 85, 90, 95)),
+          fdbd=dict(distance_as_normalizer=(True, False)),
+          nci=dict(alpha=(0.0001, 0.001, 0.01, 0.1)),
+          relation=dict(pow=(1, 2, 4, 6, 8)),
+          nnguide=dict(k=(10, 20, 50, 100)),  # OpenOOD's list is k=100, alpha=0.01 only
       ),
       sweep_metric='auroc',
       sweep_id_fraction=0.2,    # of ID train, held out of the fit as ID validation

@@ -52,6 +52,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 CHUNK_SIZE = 4096
 # Query rows per score step; knn holds QUERY_CHUNK x (bank rows / devices) similarities.
 QUERY_CHUNK = 512
+# Bank rows per similarity block of a bank scorer (knn, nnguide, relation): a query chunk
+# holds QUERY_CHUNK x BANK_BLOCK float32 similarities (128 MiB), whatever the bank's size.
+BANK_BLOCK = 65536
 ENERGY_TEMPERATURE = 1.0
 
 
@@ -65,6 +68,9 @@ class Scorer:
   # ODIN only: (logits_fn, images, pixel_std, **hparams) -> perturbed images; the evaluate
   # stage scores the logits of those.
   perturb: Callable[..., jax.Array] | None = None
+  # The reference fits it on ID validation, not ID train (temperature scaling: a fit on
+  # the images the classifier memorised would find T < 1); the evaluate stage follows.
+  fits_on_id_validation: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, 'hparams', types.MappingProxyType(dict(self.hparams)))
@@ -482,36 +488,81 @@ def _rmds(stats, features, logits):
   return background - jnp.min(_class_distances(stats, features, _as_float32), axis=-1)
 
 
-# --- knn: k-th nearest ID-train neighbour -------------------------------------------------
+# --- Bank scorers: knn, NNGuide, Relation --------------------------------------------------
+#
+# A bank is ID-train rows on the devices, split over the mesh's batch axes. It is written
+# there chunk by chunk (the host never holds a prepared copy), and each device scores a
+# query chunk against its shard block by block, so the similarities held at once are
+# QUERY_CHUNK x BANK_BLOCK whatever the bank's size. Top-k results merge exactly: the k
+# best of (the k best so far, a block's k best), then of every shard's k best.
 
 
-_normalize_rows = jax.jit(_l2_normalize)
-
-
-def fit_knn(features, logits, labels, head, *, k):
-  """The L2-normalised ID-train bank, split over the mesh's batch axes.
-
-  Fewer zero rows than shards pad it to equal shards; `num_valid` tells them apart.
-  """
-  del logits, labels, head
-  if len(features) < k:
-    raise ValueError(f'knn: k={k} but the ID-train bank has {len(features)} rows')
+def _bank_layout(num_rows: int) -> tuple[int, int]:
+  """(padded rows, block rows): each shard holds a whole number of equal blocks."""
   shards = _num_shards()
-  padded = _pad_rows(np.asarray(features, np.float32), -(-len(features) // shards) * shards)
-  return {'bank': _normalize_rows(_split_rows(padded)), 'num_valid': jnp.int32(len(features))}
+  per_shard = -(-num_rows // shards)
+  block = min(BANK_BLOCK, per_shard)
+  return -(-per_shard // block) * block * shards, block
 
 
-def _nearest_similarities(queries, bank, num_valid, *, k, axes, num_shards):
-  """This shard's largest cosine similarities for each query, padding rows at -inf.
+def _write_rows(prepare, bank, start, *chunks):
+  return jax.lax.dynamic_update_slice(bank, prepare(*chunks).astype(bank.dtype), (start, 0))
 
-  A shard holds fewer than `num_shards` padding rows, so its k + num_shards - 1 best rows
-  hold its k best real ones. Masking those few, not the whole similarity matrix, saves a
-  pass over it, and reading the indices keeps top_k fast on CPU (see `_top_k_values`).
+
+def device_bank(prepare, arrays, chunk_size: int = CHUNK_SIZE):
+  """`prepare(*row chunks of arrays) -> [n, W]` of every row, as a float32 [padded, W]
+  device array split over the context mesh (zero rows after the real ones).
+
+  Written in place (a donated buffer), one host chunk at a time: device memory is the
+  bank's, host memory one chunk's.
   """
-  first_row = jax.lax.axis_index(axes) * bank.shape[0] if axes else 0
-  similarities = jnp.matmul(queries, bank.T, precision=_HIGHEST)
-  top, index = jax.lax.top_k(similarities, min(k + num_shards - 1, bank.shape[0]))
-  return jnp.where(first_row + index < num_valid, top, -jnp.inf)
+  num_rows = len(arrays[0])
+  padded, _ = _bank_layout(num_rows)
+  width = jax.eval_shape(prepare, *(jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype)
+                                    for a in arrays)).shape[-1]
+  mesh = jax.sharding.get_mesh()
+  sharding = None if mesh.empty else NamedSharding(mesh, P(_batch_axes()))
+  bank = jnp.zeros((padded, width), jnp.float32, device=sharding)
+  write = jax.jit(functools.partial(_write_rows, prepare), donate_argnums=0,
+                  out_shardings=sharding)
+  for start in range(0, num_rows, chunk_size):
+    chunks = [_replicated(np.asarray(a[start:start + chunk_size])) for a in arrays]
+    bank = write(bank, start, *chunks)  # at most two shapes: full chunks and the last
+  return bank
+
+
+def _over_bank(block_fn, merge, queries, banks, num_valid):
+  """merge-folds `block_fn(queries, *bank blocks, valid [block] bool) -> [Q, m]` over the
+  blocks of each shard, then over shards (`merge`: ([Q, m], [Q, m]) -> [Q, m], associative).
+  """
+  axes, num_shards = _batch_axes(), _num_shards()
+  block = _bank_layout(banks[0].shape[0])[1]
+
+  def shard_fold(queries, num_valid, *shards):
+    first_row = jax.lax.axis_index(axes) * shards[0].shape[0] if axes else 0
+    num_blocks = shards[0].shape[0] // block
+    if num_blocks * block != shards[0].shape[0]:  # banks are laid out by device_bank
+      raise ValueError(f'bank shard of {shards[0].shape[0]} rows is not a whole number of '
+                       f'{block}-row blocks')
+    blocks = [s.reshape(num_blocks, block, *s.shape[1:]) for s in shards]
+
+    def step(best, xs):
+      index, *parts = xs
+      valid = first_row + index * block + jnp.arange(block) < num_valid
+      found = block_fn(queries, *parts, valid)
+      return found if best is None else merge(best, found), None
+
+    first, _ = step(None, (0, *(b[0] for b in blocks)))
+    best, _ = jax.lax.scan(step, first, (jnp.arange(1, num_blocks), *(b[1:] for b in blocks)))
+    return best
+
+  if not axes:
+    return shard_fold(queries, num_valid, *banks)
+  fold = jax.shard_map(shard_fold, in_specs=(P(), P(), *(P(axes),) * len(banks)),
+                       out_specs=P(None, axes))
+  per_shard = fold(queries, num_valid, *banks)  # [Q, shards * m]
+  parts = jnp.split(per_shard, num_shards, axis=-1)
+  return functools.reduce(merge, parts)
 
 
 def _top_k_values(values, k):
@@ -524,20 +575,101 @@ def _top_k_values(values, k):
   return jnp.take_along_axis(values, index, axis=-1)
 
 
+def _top_similarities(queries, bank, num_valid, k):
+  """[Q, k] the k largest inner products of each query with the bank's real rows, exact,
+  in descending order."""
+  def block_top(queries, rows, valid):
+    similarities = jnp.where(valid, jnp.matmul(queries, rows.T, precision=_HIGHEST), -jnp.inf)
+    if rows.shape[0] < k:  # a block smaller than k: -inf fills the k columns
+      similarities = jnp.pad(similarities, ((0, 0), (0, k - rows.shape[0])),
+                             constant_values=-jnp.inf)
+    return _top_k_values(similarities, k)
+
+  def merge(best, found):
+    return _top_k_values(jnp.concatenate([best, found], axis=-1), k)
+  return _over_bank(block_top, merge, queries, (bank,), num_valid)
+
+
+def _check_bank_rows(name, num_rows, k):
+  if num_rows < k:
+    raise ValueError(f'{name}: k={k} but the ID-train bank has {num_rows} rows')
+
+
+def fit_knn(features, logits, labels, head, *, k):
+  """The L2-normalised ID-train bank (`device_bank`)."""
+  del logits, labels, head
+  _check_bank_rows('knn', len(features), k)
+  return {'bank': device_bank(_l2_normalize, (features,)),
+          'num_valid': jnp.int32(len(features))}
+
+
 def _knn(stats, features, logits, *, k):
   """Negative squared distance to the k-th neighbour, 2 cos - 2 for unit rows; exact.
 
   As OpenOOD's (faiss IndexFlatL2 returns squared distances); the ranking of the distance.
-  On a mesh each device ranks its shard of the bank; the k best of all shards' best are
-  the exact answer.
   """
   del logits
-  axes = _batch_axes()
-  nearest = functools.partial(_nearest_similarities, k=k, axes=axes, num_shards=_num_shards())
-  if axes:
-    nearest = jax.shard_map(nearest, in_specs=(P(), P(axes), P()), out_specs=P(None, axes))
-  candidates = nearest(_l2_normalize(features), stats['bank'], stats['num_valid'])
-  return 2. * _top_k_values(candidates, k)[:, -1] - 2.
+  nearest = _top_similarities(_l2_normalize(features), stats['bank'], stats['num_valid'], k)
+  return 2. * nearest[:, -1] - 2.
+
+
+def _guided_rows(features, logits):
+  return _l2_normalize(features) * _energy_of(logits)[:, None]
+
+
+def fit_nnguide(features, logits, labels, head, *, k, alpha):
+  """NNGuide's bank (OpenOOD nnguide_postprocessor.py): L2-normalised ID-train features
+  times their energy, of a fraction `alpha` of ID train. OpenOOD takes the first batches of
+  its shuffled loader past alpha N rows; ours a seeded random ceil(alpha N) rows, at least
+  k (the reference's default, alpha 0.01 with k 100, needs 10,000 training images)."""
+  del labels, head
+  _check_bank_rows('nnguide', len(features), k)
+  size = min(len(features), max(k, int(np.ceil(alpha * len(features)))))
+  rows = np.sort(np.random.default_rng(0).choice(len(features), size, replace=False))
+  if size < len(features):
+    features, logits = features[rows], logits[rows]
+  return {'bank': device_bank(_guided_rows, (features, logits)),
+          'num_valid': jnp.int32(size)}
+
+
+def _nnguide(stats, features, logits, *, k, alpha):
+  """Energy times the mean of the k largest inner products of the normalised feature with
+  the guided bank (faiss IndexFlatIP there; exact both)."""
+  del alpha
+  nearest = _top_similarities(_l2_normalize(features), stats['bank'], stats['num_valid'], k)
+  return jnp.mean(nearest, axis=-1) * _energy_of(logits)
+
+
+RELATION_THRESHOLD = 0.03  # OpenOOD's get_relation default: smaller edges are cut
+
+
+def _relation_norm(features):
+  """Relation's own normalisation, x / sqrt(||x||^2 + 1e-10) (relation_postprocessor.py)."""
+  features = _as_float32(features)
+  return features / jnp.sqrt(jnp.sum(features * features, axis=-1, keepdims=True) + 1e-10)
+
+
+def fit_relation(features, logits, labels, head, *, pow):  # noqa: A002 (OpenOOD's name)
+  """The normalised ID-train features and their softmax, as two banks of the same rows."""
+  del labels, head, pow
+  return {'bank': device_bank(_relation_norm, (features,)),
+          'probs': device_bank(_softmax, (logits,)), 'num_valid': jnp.int32(len(features))}
+
+
+def _relation(stats, features, logits, *, pow):  # noqa: A002
+  """Neural Relation Graph's score (OpenOOD relation_postprocessor.py): the sum over the
+  bank of s |s|^(pow - 1), s = max(cos, 0) x (p . p_bank), edges with |s| <= 0.03 cut."""
+  def edges(queries, rows, probs, valid):
+    features, query_probs = queries
+    similarity = jnp.maximum(jnp.matmul(features, rows.T, precision=_HIGHEST), 0.)
+    relation = similarity * jnp.matmul(query_probs, probs.T, precision=_HIGHEST)
+    kept = valid & (jnp.abs(relation) > RELATION_THRESHOLD)
+    return jnp.sum(jnp.where(kept, jnp.sign(relation) * jnp.abs(relation)**pow, 0.), axis=-1,
+                   keepdims=True)
+
+  total = _over_bank(edges, jnp.add, (_relation_norm(features), _softmax(logits)),
+                     (stats['bank'], stats['probs']), stats['num_valid'])
+  return total[:, 0]
 
 
 # --- Principal-space scorers: ViM and its residual -----------------------------------------
@@ -626,6 +758,198 @@ def _klm(stats, features, logits):
   return -jnp.min(neg_entropy - cross, axis=-1)
 
 
+# --- Head scorers from OpenOOD's later postprocessors ---------------------------------------
+
+
+def fit_scale(features, logits, labels, head, *, percentile):
+  del features, logits, labels, percentile
+  return _head_stats(head)
+
+
+def _scale(stats, features, logits, *, percentile):
+  """SCALE (OpenOOD scale_postprocessor.py, networks/scale_net.py `scale`): every entry of
+  the feature times exp(row sum / sum of the row's top n - round(n p / 100) entries), then
+  the head's energy. Nothing is pruned: only the sum of the top entries is read."""
+  del logits
+  features = features.astype(jnp.float32)
+  dim = features.shape[-1]
+  kept = _top_k_values(features, dim - int(np.round(dim * percentile / 100.)))
+  ratio = jnp.sum(features, axis=-1, keepdims=True) / jnp.sum(kept, axis=-1, keepdims=True)
+  return _head_energy(stats, features * jnp.exp(ratio))
+
+
+def fit_dice(features, logits, labels, head, *, p, chunk_size: int = CHUNK_SIZE):
+  """DICE (OpenOOD dice_postprocessor.py): keeps the head's weights whose contribution
+  mean ID-train feature x weight is above its p-th percentile (NumPy's, over all D x C)."""
+  del logits, labels
+  mean = _group_means(features, np.zeros(len(features), np.int32), 1, _as_float32,
+                      chunk_size)[0]
+  kernel = np.asarray(head['kernel'], np.float32)
+  contribution = mean[:, None] * kernel
+  kept = contribution > np.percentile(contribution, p)
+  return {'kernel': jnp.asarray(kernel * kept), 'bias': jnp.asarray(head['bias'], jnp.float32)}
+
+
+def _dice(stats, features, logits, *, p):
+  del logits, p
+  return _head_energy(stats, _as_float32(features))
+
+
+_SHE_METRICS = ('inner_product', 'euclidean', 'cosine')
+
+
+def fit_she(features, logits, labels, head, *, metric, chunk_size: int = CHUNK_SIZE):
+  """SHE (OpenOOD she_postprocessor.py): per class, the mean feature of the ID-train samples
+  of that label the classifier predicts right. A class with none keeps a zero pattern
+  (OpenOOD's mean over none is NaN)."""
+  del head
+  if metric not in _SHE_METRICS:
+    raise ValueError(f'she metric {metric!r}: use one of {", ".join(_SHE_METRICS)}')
+  num_classes = logits.shape[1]
+  correct = np.asarray(labels) == np.argmax(logits, axis=-1)
+  # Wrong predictions go to an extra group, dropped after.
+  group = np.where(correct, labels, num_classes)
+  sums = np.zeros((num_classes + 1, features.shape[1]))
+  for start, chunk in _host_chunks(features, _as_float32, chunk_size):
+    np.add.at(sums, group[start:start + len(chunk)], chunk)
+  counts = np.bincount(group, minlength=num_classes + 1)[:num_classes]
+  patterns = sums[:num_classes] / np.maximum(counts, 1)[:, None]
+  return {'patterns': jnp.asarray(patterns, jnp.float32)}
+
+
+def _she(stats, features, logits, *, metric):
+  features = _as_float32(features)
+  pattern = stats['patterns'][jnp.argmax(logits, axis=-1)]
+  if metric == 'inner_product':
+    return jnp.sum(features * pattern, axis=-1)
+  if metric == 'euclidean':
+    return -jnp.linalg.norm(features - pattern, axis=-1)
+  # torch.cosine_similarity: each norm floored at 1e-8.
+  norms = (jnp.maximum(jnp.linalg.norm(x, axis=-1), 1e-8) for x in (features, pattern))
+  return jnp.sum(features * pattern, axis=-1) / functools.reduce(jnp.multiply, norms)
+
+
+def fit_feature_mean(features, logits, labels, head, chunk_size: int = CHUNK_SIZE, **hparams):
+  """The ID-train mean feature (NCI's and fDBD's centre) and the head."""
+  del logits, labels, hparams
+  mean = _group_means(features, np.zeros(len(features), np.int32), 1, _as_float32,
+                      chunk_size)[0]
+  return {**_head_stats(head), 'mean': jnp.asarray(mean, jnp.float32)}
+
+
+def fit_fdbd(features, logits, labels, head, *, distance_as_normalizer,
+             chunk_size: int = CHUNK_SIZE):
+  """The ID-train mean and fDBD's denominators ||w_c - w_p|| (classes p, c), in float64,
+  the diagonal set to 1 as OpenOOD's."""
+  del distance_as_normalizer
+  stats = fit_feature_mean(features, logits, labels, head, chunk_size)
+  columns = np.float64(head['kernel']).T  # [C, D]: each class's weight vector
+  gaps = np.linalg.norm(columns[None] - columns[:, None], axis=-1)
+  np.fill_diagonal(gaps, 1.)
+  return {'mean': stats['mean'], 'gaps': jnp.asarray(gaps, jnp.float32)}
+
+
+def _fdbd(stats, features, logits, *, distance_as_normalizer):
+  """fDBD (OpenOOD fdbd_postprocessor.py): sum over classes c of |z_c - z_max| /
+  ||w_c - w_max||, over ||f - ID-train mean|| (or ||f|| when not distance_as_normalizer)."""
+  features, logits = _as_float32(features), logits.astype(jnp.float32)
+  margins = jnp.abs(logits - jnp.max(logits, axis=-1, keepdims=True))
+  total = jnp.sum(margins / stats['gaps'][jnp.argmax(logits, axis=-1)], axis=-1)
+  centre = stats['mean'] if distance_as_normalizer else 0.
+  return total / jnp.linalg.norm(features - centre, axis=-1)
+
+
+def _nci(stats, features, logits, *, alpha):
+  """NCI (OpenOOD nci_postprocessor.py): cosine-like alignment w_pred . (f - mean) /
+  ||f - mean||, plus alpha ||f||_1."""
+  features = _as_float32(features)
+  centred = features - stats['mean']
+  weights = stats['kernel'].T[jnp.argmax(logits, axis=-1)]
+  alignment = jnp.sum(weights * centred, axis=-1) / jnp.linalg.norm(centred, axis=-1)
+  return alignment + alpha * jnp.sum(jnp.abs(features), axis=-1)
+
+
+def _entropy(stats, features, logits):
+  """Negative entropy of the softmax, probabilities clipped to [1e-7, 1] as pytorch-ood's
+  Entropy (detector/entropy.py), which returns the entropy (higher = OOD)."""
+  del stats, features
+  probs = jnp.clip(_softmax(logits), 1e-7, 1.)
+  return jnp.sum(probs * jnp.log(probs), axis=-1)
+
+
+def fit_temperature(features, logits, labels, head):
+  """The temperature T minimising the float64 NLL of softmax(logits / T) against `labels`,
+  as OpenOOD's temp_scaling_postprocessor.py aims at (there LBFGS, lr 0.01, 50 iterations
+  from T = 1.5, on ID validation). A one-dimensional bounded Brent search over log T finds
+  the minimum itself, not where 50 steps of LBFGS stop."""
+  del features, head
+  from scipy import optimize, special  # noqa: PLC0415 (host only, at fit time)
+  logits, labels = np.float64(logits), np.asarray(labels)
+
+  def nll(log_t):
+    scaled = logits / np.exp(log_t)
+    return np.mean(special.logsumexp(scaled, axis=-1) - scaled[np.arange(len(labels)), labels])
+
+  best = optimize.minimize_scalar(nll, bounds=(np.log(1e-3), np.log(1e3)), method='bounded',
+                                  options={'xatol': 1e-8})
+  return {'temperature': jnp.float32(np.exp(best.x))}
+
+
+def _temperature_scaled_msp(stats, features, logits):
+  del features
+  return jnp.max(jax.nn.softmax(logits.astype(jnp.float32) / stats['temperature'], axis=-1),
+                 axis=-1)
+
+
+# --- GMM: a tied-covariance Gaussian mixture in a principal subspace ------------------------
+
+
+GMM_DIM = 50  # OpenOOD's configs/postprocessors/gmm.yml: pca_50
+
+
+def fit_gmm(features, logits, labels, head, *, num_clusters, dim,
+            chunk_size: int = CHUNK_SIZE):
+  """OpenOOD's gmm_postprocessor.py on the pooled features: project on the top `dim`
+  principal axes (None: 50, its 'pca_50', or D if smaller; sklearn PCA's components,
+  applied to uncentred features),
+  then sklearn's GaussianMixture(covariance_type='tied', random_state=0). The mixture is
+  fitted on the N x dim projection (host float64, dim << D); the axes come from the
+  chunked float64 covariance."""
+  del logits, labels, head
+  from sklearn import mixture  # noqa: PLC0415 (host only, at fit time)
+  feature_dim = features.shape[1]
+  dim = min(GMM_DIM, feature_dim) if dim is None else dim
+  if not 0 < dim <= feature_dim:
+    raise ValueError(f'gmm dim {dim}: needs 0 < dim <= {feature_dim} (the feature dim)')
+  if len(features) < num_clusters:
+    raise ValueError(f'gmm: num_clusters={num_clusters} but the bank has {len(features)} rows')
+  zeros = np.zeros(len(features), np.int32)
+  mean = _group_means(features, zeros, 1, _as_float32, chunk_size)
+  _, eigenvectors = np.linalg.eigh(_second_moment(features, zeros, mean, _as_float32,
+                                                  chunk_size))
+  axes = eigenvectors[:, ::-1][:, :dim]  # descending variance, as PCA's components
+  projected = np.concatenate([chunk @ axes for _, chunk in
+                              _host_chunks(features, _as_float32, chunk_size)])
+  gmm = mixture.GaussianMixture(n_components=num_clusters, covariance_type='tied',
+                                random_state=0).fit(projected)
+  # The tied precision as its whitening (see `_whitening`); means relative to their centre.
+  whitening = _whitening(gmm.covariances_)
+  center = gmm.means_.mean(axis=0)
+  offsets = (gmm.means_ - center) @ whitening
+  stats = {'axes': axes, 'center': center, 'whitening': whitening, 'class_offsets': offsets,
+           'class_norms': np.sum(offsets * offsets, axis=-1), 'log_weights': np.log(gmm.weights_)}
+  return {name: jnp.asarray(value, jnp.float32) for name, value in stats.items()}
+
+
+def _gmm(stats, features, logits, *, num_clusters, dim):
+  """log sum_k w_k exp(-d_k^2 / 2), d_k the Mahalanobis distance to component k, as a
+  logsumexp: OpenOOD's log(sum + 1e-45) in float32 saturates at -103.6 for every far input."""
+  del logits, num_clusters, dim
+  projected = jnp.matmul(_as_float32(features), stats['axes'], precision=_HIGHEST)
+  distances = _class_distances(stats, projected, _as_float32)
+  return jax.nn.logsumexp(stats['log_weights'] - 0.5 * distances, axis=-1)
+
+
 register(Scorer('msp', _no_stats, _msp, needs_logits=True))
 register(Scorer('maxlogit', _no_stats, _maxlogit, needs_logits=True))
 register(Scorer('energy', _no_stats, _energy, needs_logits=True))
@@ -646,3 +970,17 @@ register(Scorer('knn', fit_knn, _knn, needs_logits=False, hparams={'k': 50}))
 register(Scorer('vim', fit_vim, _vim, needs_logits=True, hparams={'dim': None}))
 register(Scorer('residual', fit_residual, _residual, needs_logits=True, hparams={'dim': None}))
 register(Scorer('klm', fit_klm, _klm, needs_logits=True))
+register(Scorer('scale', fit_scale, _scale, needs_logits=True, hparams={'percentile': 85}))
+register(Scorer('dice', fit_dice, _dice, needs_logits=True, hparams={'p': 90}))
+register(Scorer('she', fit_she, _she, needs_logits=True, hparams={'metric': 'inner_product'}))
+register(Scorer('fdbd', fit_fdbd, _fdbd, needs_logits=True,
+                hparams={'distance_as_normalizer': True}))
+register(Scorer('nci', fit_feature_mean, _nci, needs_logits=True, hparams={'alpha': 1e-4}))
+register(Scorer('entropy', _no_stats, _entropy, needs_logits=True))
+register(Scorer('temp_scaling', fit_temperature, _temperature_scaled_msp, needs_logits=True,
+                fits_on_id_validation=True))
+register(Scorer('gmm', fit_gmm, _gmm, needs_logits=False,
+                hparams={'num_clusters': 50, 'dim': None}))
+register(Scorer('nnguide', fit_nnguide, _nnguide, needs_logits=True,
+                hparams={'k': 100, 'alpha': 0.01}))
+register(Scorer('relation', fit_relation, _relation, needs_logits=True, hparams={'pow': 1}))

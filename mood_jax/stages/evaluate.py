@@ -82,8 +82,10 @@ def fit_rows(scorer_name: str, cfg, sets: dict, seed: int) -> dict:
   `evaluate.fit_on_id_validation` the ID validation split ('id_val' in `sets`, else the
   held-out `sweep_id_fraction` part of ID train, which the model did train on). OpenOOD v1.5
   fits react, klm and residual on ID validation (openood/postprocessors/react_postprocessor.py,
-  kl_matching_postprocessor.py, residual_postprocessor.py: id_loader_dict['val'])."""
-  if scorer_name not in config_checks.names(cfg.fit_on_id_validation):
+  kl_matching_postprocessor.py, residual_postprocessor.py: id_loader_dict['val']); a scorer
+  marked `fits_on_id_validation` (temperature scaling) always fits there."""
+  if (scorer_name not in config_checks.names(cfg.fit_on_id_validation)
+      and not scorers.get(scorer_name).fits_on_id_validation):
     return sets['id_train']
   if ID_VAL in sets:
     return sets[ID_VAL]
@@ -115,7 +117,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise UserError(f'evaluate.fit_on_id_validation names {name!r}, which evaluate.scorers '
                       'does not select')
   to_sweep = swept_names(cfg, list(selected.values()))
-  if (to_sweep or cfg.fit_on_id_validation.strip()) and not 0 < cfg.sweep_id_fraction < 1:
+  fits_on_id_val = (cfg.fit_on_id_validation.strip()
+                    or any(s.fits_on_id_validation for s in selected.values()))
+  if (to_sweep or fits_on_id_val) and not 0 < cfg.sweep_id_fraction < 1:
     raise UserError(f'evaluate.sweep_id_fraction={cfg.sweep_id_fraction} must be inside (0, 1)')
   if not to_sweep:
     return
