@@ -57,18 +57,23 @@ def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: 
   plain = inference.make_forward(model, mesh)
   cfg = config.evaluate
   sets = {'id_train': extract(plain, which='id_train', augment=cfg.id_train_augment)}
-  if cfg.fit_on_id_validation.strip() and catalogue.source(config.data).has_id_val():
+  on_id_val = cfg.fit_on_id_validation.strip() or any(
+      scorers.get(name).fits_on_id_validation for name in hparams)
+  if on_id_val and catalogue.source(config.data).has_id_val():
     sets[evaluate.ID_VAL] = extract(plain, which=evaluate.ID_VAL)
   test = extract(plain, which='id_test')
   fitted, id_scores = {}, {}
   for name, values in hparams.items():
     scorer = scorers.get(name).with_hparams(**values)
-    queries = test
-    if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
-      moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
-      queries = extract(inference.make_forward(model, mesh, input_perturbation=moved),
-                        which='id_test')
-    train = evaluate.fit_rows(name, cfg, sets, config.seed)
+    queries, scorer_sets = test, sets
+    if scorer.perturb is not None or scorer.forward is not None:  # ODIN's or its own pass
+      own = inference.make_forward(model, mesh,
+                                   **detector.forward_options(scorer, config.data.std))
+      queries = extract(own, which='id_test')
+    if scorer.forward is not None:  # the fit reads its layers too
+      scorer_sets = {which: extract(own, which=which, augment=cfg.id_train_augment
+                                    if which == 'id_train' else False) for which in sets}
+    train = evaluate.fit_rows(name, cfg, scorer_sets, config.seed)
     stats = scorers.fit(scorer, train['features'], train['logits'], train['label'],
                         params['head'] if has_head else None, mesh=mesh)
     fitted[name] = (scorer, stats)

@@ -594,6 +594,8 @@ def _atol(name):
 def test_every_scorer_is_chunk_size_independent(data):
   train, query, head = data['train'], data['query'], data['head']
   for scorer in scorers.resolve('all'):
+    if scorer.forward is not None:  # layer scorers: tests/test_layer_scorers.py
+      continue
     stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head)
     whole, chunked = (scorers.score(scorer, stats, query['features'], query['logits'],
                                     chunk_size=size) for size in (len(query['features']), 7))
@@ -666,7 +668,8 @@ def test_mahalanobis_handles_one_class(data):
 
 def test_needs_logits_marks_the_head_free_scorers():
   head_free = {s.name for s in scorers.resolve('all') if not s.needs_logits}
-  assert head_free == {'gmm', 'knn', 'mahalanobis', 'mahalanobis_mood', 'rmds'}
+  assert head_free == {'gmm', 'knn', 'mahalanobis', 'mahalanobis_mood', 'mds_ensemble',
+                       'rmds'}
 
 
 # --- Registry, hparams, names --------------------------------------------------------------

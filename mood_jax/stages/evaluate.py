@@ -135,7 +135,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     scorer, grid = selected.get(name), cfg.sweep_grids.get(name)
     if scorer is None:
       raise UserError(f'evaluate.sweep names {name!r}, which evaluate.scorers does not select')
-    if scorer.perturb is not None:
+    if scorer.perturb is not None or scorer.forward is not None:
       raise UserError(f'{name} is not swept (each grid point would extract every validation '
                       f'set again): set --config.evaluate.hparams.{name}.* and drop it from '
                       'evaluate.sweep')
@@ -224,12 +224,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
       if scorer.name in to_sweep:
         scorer, sweeps[model_name][scorer.name] = _choose_hparams(
             scorer, cfg, sets, head, groups, config.seed, mesh)
-      queries = {name: s for name, s in sets.items() if name != 'id_train'}
+      scorer_sets = sets
+      if scorer.forward is not None:  # its own layers or passes, for the fit's rows too
+        own = inference.make_forward(model, mesh, features_fn=functools.partial(
+            scorer.forward, **scorer.hparams))
+        scorer_sets = {name: extract(own, which=name, augment=cfg.id_train_augment
+                                     if name == 'id_train' else False) for name in sets}
+      queries = {name: s for name, s in scorer_sets.items() if name != 'id_train'}
       if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
         moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
         perturbed = inference.make_forward(model, mesh, input_perturbation=moved)
         queries = {name: extract(perturbed, which=name) for name in queries}
-      train = fit_rows(scorer.name, cfg, sets, config.seed)
+      train = fit_rows(scorer.name, cfg, scorer_sets, config.seed)
       logging.info('[evaluate] %s: %s fitted on %d ID examples', model_name, scorer.name,
                    len(train['label']))
       stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
