@@ -198,6 +198,32 @@ def test_mahalanobis_mood_is_chunk_size_independent():
     np.testing.assert_allclose(scores, by_chunk[0], rtol=1e-5)
 
 
+def test_moments_continue_a_fit_with_more_rows(data):
+  """Moments of a bank added in parts (chunks of any size, a class only in the second
+  part) equal NumPy's float64 statistics of the whole: the fit goes on as data arrives."""
+  train = data['train']
+  features, labels = train['features'], train['label'].copy()
+  labels[labels == 5] = 4
+  labels[300:][::7] = 5  # class 5 appears only in the second part
+  parts = scorers.Moments.of(features[:300], labels[:300], chunk_size=64).add(
+      features[300:], labels[300:], chunk_size=17)
+  whole = scorers.Moments.of(features, labels)
+  x = np.float64(features)
+  means = np.stack([x[labels == c].mean(0) for c in range(NUM_CLASSES)])
+  within = x - means[labels]
+  for moments in (parts, whole):
+    np.testing.assert_array_equal(moments.counts, np.bincount(labels))
+    np.testing.assert_allclose(moments.means, means, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(moments.scatter, within.T @ within, rtol=1e-11, atol=1e-10)
+    np.testing.assert_allclose(moments.pooled().scatter / len(x), np.cov(x.T, bias=True),
+                               rtol=1e-11, atol=1e-12)
+  query = data['query']['features']
+  stats = scorers.gaussian_stats(parts)
+  np.testing.assert_allclose(scorers.score(scorers.get('mahalanobis'), stats, query, None),
+                             -_numpy_class_distances(features, labels, query).min(-1),
+                             rtol=1e-4)
+
+
 def test_mahalanobis_mood_ranks_train_like_features_higher():
   train = _features(0, 500, 16)
   scores = _mahalanobis_scores(train, np.concatenate([train[:50], -train[:50]]))
@@ -740,7 +766,7 @@ MESH_SCORERS = ('knn', 'mahalanobis_mood', 'mahalanobis', 'rmds', 'vim', 'residu
 
 def _mesh_case_scores(mesh) -> dict[str, np.ndarray]:
   """Scores of the bank scorers; 300 bank rows do not divide into 8 shards, and k=50 is
-  more than a shard's rows."""
+  more than a shard's rows (and, on 8 devices, than its 16-row blocks)."""
   head = _head(0)
   train, query = _split(1, 300, head), _split(2, 45, head)
   out = {}
@@ -766,12 +792,13 @@ def test_scores_on_8_devices_equal_1_device(tmp_path):
                  timeout=300)
   on_8 = dict(np.load(out))
   for name, scores in _mesh_case_scores(mesh=None).items():
-    if name.endswith('_shard_rows'):
-      assert (on_8[name] == 304 // 8).all() and len(on_8[name]) == 8
+    if name.endswith('_shard_rows'):  # 38 rows a shard, in 16-row blocks: 48
+      assert (on_8[name] == 48).all() and len(on_8[name]) == 8
     else:
       np.testing.assert_allclose(on_8[name], scores, rtol=1e-5, atol=_atol(name), err_msg=name)
 
 
 if __name__ == '__main__':
   assert jax.device_count() == 8, jax.devices()
+  scorers.BANK_BLOCK = 16  # several blocks a shard: the blocked top-k merge too
   np.savez(sys.argv[1], **_mesh_case_scores(parallel.make_mesh((('data', -1),))))

@@ -398,15 +398,66 @@ def _group_means(rows, group, num_groups, prepare, chunk_size):
   return sums / np.bincount(group, minlength=num_groups)[:, None]
 
 
-def _second_moment(rows, group, centers, prepare, chunk_size):
-  """float64 biased covariance of `prepare(rows)` about their group's center."""
-  # Centred in the pass, not E[xx^T] - mu mu^T, which cancels.
-  centers = np.asarray(centers, np.float64)
-  scatter = np.zeros((rows.shape[1],) * 2)
-  for start, chunk in _host_chunks(rows, prepare, chunk_size):
-    deviations = chunk - centers[group[start:start + len(chunk)]]
-    scatter += deviations.T @ deviations
-  return scatter / len(rows)
+@dataclasses.dataclass(frozen=True)
+class Moments:
+  """Rows per group, their float64 means and the pooled within-group scatter
+  sum_rows (x - mean_group)(x - mean_group)^T, accumulated one chunk at a time (Chan, Golub
+  and LeVeque's pairwise update, each chunk centred on its own means: no E[xx^T] - mu mu^T
+  cancellation). The host holds one float64 chunk, never N x D, and `add` continues the fit
+  with more rows: `Moments.of(part1, labels1).add(part2, labels2)` is `Moments.of` of both.
+  Groups are integer labels 0 .. G - 1; groups without rows have count 0.
+  """
+  counts: np.ndarray  # [G]
+  means: np.ndarray  # [G, D]
+  scatter: np.ndarray  # [D, D]
+
+  @classmethod
+  def of(cls, rows, groups=None, prepare=_as_float32, chunk_size: int = CHUNK_SIZE):
+    """The moments of `prepare(rows)` (None `groups`: one group)."""
+    dim = jax.eval_shape(prepare, jax.ShapeDtypeStruct((1, rows.shape[1]), rows.dtype)).shape[-1]
+    empty = cls(np.zeros(0, np.int64), np.zeros((0, dim)), np.zeros((dim, dim)))
+    return empty.add(rows, groups, prepare, chunk_size)
+
+  def add(self, rows, groups=None, prepare=_as_float32, chunk_size: int = CHUNK_SIZE):
+    moments = self
+    for start, chunk in _host_chunks(rows, prepare, chunk_size):
+      group = (np.zeros(len(chunk), np.int64) if groups is None
+               else np.asarray(groups[start:start + len(chunk)], np.int64))
+      moments = moments._merged(chunk, group)
+    return moments
+
+  def _merged(self, chunk, group):
+    num_groups = max(len(self.counts), int(group.max()) + 1)
+    counts = np.bincount(group, minlength=num_groups)
+    sums = np.zeros((num_groups, chunk.shape[1]))
+    np.add.at(sums, group, chunk)
+    chunk_means = sums / np.maximum(counts, 1)[:, None]
+    deviations = chunk - chunk_means[group]
+    old_counts = np.pad(self.counts, (0, num_groups - len(self.counts)))
+    old_means = np.pad(self.means, ((0, num_groups - len(self.means)), (0, 0)))
+    total = old_counts + counts
+    delta = chunk_means - old_means
+    # Each group's shift between its old and new means adds n_a n_b / n delta delta^T.
+    weights = old_counts * counts / np.maximum(total, 1)
+    scatter = self.scatter + deviations.T @ deviations + (delta * weights[:, None]).T @ delta
+    means = old_means + delta * (counts / np.maximum(total, 1))[:, None]
+    return Moments(total, means, scatter)
+
+  @property
+  def num_rows(self) -> int:
+    return int(self.counts.sum())
+
+  def pooled(self) -> 'Moments':
+    """All groups as one: the overall mean, the scatter plus the between-group part."""
+    mean = self.counts @ self.means / self.num_rows
+    offsets = self.means - mean
+    between = (offsets * self.counts[:, None]).T @ offsets
+    return Moments(np.array([self.num_rows]), mean[None], self.scatter + between)
+
+  def second_moment_about(self, point) -> np.ndarray:
+    """float64 biased second moment about `point` of one group's (`pooled()`) rows."""
+    offset = self.means[0] - np.asarray(point, np.float64)
+    return self.scatter / self.num_rows + np.outer(offset, offset)
 
 
 def _whitening(covariance: np.ndarray) -> np.ndarray:
@@ -424,17 +475,19 @@ def _whitening(covariance: np.ndarray) -> np.ndarray:
   return eigenvectors[:, kept] / np.sqrt(eigenvalues[kept])
 
 
-def _fit_gaussians(features, labels, prepare, chunk_size):
+def gaussian_stats(moments: Moments) -> dict:
   """Class means and their shared (tied, within-class) precision, as OpenOOD's MDS, the
-  precision as its whitening (`_whitening`).
+  precision as its whitening (`_whitening`): the stats of mahalanobis (and, of moments of
+  normalised rows, mahalanobis_mood), from `Moments` that may have been added to.
 
-  Means are kept relative to the overall mean (`center`): scoring expands the squared
-  distances around it, where the terms are of the distances' own size.
+  Only the groups with rows get a mean. Means are kept relative to the overall mean
+  (`center`): scoring expands the squared distances around it, where the terms are of the
+  distances' own size.
   """
-  classes, group = np.unique(labels, return_inverse=True)
-  means = _group_means(features, group, len(classes), prepare, chunk_size)
-  center = np.sum(means * np.bincount(group)[:, None], axis=0) / len(features)
-  whitening = _whitening(_second_moment(features, group, means, prepare, chunk_size))
+  present = moments.counts > 0
+  means = moments.means[present]
+  center = moments.pooled().means[0]
+  whitening = _whitening(moments.scatter / moments.num_rows)
   offsets = (means - center) @ whitening  # whitened
   stats = {'center': center, 'whitening': whitening, 'class_offsets': offsets,
            'class_norms': np.sum(offsets * offsets, axis=-1)}
@@ -456,8 +509,7 @@ def _class_distances(stats, features, prepare):
 def fit_mahalanobis_mood(features, logits, labels, head, chunk_size: int = CHUNK_SIZE):
   """MOOD's single Gaussian on L2-normalised ID-train features (biased covariance)."""
   del logits, labels, head
-  return _fit_gaussians(features, np.zeros(len(features), np.int32), _l2_normalize,
-                        chunk_size)
+  return gaussian_stats(Moments.of(features, None, _l2_normalize, chunk_size))
 
 
 def _mahalanobis_mood(stats, features, logits):
@@ -471,7 +523,15 @@ def fit_mahalanobis(features, logits, labels, head, chunk_size: int = CHUNK_SIZE
   Only the classes present in `labels` get a mean (one-class runs: one Gaussian).
   """
   del logits, head
-  return _fit_gaussians(features, labels, _as_float32, chunk_size)
+  return gaussian_stats(_class_moments(features, labels, chunk_size))
+
+
+def _class_moments(features, labels, chunk_size):
+  """Moments per class; labels as they are, or their ranks if any is negative."""
+  labels = np.asarray(labels)
+  if labels.min() < 0:
+    labels = np.unique(labels, return_inverse=True)[1]
+  return Moments.of(features, labels, _as_float32, chunk_size)
 
 
 def _mahalanobis(stats, features, logits):
@@ -481,10 +541,12 @@ def _mahalanobis(stats, features, logits):
 
 def fit_rmds(features, logits, labels, head, chunk_size: int = CHUNK_SIZE):
   """Class Gaussians plus one background Gaussian of all features (Ren et al.)."""
-  stats = fit_mahalanobis(features, logits, labels, head, chunk_size)
-  background = _second_moment(features, np.zeros(len(features), np.int32),
-                              stats['center'][None], _as_float32, chunk_size)
-  return {**stats, 'background_whitening': jnp.asarray(_whitening(background), jnp.float32)}
+  del logits, head
+  moments = _class_moments(features, labels, chunk_size)
+  pooled = moments.pooled()
+  background = _whitening(pooled.scatter / pooled.num_rows)
+  return {**gaussian_stats(moments), 'background_whitening': jnp.asarray(background,
+                                                                         jnp.float32)}
 
 
 def _rmds(stats, features, logits):
@@ -700,8 +762,7 @@ def _fit_null_space(features, head, dim, chunk_size):
     raise ValueError(f'principal dim {dim}: needs 0 < dim < {feature_dim} (the feature dim)')
   # In float64 with NumPy's default cutoff, as OpenOOD's vim_postprocessor.py.
   origin = -np.linalg.pinv(np.float64(head['kernel']).T) @ np.float64(head['bias'])
-  moment = _second_moment(features, np.zeros(len(features), np.int32), origin[None],
-                          _as_float32, chunk_size)
+  moment = Moments.of(features, None, _as_float32, chunk_size).second_moment_about(origin)
   _, eigenvectors = np.linalg.eigh(moment)  # ascending eigenvalues
   return {'origin': jnp.asarray(origin, jnp.float32),
           'null_space': jnp.asarray(eigenvectors[:, :feature_dim - dim], jnp.float32)}
@@ -930,10 +991,8 @@ def fit_gmm(features, logits, labels, head, *, num_clusters, dim,
     raise ValueError(f'gmm dim {dim}: needs 0 < dim <= {feature_dim} (the feature dim)')
   if len(features) < num_clusters:
     raise ValueError(f'gmm: num_clusters={num_clusters} but the bank has {len(features)} rows')
-  zeros = np.zeros(len(features), np.int32)
-  mean = _group_means(features, zeros, 1, _as_float32, chunk_size)
-  _, eigenvectors = np.linalg.eigh(_second_moment(features, zeros, mean, _as_float32,
-                                                  chunk_size))
+  moments = Moments.of(features, None, _as_float32, chunk_size)
+  _, eigenvectors = np.linalg.eigh(moments.scatter / moments.num_rows)
   axes = eigenvectors[:, ::-1][:, :dim]  # descending variance, as PCA's components
   projected = np.concatenate([chunk @ axes for _, chunk in
                               _host_chunks(features, _as_float32, chunk_size)])
