@@ -126,7 +126,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       models='auto',            # 'auto' (every trained classifier) or a list of pretrain
                                 # (encoder features only), converted (finetune.init_from's
                                 # weights as converted), finetune, logit_ft
-      scorers='mahalanobis_mood,msp,energy,maxlogit',  # or 'all'; see mood_jax/ood/scorers.py
+      scorers='mahalanobis_mood,msp,energy,maxlogit',  # or 'all'; see mood_jax/ood/scorers/
       hparams=evaluate.hparams_config(),  # e.g. --config.evaluate.hparams.knn.k=10
       # Scorers whose hparams are chosen on the 'validation' OOD sets in data.ood_sets
       # ('letters') against a held-out part of ID train: 'all' (each selected scorer with a

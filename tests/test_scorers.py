@@ -593,7 +593,7 @@ def test_bank_scorers_over_many_blocks(data, monkeypatch):
   train, query, head = data['train'], data['query'], data['head']
   expected = {name: _fit_score(name, train, query, head) for name in ('knn', 'relation')}
   expected['nnguide'] = _fit_score('nnguide', train, query, head, k=50, alpha=1.)
-  monkeypatch.setattr(scorers, 'BANK_BLOCK', 64)  # 400 rows: 7 blocks, the last padded
+  monkeypatch.setattr(scorers.bank, 'BANK_BLOCK', 64)  # 400 rows: 7 blocks, the last padded
   scorer = scorers.get('knn')
   stats = scorers.fit(scorer, train['features'], None, None, None)
   assert stats['bank'].shape == (448, DIM)
@@ -729,7 +729,7 @@ def test_unknown_name_error_lists_registered_scorers():
 
 
 def test_user_registered_scorer_is_usable_by_name(monkeypatch):
-  monkeypatch.setattr(scorers, '_REGISTRY', dict(scorers._REGISTRY))  # keep others unaffected
+  monkeypatch.setattr(scorers.base, '_REGISTRY', dict(scorers.base._REGISTRY))  # others kept
   scorer = scorers.Scorer(
       name='test_feature_norm',
       fit=lambda features, logits, labels, head: {'scale': jnp.float32(2.)},
@@ -748,7 +748,7 @@ def test_user_registered_scorer_is_usable_by_name(monkeypatch):
 
 
 def test_scorer_returning_keepdims_is_an_error_naming_it(monkeypatch):
-  monkeypatch.setattr(scorers, '_REGISTRY', dict(scorers._REGISTRY))
+  monkeypatch.setattr(scorers.base, '_REGISTRY', dict(scorers.base._REGISTRY))
   scorer = scorers.register(scorers.Scorer(
       name='test_keepdims_norm', fit=lambda features, logits, labels, head: {},
       score=lambda stats, features, logits: jnp.linalg.norm(features, axis=-1, keepdims=True),
@@ -800,5 +800,5 @@ def test_scores_on_8_devices_equal_1_device(tmp_path):
 
 if __name__ == '__main__':
   assert jax.device_count() == 8, jax.devices()
-  scorers.BANK_BLOCK = 16  # several blocks a shard: the blocked top-k merge too
+  scorers.bank.BANK_BLOCK = 16  # several blocks a shard: the blocked top-k merge too
   np.savez(sys.argv[1], **_mesh_case_scores(parallel.make_mesh((('data', -1),))))
