@@ -298,7 +298,9 @@ def main():
                  '--repeats', str(args.repeats)]
       child = subprocess.run(command, capture_output=True, text=True)
       if child.returncode:
-        sys.exit(f'error: {method} failed: {child.stderr.strip().splitlines()[-1]}')
+        why = (child.stderr.strip().splitlines() or [f'exit status {child.returncode} and no '
+                                                     'message (killed: out of memory?)'])[-1]
+        sys.exit(f'error: {method} failed: {why}')
       results[method] = json.loads(child.stdout.strip().splitlines()[-1])
       scores[method] = np.load(path)
       row = results[method]

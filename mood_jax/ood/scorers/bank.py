@@ -70,17 +70,15 @@ def _over_bank(block_fn, merge, queries, banks, num_valid):
     if num_blocks * block != shards[0].shape[0]:  # banks are laid out by device_bank
       raise ValueError(f'bank shard of {shards[0].shape[0]} rows is not a whole number of '
                        f'{block}-row blocks')
-    blocks = [s.reshape(num_blocks, block, *s.shape[1:]) for s in shards]
 
-    def step(best, xs):
-      index, *parts = xs
+    def found(index):
+      # Sliced in the loop, not reshaped and split before it: that would copy the bank.
+      parts = [jax.lax.dynamic_slice_in_dim(s, index * block, block) for s in shards]
       valid = first_row + index * block + jnp.arange(block) < num_valid
-      found = block_fn(queries, *parts, valid)
-      return found if best is None else merge(best, found), None
+      return block_fn(queries, *parts, valid)
 
-    first, _ = step(None, (0, *(b[0] for b in blocks)))
-    best, _ = jax.lax.scan(step, first, (jnp.arange(1, num_blocks), *(b[1:] for b in blocks)))
-    return best
+    return jax.lax.fori_loop(1, num_blocks, lambda index, best: merge(best, found(index)),
+                             found(0))
 
   if not axes:
     return shard_fold(queries, num_valid, *banks)
