@@ -10,9 +10,9 @@ then stream to the device in fixed-shape chunks.
 
 Call them through the module-level `fit` and `score`: they pass the scorer's `hparams`,
 score in fixed-shape chunks (one compilation, bounded memory) and, given a mesh, split the
-large banks (knn's ID-train bank, residual's norms) over its batch axes, so that no device
-holds a whole bank. Means and covariances are accumulated in float64 on the host instead,
-as the references do (`_host_chunks`).
+large banks (knn's, nnguide's and relation's ID-train banks, residual's norms) over its
+batch axes, so that no device holds a whole bank. Means and covariances are accumulated in
+float64 on the host instead, as the references do (`gaussian.Moments`).
 
 Hyperparameters are keyword arguments with their defaults in `Scorer.hparams`;
 `scorer.with_hparams(k=10)` is the same scorer with other values (`score` is jitted with

@@ -14,14 +14,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mood_jax import parallel
 
-
 # Matmul precision for every statistic and distance: TPUs default to bf16 passes, too
 # coarse for a covariance, its pseudo-inverse or a k-th neighbour. On CPU it is free (f32
 # is the default there), and the matmuls are a small part of the work on accelerators.
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Rows of the ID-train bank per fit step: bounds memory at CHUNK_SIZE * D + D * D.
 CHUNK_SIZE = 4096
-# Query rows per score step; knn holds QUERY_CHUNK x (bank rows / devices) similarities.
+# Query rows per score step; a bank scorer holds QUERY_CHUNK x bank.BANK_BLOCK similarities.
 QUERY_CHUNK = 512
 ENERGY_TEMPERATURE = 1.0
 
