@@ -225,11 +225,12 @@ def _scoring_child(sizes: dict, scores_path: str) -> dict:
   import jax  # noqa: PLC0415
 
   from benchmarks import ood_scoring  # noqa: PLC0415
-  bank, queries = ood_scoring.data(sizes['bank'], sizes['queries'], sizes['dim'])
+  data = ood_scoring.data(sizes['bank'], sizes['queries'], sizes['dim'], classes=1,
+                          with_head=False)
   results, scores = {}, {}
   for method in ('knn/ours', 'mahalanobis_mood/ours'):
     results[method], scores[method] = ood_scoring.time_run(
-        ood_scoring.METHODS[method](), bank, queries, sizes['repeats'])
+        ood_scoring.METHODS[method](), data, sizes['repeats'])
   np.savez(scores_path, **{name.replace('/', '_'): s for name, s in scores.items()})
   return {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
           'results': results}

@@ -144,7 +144,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       models='auto',            # 'auto' (every trained classifier) or a list of pretrain
                                 # (encoder features only), converted (finetune.init_from's
                                 # weights as converted), finetune, logit_ft
-      scorers='mahalanobis_mood,msp,energy,maxlogit',  # or 'all'; see mood_jax/ood/scorers.py
+      scorers='mahalanobis_mood,msp,energy,maxlogit',  # or 'all'; see mood_jax/ood/scorers/
       hparams=evaluate.hparams_config(),  # e.g. --config.evaluate.hparams.knn.k=10
       # Scorers whose hparams are chosen on the 'validation' OOD sets in data.ood_sets
       # ('letters') against a held-out part of ID train: 'all' (each selected scorer with a
@@ -159,6 +159,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
           gen=dict(gamma=(0.01, 0.1, 0.5, 1., 2.), top_m=(2, 5, 10)),
           vim=dict(dim=(16, 32, 48, 64)),
           residual=dict(dim=(16, 32, 48, 64)),
+          scale=dict(percentile=(65, 70, 75, 80, 85, 90, 95)),
+          fdbd=dict(distance_as_normalizer=(True, False)),
+          nci=dict(alpha=(0.0001, 0.001, 0.01, 0.1)),
+          relation=dict(pow=(1, 2, 4, 6, 8)),
+          nnguide=dict(k=(10, 20, 50, 100)),  # OpenOOD's list is k=100, alpha=0.01 only
       ),
       sweep_metric='auroc',
       sweep_id_fraction=0.2,    # of ID train, held out of the fit as ID validation

@@ -129,12 +129,13 @@ class Detector:
 
   @functools.cached_property
   def forwards(self) -> dict:
-    """A jitted forward pass per scorer: ODIN's moves the inputs first, the rest share one."""
+    """A jitted forward pass per scorer: ODIN's moves the inputs first, layer scorers read
+    their layers, the rest share one."""
     plain = extraction.make_forward(self.model, self.mesh)
     std = self.meta['preprocessing']['std']
-    return {s.name: plain if s.perturb is None else extraction.make_forward(
-        self.model, self.mesh, functools.partial(s.perturb, pixel_std=std, **s.hparams))
-            for s in self.scorers}
+    return {s.name: extraction.make_forward(self.model, self.mesh,
+                                            **extraction.forward_options(s, std))
+            if s.perturb or s.forward else plain for s in self.scorers}
 
   @property
   def batch_size(self) -> int:
@@ -157,8 +158,8 @@ class Detector:
       padded[:len(batch)] = batch
       features, logits = forward(self.params, parallel.global_batch(
           {'image': self.normalize(padded)}, self.mesh)['image'])
-      parts.append((features, logits, len(batch)))
-    return tuple(np.concatenate([np.asarray(p[i])[:p[2]] for p in parts]) for i in (0, 1))
+      parts.append(jax.tree.map(lambda x, n=len(batch): np.asarray(x)[:n], (features, logits)))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
   def score_prepared(self, images: np.ndarray) -> Result:
     """Scores and decisions of uint8 images already [N, S, S, channels] (see `prepare`)."""

@@ -53,9 +53,10 @@ def fit_chosen(config, workdir: str, placement: parallel.Placement, model_name: 
                               batch_size=config.evaluate.batch_size, seed=config.seed)
   plain = extraction.make_forward(model, mesh)
   cfg = config.evaluate
-  sets = {name: extract(plain, which='id_train', augment=augment)
-          for name, augment in evaluate.id_train_banks(cfg, list(hparams)).items()}
-  if cfg.fit_on_id_validation.strip() and catalogue.source(config.data).has_id_val():
+  sets = evaluate.extract_sets(extract, plain, evaluate.id_train_banks(cfg, list(hparams)))
+  on_id_val = cfg.fit_on_id_validation.strip() or any(
+      scorers.get(name).fits_on_id_validation for name in hparams)
+  if on_id_val and catalogue.source(config.data).has_id_val():
     sets[evaluate.ID_VAL] = extract(plain, which=evaluate.ID_VAL)
   test = extract(plain, which='id_test')
   fitted, id_scores = {}, {}

@@ -213,3 +213,50 @@ def test_export_never_overwrites(trained, exported):
 def test_export_needs_a_finished_run(tmp_path):
   assert 'no finished training stage' in _error(
       export.main, [f'--workdir={tmp_path}', f'--out={tmp_path / "detector"}'])
+
+
+def test_user_scorer_and_a_layer_scorer_work_through_the_detector_and_score(
+    trained, pngs, tmp_path, monkeypatch):
+  """The registry docstring's example, registered from this (user) code, and a layer scorer
+  (gram, its own forward pass) go into a detector, which scores image files through the
+  `score` command's entry point and arrays through the API, as evaluate's fit scores them."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  from mood_jax import detector, inference, parallel  # noqa: PLC0415
+  from mood_jax.ood import scorers  # noqa: PLC0415
+  monkeypatch.setattr(scorers.base, '_REGISTRY', dict(scorers.base._REGISTRY))  # others kept
+  scorers.register(scorers.Scorer(  # the module docstring's example, verbatim
+      name='feature_norm',
+      fit=lambda features, logits, labels, head: {},
+      score=lambda stats, features, logits: jnp.linalg.norm(features, axis=-1),
+      needs_logits=False))
+  config = export.saved_config(trained)
+  config.evaluate.detector = dict(write=True, model=MODEL, scorers='feature_norm,gram',
+                                  tprs=(0.95,))
+  mesh = parallel.make_mesh((('data', -1),))
+  hparams = {'feature_norm': {}, 'gram': dict(scorers.get('gram').hparams)}
+  params, fitted, id_scores = export.fit_chosen(config, trained, parallel.Placement(mesh),
+                                                MODEL, hparams)
+  meta = detector.metadata(config, model=MODEL, num_classes=params['head']['bias'].shape[0],
+                           channels=1,
+                           scorers=[s for s, _ in fitted.values()], id_scores=id_scores,
+                           chosen_by='named by the test')
+  out = str(tmp_path / 'detector')
+  detector.save(out, meta, params, {n: stats for n, (_, stats) in fitted.items()},
+                replace=False)
+
+  images, paths = pngs[1]['id_test']
+  loaded = Detector.load(out)
+  from_arrays = loaded.score(images).scores
+  # feature_norm is the norm of the model's pooled feature; gram scores as the fit did.
+  features, _ = inference.make_forward(loaded.model, mesh)(loaded.params, loaded.normalize(images))
+  np.testing.assert_allclose(from_arrays['feature_norm'], np.linalg.norm(features, axis=-1),
+                             rtol=1e-5)
+  np.testing.assert_allclose(from_arrays['gram'], id_scores['gram'][:PER_SET], rtol=1e-4,
+                             atol=1e-5)
+  csv_path = tmp_path / 'scores.csv'
+  score.main([f'--detector={out}', f'--out={csv_path}', *paths])
+  with open(csv_path) as f:
+    rows = {row['path']: row for row in csv.DictReader(f)}
+  for name in ('feature_norm', 'gram'):
+    np.testing.assert_allclose([float(rows[p][name]) for p in paths], from_arrays[name],
+                               rtol=1e-5, atol=1e-5, err_msg=name)

@@ -78,18 +78,23 @@ def _table(text: str, title: str) -> list[list[str]]:
   return rows
 
 
-def test_headline_has_one_row_per_model_and_scorer_with_group_means():
+def test_headline_has_one_row_per_model_and_scorer_ranked_by_validation():
   rows = [*ROWS, _row('finetune', 'msp', 'letters', 'validation', 0.6),
-          _row('finetune', 'energy', 'svhn', 'far', 0.97)]
+          _row('finetune', 'energy', 'svhn', 'far', 0.97),
+          _row('finetune', 'energy', 'letters', 'validation', 0.8)]
   text = report.markdown_table(report.summarize(rows), {'finetune': 0.9712})
   assert text.startswith('## Headline')
-  header = text[text.index('| model'):].splitlines()[0]
-  assert header == ('| model | scorer | near AUROC | near FPR@95 | far AUROC | far FPR@95 | '
-                    'ID acc. | validation AUROC (vs id_test) |')
+  header = text[text.index('| rank'):].splitlines()[0]
+  assert header == ('| rank | model | scorer | near AUROC | near FPR@95 | far AUROC | '
+                    'far FPR@95 | ID acc. | validation AUROC (vs id_test) |')
+  # Best validation AUROC first; a pair without validation sets last.
   assert _table(text, '## Headline') == [
-      ['finetune', 'msp', '85.00', '15.00', '99.00', '1.00', '97.12', '60.00'],
-      ['pretrain', 'mahalanobis_mood', '', '', '95.00', '5.00', '', ''],
-      ['finetune', 'energy', '', '', '97.00', '3.00', '97.12', '']]
+      ['1', 'finetune', 'energy', '', '', '97.00', '3.00', '97.12', '80.00'],
+      ['2', 'finetune', 'msp', '85.00', '15.00', '99.00', '1.00', '97.12', '60.00'],
+      ['3', 'pretrain', 'mahalanobis_mood', '', '', '95.00', '5.00', '', '']]
+  # Without validation sets: evaluation order, no rank.
+  text = report.markdown_table(report.summarize(ROWS), {'finetune': 0.9712})
+  assert text[text.index('## Headline'):].split('| model')[0].count('| rank') == 0
 
 
 def test_per_set_tables_group_each_set_validation_near_far():

@@ -4,6 +4,7 @@ The mesh case runs this file as a script in a subprocess with 8 fake CPU devices
 pytest process has one); the script saves its scores for the test to compare.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -223,6 +224,32 @@ def test_mahalanobis_mood_is_chunk_size_independent():
     np.testing.assert_allclose(scores, by_chunk[0], rtol=1e-5)
 
 
+def test_moments_continue_a_fit_with_more_rows(data):
+  """Moments of a bank added in parts (chunks of any size, a class only in the second
+  part) equal NumPy's float64 statistics of the whole: the fit goes on as data arrives."""
+  train = data['train']
+  features, labels = train['features'], train['label'].copy()
+  labels[labels == 5] = 4
+  labels[300:][::7] = 5  # class 5 appears only in the second part
+  parts = scorers.Moments.of(features[:300], labels[:300], chunk_size=64).add(
+      features[300:], labels[300:], chunk_size=17)
+  whole = scorers.Moments.of(features, labels)
+  x = np.float64(features)
+  means = np.stack([x[labels == c].mean(0) for c in range(NUM_CLASSES)])
+  within = x - means[labels]
+  for moments in (parts, whole):
+    np.testing.assert_array_equal(moments.counts, np.bincount(labels))
+    np.testing.assert_allclose(moments.means, means, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(moments.scatter, within.T @ within, rtol=1e-11, atol=1e-10)
+    np.testing.assert_allclose(moments.pooled().scatter / len(x), np.cov(x.T, bias=True),
+                               rtol=1e-11, atol=1e-12)
+  query = data['query']['features']
+  stats = scorers.gaussian_stats(parts)
+  np.testing.assert_allclose(scorers.score(scorers.get('mahalanobis'), stats, query, None),
+                             -_numpy_class_distances(features, labels, query).min(-1),
+                             rtol=1e-4)
+
+
 def test_mahalanobis_mood_ranks_train_like_features_higher():
   train = _features(0, 500, 16)
   scores = _mahalanobis_scores(train, np.concatenate([train[:50], -train[:50]]))
@@ -400,6 +427,213 @@ def test_odin_perturb_matches_jax_grad_through_an_mlp():
   assert scorers.get('odin').perturb is scorers.odin_perturb
 
 
+# --- OpenOOD's later postprocessors, restated in float64 NumPy --------------------------------
+# Each restatement follows the reference file named beside it, line by line, in NumPy.
+
+
+def _numpy_energy(logits):
+  return special.logsumexp(np.float64(logits), axis=-1)
+
+
+def _numpy_scale(features, head, percentile):
+  """networks/scale_net.py `scale`, then the head and energy (scale_postprocessor.py)."""
+  x = np.float64(features)
+  kept = x.shape[1] - int(np.round(x.shape[1] * percentile / 100.))
+  top = -np.sort(-x, axis=-1)[:, :kept]
+  return _numpy_energy((x * np.exp(x.sum(-1) / top.sum(-1))[:, None]) @ head['kernel']
+                       + head['bias'])
+
+
+def test_scale_matches_numpy(data):
+  query, head = data['query'], data['head']
+  query = {**query, 'features': query['features'] + 2.}  # post-ReLU-like: positive sums
+  for percentile in (65, 85):
+    np.testing.assert_allclose(
+        _fit_score('scale', data['train'], query, head, percentile=percentile),
+        _numpy_scale(query['features'], head, percentile), rtol=1e-4)
+
+
+def test_dice_matches_numpy(data):
+  """dice_postprocessor.py: contrib = mean_act x W, mask > its p-th percentile."""
+  train, query, head = data['train'], data['query'], data['head']
+  weight = np.float64(head['kernel']).T  # torch's [C, D]
+  for p in (50, 90):
+    contribution = np.float64(train['features']).mean(0)[None] * weight
+    masked = weight * (contribution > np.percentile(contribution, p))
+    expected = _numpy_energy(np.float64(query['features']) @ masked.T + head['bias'])
+    np.testing.assert_allclose(_fit_score('dice', train, query, head, p=p), expected,
+                               rtol=1e-4)
+
+
+def test_she_matches_numpy(data):
+  """she_postprocessor.py: class means of the correctly predicted ID-train features, the
+  query compared with its predicted class's mean."""
+  train, query, head = data['train'], data['query'], data['head']
+  # Labels that are not all the predictions, so that "correct" selects.
+  labels = train['label'].copy()
+  labels[::3] = (labels[::3] + 1) % NUM_CLASSES
+  train = {**train, 'label': labels}
+  correct = labels == train['logits'].argmax(-1)
+  labels[correct & (labels == 0)] = 1  # class 0: none right, a zero pattern (OpenOOD: NaN)
+  correct = labels == train['logits'].argmax(-1)
+  patterns = np.stack([np.float64(train['features'])[correct & (labels == c)].mean(0)
+                       if c else np.zeros(DIM) for c in range(NUM_CLASSES)])
+  assert (query['logits'].argmax(-1) == 0).any()
+  x = np.float64(query['features'])
+  target = patterns[query['logits'].argmax(-1)]
+  expected = {'inner_product': (x * target).sum(-1),
+              'euclidean': -np.sqrt(((x - target)**2).sum(-1)),
+              # torch.cosine_similarity floors each norm at 1e-8
+              'cosine': (x * target).sum(-1) / np.linalg.norm(x, axis=-1)
+                        / np.maximum(np.linalg.norm(target, axis=-1), 1e-8)}
+  for metric, values in expected.items():
+    np.testing.assert_allclose(_fit_score('she', train, query, head, metric=metric), values,
+                               rtol=1e-4, err_msg=metric)
+  with pytest.raises(ValueError, match='she metric'):
+    _fit_score('she', train, query, head, metric='l1')
+
+
+def _numpy_fdbd(train, query, head, distance_as_normalizer):
+  """fdbd_postprocessor.py: the denominator matrix, then the normalised logit gaps."""
+  w, b = np.float64(head['kernel']).T, np.float64(head['bias'])
+  denominator = np.stack([np.linalg.norm(w - w[p], axis=1) for p in range(len(b))])
+  np.fill_diagonal(denominator, 1.)
+  x = np.float64(query['features'])
+  output = x @ w.T + b
+  gaps = np.abs(output - output.max(1, keepdims=True)) / denominator[output.argmax(1)]
+  centre = np.float64(train['features']).mean(0) if distance_as_normalizer else 0.
+  return gaps.sum(1) / np.linalg.norm(x - centre, axis=1)
+
+
+@pytest.mark.parametrize('distance_as_normalizer', [True, False])
+def test_fdbd_matches_numpy(data, distance_as_normalizer):
+  train, query, head = data['train'], data['query'], data['head']
+  np.testing.assert_allclose(
+      _fit_score('fdbd', train, query, head, distance_as_normalizer=distance_as_normalizer),
+      _numpy_fdbd(train, query, head, distance_as_normalizer), rtol=1e-4)
+
+
+def test_nci_matches_numpy(data):
+  """nci_postprocessor.py: w_pred . (f - mean) / ||f - mean|| + alpha ||f||_1."""
+  train, query, head = data['train'], data['query'], data['head']
+  x = np.float64(query['features'])
+  centred = x - np.float64(train['features']).mean(0)
+  alignment = (np.float64(head['kernel']).T[query['logits'].argmax(1)] * centred).sum(1)
+  for alpha in (1e-4, 0.1):
+    expected = alignment / np.linalg.norm(centred, axis=1) + alpha * np.abs(x).sum(1)
+    np.testing.assert_allclose(_fit_score('nci', train, query, head, alpha=alpha), expected,
+                               rtol=1e-4)
+
+
+def test_entropy_matches_pytorch_ood():
+  """pytorch-ood detector/entropy.py: p clipped to [1e-7, 1], -sum p log p (higher = OOD);
+  ours is its negative. Large logits make some p fall below the clip."""
+  logits = np.random.default_rng(0).normal(size=(40, 10)).astype(np.float32) * 8
+  p = np.clip(special.softmax(np.float64(logits), -1), 1e-7, 1)
+  np.testing.assert_allclose(scorers.score(scorers.get('entropy'), {}, None, logits),
+                             (p * np.log(p)).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_temperature_scaling_minimises_the_nll(data):
+  """temp_scaling_postprocessor.py: T minimising CE(logits / T, labels), then max softmax.
+  Overconfident logits with noisy labels: the fitted T is well above 1."""
+  rng = np.random.default_rng(0)
+  logits = np.float32(data['train']['logits'] * 4)
+  labels = np.where(rng.random(len(logits)) < 0.3, rng.integers(0, NUM_CLASSES, len(logits)),
+                    logits.argmax(-1))
+  train = {**data['train'], 'logits': logits, 'label': labels}
+  scorer = scorers.get('temp_scaling')
+  stats = scorers.fit(scorer, None, logits, labels, data['head'])
+
+  def nll(t):
+    return np.mean(special.logsumexp(np.float64(logits) / t, -1)
+                   - np.float64(logits)[np.arange(len(labels)), labels] / t)
+  grid = np.geomspace(0.5, 20, 20001)
+  best = grid[np.argmin([nll(t) for t in grid])]
+  assert float(stats['temperature']) == pytest.approx(best, rel=1e-3) and best > 1.5
+  query = data['query']
+  np.testing.assert_allclose(
+      _fit_score('temp_scaling', train, query, data['head']),
+      special.softmax(np.float64(query['logits']) / best, -1).max(-1), rtol=1e-3)
+  assert scorer.fits_on_id_validation  # the evaluate stage fits it on ID validation
+
+
+def test_gmm_matches_sklearn(data):
+  """gmm_postprocessor.py: PCA axes, sklearn's tied GaussianMixture(random_state=0), then
+  log sum_k w_k exp(-d_k^2 / 2) (the reference's log(sum + 1e-45), without the floor)."""
+  from sklearn import mixture
+  train, query = data['train'], data['query']
+  x = np.float64(train['features'])
+  eigenvalues, eigenvectors = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
+  axes = eigenvectors[:, np.argsort(-eigenvalues)[:8]]
+  gmm = mixture.GaussianMixture(n_components=5, covariance_type='tied', random_state=0).fit(
+      x @ axes)
+  centred = (np.float64(query['features']) @ axes)[:, None] - gmm.means_[None]
+  distances = np.einsum('nkd,de,nke->nk', centred, gmm.precisions_, centred)
+  expected = special.logsumexp(np.log(gmm.weights_) - 0.5 * distances, axis=-1)
+  np.testing.assert_allclose(_fit_score('gmm', train, query, num_clusters=5, dim=8), expected,
+                             rtol=1e-3, atol=1e-3)
+  with pytest.raises(ValueError, match='gmm dim 30'):
+    _fit_score('gmm', train, query, dim=30)
+
+
+def _numpy_nnguide(train, query, k, rows):
+  """nnguide_postprocessor.py: bank = normalised features x energy; the query's energy
+  times its mean top-k inner product (faiss IndexFlatIP) with the bank."""
+  bank = _normalize(train['features'])[rows] * _numpy_energy(train['logits'])[rows, None]
+  similarities = _normalize(query['features']) @ bank.T
+  top = -np.sort(-similarities, axis=-1)[:, :k]
+  return top.mean(-1) * _numpy_energy(query['logits'])
+
+
+def test_nnguide_matches_numpy(data):
+  train, query, head = data['train'], data['query'], data['head']
+  for k, alpha in ((5, 1.0), (20, 0.25), (50, 0.01)):
+    size = max(k, int(np.ceil(alpha * 400)))  # at least k rows
+    rows = np.sort(np.random.default_rng(0).choice(400, size, replace=False))
+    np.testing.assert_allclose(_fit_score('nnguide', train, query, head, k=k, alpha=alpha),
+                               _numpy_nnguide(train, query, k, rows), rtol=1e-4, atol=1e-5)
+
+
+def _numpy_relation(train, query, power, threshold=0.03):
+  """relation_postprocessor.py: kernel = max(cos, 0) x (p . p_t), edges > 0.03, summed."""
+  def norm(x):
+    x = np.float64(x)
+    return x / np.sqrt((x**2).sum(-1, keepdims=True) + 1e-10)
+  relation = (np.maximum(norm(query['features']) @ norm(train['features']).T, 0.)
+              * (special.softmax(np.float64(query['logits']), -1)
+                 @ special.softmax(np.float64(train['logits']), -1).T))
+  relation = relation * (np.abs(relation) > threshold)
+  return (np.sign(relation) * np.abs(relation)**power).sum(-1)
+
+
+def test_relation_matches_numpy(data):
+  train, query, head = data['train'], data['query'], data['head']
+  for power in (1, 4):
+    np.testing.assert_allclose(_fit_score('relation', train, query, head, pow=power),
+                               _numpy_relation(train, query, power), rtol=1e-4, atol=1e-4)
+
+
+def test_bank_scorers_over_many_blocks(data, monkeypatch):
+  """Banks of several blocks (the ImageNet-size path) give the one-block answer."""
+  train, query, head = data['train'], data['query'], data['head']
+  expected = {name: _fit_score(name, train, query, head) for name in ('knn', 'relation')}
+  expected['nnguide'] = _fit_score('nnguide', train, query, head, k=50, alpha=1.)
+  monkeypatch.setattr(scorers.bank, 'BANK_BLOCK', 64)  # 400 rows: 7 blocks, the last padded
+  scorer = scorers.get('knn')
+  stats = scorers.fit(scorer, train['features'], None, None, None)
+  assert stats['bank'].shape == (448, DIM)
+  for name, values in expected.items():
+    hparams = {'k': 50, 'alpha': 1.} if name == 'nnguide' else {}
+    # New hparams re-trace: jit caches on the static ones, and BANK_BLOCK is read at trace.
+    scorer = dataclasses.replace(scorers.get(name).with_hparams(**hparams),
+                                 score=jax.jit(scorers.get(name).score.__wrapped__,
+                                               static_argnames=tuple(scorers.get(name).hparams)))
+    stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head)
+    np.testing.assert_allclose(scorers.score(scorer, stats, query['features'], query['logits']),
+                               values, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 # --- Properties shared by every scorer -----------------------------------------------------
 
 
@@ -412,6 +646,8 @@ def _atol(name):
 def test_every_scorer_is_chunk_size_independent(data):
   train, query, head = data['train'], data['query'], data['head']
   for scorer in scorers.resolve('all'):
+    if scorer.forward is not None:  # layer scorers: tests/test_layer_scorers.py
+      continue
     stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head)
     whole, chunked = (scorers.score(scorer, stats, query['features'], query['logits'],
                                     chunk_size=size) for size in (len(query['features']), 7))
@@ -484,7 +720,8 @@ def test_mahalanobis_handles_one_class(data):
 
 def test_needs_logits_marks_the_head_free_scorers():
   head_free = {s.name for s in scorers.resolve('all') if not s.needs_logits}
-  assert head_free == {'knn', 'mahalanobis', 'mahalanobis_mood', 'rmds'}
+  assert head_free == {'gmm', 'knn', 'mahalanobis', 'mahalanobis_mood', 'mds_ensemble',
+                       'rmds'}
 
 
 # --- Registry, hparams, names --------------------------------------------------------------
@@ -518,7 +755,7 @@ def test_unknown_name_error_lists_registered_scorers():
 
 
 def test_user_registered_scorer_is_usable_by_name(monkeypatch):
-  monkeypatch.setattr(scorers, '_REGISTRY', dict(scorers._REGISTRY))  # keep others unaffected
+  monkeypatch.setattr(scorers.base, '_REGISTRY', dict(scorers.base._REGISTRY))  # others kept
   scorer = scorers.Scorer(
       name='test_feature_norm',
       fit=lambda features, logits, labels, head: {'scale': jnp.float32(2.)},
@@ -537,7 +774,7 @@ def test_user_registered_scorer_is_usable_by_name(monkeypatch):
 
 
 def test_scorer_returning_keepdims_is_an_error_naming_it(monkeypatch):
-  monkeypatch.setattr(scorers, '_REGISTRY', dict(scorers._REGISTRY))
+  monkeypatch.setattr(scorers.base, '_REGISTRY', dict(scorers.base._REGISTRY))
   scorer = scorers.register(scorers.Scorer(
       name='test_keepdims_norm', fit=lambda features, logits, labels, head: {},
       score=lambda stats, features, logits: jnp.linalg.norm(features, axis=-1, keepdims=True),
@@ -549,12 +786,13 @@ def test_scorer_returning_keepdims_is_an_error_naming_it(monkeypatch):
 
 # --- 8 devices ------------------------------------------------------------------------------
 
-MESH_SCORERS = ('knn', 'mahalanobis_mood', 'mahalanobis', 'rmds', 'vim', 'residual', 'klm')
+MESH_SCORERS = ('knn', 'mahalanobis_mood', 'mahalanobis', 'rmds', 'vim', 'residual', 'klm',
+                'nnguide', 'relation', 'gmm', 'dice')
 
 
 def _mesh_case_scores(mesh) -> dict[str, np.ndarray]:
   """Scores of the bank scorers; 300 bank rows do not divide into 8 shards, and k=50 is
-  more than a shard's rows."""
+  more than a shard's rows (and, on 8 devices, than its 16-row blocks)."""
   head = _head(0)
   train, query = _split(1, 300, head), _split(2, 45, head)
   out = {}
@@ -580,14 +818,15 @@ def test_scores_on_8_devices_equal_1_device(tmp_path):
                  timeout=300)
   on_8 = dict(np.load(out))
   for name, scores in _mesh_case_scores(mesh=None).items():
-    if name.endswith('_shard_rows'):
-      assert (on_8[name] == 304 // 8).all() and len(on_8[name]) == 8
+    if name.endswith('_shard_rows'):  # 38 rows a shard, in 16-row blocks: 48
+      assert (on_8[name] == 48).all() and len(on_8[name]) == 8
     else:
       np.testing.assert_allclose(on_8[name], scores, rtol=1e-5, atol=_atol(name), err_msg=name)
 
 
 if __name__ == '__main__':
   assert jax.device_count() == 8, jax.devices()
+  scorers.bank.BANK_BLOCK = 16  # several blocks a shard: the blocked top-k merge too
   np.savez(sys.argv[1], **_mesh_case_scores(parallel.make_mesh((('data', -1),))))
 
 

@@ -368,7 +368,10 @@ class Encoder(nn.Module):
   scan: bool = False
 
   @nn.compact
-  def __call__(self, images, *, mask=None, keep_ids=None, train: bool = False):
+  def __call__(self, images, *, mask=None, keep_ids=None, train: bool = False, edit=None):
+    """`edit(block index, tokens) -> tokens`, if given, changes what each block passes on
+    (RankFeat's); each block's output is sown as intermediates 'blockNN' (kept only when
+    `apply` is given mutable=['intermediates']: then `named_layers` reads them)."""
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding='VALID', dtype=self.dtype, name='patch_embed')(images)
     batch, grid_h, grid_w, _ = x.shape
@@ -394,12 +397,15 @@ class Encoder(nn.Module):
                               layer_scale=self.layer_scale, dtype=self.dtype,
                               attention=self.attention, rel_pos_grid=grid_h if self.rel_pos_bias == 'block' else None)
     if self.scan and not self.is_initializing():
-      return self._scan_blocks(block, x, rates, train, shared)
+      return self._scan_blocks(block, x, rates, train, shared, edit)
     for i in range(self.depth):
       x = block(drop_path=float(rates[i]), name=f'block{i}')(x, not train, shared)
+      self.sow('intermediates', f'block{i:02d}', x)
+      if edit is not None:
+        x = edit(i, x)
     return x
 
-  def _scan_blocks(self, block, x, rates, train: bool, shared_bias):
+  def _scan_blocks(self, block, x, rates, train: bool, shared_bias, edit=None):
     """The blocks as a `lax.scan` of one unbound Block over their params stacked on a new
     leading axis. The stored params keep the per-block layout (block0, block1, ...), so
     checkpoints, layer decay, weight masks and sharding rules are the same with or without
@@ -412,14 +418,19 @@ class Encoder(nn.Module):
     drop = train and self.drop_path > 0
     keys = jax.random.split(self.make_rng('dropout'), self.depth) if drop else None
 
+    collect = self.is_mutable_collection('intermediates')
+
     def body(x, layer):
-      layer_params, rate, key = layer
+      index, layer_params, rate, key = layer
       out = block(drop_path=rate if drop else 0.0, parent=None).apply(
           {'params': layer_params}, x, not train, shared_bias,
           rngs={'dropout': key} if drop else None)
-      return out, None
+      return out if edit is None else edit(index, out), out if collect else None
 
-    x, _ = jax.lax.scan(body, x, (stacked, jnp.asarray(rates, jnp.float32), keys))
+    x, outs = jax.lax.scan(body, x, (jnp.arange(self.depth), stacked,
+                                     jnp.asarray(rates, jnp.float32), keys))
+    for i in range(self.depth if collect else 0):
+      self.sow('intermediates', f'block{i:02d}', outs[i])
     return x
 
   def _posemb(self, grid: int):
@@ -446,8 +457,8 @@ class Classifier(nn.Module):
   pool: str = 'mean'
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
-    tokens = self.encoder(images, train=train)
+  def __call__(self, images, *, train: bool = False, edit=None):
+    tokens = self.encoder(images, train=train, edit=edit)
     if self.pool == 'mean':
       features = nn.LayerNorm(name='fc_norm')(tokens[:, 1:].mean(axis=1))
     elif self.pool == 'cls':
@@ -456,6 +467,15 @@ class Classifier(nn.Module):
       _check_choice('pool', self.pool, POOLS)
     logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')(features)
     return logits, {'features': features, 'pre_logits': features, 'tokens': tokens}
+
+
+def named_layers(aux: dict, intermediates) -> dict:
+  """A classifier's named features, as big_vision's ViT `out` dict: 'encoder/blockNN'
+  ([B, tokens, D], each block's output), 'encoder' (the last block's, before the final
+  norm), and 'pre_logits' ([B, D], the feature the head reads: MOOD's)."""
+  blocks = intermediates['encoder']
+  return {**{f'encoder/{name}': values[0] for name, values in sorted(blocks.items())},
+          'encoder': aux['tokens'], 'pre_logits': aux['pre_logits']}
 
 
 # The encoder's BEiT options and their defaults, which a config.model may leave out.

@@ -1,5 +1,6 @@
 """Batched inference over a whole eval set: features, logits and labels, every example once."""
 
+import functools
 import time
 
 import jax
@@ -10,18 +11,40 @@ from jax.experimental import multihost_utils
 
 from mood_jax import parallel, watchdog
 from mood_jax.data import input_pipeline
+from mood_jax.models import vit
 
 
-def make_forward(model, mesh, input_perturbation=None):
+def forward_options(scorer, pixel_std) -> dict:
+  """`make_forward`'s options for `scorer`: ODIN's input step, a layer scorer's own forward;
+  none for the others."""
+  if scorer.perturb is not None:
+    return {'input_perturbation': functools.partial(scorer.perturb, pixel_std=pixel_std,
+                                                    **scorer.hparams)}
+  if scorer.forward is not None:
+    return {'features_fn': functools.partial(scorer.forward, **scorer.hparams)}
+  return {}
+
+
+def make_forward(model, mesh, input_perturbation=None, features_fn=None):
   """Jitted (params, images) -> (features, logits), batch split over the batch axes.
 
   `input_perturbation(logits_fn, images) -> images` (ODIN's) moves the inputs first, with
   gradients of `logits_fn`, the model at `params`. Examples stay independent: eval mode has
   no cross-example op, so the gradient of a batch sum is each example's own.
+  `features_fn(apply, images) -> (features, logits)` replaces the plain pass (a scorer's
+  `forward`: named layers, edited passes); `apply(images, edit=None) -> (logits, named
+  layers)`, the layers as `vit.named_layers`. Its features may be a dict of arrays.
   """
+  def apply(params, images, edit=None):
+    (logits, aux), state = model.apply({'params': params}, images, edit=edit,
+                                       mutable=['intermediates'])
+    return logits, vit.named_layers(aux, state['intermediates'])
+
   def features_and_logits(params, images):
     if input_perturbation is not None:
       images = input_perturbation(lambda x: model.apply({'params': params}, x)[0], images)
+    if features_fn is not None:
+      return features_fn(functools.partial(apply, params), images)
     logits, aux = model.apply({'params': params}, images)
     return aux['features'], logits
 
@@ -49,8 +72,8 @@ def extract(forward, params, data_cfg, which: str, mesh, *, batch_size: int,
   # Gathered once: the scorers need the whole set (a bank or a query set) per host.
   gathered = multihost_utils.process_allgather(
       jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), tiled=True)
-  valid = gathered.pop('valid')
-  out = {k: np.asarray(v)[valid] for k, v in gathered.items()}
+  valid = np.asarray(gathered.pop('valid'))
+  out = jax.tree.map(lambda v: np.asarray(v)[valid], gathered)
   if len(out['label']) != num_examples:  # padding must hide exactly the filler rows
     raise RuntimeError(f'{which}: extracted {len(out["label"])} examples, expected {num_examples}')
   logging.info('[inference] %s: %d examples in %.1fs', which, num_examples,

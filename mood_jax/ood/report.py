@@ -120,16 +120,32 @@ def _percent(value) -> str:
   return f'{100 * value:.2f}'
 
 
+def _validation_auroc(pair_rows: list[dict]) -> float:
+  """The mean AUROC of a pair's validation sets (-inf without any: ranked last)."""
+  values = [row['auroc'] for row in pair_rows
+            if row['ood_group'] == 'validation' and not row['ood_set'].endswith('_mean')]
+  return float(np.mean(values)) if values else -np.inf
+
+
 def headline_table(rows: list[dict], id_accuracy: dict[str, float]) -> list[str]:
   """One line per model and scorer: each test group's mean of the headline metrics, the
-  model's ID accuracy (if any model has a head), then the validation sets' mean AUROC."""
+  model's ID accuracy (if any model has a head), then the validation sets' mean AUROC.
+
+  With validation sets, the lines are ranked by that AUROC, best first (ties in
+  evaluation order): the pair to ship is chosen on validation, never on a test set.
+  """
   metric_keys = [m for m in HEADLINE_METRICS if m in _metric_keys(rows)]
   test_columns = [(g, m) for g in _groups(rows) if g != 'validation' for m in metric_keys]
   validation_columns = [('validation', 'auroc')] if 'validation' in _groups(rows) else []
   titles = ([f'{g} {_TITLES.get(m, m)}' for g, m in test_columns] + ['ID acc.'] * bool(id_accuracy)
             + [_validation_title(rows)] * len(validation_columns))
-  lines = ['| model | scorer | ' + ' | '.join(titles) + ' |', '|---|---|' + '---:|' * len(titles)]
-  for (model, scorer), pair_rows in _pairs(rows).items():
+  ranked = bool(validation_columns)
+  lines = ['| ' + 'rank | ' * ranked + 'model | scorer | ' + ' | '.join(titles) + ' |',
+           '|' + '---:|' * ranked + '---|---|' + '---:|' * len(titles)]
+  pairs = list(_pairs(rows).items())
+  if ranked:
+    pairs.sort(key=lambda pair: -_validation_auroc(pair[1]))  # stable: ties keep their order
+  for rank, ((model, scorer), pair_rows) in enumerate(pairs, 1):
     sets = [row for row in pair_rows if not row['ood_set'].endswith('_mean')]
 
     def means(columns):
@@ -138,7 +154,8 @@ def headline_table(rows: list[dict], id_accuracy: dict[str, float]) -> list[str]
 
     accuracy = [_percent(id_accuracy[model]) if model in id_accuracy else ''] * bool(id_accuracy)
     cells = means(test_columns) + accuracy + means(validation_columns)
-    lines.append(f'| {model} | {scorer} | ' + ' | '.join(cells) + ' |')
+    lines.append('| ' + f'{rank} | ' * ranked + f'{model} | {scorer} | ' + ' | '.join(cells)
+                 + ' |')
   return lines
 
 
@@ -171,7 +188,8 @@ def markdown_table(rows: list[dict], id_accuracy: dict[str, float],
       '## Headline', '',
       'Each model and scorer: the mean over each group\'s OOD sets, and the ID test '
       'accuracy. The validation sets choose scorer hyperparameters; they are not a test '
-      'result.', '', *headline_table(rows, id_accuracy), '',
+      'result. Ranked by the validation AUROC, best first (when there are validation sets).',
+      '', *headline_table(rows, id_accuracy), '',
       '## Per OOD set', '', *per_set_tables(rows),
       *(['Models:', *model_lines, ''] if model_lines else []),
       *_hparams_lines(hparams or {}, sweeps or {}), _CONVENTIONS_LINE, ''])

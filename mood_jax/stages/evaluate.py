@@ -103,11 +103,13 @@ def id_train_banks(cfg, scorer_names: list[str]) -> dict[str, bool | str]:
 def fit_rows(scorer_name: str, cfg, sets: dict, seed: int) -> dict:
   """The ID rows a scorer is fitted on: ID train (augmented for FITS_AUGMENTED_BANK when
   `evaluate.id_train_augment` is set), or for those named in `evaluate.fit_on_id_validation`
-  the ID validation split ('id_val' in `sets`, else the held-out `sweep_id_fraction` part of
-  ID train, which the model did train on). OpenOOD v1.5 fits react, klm and residual on ID
-  validation (openood/postprocessors/react_postprocessor.py, kl_matching_postprocessor.py,
+  and those marked `fits_on_id_validation` (temperature scaling) the ID validation split
+  ('id_val' in `sets`, else the held-out `sweep_id_fraction` part of ID train, which the
+  model did train on). OpenOOD v1.5 fits react, klm and residual on ID validation
+  (openood/postprocessors/react_postprocessor.py, kl_matching_postprocessor.py,
   residual_postprocessor.py: id_loader_dict['val'])."""
-  if scorer_name in config_checks.names(cfg.fit_on_id_validation):
+  if (scorer_name in config_checks.names(cfg.fit_on_id_validation)
+      or scorers.get(scorer_name).fits_on_id_validation):
     if ID_VAL in sets:
       return sets[ID_VAL]
     return hold_out(sets['id_train'], cfg.sweep_id_fraction, seed)[1]
@@ -141,7 +143,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise UserError(f'evaluate.fit_on_id_validation names {name!r}, which evaluate.scorers '
                       'does not select')
   to_sweep = swept_names(cfg, list(selected.values()))
-  if (to_sweep or cfg.fit_on_id_validation.strip()) and not 0 < cfg.sweep_id_fraction < 1:
+  fits_on_id_val = (cfg.fit_on_id_validation.strip()
+                    or any(s.fits_on_id_validation for s in selected.values()))
+  if (to_sweep or fits_on_id_val) and not 0 < cfg.sweep_id_fraction < 1:
     raise UserError(f'evaluate.sweep_id_fraction={cfg.sweep_id_fraction} must be inside (0, 1)')
   if not to_sweep:
     return
@@ -157,7 +161,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     scorer, grid = selected.get(name), cfg.sweep_grids.get(name)
     if scorer is None:
       raise UserError(f'evaluate.sweep names {name!r}, which evaluate.scorers does not select')
-    if scorer.perturb is not None:
+    if scorer.perturb is not None or scorer.forward is not None:
       raise UserError(f'{name} is not swept (each grid point would extract every validation '
                       f'set again): set --config.evaluate.hparams.{name}.* and drop it from '
                       'evaluate.sweep')
@@ -211,18 +215,31 @@ def _choose_hparams(scorer, cfg, sets, head, groups, seed, mesh):
   return scorer.with_hparams(**best), record
 
 
+def extract_sets(extract, forward, names) -> dict:
+  """{name: extracted} of sets `names` ({name: augment} or a list) through `forward`; the
+  ID-train banks read 'id_train' (the augmented one through the training transforms)."""
+  augment = names if isinstance(names, dict) else {}
+  return {name: extract(forward, which='id_train' if name in ID_TRAIN_BANKS else name,
+                        augment=augment.get(name, False)) for name in names}
+
+
 def fit_and_score(config: ml_collections.ConfigDict, scorer: scorers.Scorer, sets: dict,
                   queries: dict, head, model, extract, mesh) -> tuple[dict, dict]:
   """(stats, {query set: scores}) of one configured scorer: fitted on its rows of `sets`
   (fit_rows), scoring the extracted `queries`. The evaluate stage and export share it.
 
-  A scorer that moves its inputs (ODIN) scores the queries extracted again through its
-  perturbed forward; `extract(forward, which=name)` extracts set `name` of config.data.
+  A scorer with its own pass (ODIN's moved inputs, a layer scorer's layers) scores the
+  queries extracted again through it, and a layer scorer fits on its layers of `sets` too;
+  `extract(forward, which=name)` extracts set `name` of config.data.
   """
-  if scorer.perturb is not None:  # ODIN scores the logits of moved inputs
-    moved = functools.partial(scorer.perturb, pixel_std=config.data.std, **scorer.hparams)
-    perturbed = extraction.make_forward(model, mesh, input_perturbation=moved)
-    queries = {name: extract(perturbed, which=name) for name in queries}
+  if scorer.perturb is not None or scorer.forward is not None:
+    own = extraction.make_forward(model, mesh,
+                                  **extraction.forward_options(scorer, config.data.std))
+    queries = extract_sets(extract, own, list(queries))
+    if scorer.forward is not None:
+      banks = {name: config.evaluate.id_train_augment if name == AUGMENTED_ID_TRAIN else False
+               for name in sets}
+      sets = extract_sets(extract, own, banks)
   train = fit_rows(scorer.name, config.evaluate, sets, config.seed)
   logging.info('[evaluate] %s fitted on %d ID examples', scorer.name, len(train['label']))
   stats = scorers.fit(scorer, train['features'], train['logits'], train['label'], head,
@@ -287,10 +304,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
                                   mesh=mesh, batch_size=cfg.batch_size, seed=config.seed)
       forward = extraction.make_forward(model, mesh)
       banks = id_train_banks(cfg, [scorer.name for scorer in selected])
-      sets = {name: extract(forward, which='id_train', augment=augment)
-              for name, augment in banks.items()}
-      sets.update({name: extract(forward, which=name)
-                   for name in (*id_sets, *groups) if name != 'id_train'})
+      sets = extract_sets(extract, forward, {
+          **banks, **{name: False for name in (*id_sets, *groups) if name != 'id_train'}})
       model_part = {
           'has_head': has_head,
           'ids': {'id' if name == 'id_test' else name: data_source.example_ids(name, s['index'])

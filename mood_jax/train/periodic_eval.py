@@ -34,9 +34,9 @@ def check_config(config: ml_collections.ConfigDict, stage: str) -> None:
     scorer = scorers.get(cfg.eval_scorer)
   except KeyError as e:
     raise UserError(f'{stage}.eval_scorer: {e.args[0]}') from None
-  if scorer.perturb is not None:
-    raise UserError(f'{stage}.eval_scorer={cfg.eval_scorer} perturbs the inputs, another pass '
-                    'per set: choose one that scores features or logits, e.g. msp')
+  if scorer.perturb is not None or scorer.forward is not None:
+    raise UserError(f'{stage}.eval_scorer={cfg.eval_scorer} needs its own forward pass per '
+                    'set: choose one that scores features or logits, e.g. msp')
 
 
 def make_eval_fn(config: ml_collections.ConfigDict, stage: str, model, mesh,
