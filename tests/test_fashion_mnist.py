@@ -159,3 +159,92 @@ def test_images_and_labels_of_different_splits_are_refused(idx_files, tmp_path):
       (manual / 'train-labels-idx1-ubyte.gz').read_bytes())
   with pytest.raises(UserError, match='holds 20 images but .* 60 labels'):
     prepare.prepare('fashion_mnist', str(tmp_path / 'tfds'), str(mixed))
+
+
+def _config(arg: str, data_dir: str):
+  config = runpy.run_path(os.path.join(ROOT, 'configs', 'fashion_mnist.py'))['get_config'](arg)
+  config.data.data_dir = data_dir
+  return config
+
+
+def _results(workdir) -> dict:
+  with open(workdir / 'results' / 'results.json') as f:
+    return json.load(f)
+
+
+def test_smoke_config_trains_and_scores_every_set(prepared, tmp_path):
+  data_dir, _ = prepared
+  config = _config('smoke', data_dir)
+  config.evaluate.plots = True
+  pipeline.run(config, str(tmp_path))
+  results = _results(tmp_path)
+  plots = os.listdir(tmp_path / 'results' / 'plots')
+  for model, scorer in {(row['model'], row['scorer']) for row in results['rows']}:
+    assert f'{model}_{scorer}_extremes.png' in plots
+  groups = {row['ood_set']: row['ood_group'] for row in results['rows']}
+  assert groups['digits'] == 'far' and groups['uniform_noise'] == 'far'
+  assert groups['letters'] == 'validation'
+  assert {row['model'] for row in results['rows']} == {'finetune', 'logit_ft'}
+  assert set(results['id_accuracy']) == {'finetune', 'logit_ft'}
+  source = catalogue.source(config.data)
+  assert source.channels == 1 and len(source.kept_indices('id_val')) == 10  # 1 of 6 a class
+
+
+def test_split_smoke_holds_out_a_near_validation_class(prepared, tmp_path):
+  data_dir, expected = prepared
+  config = _config('split,smoke', data_dir)
+  groups = catalogue.source(config.data).ood_groups()
+  assert groups['fashion_mnist_heldout'] == 'near'
+  assert groups['fashion_mnist_heldout_val'] == 'validation'
+  pipeline.run(config, str(tmp_path))
+  rows = _results(tmp_path)['rows']
+  assert {'fashion_mnist_heldout', 'fashion_mnist_heldout_val'} <= {r['ood_set'] for r in rows}
+  source = catalogue.source(config.data)
+  test_labels = expected['test'][1]
+  assert len(source.kept_indices('fashion_mnist_heldout')) == (test_labels >= 5).sum() - (
+      test_labels == 9).sum()
+
+
+def test_oneclass_smoke_scores_pretrain_and_random_init_encoders_per_class(prepared, tmp_path):
+  data_dir, _ = prepared
+  config = _config('oneclass=all,smoke', data_dir)
+  config.data.id_classes = (0, 7)  # two of the ten classes: each costs a pretraining
+  config.evaluate.models = 'pretrain,random_init'
+  pipeline.run(config, str(tmp_path))
+  for label in (0, 7):
+    rows = _results(tmp_path / f'class_{label}')['rows']
+    heldout = [r for r in rows if r['ood_set'] == 'fashion_mnist_heldout']
+    assert {r['model'] for r in heldout} == {'pretrain', 'random_init'}
+  mean = _results(tmp_path)['rows']
+  assert {r['model'] for r in mean if r['ood_set'] == 'fashion_mnist_heldout'} == {
+      'pretrain', 'random_init'}
+
+
+@pytest.mark.slow  # four smoke runs: about 3 CPU-minutes
+def test_study_smoke_grid_records_resumes_and_renders_from_its_csv(prepared, tmp_path):
+  from benchmarks import fashion_mnist_study, study_records
+  data_dir, _ = prepared
+  command = [sys.executable, '-m', 'benchmarks.fashion_mnist_study', '--smoke',
+             f'--data_dir={data_dir}', f'--out={tmp_path}']
+  first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+  assert first.returncode == 0, first.stderr[-3000:]
+  records = tmp_path / 'records'
+  cells = [cell.name for cell in fashion_mnist_study.grid(smoke=True)]
+  assert cells == ['oneclass_0', 'oneclass_1', 'default', 'split']
+  for cell in cells:
+    record = json.loads((records / cell / 'seed0.json').read_text())
+    assert record['cpu_seconds'] > 0 and record['commit']
+  rows = study_records.read_csv(records / 'study.csv')
+  doc = (tmp_path / 'results_fashion_mnist.md').read_text()
+  meta = json.loads((records / 'study.json').read_text())
+  assert doc == fashion_mnist_study.render(rows, meta)  # a function of the CSV alone
+  # Both encoders of every one-class cell, every scorer of the multi-class ones.
+  for label in (0, 1):
+    for model in ('pretrain', 'random_init'):
+      assert len(fashion_mnist_study.one_class_values(rows, model, label)) == 1
+  assert 'GEOM' in doc and 'random-init encoder' in doc and 'Only 2 of the ten classes' in doc
+  assert {r['scorer'] for r in rows if r['cell'] == 'default'} >= {'msp', 'energy'}
+  # A second invocation keeps every run (no training) and writes the same numbers.
+  second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+  assert second.returncode == 0 and second.stdout.count('done before, kept') == 4
+  assert study_records.read_csv(records / 'study.csv') == rows

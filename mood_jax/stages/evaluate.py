@@ -19,7 +19,7 @@ from ml_collections import config_dict
 
 from mood_jax import (changed_settings, checkpoint, config_checks, detector, inference,
                       metrics_log)
-from mood_jax.data import catalogue, data_config
+from mood_jax.data import catalogue, data_config, input_pipeline
 from mood_jax.data.sources import embedded, source
 from mood_jax.errors import UserError
 from mood_jax.ood import metrics, report, scorers, sweep
@@ -34,6 +34,14 @@ def _pretrain_encoder(config, workdir, placement):
   """The MIM encoder alone: features only (its head is untrained, so no logit scorers)."""
   model, init_params = finetune.classifier(config, drop_path=0.0)
   return model, finetune.params_from_pretrain(workdir, init_params, placement), False
+
+
+def _random_init(config, workdir, placement):
+  """The encoder as initialised (config.seed), never trained, of the pretrain encoder's shape:
+  the control that says how much of the pretrain encoder's score its training earns."""
+  del workdir
+  model, init_params = finetune.classifier(config, drop_path=0.0)
+  return model, placement.create(init_params), False
 
 
 def _converted(config, workdir, placement):
@@ -56,8 +64,8 @@ def _logit_finetuned(config, workdir, placement):
 
 
 # model name -> (config, workdir, placement) -> (flax model, params, has a trained head)
-MODELS = {'pretrain': _pretrain_encoder, 'converted': _converted, 'finetune': _finetuned,
-          'logit_ft': _logit_finetuned}
+MODELS = {'pretrain': _pretrain_encoder, 'random_init': _random_init, 'converted': _converted,
+          'finetune': _finetuned, 'logit_ft': _logit_finetuned}
 CLASSIFIERS = ('finetune', 'logit_ft')
 
 
@@ -254,6 +262,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     metrics_log.write_evaluation(workdir, summary, id_accuracy)
     if cfg.plots:
       report.plot_scores(results_dir, all_scores, groups)
+      indices = {'id' if name == 'id_test' else name: s['index'] for name, s in sets.items()}
+      report.plot_extremes(results_dir, all_scores, lambda name, positions: (
+          input_pipeline.stored_images(config.data, 'id_test' if name == 'id' else name,
+                                       indices[name][positions])), groups)
     print(table)
     logging.info('[evaluate] results in %s', results_dir)
   if cfg.detector.write:  # after the results, so they are kept if this fails; every
