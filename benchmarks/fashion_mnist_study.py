@@ -2,7 +2,7 @@
 multi-class and split presets for every scorer, finetune and logit_ft.
 
   python -m mood_jax.data.prepare fashion_mnist     # once
-  python -m benchmarks.fashion_mnist_study [--out=workdir/fmnist_study] [--doc=docs/results_fashion_mnist.md]
+  python -m benchmarks.fashion_mnist_study [--out=workdir/fmnist_study] [--doc=FILE.md]
   python -m benchmarks.fashion_mnist_study --smoke --data_dir=DIR --out=/tmp/fm_smoke
 
 Every run is configs/fashion_mnist.py with a cell's preset, in its own workdir
@@ -174,8 +174,8 @@ def _one_class_section(rows, labels: list[int]) -> list[str]:
              f'{standing}. The published numbers are single numbers from other code, '
              'training and preprocessing; our spread over seeds is in the table.', '']
   else:
-    text += [f'Only {len(labels)} of the ten classes have runs so far, so no mean is set '
-             'beside the published ones.', '']
+    text += [f'Classes with a run so far: {len(labels)} of 10, so no mean is set beside the '
+             'published ones.', '']
   return text
 
 
@@ -220,7 +220,7 @@ def render(rows: list[dict], meta: dict) -> str:
       'not edit.', '',
       f'- **Command:** `{meta["command"]}` (a finished run is kept, so it resumes).',
       f'- **Commits:** {", ".join(meta["commits"])}.',
-      f'- **Cost:** {meta["runs"]} runs of {meta["planned"]} planned; '
+      f'- **Cost:** {meta["runs"]} of the {meta["planned"]} planned runs; '
       f'{meta["run_seconds"] / 3600:.2f} h of run time and {meta["cpu_seconds"] / 3600:.2f} '
       'CPU-hours summed (a resumed run counts from its last start); load average at the end '
       f'of each run {meta["load"][0]:.1f} to {meta["load"][1]:.1f} (the machine was shared).',
@@ -237,9 +237,10 @@ def render(rows: list[dict], meta: dict) -> str:
     if cell not in cells:
       text += [f'## {title}', '', 'No run has finished yet.', '']
       continue
-    text += [f'## {title}', '', f'`configs/fashion_mnist.py{":" + cell if cell != "default" else ""}`'
-             f'; {len(values(rows, cell, model="finetune", set="id_test", metric="accuracy"))} '
-             'seeds. AUROC and accuracy in %, mean ± std over seeds.', '',
+    preset = '' if cell == 'default' else f':{cell}'
+    seeds = len(values(rows, cell, model='finetune', set='id_test', metric='accuracy'))
+    text += [f'## {title}', '', f'`configs/fashion_mnist.py{preset}`; {seeds} seeds. AUROC '
+             'and accuracy in %, mean ± std over seeds.', '',
              *_multi_class_table(rows, cell), *_logit_ft_lines(rows, cell, group)]
   return '\n'.join(text)
 

@@ -7,9 +7,10 @@ imagenet2012, food101, oxford_flowers102, stanford_dogs, oxford_iiit_pet, fashio
 or an OpenOOD v1.5 list ('openood:cifar10/test_tin', see `openood`). The official files are
 looked for in --manual_dir (default DATA_DIR/downloads/manual), then where a system package
 installs them (Debian's dataset-fashion-mnist: /usr/share/datasets/fashion-mnist), and, where
-they are public, downloaded into --manual_dir when absent. TFDS's own builders for these datasets need TensorFlow to read their files or
-encode their images, so this reads the archives itself (`archives`) and writes them through the
-same TFDS builder, whose dataset `tfds.data_source` then reads.
+they are public, downloaded into --manual_dir when absent. TFDS's own builders for these
+datasets need TensorFlow to read their files or encode their images, so this reads the
+archives itself (`archives`) and writes them through the same TFDS builder, whose dataset
+`tfds.data_source` then reads.
 
 TFDS writes into a temporary folder and renames it when complete, so an interrupted
 preparation leaves nothing a run would read; the next one removes the leftover and starts
