@@ -369,10 +369,10 @@ def plot_extremes(results_dir: str, scores: dict, images, groups: dict | None = 
   for model, by_scorer in scores.items():
     for scorer, by_set in by_scorer.items():
       panels = []  # (set, title, positions), worst first; ties in set order (stable)
-      for name, values in by_set.items():
+      for name in sorted(by_set, key=lambda name: name != 'id'):  # ID first, then set order
         if name == ID_VAL:
           continue
-        values = np.asarray(values, np.float64)
+        values = np.asarray(by_set[name], np.float64)
         if name == 'id':
           order, title = np.argsort(values, kind='stable'), 'ID test, scored most OOD'
         else:
