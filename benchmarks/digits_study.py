@@ -43,11 +43,9 @@ document is generated from study.csv and study.json alone (`render`): no number 
 typed by hand.
 """
 
-import csv
 import dataclasses
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -57,8 +55,11 @@ import time
 import numpy as np
 from absl import app, flags
 from matplotlib.figure import Figure
-from scipy import stats
 
+from benchmarks.study_records import (REPO, VALIDATION, finished, mean_std, paired, pm,
+                                      read_csv, read_record, records_dir, rows_of_results,
+                                      table, timed_run, values, welch, write_csv,
+                                      write_record)
 from configs import digits
 from mood_jax import parallel, stages as all_stages
 from mood_jax.ood import extraction
@@ -79,13 +80,11 @@ _RECORDS = flags.DEFINE_string(
 _RUNS = flags.DEFINE_list('runs', None, 'A worker\'s share, CELL:SEED,...: runs them in order '
                           'and exits (--workers starts these).')
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = 'split,idval,nearval=9'
 SCORERS = ('mahalanobis_mood', 'msp', 'energy', 'knn', 'vim')  # the tables: the first three
 # Claims are made on these (model is each cell's `model`): test sets' group means, AUROC.
 TEST_SETS = ('near_mean', 'far_mean')
 # Ranking and every choice: the validation sets' mean AUROC (vs id_val) of MOOD's Mahalanobis.
-VALIDATION = 'validation_mean'
 RANK_SCORER = 'mahalanobis_mood'
 BASE_SEEDS, EXTRA_SEEDS = (0, 1, 2), (3, 4)
 # A FLOP-matched scratch control this close (relative) to the step-matched one is that one.
@@ -95,7 +94,6 @@ PREMISE_CE = 0.05
 # Atypical samples: those still misclassified at the first checkpoint that classifies this
 # fraction of ID train right (the last checkpoint, if none does).
 TYPICAL_ACCURACY = 0.9
-MACHINE = f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores'
 # Each finished run's record (its study.csv rows, commit, seconds, machine), and study.csv
 # and study.json: small, committed, so the study resumes anywhere; OUT can be redone.
 RECORDS = ('benchmarks', 'results', 'digits_study')
@@ -286,56 +284,13 @@ def workdir(out: str, cell: str, seed: int) -> str:
   return os.path.join(out, cell, f'seed{seed}')
 
 
-def _commit() -> str:
-  """HEAD's short hash, '-dirty' when the tree has uncommitted changes."""
-  return subprocess.run(['git', 'describe', '--always', '--dirty', '--abbrev=7', '--exclude=*'],
-                        cwd=REPO, capture_output=True, text=True).stdout.strip() or 'unknown'
-
-
-def record_path(records: str, cell: str, seed: int) -> str:
-  return os.path.join(records, cell, f'seed{seed}.json')
-
-
-def finished(records: str, cell: str, seed: int) -> bool:
-  return os.path.exists(record_path(records, cell, seed))
-
-
-def read_record(records: str, cell: str, seed: int) -> dict:
-  """{'commit', 'seconds', 'rows'}: a finished run, its rows as study.csv's."""
-  with open(record_path(records, cell, seed)) as f:
-    record = json.load(f)
-  fields = record.pop('fields')
-  record['rows'] = [dict(cell=cell, seed=seed, **dict(zip(fields, row)))
-                    for row in record['rows']]
-  return record
-
-
-def _write_record(records: str, cell: Cell, seed: int, rows: list[dict], run: dict) -> None:
-  """The run's record, written whole or not at all: its existence means finished."""
-  path = record_path(records, cell.name, seed)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fields = CSV_FIELDS[2:]  # cell and seed are in the path
-  with open(path + '.partial', 'w') as f:
-    json.dump({**run, 'fields': fields, 'rows': [[row[k] for k in fields] for row in rows]}, f,
-              separators=(',', ':'))
-  os.replace(path + '.partial', path)
-
-
 def _pipeline(cell: Cell, seed: int, out: str, smoke: bool) -> dict:
   """Runs (cell, seed) in its workdir unless its results exist there; {'commit', 'seconds'}
   of the run that made them."""
-  directory = workdir(out, cell.name, seed)
-  run_json = os.path.join(directory, 'study_run.json')
-  if not os.path.exists(os.path.join(directory, 'results', 'results.json')):
-    config = cell.config(smoke)
-    config.seed = seed
-    config.data.data_dir = os.path.join(out, 'tfds')
-    start, commit = time.perf_counter(), _commit()  # the code that runs, not the code after
-    pipeline.run(config, directory)
-    with open(run_json, 'w') as f:
-      json.dump({'commit': commit, 'seconds': time.perf_counter() - start, 'machine': MACHINE}, f)
-  with open(run_json) as f:
-    return json.load(f)
+  config = cell.config(smoke)
+  config.seed = seed
+  config.data.data_dir = os.path.join(out, 'tfds')
+  return timed_run(config, workdir(out, cell.name, seed))
 
 
 def run_cell(cell: Cell, seed: int, out: str, records: str, smoke: bool) -> None:
@@ -359,7 +314,7 @@ def run_cell(cell: Cell, seed: int, out: str, records: str, smoke: bool) -> None
   rows = results_rows(cell, seed, out)
   if cell.name == UM_BASE:
     rows += curve_rows(cell, seed, out, smoke)
-  _write_record(records, cell, seed, rows, run)
+  write_record(records, cell.name, seed, rows, run)
   print(f'{cell.name} seed {seed}: {run["seconds"]:.0f} s')
 
 
@@ -475,86 +430,11 @@ def curve_rows(cell: Cell, seed: int, out: str, smoke: bool) -> list[dict]:
 
 # --- The study's numbers: study.csv, one value per (cell, seed, quantity).
 
-CSV_FIELDS = ('cell', 'seed', 'model', 'scorer', 'set', 'metric', 'step', 'value')
-
-
 def results_rows(cell: Cell, seed: int, out: str) -> list[dict]:
   """One run's AUROC/FPR@95 per (model, scorer, set or group mean), ID accuracy, and the
   validation sets' mean (vs id_val) as set VALIDATION."""
-  with open(os.path.join(workdir(out, cell.name, seed), 'results', 'results.json')) as f:
-    results = json.load(f)
-  rows = []
-  for row in results['rows']:
-    for metric in ('auroc', 'fpr95'):
-      rows.append(dict(cell=cell.name, seed=seed, model=row['model'], scorer=row['scorer'],
-                       set=row['ood_set'], metric=metric, step='', value=row[metric]))
-  pairs = {(row['model'], row['scorer']) for row in results['rows']}
-  for model, scorer in sorted(pairs):
-    validation = [row['auroc'] for row in results['rows'] if row['model'] == model
-                  and row['scorer'] == scorer and row['ood_group'] == 'validation']
-    rows.append(dict(cell=cell.name, seed=seed, model=model, scorer=scorer, set=VALIDATION,
-                     metric='auroc', step='', value=float(np.mean(validation))))
-  for model, accuracy in results['id_accuracy'].items():
-    rows.append(dict(cell=cell.name, seed=seed, model=model, scorer='', set='id_test',
-                     metric='accuracy', step='', value=accuracy))
-  return rows
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, CSV_FIELDS, lineterminator='\n')
-    writer.writeheader()
-    writer.writerows(rows)
-
-
-def read_csv(path: str) -> list[dict]:
-  with open(path, newline='') as f:
-    return [{**row, 'seed': int(row['seed']), 'value': float(row['value'])}
-            for row in csv.DictReader(f)]
-
-
-def values(rows: list[dict], cell: str, **where) -> np.ndarray:
-  """One quantity of `cell`, one value per seed, in seed order."""
-  chosen = [row for row in rows if row['cell'] == cell
-            and all(str(row[k]) == str(v) for k, v in where.items())]
-  return np.asarray([row['value'] for row in sorted(chosen, key=lambda row: row['seed'])])
-
-
-def mean_std(x) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for one seed)."""
-  x = np.asarray(x, np.float64)
-  return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
-
-
-def _t_interval(diff: float, se: float, df: float, test: str, seeds: tuple) -> dict:
-  """The difference, its t, degrees of freedom and 95% interval, the test's name and the
-  seeds on each side."""
-  common = {'diff': diff, 'df': df, 'test': test, 'seeds': seeds}
-  if se == 0:
-    return {**common, 't': float('nan'), 'low': diff, 'high': diff}
-  half = float(stats.t.ppf(0.975, df)) * se
-  return {**common, 't': diff / se, 'low': diff - half, 'high': diff + half}
-
-
-def welch(a, b) -> dict:
-  """a - b for independent samples: Welch's t and the Welch-Satterthwaite degrees of
-  freedom."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-  df = float((va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-             ) if va + vb > 0 else float('nan')
-  return _t_interval(float(a.mean() - b.mean()), float(np.sqrt(va + vb)), df, 'Welch',
-                     (len(a), len(b)))
-
-
-def paired(a, b) -> dict:
-  """a - b seed by seed (a[i] and b[i] continue the same checkpoint): the paired t."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.shape != b.shape:
-    raise ValueError(f'paired: {len(a)} and {len(b)} seeds; both sides need the same seeds')
-  d = a - b
-  return _t_interval(float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))),
-                     float(len(d) - 1), 'paired', (len(a), len(b)))
+  return rows_of_results(os.path.join(workdir(out, cell.name, seed), 'results'), cell.name,
+                         seed)
 
 
 def claim_metric(question: str) -> tuple[str, str, str]:
@@ -598,16 +478,6 @@ def needs_more_seeds(rows, cells: dict, comparisons) -> set[str]:
 
 # --- The document, from study.csv and study.json alone.
 
-def _pm(x, scale: float = 100., digits_: int = 1) -> str:
-  mean, std = mean_std(x)
-  return f'{scale * mean:.{digits_}f} ± {scale * std:.{digits_}f}'
-
-
-def _table(header: list[str], lines: list[list[str]]) -> list[str]:
-  return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header),
-          *['| ' + ' | '.join(line) + ' |' for line in lines], '']
-
-
 def _cost_line(meta: dict, cell: str) -> list[str]:
   steps, flops = meta['costs'][cell]
   return [str(steps), f'{flops / 1e12:.4g}']
@@ -623,14 +493,14 @@ def _results_table(rows, meta, names: list[str], model_of: dict) -> list[str]:
     model = model_of[name]
     line = [name, *_cost_line(meta, name),
             str(len(values(rows, name, model=model, set='id_test', metric='accuracy'))),
-            _pm(values(rows, name, model=model, set='id_test', metric='accuracy')),
-            _pm(values(rows, name, model=model, scorer=RANK_SCORER, set=VALIDATION,
+            pm(values(rows, name, model=model, set='id_test', metric='accuracy')),
+            pm(values(rows, name, model=model, scorer=RANK_SCORER, set=VALIDATION,
                        metric='auroc'))]
     for scorer in ('mahalanobis_mood', 'msp', 'energy'):
-      line += [_pm(values(rows, name, model=model, scorer=scorer, set=s, metric='auroc'))
+      line += [pm(values(rows, name, model=model, scorer=scorer, set=s, metric='auroc'))
                for s in TEST_SETS]
     lines.append(line)
-  return _table(header, lines)
+  return table(header, lines)
 
 
 def _comparisons_table(rows, cells, comparisons) -> tuple[list[str], dict]:
@@ -646,7 +516,7 @@ def _comparisons_table(rows, cells, comparisons) -> tuple[list[str], dict]:
                   f'[{100 * test["low"]:+.1f}, {100 * test["high"]:+.1f}]',
                   f'{test["t"]:.2f} ({test["df"]:.1f}), {test["test"]}',
                   ' / '.join(map(str, test['seeds']))])
-  return _table(header, lines), tests
+  return table(header, lines), tests
 
 
 def verdict(test: dict) -> str:
@@ -734,10 +604,10 @@ def _premise(rows) -> list[str]:
   curve = [values(rows, UM_BASE, metric='validation_auroc', step=step).mean() for step in evals]
   peak = int(np.argmax(curve)) if curve else None
   holds = 'holds' if premise_holds(rows) else 'does not hold'
-  text = (f'At its last step ({steps[-1]}) um_base has a clean ID-train CE of {_pm(ce, 1., 4)} '
-          f'and has memorised {_pm(memorised) if len(memorised) else "n/a"}% of its atypical '
+  text = (f'At its last step ({steps[-1]}) um_base has a clean ID-train CE of {pm(ce, 1., 4)} '
+          f'and has memorised {pm(memorised) if len(memorised) else "n/a"}% of its atypical '
           f'samples. UM\'s premise (clean training CE below {PREMISE_CE}) {holds}. '
-          f'Atypical samples ({_pm(atypical, 1., 0)} per seed): the ID-train samples (clean '
+          f'Atypical samples ({pm(atypical, 1., 0)} per seed): the ID-train samples (clean '
           'images) still misclassified at the first checkpoint that classifies '
           f'{100 * TYPICAL_ACCURACY:.0f}% of them right, or the last if none does (step '
           f'{", ".join(map(str, references)) or "n/a"}), the ones a network fits last (Arpit et '
@@ -770,9 +640,9 @@ def _curve_table(rows, cell: str) -> list[str]:
                                    ('validation_auroc', 100., 1)):
       x = values(rows, cell, metric=metric, step=step)
       x = x[~np.isnan(x)]
-      line.append(_pm(x, scale, digits_) if len(x) else 'n/a')
+      line.append(pm(x, scale, digits_) if len(x) else 'n/a')
     lines.append(line)
-  return _table(['finetune step', 'ID-train CE (clean)', 'ID-train acc', 'atypical memorised',
+  return table(['finetune step', 'ID-train CE (clean)', 'ID-train acc', 'atypical memorised',
                  'id_val acc', f'{RANK_SCORER} validation AUROC (vs id_val)'], lines)
 
 
@@ -910,8 +780,7 @@ def main(argv) -> None:
   del argv
   smoke = _SMOKE.value
   out = os.path.abspath(_OUT.value)
-  records = os.path.abspath(_RECORDS.value or (
-      os.path.join(out, 'records') if smoke else os.path.join(REPO, *RECORDS)))
+  records = records_dir(_RECORDS.value, out, smoke, RECORDS)
   if _RUNS.value is not None:  # a worker: its share, then the parent renders
     for run in _RUNS.value:
       name, seed = run.rsplit(':', 1)

@@ -143,7 +143,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.evaluate = dict(
       models='auto',            # 'auto' (every trained classifier) or a list of pretrain
                                 # (encoder features only), converted (finetune.init_from's
-                                # weights as converted), finetune, logit_ft
+                                # weights as converted), finetune, logit_ft, random_init
+                                # (an untrained encoder: pretrain's control)
       scorers='mahalanobis_mood,msp,energy,maxlogit',  # or 'all'; see mood_jax/ood/scorers/
       hparams=evaluate.hparams_config(),  # e.g. --config.evaluate.hparams.knn.k=10
       # Scorers whose hparams are chosen on the 'validation' OOD sets in data.ood_sets

@@ -333,8 +333,8 @@ def test_missing_dataset_through_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize('overrides,message', [
-    (dict(ood_sets=('mnist',)), r"unknown OOD set 'mnist' for data.name='cifar10': valid: "
-                                r"\['cifar10_heldout', 'cifar10_heldout_val', 'cifar100'"),
+    (dict(ood_sets=('kmnist',)), r"unknown OOD set 'kmnist' for data.name='cifar10': valid: "
+                                 r"\['cifar10_heldout', 'cifar10_heldout_val', 'cifar100'"),
     (dict(ood_sets=('svhn_cropped',), validation_ood_sets=('dtd',)),
      r"validation_ood_sets \['dtd'\] are not in data.ood_sets"),
     (dict(id_classes=(3, 'n0000')), r"id_classes \['n0000'\] are not among the classes of "

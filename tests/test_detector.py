@@ -221,7 +221,8 @@ def test_user_scorer_and_a_layer_scorer_work_through_the_detector_and_score(
   (gram, its own forward pass) go into a detector, which scores image files through the
   `score` command's entry point and arrays through the API, as evaluate's fit scores them."""
   import jax.numpy as jnp  # noqa: PLC0415
-  from mood_jax import detector, inference, parallel  # noqa: PLC0415
+  from mood_jax import detector, parallel  # noqa: PLC0415
+  from mood_jax.ood import extraction  # noqa: PLC0415
   from mood_jax.ood import scorers  # noqa: PLC0415
   monkeypatch.setattr(scorers.base, '_REGISTRY', dict(scorers.base._REGISTRY))  # others kept
   scorers.register(scorers.Scorer(  # the module docstring's example, verbatim
@@ -248,7 +249,7 @@ def test_user_scorer_and_a_layer_scorer_work_through_the_detector_and_score(
   loaded = Detector.load(out)
   from_arrays = loaded.score(images).scores
   # feature_norm is the norm of the model's pooled feature; gram scores as the fit did.
-  features, _ = inference.make_forward(loaded.model, mesh)(loaded.params, loaded.normalize(images))
+  features, _ = extraction.make_forward(loaded.model, mesh)(loaded.params, loaded.normalize(images))
   np.testing.assert_allclose(from_arrays['feature_norm'], np.linalg.norm(features, axis=-1),
                              rtol=1e-5)
   np.testing.assert_allclose(from_arrays['gram'], id_scores['gram'][:PER_SET], rtol=1e-4,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks import digits_study
+from benchmarks import digits_study, study_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,17 +264,17 @@ def test_the_document_is_generated_from_the_csv(smoke_study):
   rows = digits_study.read_csv(out / 'records' / 'study.csv')
   mae = digits_study.values(rows, 'mae', model='finetune', scorer='mahalanobis_mood',
                             set='near_mean', metric='auroc')
-  assert _table_cell(text, 'mae', column) == digits_study._pm(mae)
+  assert _table_cell(text, 'mae', column) == digits_study.pm(mae)
   # Change the CSV: the table and the prose's verdict change with it.
   changed = [{**row, 'value': 0.5 * row['value']} if row['cell'] == 'mae' else row
              for row in rows]
   path = out / 'changed.csv'
   with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, digits_study.CSV_FIELDS)
+    writer = csv.DictWriter(f, study_records.CSV_FIELDS)
     writer.writeheader()
     writer.writerows(changed)
   again = digits_study.render(digits_study.read_csv(path), meta)
-  assert _table_cell(again, 'mae', column) == digits_study._pm(0.5 * mae)
+  assert _table_cell(again, 'mae', column) == digits_study.pm(0.5 * mae)
   steps_test = digits_study.welch(
       0.5 * mae, digits_study.values(rows, meta_control(meta, 'steps'), model='finetune',
                                      scorer='mahalanobis_mood', set='near_mean', metric='auroc'))

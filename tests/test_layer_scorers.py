@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import special
 
-from mood_jax import inference, parallel
+from mood_jax import parallel
+from mood_jax.ood import extraction
 from mood_jax.models import vit
 from mood_jax.ood import scorers
 
@@ -52,7 +53,7 @@ def test_named_layers_and_the_plain_pass_unchanged(model_and_params):
 
 def _extract(scorer, model, params, images):
   mesh = parallel.make_mesh((('data', -1),))
-  forward = inference.make_forward(model, mesh, features_fn=lambda apply, x: scorer.forward(
+  forward = extraction.make_forward(model, mesh, features_fn=lambda apply, x: scorer.forward(
       apply, x, **scorer.hparams))
   return jax.tree.map(np.asarray, forward(params, images))
 

@@ -148,6 +148,28 @@ def test_plot_scores_writes_histogram_and_roc_per_model_and_scorer(tmp_path):
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+def test_image_grids_show_id_scored_most_ood_and_ood_scored_most_id(tmp_path):
+  """Each grid asks for the ID test images with the lowest scores and each OOD set's with
+  the highest, worst first; the ID validation scores are not shown."""
+  rng = np.random.default_rng(0)
+  by_set = {'id': rng.permutation(20).astype(float), 'id_val': rng.normal(size=5),
+            'svhn': rng.permutation(12).astype(float), 'tin': np.zeros(6)}
+  asked = {}
+
+  def images(name, positions):
+    asked[name] = list(positions)
+    return [np.full((4, 4, 1), 10 * p, np.uint8) for p in positions]
+
+  paths = report.plot_extremes(str(tmp_path), {'finetune': {'msp': by_set}}, images,
+                               {'svhn': 'far', 'tin': 'near'}, count=3)
+  assert [os.path.basename(p) for p in paths] == ['finetune_msp_extremes.png']
+  assert asked == {'id': list(np.argsort(by_set['id'])[:3]),
+                   'svhn': list(np.argsort(-by_set['svhn'])[:3]),
+                   'tin': [0, 1, 2]}  # ties: in set order
+  with open(paths[0], 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
 def test_histogram_bins_distance_scores_on_a_log_axis_so_id_and_ood_both_show():
   rng = np.random.default_rng(0)
   distances = {'id': -rng.uniform(30, 300, 200), 'far': -rng.uniform(1e3, 1e4, 200)}

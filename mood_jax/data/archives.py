@@ -8,6 +8,7 @@ CMYK included). A file that cannot be read raises UserError naming it.
 """
 
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -129,6 +130,54 @@ def cifar(path: str, batches: tuple[str, ...], label_keys: dict[str, str],
       index += 1
       yield key, {'id': key, 'image': png(pixels),
                   **{feature: int(values[i]) for feature, values in labels.items()}}
+
+
+# --- MNIST and Fashion-MNIST: IDX files (LeCun's format), gzip'd as published or not. ---
+# As tensorflow_datasets/image_classification/mnist.py (_extract_mnist_images, _labels): the
+# header is a magic number (0x0000 0x08 = unsigned bytes, then the number of dimensions) and
+# each dimension's size, big-endian int32; then the bytes. TFDS skips the header unread; here
+# it is checked, so that a wrong or cut file is named before anything is written.
+
+_IDX_UINT8 = 0x08
+
+
+def idx_array(path: str, ndim: int) -> np.ndarray:
+  """An IDX file of unsigned bytes with `ndim` dimensions, its header checked against its
+  length."""
+  what = f'IDX file of {"images" if ndim == 3 else "labels"}'
+  with _reading(path, what):
+    with open(path, 'rb') as f:
+      data = f.read()
+    if data[:2] == b'\x1f\x8b':  # gzip's magic: as published
+      data = gzip.decompress(data)
+  header = 4 + 4 * ndim
+  if len(data) < header or data[:4] != bytes((0, 0, _IDX_UINT8, ndim)):
+    raise UserError(f'{path} is not an {what} (magic number {data[:4].hex() or "missing"}, '
+                    f'expected {bytes((0, 0, _IDX_UINT8, ndim)).hex()}): download it again')
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+  if len(data) - header != int(np.prod(shape)):
+    raise UserError(f'{path} holds {len(data) - header} bytes after its header, which says '
+                    f'{"x".join(map(str, shape))} = {int(np.prod(shape))}: it is cut short or '
+                    'damaged; download it again')
+  return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def idx(images_path: str, labels_path: str, image_size: int,
+        num_classes: int) -> Iterator[Example]:
+  """TFDS mnist's examples (keys: the index, as TFDS's) from an images and a labels IDX file.
+  Both are read and checked when called, before the first example is written."""
+  images, labels = idx_array(images_path, 3), idx_array(labels_path, 1)
+  if images.shape[1:] != (image_size, image_size):
+    raise UserError(f'{images_path} holds {images.shape[1]}x{images.shape[2]} images, not '
+                    f'{image_size}x{image_size}: it is not this dataset\'s file')
+  if len(images) != len(labels):
+    raise UserError(f'{images_path} holds {len(images)} images but {labels_path} '
+                    f'{len(labels)} labels: they are not one split\'s pair; download them again')
+  if len(labels) and labels.max() >= num_classes:
+    raise UserError(f'{labels_path} has label {labels.max()}, beyond the {num_classes} '
+                    'classes: it is not this dataset\'s file')
+  return ((i, {'image': png(image), 'label': int(label)})
+          for i, (image, label) in enumerate(zip(images, labels)))
 
 
 # --- SVHN cropped digits: MATLAB files with X [32, 32, 3, N] and y [N, 1], digit 0 as 10. ---

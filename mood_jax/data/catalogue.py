@@ -4,10 +4,10 @@ Adding a source: one `sources.source.Source` subclass in mood_jax/data/sources/,
 SOURCES here (docs/extending.md).
 """
 
-from mood_jax.data.sources import embedded, labelled_folder, tfds_dataset
+from mood_jax.data.sources import embedded, grayscale, labelled_folder, tfds_dataset
 from mood_jax.data.sources.source import Source
 
-SOURCES = (embedded.EmbeddedSource, tfds_dataset.TfdsSource,
+SOURCES = (embedded.EmbeddedSource, tfds_dataset.TfdsSource, grayscale.GrayscaleSource,
            labelled_folder.LabelledFolderSource)
 
 

@@ -82,6 +82,22 @@ def _examples(data_cfg, which: str, *, with_index: bool = False) -> grain.MapDat
   return records
 
 
+def stored_images(data_cfg, which: str, indices) -> list[np.ndarray]:
+  """uint8 [H, W, C] images of `which`'s records at split `indices` (the 'index' that
+  `with_index` gives), as stored, before any transform: what a person looks at (report's
+  image grids). A list: an image folder's sizes differ."""
+  source = catalogue.source(data_cfg)
+  location = source.locate(which)
+  stored = location.read(source.data_dir, which)
+  decode = Decode(f'{which} ({location.dataset}, split {location.split})', source.channels)
+  images = []
+  for index in map(int, indices):
+    record = {'image': stored[index]['image']}
+    images.append(decode.map_with_index(index, record)['image'] if location.encoded else
+                  record['image'])
+  return images
+
+
 def eval_transforms(data_cfg) -> list[grain.transforms.Map]:
   """Same for ID and OOD: resize and centre crop (unless stored at image_size), normalise."""
   resize = [] if catalogue.source(data_cfg).fixed_size else [

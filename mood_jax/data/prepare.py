@@ -3,12 +3,14 @@
     python -m mood_jax.data.prepare NAME [--data_dir=~/tensorflow_datasets] [--manual_dir=DIR]
 
 NAME is a TFDS name the configs read (cifar10, cifar100, svhn_cropped, dtd, places365_small,
-imagenet2012, food101, oxford_flowers102, stanford_dogs, oxford_iiit_pet) or an OpenOOD v1.5
-list ('openood:cifar10/test_tin', see `openood`). The official files are looked for in
---manual_dir (default DATA_DIR/downloads/manual) and, where they are public, downloaded there
-when absent. TFDS's own builders for these datasets need TensorFlow to read their files or
-encode their images, so this reads the archives itself (`archives`) and writes them through the
-same TFDS builder, whose dataset `tfds.data_source` then reads.
+imagenet2012, food101, oxford_flowers102, stanford_dogs, oxford_iiit_pet, fashion_mnist, mnist)
+or an OpenOOD v1.5 list ('openood:cifar10/test_tin', see `openood`). The official files are
+looked for in --manual_dir (default DATA_DIR/downloads/manual), then where a system package
+installs them (Debian's dataset-fashion-mnist: /usr/share/datasets/fashion-mnist), and, where
+they are public, downloaded into --manual_dir when absent. TFDS's own builders for these
+datasets need TensorFlow to read their files or encode their images, so this reads the
+archives itself (`archives`) and writes them through the same TFDS builder, whose dataset
+`tfds.data_source` then reads.
 
 TFDS writes into a temporary folder and renames it when complete, so an interrupted
 preparation leaves nothing a run would read; the next one removes the leftover and starts
@@ -51,6 +53,11 @@ _FOOD101 = ('food-101.tar.gz', 'http://data.vision.ee.ethz.ch/cvl/food-101.tar.g
 _FLOWERS = 'https://www.robots.ox.ac.uk/~vgg/data/flowers/102/'
 _DOGS = 'http://vision.stanford.edu/aditya86/ImageNetDogs/'
 _PETS = 'https://www.robots.ox.ac.uk/~vgg/data/pets/data/'
+# Where TFDS's mnist.py downloads them: Zalando's published location, and MNIST's mirror.
+_FASHION_MNIST = 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
+_MNIST = 'https://storage.googleapis.com/cvdf-datasets/mnist/'
+# Folders where a system package puts a dataset's official files, searched after --manual_dir.
+INSTALLED = {'fashion_mnist': ('/usr/share/datasets/fashion-mnist',)}
 
 Fetch = Callable[..., str]  # (file name, where published[, md5]) -> local path
 Splits = dict[str, Iterator[archives.Example]]
@@ -136,10 +143,23 @@ def _oxford_iiit_pet(fetch: Fetch) -> Splits:
           'test': archives.oxford_iiit_pet(images, annotations, 'test', reencode)}
 
 
+def _idx(url: str) -> Callable[[Fetch], Splits]:
+  """MNIST's layout, which Fashion-MNIST copies: four IDX files, 28x28, ten classes."""
+  files = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+           'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+
+  def splits(fetch: Fetch) -> Splits:
+    return {split: archives.idx(*(fetch(f'{stem}.gz', f'{url}{stem}.gz') for stem in stems),
+                                image_size=28, num_classes=10)
+            for split, stems in files.items()}
+  return splits
+
+
 SOURCES = {'cifar10': _cifar10, 'cifar100': _cifar100, 'svhn_cropped': _svhn, 'dtd': _dtd,
            'places365_small': _places365, 'imagenet2012': _imagenet, 'food101': _food101,
            'oxford_flowers102': _flowers102, 'stanford_dogs': _stanford_dogs,
-           'oxford_iiit_pet': _oxford_iiit_pet}
+           'oxford_iiit_pet': _oxford_iiit_pet, 'fashion_mnist': _idx(_FASHION_MNIST),
+           'mnist': _idx(_MNIST)}
 # Datasets whose TFDS builder names its classes from the files, not in code.
 _LABEL_NAMES = {'stanford_dogs': _dog_breeds}
 
@@ -206,14 +226,17 @@ def _download(url: str, path: str, md5: str | None = None) -> None:
   os.replace(part, path)
 
 
-def fetcher(manual_dir: str) -> Fetch:
-  """A `Fetch` that finds files in `manual_dir`, downloading the public ones that are absent
-  (a download is checked against the size its server announces and the md5 its publisher
+def fetcher(manual_dir: str, installed: tuple[str, ...] = ()) -> Fetch:
+  """A `Fetch` that finds files in `manual_dir`, then in the `installed` folders (a gzip'd
+  file also unpacked, without its .gz), downloading the public ones that are absent (a
+  download is checked against the size its server announces and the md5 its publisher
   gives, if any; files put there by hand are the user's)."""
   def fetch(name: str, published: str, md5: str | None = None) -> str:
+    for where in (manual_dir, *installed):
+      for candidate in dict.fromkeys((name, name.removesuffix('.gz'))):
+        if os.path.isfile(os.path.join(where, candidate)):
+          return os.path.join(where, candidate)
     path = os.path.join(manual_dir, name)
-    if os.path.isfile(path):
-      return path
     if not published.startswith(('http://', 'https://')):  # by hand only (ImageNet)
       raise UserError(f'{name} is not in --manual_dir={manual_dir}: put it there '
                       f'(published at {published})')
@@ -283,7 +306,7 @@ def prepare(name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str | None 
                     f'{openood.PREFIX}BENCHMARK/LIST (an OpenOOD v1.5 list, e.g. '
                     'openood:cifar10/test_tin)')
   _refuse_overwrite(tfds.builder(name, data_dir=data_dir), name, data_dir)
-  fetch = fetcher(manual_dir)
+  fetch = fetcher(manual_dir, INSTALLED.get(name, ()))
   splits = SOURCES[name](fetch)  # finds (or downloads) every file before writing
   label_names = _LABEL_NAMES[name](fetch) if name in _LABEL_NAMES else None
   _build(_from_archives(name, data_dir, splits, label_names), name, data_dir)

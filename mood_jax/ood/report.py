@@ -1,4 +1,5 @@
-"""Writes OOD results: results.json / .csv / .md, raw scores, score and ROC plots.
+"""Writes OOD results: results.json / .csv / .md, raw scores, score and ROC plots, and grids
+of the images a detector gets most wrong.
 
 Every file is written to a temporary name and moved into place, so a crash never leaves
 a half-written file behind.
@@ -356,4 +357,51 @@ def plot_scores(results_dir: str, scores: dict, groups: dict | None = None) -> l
         path = os.path.join(plots_dir, f'{model}_{scorer}_{kind}.png')
         _save_figure(figure, path)
         paths.append(path)
+  return paths
+
+
+def _image_row(subfigure, title: str, images: list, scores: np.ndarray) -> None:
+  subfigure.suptitle(title, fontsize='small')
+  for axes, image, score in zip(subfigure.subplots(1, len(images), squeeze=False)[0], images,
+                                scores):
+    gray = image.shape[-1] == 1
+    axes.imshow(image[..., 0] if gray else image, cmap='gray' if gray else None, vmin=0,
+                vmax=255, interpolation='nearest')
+    axes.set_title(f'{score:.4g}', fontsize='x-small')
+    axes.set_axis_off()
+
+
+def plot_extremes(results_dir: str, scores: dict, images, groups: dict | None = None,
+                  count: int = 8) -> list[str]:
+  """Per (model, scorer), plots/<model>_<scorer>_extremes.png: the `count` ID test images
+  scored most OOD (lowest), then per OOD set those scored most ID (highest), each with its
+  score: what the detector gets wrong.
+
+  `scores` is plot_scores'; `images(set, positions)` gives the uint8 [H, W, C] images at
+  those positions of a set's scores ('id': the ID test set). Returns the paths written."""
+  plots_dir = os.path.join(results_dir, 'plots')
+  os.makedirs(plots_dir, exist_ok=True)
+  paths = []
+  for model, by_scorer in scores.items():
+    for scorer, by_set in by_scorer.items():
+      panels = []  # (set, title, positions), worst first; ties in set order (stable)
+      for name in sorted(by_set, key=lambda name: name != 'id'):  # ID first, then set order
+        if name == ID_VAL:
+          continue
+        values = np.asarray(by_set[name], np.float64)
+        if name == 'id':
+          order, title = np.argsort(values, kind='stable'), 'ID test, scored most OOD'
+        else:
+          group = f' ({groups[name]})' if groups and name in groups else ''
+          order, title = np.argsort(-values, kind='stable'), f'{name}{group}, scored most ID'
+        panels.append((name, title, order[:count]))
+      figure = Figure(figsize=(1.1 * count, 1.45 * len(panels)), layout='constrained')
+      figure.suptitle(f'{model} / {scorer}: higher score = more ID')
+      for subfigure, (name, title, positions) in zip(
+          np.atleast_1d(figure.subfigures(len(panels), 1)), panels):
+        _image_row(subfigure, title, images(name, positions),
+                   np.asarray(by_set[name], np.float64)[positions])
+      path = os.path.join(plots_dir, f'{model}_{scorer}_extremes.png')
+      _save_figure(figure, path)
+      paths.append(path)
   return paths

@@ -19,7 +19,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from mood_jax import config_checks, watchdog
-from mood_jax.data import catalogue, data_config
+from mood_jax.data import catalogue, data_config, input_pipeline
 from mood_jax.data.sources import embedded, source
 from mood_jax.errors import UserError
 from mood_jax.models import vit
@@ -38,6 +38,14 @@ def _pretrain_encoder(config, workdir, placement):
   """The MIM encoder alone: features only (its head is untrained, so no logit scorers)."""
   model, init_params = finetune.classifier(config, drop_path=0.0)
   return model, finetune.params_from_pretrain(workdir, init_params, placement), False
+
+
+def _random_init(config, workdir, placement):
+  """The encoder as initialised (config.seed), never trained, of the pretrain encoder's shape:
+  the control that says how much of the pretrain encoder's score its training earns."""
+  del workdir
+  model, init_params = finetune.classifier(config, drop_path=0.0)
+  return model, placement.create(init_params), False
 
 
 def _converted(config, workdir, placement):
@@ -60,8 +68,8 @@ def _logit_finetuned(config, workdir, placement):
 
 
 # model name -> (config, workdir, placement) -> (flax model, params, has a trained head)
-MODELS = {'pretrain': _pretrain_encoder, 'converted': _converted, 'finetune': _finetuned,
-          'logit_ft': _logit_finetuned}
+MODELS = {'pretrain': _pretrain_encoder, 'random_init': _random_init, 'converted': _converted,
+          'finetune': _finetuned, 'logit_ft': _logit_finetuned}
 CLASSIFIERS = ('finetune', 'logit_ft')
 
 
@@ -310,6 +318,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
           'has_head': has_head,
           'ids': {'id' if name == 'id_test' else name: data_source.example_ids(name, s['index'])
                   for name, s in sets.items() if name not in ID_TRAIN_BANKS},
+          'indices': {'id' if name == 'id_test' else name: s['index']
+                      for name, s in sets.items() if name not in ID_TRAIN_BANKS},
           'id_accuracy': float(metrics.accuracy(sets['id_test']['logits'],
                                                 sets['id_test']['label'])) if has_head else None}
       parts.put(model_name, model_part)
@@ -354,6 +364,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, placement) -> None:
     metrics_log.write_evaluation(workdir, summary, id_accuracy)
     if cfg.plots:
       report.plot_scores(results_dir, all_scores, groups)
+      indices = model_part['indices']  # the same sets, in the same order, for every model
+      report.plot_extremes(results_dir, all_scores, lambda name, positions: (
+          input_pipeline.stored_images(config.data, 'id_test' if name == 'id' else name,
+                                       indices[name][positions])), groups)
     print(table)
     logging.info('[evaluate] results in %s', results_dir)
   if cfg.detector.write:  # after the results, so they are kept if this fails; every

@@ -237,6 +237,24 @@ class MoodEmbeddedOod(_Bundled):
       yield i, {'image': _png(image), 'label': -1}
 
 
+def digits_location(data_cfg, split: str) -> Location:
+  """The digits' `split` ('train' or 'test') at data.image_size, made as `data_cfg` says."""
+  config = DigitsConfig(image_size=data_cfg.image_size, test_fraction=data_cfg.test_fraction,
+                        split_seed=data_cfg.split_seed)
+  return Location(NAME, MoodDigits.name, split, config, encoded=False, generated=True)
+
+
+def ood_location(name: str, data_cfg) -> Location | None:
+  """Where embedded OOD set `name` (FAR_OOD_SETS, VALIDATION_OOD_SETS) is, made at
+  data.image_size; None if it is not one of them."""
+  if name not in FAR_OOD_SETS + VALIDATION_OOD_SETS:
+    return None
+  # The builder's own seed, not split_seed: OOD sets stay fixed while ID splits vary.
+  config = EmbeddedOodConfig(image_size=data_cfg.image_size,
+                             examples_per_set=data_cfg.ood_examples_per_set)
+  return Location(name, MoodEmbeddedOod.name, name, config, encoded=False, generated=True)
+
+
 class EmbeddedSource(source.Source):
   """The digits and the OOD sets above, each built in data_dir when first read."""
 
@@ -249,18 +267,10 @@ class EmbeddedSource(source.Source):
     return tfds.features.ClassLabel(num_classes=NUM_DIGIT_CLASSES)
 
   def _id_location(self, which: str) -> Location:
-    config = DigitsConfig(image_size=self.cfg.image_size, test_fraction=self.cfg.test_fraction,
-                          split_seed=self.cfg.split_seed)
-    return Location(NAME, MoodDigits.name, 'train' if which == 'id_train' else 'test', config,
-                    encoded=False, generated=True)
+    return digits_location(self.cfg, 'train' if which == 'id_train' else 'test')
 
   def _own_ood_location(self, name: str) -> Location | None:
-    if name not in self.own_ood_sets:
-      return None
-    # The builder's own seed, not split_seed: OOD sets stay fixed while ID splits vary.
-    config = EmbeddedOodConfig(image_size=self.cfg.image_size,
-                               examples_per_set=self.cfg.ood_examples_per_set)
-    return Location(name, MoodEmbeddedOod.name, name, config, encoded=False, generated=True)
+    return ood_location(name, self.cfg)
 
   def ood_group(self, name: str) -> str:
     return 'validation' if name in VALIDATION_OOD_SETS else super().ood_group(name)

@@ -29,6 +29,9 @@ TFDS_SPLITS = {
     'oxford_flowers102': ('train', 'test'),
     'oxford_iiit_pet': ('train', 'test'),
     'food101': ('train', 'validation'),
+    # Grayscale, 28 px: ID data of their own (`grayscale`), and OOD sets for each other.
+    'fashion_mnist': ('train', 'test'),
+    'mnist': ('train', 'test'),
 }
 # How the named sets beyond `tfds_names` are written, for error messages.
 NAMED = (f'{folder.PREFIX}NAME (an image folder: `python -m mood_jax.data.folder`) or '
