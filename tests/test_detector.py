@@ -221,9 +221,8 @@ def test_user_scorer_and_a_layer_scorer_work_through_the_detector_and_score(
   (gram, its own forward pass) go into a detector, which scores image files through the
   `score` command's entry point and arrays through the API, as evaluate's fit scores them."""
   import jax.numpy as jnp  # noqa: PLC0415
-  from mood_jax import detector, parallel  # noqa: PLC0415
-  from mood_jax.ood import extraction  # noqa: PLC0415
-  from mood_jax.ood import scorers  # noqa: PLC0415
+  from mood_jax import parallel  # noqa: PLC0415
+  from mood_jax.ood import detector_format, extraction, scorers  # noqa: PLC0415
   monkeypatch.setattr(scorers.base, '_REGISTRY', dict(scorers.base._REGISTRY))  # others kept
   scorers.register(scorers.Scorer(  # the module docstring's example, verbatim
       name='feature_norm',
@@ -237,13 +236,13 @@ def test_user_scorer_and_a_layer_scorer_work_through_the_detector_and_score(
   hparams = {'feature_norm': {}, 'gram': dict(scorers.get('gram').hparams)}
   params, fitted, id_scores = export.fit_chosen(config, trained, parallel.Placement(mesh),
                                                 MODEL, hparams)
-  meta = detector.metadata(config, model=MODEL, num_classes=params['head']['bias'].shape[0],
-                           channels=1,
-                           scorers=[s for s, _ in fitted.values()], id_scores=id_scores,
-                           chosen_by='named by the test')
+  meta = detector_format.metadata(config, model=MODEL,
+                                  num_classes=params['head']['bias'].shape[0], channels=1,
+                                  scorers=[s for s, _ in fitted.values()], id_scores=id_scores,
+                                  chosen_by='named by the test')
   out = str(tmp_path / 'detector')
-  detector.save(out, meta, params, {n: stats for n, (_, stats) in fitted.items()},
-                replace=False)
+  detector_format.save(out, meta, params, {n: stats for n, (_, stats) in fitted.items()},
+                       replace=False)
 
   images, paths = pngs[1]['id_test']
   loaded = Detector.load(out)

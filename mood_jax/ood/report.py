@@ -379,6 +379,7 @@ def plot_extremes(results_dir: str, scores: dict, images, groups: dict | None = 
 
   `scores` is plot_scores'; `images(set, positions)` gives the uint8 [H, W, C] images at
   those positions of a set's scores ('id': the ID test set). Returns the paths written."""
+  from matplotlib.figure import Figure  # noqa: PLC0415 (as in histogram_figure)
   plots_dir = os.path.join(results_dir, 'plots')
   os.makedirs(plots_dir, exist_ok=True)
   paths = []

@@ -16,9 +16,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mood_jax import same_run
+from mood_jax import files, same_run
 from mood_jax.train import checkpoint
-from mood_jax.ood import report
 
 DIR = 'evaluate_parts'
 _MODEL = '_model'  # the file name of a model's own part (no scorer is named so)
@@ -63,5 +62,5 @@ class Parts:
     if jax.process_index() != 0 or not whole:
       return
     os.makedirs(os.path.join(self._dir, model), exist_ok=True)
-    report.write_atomically(os.path.join(self._dir, model, scorer), pickle.dumps(
+    files.write_atomically(os.path.join(self._dir, model, scorer), pickle.dumps(
         {'key': self._keys[model], 'value': jax.device_get(value)}))
