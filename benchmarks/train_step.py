@@ -400,11 +400,11 @@ def main(argv) -> None:
   if not gpu:  # its default may be below the core count; JAX's CPU client uses every core
     torch.set_num_threads(os.cpu_count())
   peak, peak_how = peak_flops(_PEAK_FLOPS.value)
-  allocator = allocator.caching_malloc() or 'libc malloc'
+  malloc = allocator.caching_malloc() or 'libc malloc'
   notes = [f'peak FLOP/s {peak_how}',
            f'medians of {_STEPS.value} timed steps after {_WARMUP.value} warm-up ones, ours '
            'and torch alternating; other processes on the machine load both alike',
-           f'allocator: {allocator}, for both '
+           f'allocator: {malloc}, for both '
            'implementations (see mood_jax/run/allocator.py)']
   if gpu:
     notes.append('GPU setting: UNTESTED, written without a GPU')
