@@ -435,7 +435,7 @@ def main(argv) -> None:
   report = {'setting': {**setting, 'gpu': gpu, 'steps': _STEPS.value, 'warmup': _WARMUP.value,
                         'mask_ratio': config.pretrain.mask_ratio},
             'peak_flops': peak, 'peak_flops_how': peak_how, 'notes': notes,
-            'environment': {**_environment(allocator), 'load_average_before': load_before,
+            'environment': {**_environment(malloc), 'load_average_before': load_before,
                             'load_average_after': load_after},
             'results': results}
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
