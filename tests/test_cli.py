@@ -157,7 +157,8 @@ def test_evaluate_only_runs_every_scorer_with_hparams_chosen_on_validation(smoke
   assert {r['ood_group'] for r in results['rows'] if r['ood_set'] == 'letters'} == {'validation'}
   hparams, sweeps = results['hparams']['finetune'], results['sweeps']['finetune']
   grids = digits.get_config('split,smoke').evaluate.sweep_grids
-  assert set(sweeps) == {'knn', 'react', 'ash_p', 'ash_b', 'ash_s', 'gen', 'vim', 'residual'}
+  assert set(sweeps) == {'knn', 'react', 'ash_p', 'ash_b', 'ash_s', 'gen', 'vim', 'residual',
+                         'scale', 'fdbd', 'nci', 'nnguide', 'relation'}
   for name, record in sweeps.items():
     assert record['ood_sets'] == ['letters']
     assert len(record['trials']) == np.prod([len(v) for v in grids[name].values()])
@@ -306,7 +307,8 @@ def test_evaluate_resumes_from_its_finished_model_scorer_parts(smoke_run, data_d
   for model in ('finetune', 'logit_ft'):
     assert f'[evaluate] {model}: msp as a stopped run finished it' in proc.stderr
   assert '[evaluate] finetune: energy as a stopped run finished it' in proc.stderr
-  assert '[evaluate] logit_ft: energy fitted on' in proc.stderr
+  assert '[evaluate] logit_ft: energy as a stopped run finished it' not in proc.stderr
+  assert proc.stderr.count('[evaluate] energy fitted on') == 1  # logit_ft's, again
   with open(workdir / 'results' / 'results.json') as f:
     assert json.load(f) == whole
   # Another setting: nothing is taken from the parts.

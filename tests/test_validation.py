@@ -70,7 +70,7 @@ from mood_jax.errors import UserError
     ({'finetune.eval_every': 2, 'finetune.eval_scorer': 'nope'},
      "finetune.eval_scorer: unknown scorer 'nope'"),
     ({'logit_ft.eval_every': 2, 'logit_ft.eval_scorer': 'odin'},
-     'logit_ft.eval_scorer=odin perturbs the inputs'),
+     'logit_ft.eval_scorer=odin needs its own forward pass'),
 ])
 def test_bad_value_names_field_value_rule_and_example(overrides, message, tmp_path):
   config = digits.get_config('smoke')
