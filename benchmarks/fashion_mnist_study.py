@@ -40,16 +40,20 @@ from benchmarks.study_records import (REPO, VALIDATION, finished, paired, pm, re
                                       timed_run, values, write_csv, write_record)
 from configs import fashion_mnist
 
-_OUT = flags.DEFINE_string('out', 'workdir/fmnist_study', 'Directory of the runs.')
+# The digits study has flags of the same names; the tests import both modules into one
+# process, so these may take the names over (only the module that runs parses its flags).
+_OUT = flags.DEFINE_string('out', 'workdir/fmnist_study', 'Directory of the runs.',
+                           allow_override=True)
 _DOC = flags.DEFINE_string('doc', None, 'The document to write (default: '
-                           'docs/results_fashion_mnist.md; with --smoke, OUT/...).')
+                           'docs/results_fashion_mnist.md; with --smoke, OUT/...).',
+                           allow_override=True)
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny steps, two classes, one seed: checks the '
-                           'machinery.')
+                           'machinery.', allow_override=True)
 _DATA_DIR = flags.DEFINE_string('data_dir', None, "Where fashion_mnist is prepared (default: "
                                 "the config's, ~/tensorflow_datasets).")
 _RECORDS = flags.DEFINE_string(
     'records', None, 'Where the runs\' records, study.csv and study.json go (default: '
-    'benchmarks/results/fashion_mnist_study; with --smoke, OUT/records).')
+    'benchmarks/results/fashion_mnist_study; with --smoke, OUT/records).', allow_override=True)
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per cell (0, 1, ...).')
 
 RECORDS = ('benchmarks', 'results', 'fashion_mnist_study')
